@@ -1,0 +1,1 @@
+"""slotguard's domain core: key layout, script loader, holds, lifecycle, limits, settings."""

@@ -1,0 +1,145 @@
+"""The one Redis access layer: every script call goes through :class:`RedisAccess`.
+
+The Python client, not Redis, is the cost of a hold, so calls from concurrent requests are
+coalesced: every call made during one event-loop turn is queued, and the queue is sent as
+pipelined EVALSHA batches (at most ``batch_max`` calls each, at most ``max_inflight``
+batches on the wire). While both batches are out, new calls keep queueing and leave together
+as soon as one returns, so batches grow with load and the per-call client cost falls.
+
+Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushed, a
+restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
+also caches it again. Scripts are idempotent per hold token, so a caller that retries after a
+connection error can never turn its own landed hold into a conflict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from engine.scripts import Script, scripts
+
+Arg = str | bytes | int | float
+
+
+class RedisAccess:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        batch_max: int = 32,
+        max_inflight: int = 2,
+        observe=None,
+    ) -> None:
+        self.redis = redis
+        self.batch_max = batch_max
+        self.max_inflight = max_inflight
+        self.scripts = scripts()
+        self._pending: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future]] = []
+        self._inflight = 0
+        self._scheduled = False
+        # observe(script_name, seconds, batch_size) -> None; metrics hook, optional.
+        self._observe = observe
+
+    # ---- calls ------------------------------------------------------------------------
+    def call(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> asyncio.Future:
+        """Queue one script call; the future resolves to its reply or raises its error."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((self.scripts[name], keys, args, future))
+        if not self._scheduled and self._inflight < self.max_inflight:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return future
+
+    async def call_once(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
+        """One uncoalesced EVALSHA (the naive client path; benchmarks compare against it)."""
+        script = self.scripts[name]
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.redis.eval(script.source, len(keys), *keys, *args)
+
+    async def load_scripts(self) -> None:
+        """Register every script at start-up (EVALSHA then hits without a fallback)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for script in self.scripts.values():
+            pipe.script_load(script.source)
+        await pipe.execute()
+
+    async def scripts_loaded(self) -> bool:
+        shas = [s.sha for s in self.scripts.values()]
+        return all(await self.redis.script_exists(*shas))
+
+    # ---- batching ---------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._pending and self._inflight < self.max_inflight:
+            batch = self._pending[: self.batch_max]
+            del self._pending[: self.batch_max]
+            self._inflight += 1
+            loop.create_task(self._send(batch))
+
+    async def _send(self, batch) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                return
+            retry = []
+            for call, reply in zip(batch, replies):
+                future = call[3]
+                if isinstance(reply, NoScriptError):
+                    retry.append(call)
+                elif future.done():
+                    continue
+                elif isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+            if retry:
+                await self._resend_with_eval(retry)
+            if self._observe is not None:
+                elapsed = loop.time() - started
+                for script, *_ in batch:
+                    self._observe(script.name, elapsed, len(batch))
+        except BaseException as exc:  # never leave a caller waiting forever
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._inflight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._dispatch)
+
+    async def _resend_with_eval(self, calls) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args, _ in calls:
+            pipe.eval(script.source, len(keys), *keys, *args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            replies = [exc] * len(calls)
+        for (*_, future), reply in zip(calls, replies):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)

@@ -1,0 +1,125 @@
+"""Every number that matters, in one object read from the environment.
+
+``REDIS_URL`` and ``DATABASE_URL`` keep their conventional names; everything else is
+``SLOTGUARD_<FIELD NAME IN UPPER CASE>``. Durations carry their unit in the name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# Fields whose environment variable is not SLOTGUARD_<NAME>.
+_PLAIN_ENV = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
+
+
+class SettingsError(ValueError):
+    """A setting in the environment cannot be parsed or is out of range."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    # Connections and isolation.
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    key_prefix: str = ""  # prepended to every Redis key (outside the hash tag)
+    db_schema: str = "slotguard"  # Postgres schema that holds every table
+    shards: int = 16  # hash tags {sg:0} .. {sg:shards-1}; fixed for the life of the data
+
+    # Holds.
+    hold_ttl_ms: int = 600_000  # first stage: 10 min from creation
+    confirmed_ttl_ms: int = 1_800_000  # +30 min at vendor confirmation
+    authorized_ttl_ms: int = 900_000  # +15 min once both authorizations are in
+    max_hold_units: int = 672  # units one hold may cover (a week of 15-min units)
+    max_hold_total_ms: int = 7_200_000  # a hold never lives longer than this from creation
+    max_extensions: int = 5
+    record_retention_ms: int = 86_400_000  # terminal reservation records stay readable
+    booked_marker_retention_ms: int = 86_400_000  # booked markers outlive the booking end
+
+    # Abuse controls (0 means unlimited).
+    partner_max_live_holds: int = 1_000
+    partner_rate_per_minute: int = 6_000
+    partner_rate_burst: int = 200
+    ip_rate_per_minute: int = 12_000
+    ip_rate_burst: int = 400
+    idempotency_ttl_ms: int = 86_400_000
+    idempotency_lock_ms: int = 30_000  # how long an in-progress request blocks its key
+
+    # Redis access layer.
+    redis_batch_max: int = 32
+    redis_max_inflight_batches: int = 2
+    allow_eviction_policy: bool = False  # refuse to start unless maxmemory-policy=noeviction
+
+    # Commit queue and workers.
+    drain_batch_size: int = 500
+    drain_block_ms: int = 200
+    reclaim_idle_ms: int = 30_000
+    max_deliveries: int = 5
+    reaper_interval_ms: int = 1_000
+    reconcile_interval_s: int = 300
+
+    # API.
+    max_body_bytes: int = 16_384
+    api_key_cache_ms: int = 5_000
+    max_query_range_ms: int = 31 * 86_400_000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            name = env_name(field.name)
+            if name in env:
+                values[field.name] = _parse(field, env[name])
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and value < 0:
+                raise SettingsError(f"{env_name(field.name)} must be >= 0, got {value}")
+        for name in ("shards", "hold_ttl_ms", "max_hold_units", "redis_batch_max",
+                     "redis_max_inflight_batches", "drain_batch_size"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_name(name)} must be >= 1")
+        if not self.db_schema.replace("_", "").isalnum():
+            raise SettingsError("SLOTGUARD_DB_SCHEMA must be letters, digits and underscores")
+
+
+def env_name(field_name: str) -> str:
+    return _PLAIN_ENV.get(field_name, "SLOTGUARD_" + field_name.upper())
+
+
+def env_names() -> list[str]:
+    """Every environment variable the settings object reads (used by the compose check)."""
+    return [env_name(f.name) for f in dataclasses.fields(Settings)]
+
+
+def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
+    name = env_name(field.name)
+    if field.type == "bool":
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{name} must be a boolean, got {raw!r}")
+    if field.type == "int":
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    return raw
