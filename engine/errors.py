@@ -28,6 +28,8 @@ class Outcome(IntEnum):
     CAP_EXCEEDED = -13
     IDEMPOTENCY_MISMATCH = -14
     IDEMPOTENCY_IN_PROGRESS = -15
+    EXPIRED = -16
+    NOT_DUE = -17
 
 
 class EngineError(Exception):
@@ -37,8 +39,10 @@ class EngineError(Exception):
     retryable = False
 
     def __init__(self, message: str, *, details: dict[str, Any] | None = None,
-                 retry_after_ms: int | None = None) -> None:
+                 retry_after_ms: int | None = None, code: str | None = None) -> None:
         super().__init__(message)
+        if code is not None:
+            self.code = code
         self.message = message
         self.details = details or {}
         self.retry_after_ms = retry_after_ms
@@ -91,6 +95,16 @@ class InvalidTransition(EngineError):
 
 class TerminalState(EngineError):
     code = "RESERVATION_TERMINAL"
+
+
+class ReservationExpired(EngineError):
+    """The reservation's deadline passed; it is now EXPIRED (or FAILED_VENDOR_TIMEOUT)."""
+
+    code = "RESERVATION_EXPIRED"
+
+
+class CommitInProgress(EngineError):
+    code = "COMMIT_IN_PROGRESS"
 
 
 class VersionMismatch(EngineError):

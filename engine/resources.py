@@ -59,14 +59,40 @@ class Resource:
         return first * self.unit_ms, (last + 1) * self.unit_ms
 
 
-class ResourceCatalog:
-    """The resources a process knows, by id. The API fills it from Postgres."""
+@dataclass(frozen=True, slots=True)
+class Vendor:
+    """A vendor's policy. Waived steps are passed through and recorded, never skipped."""
 
-    def __init__(self, resources: list[Resource] | None = None) -> None:
+    id: str
+    default_resource_id: str
+    confirmation_required: bool = True
+    payment_required: bool = False
+    timezone: str = "UTC"
+
+
+class ResourceCatalog:
+    """The vendors and resources a process knows, by id. The API fills it from Postgres."""
+
+    def __init__(self, resources: list[Resource] | None = None,
+                 vendors: list[Vendor] | None = None) -> None:
         self._by_id: dict[str, Resource] = {r.id: r for r in resources or []}
+        self._vendors: dict[str, Vendor] = {v.id: v for v in vendors or []}
 
     def add(self, resource: Resource) -> None:
         self._by_id[resource.id] = resource
+
+    def add_vendor(self, vendor: Vendor) -> None:
+        self._vendors[vendor.id] = vendor
+
+    def vendor(self, vendor_id: str) -> Vendor:
+        try:
+            return self._vendors[vendor_id]
+        except KeyError:
+            raise UnknownResource(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
+                                  details={"vendorId": vendor_id}) from None
+
+    def resources_of(self, vendor_id: str) -> list[Resource]:
+        return [r for r in self._by_id.values() if r.vendor_id == vendor_id]
 
     def get(self, resource_id: str) -> Resource:
         try:

@@ -44,10 +44,19 @@ def _read(package_files: resources.abc.Traversable, relative: str) -> str:
     return node.read_text(encoding="utf-8")
 
 
+def _generated(name: str) -> str:
+    """Includes named ``@<name>`` are generated from Python, never written by hand."""
+    if name == "@lifecycle":
+        from engine.lifecycle import lua_table
+
+        return lua_table()
+    raise ScriptError(f"no generated include {name}")
+
+
 def expand(name: str, read=None) -> str:
     """The source of script ``name`` with every include expanded once, cycles refused."""
     files = resources.files("lua")
-    read = read or (lambda rel: _read(files, rel))
+    read = read or (lambda rel: _generated(rel) if rel.startswith("@") else _read(files, rel))
     emitted: set[str] = set()
 
     def _expand(relative: str, stack: tuple[str, ...]) -> str:

@@ -1,0 +1,339 @@
+"""ReservationEngine: holds that move through the lifecycle, atomically in Lua.
+
+Creation holds every unit and walks the reservation as far as its vendor's policy allows;
+each later step is one ``transition`` script call (compare-and-set on the version, mandatory
+revalidation, staged TTLs, the event appended to the shard's commit-queue stream). Only the
+commit-queue worker sets COMMITTED (``finalize_commit``), after the booking row is committed
+in Postgres.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from engine.access import RedisAccess
+from engine.errors import (
+    CommitInProgress,
+    EngineError,
+    ExtensionLimit,
+    HoldIdReused,
+    HoldLost,
+    InvalidTransition,
+    MaxHoldDuration,
+    NotFound,
+    Outcome,
+    PaymentRequired,
+    ReservationExpired,
+    TerminalState,
+    ValidationError,
+    VersionMismatch,
+)
+from engine.holds import call_with_retry, conflict_from_reply
+from engine.keys import NAME_RE, KeySpace
+from engine.lifecycle import ACTIONS, State
+from engine.resources import ResourceCatalog
+from engine.settings import Settings
+
+MAX_METADATA_BYTES = 4096
+MAX_TEXT = 256
+ACTORS = frozenset({"system", "vendor", "requester", "partner", "timeout", "ops", "admin"})
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """The outcome of a transition: where the reservation stopped."""
+
+    reservation_id: str
+    state: State
+    version: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    reservation_id: str
+    state: State
+    version: int
+    partner_id: str
+    vendor_id: str
+    resource_id: str
+    requester_id: str
+    slot_start_ms: int
+    slot_end_ms: int
+    block_start_ms: int
+    block_end_ms: int
+    created_at_ms: int
+    deadline_ms: int
+    confirmation_required: bool
+    payment_required: bool
+    extensions: int = 0
+    booking_id: str | None = None
+    failure_reason: str | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ReservationEngine:
+    def __init__(self, access: RedisAccess, keys: KeySpace, catalog: ResourceCatalog,
+                 settings: Settings, *, payments_enabled: bool = False) -> None:
+        self.access = access
+        self.keys = keys
+        self.catalog = catalog
+        self.settings = settings
+        # True once a payment provider drives the authorization actions (Stripe is a later
+        # issue). Until then payment-required vendors are refused at creation.
+        self.payments_enabled = payments_enabled
+
+    # ---- creation ---------------------------------------------------------------------
+    async def create(self, *, partner_id: str, vendor_id: str, resource_id: str | None,
+                     start_ms: int, end_ms: int, requester_id: str,
+                     metadata: dict[str, Any] | None = None, idempotency_key: str = "",
+                     triggered_by: str = "partner", reservation_id: str | None = None) -> Moved:
+        """Hold the slot and walk the new reservation as far as the vendor allows.
+
+        Raises HoldConflict when a unit (buffers included) is held or booked. Idempotent per
+        reservation id: a retried call that already landed answers as the first one did.
+        """
+        vendor = self.catalog.vendor(vendor_id)
+        resource = self.catalog.get(resource_id or vendor.default_resource_id)
+        if resource.vendor_id and resource.vendor_id != vendor.id:
+            raise ValidationError("resource does not belong to vendor",
+                                  details={"resourceId": resource.id, "vendorId": vendor.id})
+        if vendor.payment_required and not self.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured", details={"vendorId": vendor.id})
+        _check_name("partnerId", partner_id)
+        _check_text("requesterId", requester_id)
+        _check_actor(triggered_by)
+        first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
+        block_start, block_end = resource.unit_span_ms(first, last)
+        metadata_text = _metadata_text(metadata)
+        if reservation_id is None:
+            reservation_id = self.keys.new_reservation_id(resource.id)
+        shard = self.keys.shard_of(resource.id)
+        s = self.settings
+        reply = await call_with_retry(
+            self.access,
+            "create_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.fence(resource.id),
+             self.keys.events(shard), self.keys.deadlines(shard)],
+            [reservation_id, partner_id, vendor.id, resource.id, requester_id, start_ms,
+             end_ms, first, last, block_start, block_end,
+             int(vendor.confirmation_required), int(vendor.payment_required), metadata_text,
+             idempotency_key, triggered_by, s.hold_ttl_ms, s.confirmed_ttl_ms,
+             s.authorized_ttl_ms, s.max_hold_units, s.record_retention_ms],
+        )
+        code = int(reply[0])
+        if code == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+        if code == Outcome.CONFLICT:
+            raise conflict_from_reply(reply, resource.id)
+        if code == Outcome.HOLD_ID_REUSED:
+            raise HoldIdReused("reservation id already in use",
+                               details={"reservationId": reservation_id})
+        raise ValidationError(str(reply[1]))
+
+    # ---- reads ------------------------------------------------------------------------
+    async def get(self, reservation_id: str) -> Reservation | None:
+        """The live (or recently terminal) reservation from Redis, or None."""
+        try:
+            record_keys = [self.keys.reservation(reservation_id),
+                           self.keys.history(reservation_id)]
+        except ValueError:
+            return None
+        reply = await self.access.call("read_reservation", record_keys, [])
+        if int(reply[0]) != Outcome.OK:
+            return None
+        raw = reply[1]
+        rec = dict(zip(raw[::2], raw[1::2]))
+        return Reservation(
+            reservation_id=reservation_id,
+            state=State(rec["st"]),
+            version=int(rec["v"]),
+            partner_id=rec["p"],
+            vendor_id=rec["vd"],
+            resource_id=rec["rs"],
+            requester_id=rec["rq"],
+            slot_start_ms=int(rec["s"]),
+            slot_end_ms=int(rec["e"]),
+            block_start_ms=int(rec["bs"]),
+            block_end_ms=int(rec["be"]),
+            created_at_ms=int(rec["c"]),
+            deadline_ms=int(rec["dl"]),
+            confirmation_required=rec.get("cr") == "1",
+            payment_required=rec.get("pr") == "1",
+            extensions=int(rec.get("x") or 0),
+            booking_id=rec.get("bk") or None,
+            failure_reason=rec.get("fr") or None,
+            idempotency_key=rec.get("ik") or None,
+            metadata=orjson.loads(rec.get("md") or "{}"),
+            history=[_history_entry(reservation_id, e) for e in reply[2]],
+        )
+
+    # ---- transitions ------------------------------------------------------------------
+    async def act(self, reservation_id: str, action: str, *, actor: str,
+                  expected_version: int | None = None, reason: str = "",
+                  metadata: dict[str, Any] | None = None, idempotency_key: str = "",
+                  booking_id: str = "") -> Moved:
+        """Apply a named action of the lifecycle table (see engine/lifecycle.py ACTIONS)."""
+        if action not in ACTIONS:
+            raise ValidationError(f"unknown action {action!r}")
+        return await self._transition(reservation_id, action, actor, expected_version, reason,
+                                      metadata, idempotency_key, booking_id=booking_id)
+
+    async def extend(self, reservation_id: str, *, actor: str, ttl_ms: int | None = None,
+                     expected_version: int | None = None, reason: str = "") -> Moved:
+        """Push the deadline to now + ttl, bounded by count and total hold time."""
+        ttl = self.settings.hold_ttl_ms if ttl_ms is None else ttl_ms
+        if not isinstance(ttl, int) or ttl <= 0:
+            raise ValidationError("ttl must be a positive number of milliseconds")
+        return await self._transition(reservation_id, "extend", actor, expected_version,
+                                      reason, None, "", extend_ttl_ms=ttl)
+
+    async def expire(self, reservation_id: str) -> Moved | None:
+        """Expire an overdue reservation; None if it is not due (extended meanwhile),
+        already terminal, or committing. Safe to race: one caller applies, others see it."""
+        try:
+            return await self._transition(reservation_id, "expire", "timeout", None, "",
+                                          None, "")
+        except (TerminalState, InvalidTransition, NotFound, _NotDue):
+            return None
+
+    async def due(self, shard: int, limit: int = 500, now_ms: int | None = None) -> list[str]:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return await self.access.redis.zrangebyscore(self.keys.deadlines(shard), "-inf", now,
+                                                     start=0, num=limit)
+
+    async def reap(self, shard: int, limit: int = 500) -> list[Moved]:
+        """Expire every overdue reservation of one shard (the reaper's tick)."""
+        moved = []
+        for reservation_id in await self.due(shard, limit):
+            result = await self.expire(reservation_id)
+            if result is not None:
+                moved.append(result)
+        return moved
+
+    async def _transition(self, reservation_id: str, op: str, actor: str,
+                          expected_version: int | None, reason: str,
+                          metadata: dict[str, Any] | None, idempotency_key: str, *,
+                          booking_id: str = "", extend_ttl_ms: int = 0) -> Moved:
+        _check_actor(actor)
+        if expected_version is not None and (not isinstance(expected_version, int)
+                                             or expected_version < 0):
+            raise ValidationError("expected version must be a non-negative integer")
+        if len(reason) > MAX_TEXT:
+            raise ValidationError("reason is too long", details={"maxLength": MAX_TEXT})
+        metadata_text = _metadata_text(metadata)
+        try:
+            shard = self.keys.shard_of_id(reservation_id)
+        except ValueError:
+            raise NotFound("reservation not found",
+                           details={"reservationId": reservation_id}) from None
+        s = self.settings
+        reply = await self.access.call(
+            "transition",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.events(shard),
+             self.keys.deadlines(shard)],
+            [reservation_id, op, actor, "" if expected_version is None else expected_version,
+             reason, metadata_text, idempotency_key, s.hold_ttl_ms, s.confirmed_ttl_ms,
+             s.authorized_ttl_ms, s.record_retention_ms, s.booked_marker_retention_ms,
+             booking_id, extend_ttl_ms, s.max_hold_total_ms, s.max_extensions],
+        )
+        code = int(reply[0])
+        if code == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+        raise _error_for(code, reply, reservation_id, op)
+
+
+class _NotDue(EngineError):
+    code = "NOT_DUE"
+
+
+def _error_for(code: int, reply: list, reservation_id: str, op: str) -> EngineError:
+    details: dict[str, Any] = {"reservationId": reservation_id}
+    if code == Outcome.NOT_FOUND:
+        return NotFound("reservation not found", details=details)
+    if code == Outcome.VERSION_MISMATCH:
+        details["currentVersion"] = int(reply[1])
+        return VersionMismatch("the reservation changed since that version", details=details)
+    if code == Outcome.TERMINAL:
+        details["state"] = reply[1]
+        return TerminalState(f"the reservation is {reply[1]}, a terminal state",
+                             details=details)
+    if code == Outcome.INVALID_TRANSITION:
+        details.update(state=reply[1], action=op)
+        if reply[1] == State.COMMIT_IN_PROGRESS and op == "cancel":
+            return CommitInProgress("the commit is under way and cannot be cancelled",
+                                    details=details)
+        return InvalidTransition(f"{op} is not allowed in state {reply[1]}", details=details)
+    if code == Outcome.HOLD_LOST:
+        details.update(state=reply[1], version=int(reply[2]))
+        return HoldLost("the hold no longer owns its slot; the reservation failed",
+                        details=details)
+    if code == Outcome.EXPIRED:
+        details.update(state=reply[1], version=int(reply[2]))
+        return ReservationExpired("the reservation's deadline passed", details=details)
+    if code == Outcome.EXTENSION_LIMIT:
+        return ExtensionLimit("the reservation was extended the maximum number of times",
+                              details=details)
+    if code == Outcome.MAX_DURATION:
+        return MaxHoldDuration("the extension would exceed the maximum hold time",
+                               details=details)
+    if code == Outcome.NOT_DUE:
+        return _NotDue("not due yet", details=details)
+    return ValidationError(str(reply[1]) if len(reply) > 1 else "invalid request",
+                           details=details)
+
+
+def _history_entry(reservation_id: str, raw: str) -> dict[str, Any]:
+    e = orjson.loads(raw)
+    return {
+        "id": f"{reservation_id}:{e['v']}",
+        "reservationId": reservation_id,
+        "fromState": e["f"],
+        "toState": e["t"],
+        "triggeredBy": e["by"],
+        "reason": e.get("r"),
+        "metadata": orjson.loads(e["m"]) if "m" in e else None,
+        "timestamp_ms": int(e["ts"]),
+        "idempotencyKey": e.get("ik"),
+        "version": int(e["v"]),
+    }
+
+
+def _metadata_text(metadata: dict[str, Any] | None) -> str:
+    if metadata is None:
+        return "{}"
+    if not isinstance(metadata, dict):
+        raise ValidationError("metadata must be a JSON object", details={"field": "metadata"})
+    try:
+        text = orjson.dumps(metadata).decode()
+    except TypeError as exc:
+        raise ValidationError(f"metadata is not JSON-serialisable: {exc}") from None
+    if len(text) > MAX_METADATA_BYTES:
+        raise ValidationError("metadata is too large",
+                              details={"field": "metadata", "maxBytes": MAX_METADATA_BYTES})
+    return text
+
+
+def _check_name(field_name: str, value: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(f"{field_name} is not a valid id", details={"field": field_name})
+
+
+def _check_text(field_name: str, value: str) -> None:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_TEXT:
+        raise ValidationError(f"{field_name} must be 1..{MAX_TEXT} characters",
+                              details={"field": field_name})
+
+
+def _check_actor(actor: str) -> None:
+    if actor not in ACTORS:
+        raise ValidationError(f"unknown actor {actor!r}")

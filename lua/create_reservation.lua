@@ -1,0 +1,95 @@
+--[[ Create a reservation: hold every unit of its buffered interval and walk it from
+  INTENT_CREATED as far as the vendor's policy allows, recording every step.
+  KEYS[1] <prefix>{sg:<shard>}:u:                unit root; unit keys are <root><resource>:<index>
+  KEYS[2] <prefix>{sg:<shard>}:r:<id>            reservation record (hash)
+  KEYS[3] <prefix>{sg:<shard>}:rh:<id>           reservation history (list of JSON entries)
+  KEYS[4] <prefix>{sg:<shard>}:fence:<resource>  per-resource fencing counter
+  KEYS[5] <prefix>{sg:<shard>}:events            the shard's commit-queue stream
+  KEYS[6] <prefix>{sg:<shard>}:deadlines         deadline index (zset id -> deadline ms)
+  ARGV[1] reservation id
+  ARGV[2] partner id
+  ARGV[3] vendor id
+  ARGV[4] resource id
+  ARGV[5] requester id
+  ARGV[6] slot start ms
+  ARGV[7] slot end ms
+  ARGV[8] first unit index (buffer included)
+  ARGV[9] last unit index (inclusive, buffer included)
+  ARGV[10] block start ms (buffered interval)
+  ARGV[11] block end ms
+  ARGV[12] vendor confirmation required (1/0)
+  ARGV[13] payment required (1/0)
+  ARGV[14] metadata (JSON object text)
+  ARGV[15] idempotency key ('' for none)
+  ARGV[16] triggered by (partner, system, ...)
+  ARGV[17] hold stage ttl ms
+  ARGV[18] confirmed stage ttl ms
+  ARGV[19] authorized stage ttl ms
+  ARGV[20] max units one hold may cover
+  ARGV[21] record retention ms after a terminal state
+  Returns: {1, state, version, deadline_ms, fence_token, created_at_ms}; a retry of a
+           creation that already landed returns the same reply
+  Errors (negative integers): -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason),
+           -3 HOLD_ID_REUSED
+]]
+--@include @lifecycle
+--@include lib/now_ms.lua
+--@include lib/first_conflict.lua
+--@include lib/load_reservation.lua
+--@include lib/emit_transition.lua
+--@include lib/walk_auto_steps.lua
+--@include lib/settle.lua
+
+local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
+local fence_key, events_key, deadlines_key = KEYS[4], KEYS[5], KEYS[6]
+local id, resource = ARGV[1], ARGV[4]
+local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
+local ttl = {hold = tonumber(ARGV[17]), confirmed = tonumber(ARGV[18]),
+  authorized = tonumber(ARGV[19])}
+local max_units, retention = tonumber(ARGV[20]), tonumber(ARGV[21])
+
+-- Validate everything before the first write: Redis has no rollback.
+if not first or not last or not max_units or not retention then return {-2, 'non-numeric argument'} end
+if last < first then return {-2, 'empty interval'} end
+if last - first + 1 > max_units then return {-2, 'too many units'} end
+for _, v in pairs(ttl) do if not v or v <= 0 then return {-2, 'ttl must be positive'} end end
+if not tonumber(ARGV[6]) or not tonumber(ARGV[7]) or not tonumber(ARGV[10]) or not tonumber(ARGV[11]) then
+  return {-2, 'non-numeric time'}
+end
+local ok_md = pcall(cjson.decode, ARGV[14])
+if not ok_md then return {-2, 'metadata is not JSON'} end
+
+local existing = load_reservation(record_key, id)
+if existing then
+  if existing.rs == resource and existing.f == first and existing.l == last and existing.p == ARGV[2] then
+    local t = redis.call('HGET', record_key, 't')
+    return {1, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
+  end
+  return {-3, 'reservation id names another reservation'}
+end
+
+local holder, at = first_conflict(unit_root, resource, first, last, id)
+if holder then return {-1, holder, at} end
+
+local now = now_ms()
+local cr, pr = ARGV[12] == '1', ARGV[13] == '1'
+local path = walk_auto_steps({'INTENT_CREATED'}, cr, pr)
+local deadline = now + ttl.hold
+for _, state in ipairs(path) do
+  if STAGE_TTL[state] then deadline = now + ttl[STAGE_TTL[state]] end
+end
+
+local token = redis.call('INCR', fence_key)
+local final = path[#path]
+local version = #path - 1
+redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', ARGV[3],
+  'rs', resource, 'rq', ARGV[5], 's', ARGV[6], 'e', ARGV[7], 'f', first, 'l', last,
+  'bs', ARGV[10], 'be', ARGV[11], 'c', now, 'dl', deadline, 'cr', ARGV[12], 'pr', ARGV[13],
+  'x', 0, 't', token, 'md', ARGV[14], 'ik', ARGV[15])
+local rec = load_reservation(record_key, id)
+for i = 2, #path do
+  emit_transition(events_key, history_key, rec, path[i - 1], path[i], i - 1, ARGV[16], '',
+    i == 2 and ARGV[14] or '{}', ARGV[15], now, deadline)
+end
+settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
+return {1, final, version, deadline, token, now}

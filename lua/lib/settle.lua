@@ -1,0 +1,35 @@
+--@include lib/set_units.lua
+--@include lib/free_units.lua
+-- Make units, record, history and the deadline index agree with the state the reservation
+-- stops in: live states expire with their deadline; COMMIT_IN_PROGRESS pins the units (no
+-- expiry) until the worker ends the commit; COMMITTED turns them into booked markers that
+-- outlive the slot; every other terminal state frees them at once.
+local function settle(unit_root, record_key, history_key, deadlines_key, rec, state,
+                      deadline, retention, marker_retention, now)
+  local f, l = rec.f, rec.l
+  if state == 'COMMITTED' then
+    set_units(unit_root, rec.rs, f, l, 'B|' .. rec.id,
+      math.max(tonumber(rec.be) + marker_retention, now + marker_retention))
+  elseif state == 'COMMIT_IN_PROGRESS' then
+    set_units(unit_root, rec.rs, f, l, rec.id, 0)
+  elseif TERMINAL[state] then
+    free_units(unit_root, rec.rs, f, l, rec.id)
+  else
+    set_units(unit_root, rec.rs, f, l, rec.id, deadline)
+  end
+  if TERMINAL[state] then
+    redis.call('ZREM', deadlines_key, rec.id)
+    redis.call('PEXPIREAT', record_key, now + retention)
+    redis.call('PEXPIREAT', history_key, now + retention)
+  elseif state == 'COMMIT_IN_PROGRESS' then
+    -- Scored by the commit deadline so the reaper can report a commit that never ends.
+    redis.call('ZADD', deadlines_key, deadline, rec.id)
+    redis.call('PERSIST', record_key)
+    redis.call('PERSIST', history_key)
+  else
+    -- A live record outlives its hold by the retention, even if no reaper ever runs.
+    redis.call('ZADD', deadlines_key, deadline, rec.id)
+    redis.call('PEXPIREAT', record_key, deadline + retention)
+    redis.call('PEXPIREAT', history_key, deadline + retention)
+  end
+end

@@ -1,0 +1,141 @@
+--[[ Move a reservation: a caller's action, the reaper's expiry, or a hold extension.
+  One compare-and-set on the version; live holds are revalidated (the hold must still own
+  every unit); staged TTLs are applied to the record and every unit key; every step is
+  appended to the history and the shard's commit-queue stream in this same script.
+  KEYS[1] <prefix>{sg:<shard>}:u:          unit root; unit keys are <root><resource>:<index>
+  KEYS[2] <prefix>{sg:<shard>}:r:<id>      reservation record
+  KEYS[3] <prefix>{sg:<shard>}:rh:<id>     reservation history
+  KEYS[4] <prefix>{sg:<shard>}:events      the shard's commit-queue stream
+  KEYS[5] <prefix>{sg:<shard>}:deadlines   deadline index
+  ARGV[1] reservation id
+  ARGV[2] operation: an action of engine/lifecycle.py ACTIONS, 'expire' or 'extend'
+  ARGV[3] triggered by (partner, vendor, requester, system, timeout, ops, admin)
+  ARGV[4] expected version ('' = any)
+  ARGV[5] reason ('' for none)
+  ARGV[6] metadata (JSON object text)
+  ARGV[7] idempotency key ('' for none)
+  ARGV[8] hold stage ttl ms
+  ARGV[9] confirmed stage ttl ms
+  ARGV[10] authorized stage ttl ms
+  ARGV[11] record retention ms after a terminal state
+  ARGV[12] booked marker retention ms after the booking's end
+  ARGV[13] booking id (finalize-commit only, else '')
+  ARGV[14] extension ttl ms (extend only)
+  ARGV[15] max total hold time ms from creation (extend only)
+  ARGV[16] max number of extensions (extend only)
+  Returns: {1, state, version, deadline_ms}
+  Errors (negative integers): -2 INVALID (+ reason), -4 NOT_FOUND, -6 EXTENSION_LIMIT,
+           -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
+           (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + version),
+           -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version),
+           -17 NOT_DUE (expire before the deadline: + deadline)
+]]
+--@include @lifecycle
+--@include lib/now_ms.lua
+--@include lib/owns_all.lua
+--@include lib/load_reservation.lua
+--@include lib/emit_transition.lua
+--@include lib/walk_auto_steps.lua
+--@include lib/settle.lua
+
+local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
+local events_key, deadlines_key = KEYS[4], KEYS[5]
+local id, op, actor = ARGV[1], ARGV[2], ARGV[3]
+local reason, metadata, ik = ARGV[5], ARGV[6], ARGV[7]
+local ttl = {hold = tonumber(ARGV[8]), confirmed = tonumber(ARGV[9]),
+  authorized = tonumber(ARGV[10])}
+local retention, marker_retention = tonumber(ARGV[11]), tonumber(ARGV[12])
+
+if not retention or not marker_retention then return {-2, 'non-numeric argument'} end
+for _, v in pairs(ttl) do if not v or v <= 0 then return {-2, 'ttl must be positive'} end end
+if op ~= 'expire' and op ~= 'extend' and not ACTIONS[op] then return {-2, 'unknown operation'} end
+if not pcall(cjson.decode, metadata) then return {-2, 'metadata is not JSON'} end
+
+local rec = load_reservation(record_key, id)
+if not rec then return {-4} end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= rec.v then return {-9, rec.v} end
+if TERMINAL[rec.st] then return {-11, rec.st} end
+
+local now = now_ms()
+local state = rec.st
+local overdue = PRE_COMMIT[state] and rec.dl <= now
+
+-- Apply `path` (states after the current one): CAS already checked, so every step is
+-- checked against the table (a failure here is a bug, hence error()), recorded, settled.
+local function apply(path, why, code)
+  local deadline = rec.dl
+  for _, s in ipairs(path) do
+    if STAGE_TTL[s] then deadline = now + ttl[STAGE_TTL[s]] end
+  end
+  local final = path[#path]
+  if final == 'COMMIT_IN_PROGRESS' then deadline = now + ttl.authorized end
+  local from = state
+  local v = rec.v
+  for i, s in ipairs(path) do
+    if not EDGES[from][s] then error('lifecycle bug: ' .. from .. ' -> ' .. s) end
+    v = v + 1
+    emit_transition(events_key, history_key, rec, from, s, v, actor, why,
+      i == 1 and metadata or '{}', ik, now, TERMINAL[final] and '' or deadline)
+    from = s
+  end
+  local fields = {'st', final, 'v', v, 'dl', deadline}
+  if final:sub(1, 7) == 'FAILED_' then
+    fields[#fields + 1] = 'fr'; fields[#fields + 1] = why ~= '' and why or final
+  end
+  if final == 'COMMITTED' then
+    fields[#fields + 1] = 'bk'; fields[#fields + 1] = ARGV[13]
+  end
+  redis.call('HSET', record_key, unpack(fields))
+  settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention,
+    marker_retention, now)
+  if code then return {code, final, v} end
+  return {1, final, v, deadline}
+end
+
+if op == 'expire' then
+  if state == 'COMMIT_IN_PROGRESS' then return {-8, state} end
+  if rec.dl > now then return {-17, rec.dl} end
+  return apply({EXPIRES_AS[state]}, 'deadline passed')
+end
+
+if op == 'extend' then
+  if not PRE_COMMIT[state] then return {-8, state} end
+  if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', -16) end
+  local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
+  if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {-2, 'bad extension'} end
+  if rec.x >= max_ext then return {-6} end
+  local deadline = math.max(rec.dl, now + ext_ttl)
+  if deadline - tonumber(rec.c) > max_total then return {-7} end
+  if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+    return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', -10)
+  end
+  local v = rec.v + 1
+  emit_transition(events_key, history_key, rec, state, state, v, actor,
+    reason ~= '' and reason or 'extended', metadata, ik, now, deadline)
+  redis.call('HSET', record_key, 'v', v, 'dl', deadline, 'x', rec.x + 1)
+  rec.dl = deadline
+  settle(unit_root, record_key, history_key, deadlines_key, rec, state, deadline, retention,
+    marker_retention, now)
+  return {1, state, v, deadline}
+end
+
+local action = ACTIONS[op]
+if action.from then
+  if action.from ~= state then return {-8, state} end
+elseif not PRE_COMMIT[state] and not (op ~= 'cancel' and state == 'COMMIT_IN_PROGRESS') then
+  return {-8, state}
+end
+
+if overdue then
+  -- Expired in fact: record it (idempotent with the reaper) and refuse the action.
+  return apply({EXPIRES_AS[state]}, 'deadline passed', -16)
+end
+
+local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
+if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+  -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
+  return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', -10)
+end
+
+local path = walk_auto_steps({action.to}, rec.cr == '1', rec.pr == '1')
+return apply(path, reason)
