@@ -1,0 +1,105 @@
+"""The Lua scripts as files: headers, hash slots, includes, and the NOSCRIPT fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from redis.crc import key_slot
+
+from engine.keys import KeySpace
+from engine.scripts import ScriptError, expand, scripts
+
+# How the engine builds each script's KEYS, from one resource/reservation/partner. Every
+# script must be listed: a new script without an entry fails test_every_script_is_listed.
+RESOURCE = "room-42"
+
+
+def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
+    shard = ks.shard_of(RESOURCE)
+    rid = ks.new_reservation_id(RESOURCE)
+    hid = ks.new_hold_id(RESOURCE)
+    return {
+        "place_hold": [ks.unit_root(shard), ks.hold(hid), ks.fence(RESOURCE)],
+        "release_hold": [ks.unit_root(shard), ks.hold(hid)],
+        "extend_hold": [ks.unit_root(shard), ks.hold(hid)],
+        "read_hold": [ks.hold(hid)],
+        "create_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                               ks.fence(RESOURCE), ks.events(shard), ks.deadlines(shard)],
+        "transition": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                       ks.events(shard), ks.deadlines(shard)],
+        "read_reservation": [ks.reservation(rid), ks.history(rid)],
+    }
+
+
+def test_every_script_is_listed():
+    assert set(scripts()) == set(sample_keys(KeySpace("x:", 16)))
+
+
+@pytest.mark.parametrize("prefix", ["", "tenant-a:"])
+@pytest.mark.parametrize("shards", [1, 16, 1024])
+def test_every_scripts_keys_share_one_hash_slot(prefix, shards):
+    ks = KeySpace(prefix, shards)
+    for name, script_keys in sample_keys(ks).items():
+        assert len(script_keys) == len(scripts()[name].keys), name
+        slots = {key_slot(k.encode()) for k in script_keys}
+        assert len(slots) == 1, (name, script_keys)
+        # Keys a script derives from the unit root (root + resource + ":" + index) keep
+        # the root's tag: the appended part has no brace.
+        unit = ks.unit(RESOURCE, 123456)
+        assert key_slot(unit.encode()) == key_slot(ks.unit_root(ks.shard_of(RESOURCE)).encode())
+
+
+def test_every_script_documents_its_keys_and_argv():
+    for name, script in scripts().items():
+        assert script.summary, name
+        body = script.source[len(script.header):]
+        used_keys = {int(n) for n in re.findall(r"KEYS\[(\d+)\]", body)}
+        used_argv = {int(n) for n in re.findall(r"ARGV\[(\d+)\]", body)}
+        assert used_keys <= set(script.keys), (name, used_keys - set(script.keys))
+        assert used_argv <= set(script.argv), (name, used_argv - set(script.argv))
+        assert set(script.keys) == set(range(1, len(script.keys) + 1)), name
+        assert set(script.argv) == set(range(1, len(script.argv) + 1)), name
+        assert "Returns:" in script.header, name
+        assert all(script.keys.values()) and all(script.argv.values()), name
+
+
+def test_includes_expand_once_and_cycles_are_refused():
+    files = {
+        "a.lua": "--@include lib/x.lua\n--@include lib/y.lua\nreturn 1\n",
+        "lib/x.lua": "local function x() end\n",
+        "lib/y.lua": "--@include lib/x.lua\nlocal function y() end\n",
+        "c.lua": "--@include lib/c1.lua\n",
+        "lib/c1.lua": "--@include lib/c2.lua\n",
+        "lib/c2.lua": "--@include lib/c1.lua\n",
+    }
+    source = expand("a.lua", read=files.__getitem__)
+    assert source.count("local function x()") == 1
+    assert source.index("local function x()") < source.index("local function y()")
+    with pytest.raises(ScriptError, match="cycle"):
+        expand("c.lua", read=files.__getitem__)
+
+
+def test_generated_lifecycle_is_included():
+    assert "local EDGES = {" in scripts()["transition"].source
+    assert "@include" not in scripts()["transition"].source
+
+
+async def test_noscript_fallback_after_script_flush(holds, redis):
+    """A flushed script cache (restart, failover) costs one EVAL per call, never an error."""
+    await holds.access.load_scripts()
+    sha = holds.access.scripts["place_hold"].sha
+    assert await redis.script_exists(sha) == [True]  # the fallback cached it again
+    t0 = 1_893_456_000_000
+    first = await holds.place("room-a", t0, t0 + 900_000)
+    await redis.script_flush()
+    assert not await holds.access.scripts_loaded()
+    # Concurrent calls, all coalesced into one batch, each falls back on its own.
+    results = await asyncio.gather(*(
+        holds.place("room-a", t0 + 900_000 * (i + 1), t0 + 900_000 * (i + 2))
+        for i in range(10)))
+    assert len({r.hold_id for r in results}) == 10
+    assert await holds.read(first.hold_id) == first
+    sha = holds.access.scripts["place_hold"].sha
+    assert await redis.script_exists(sha) == [True]  # the fallback cached it again
