@@ -1,0 +1,1 @@
+"""slotguard's benchmark suite: contention scenarios, baselines and the verifier."""
