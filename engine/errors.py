@@ -30,6 +30,7 @@ class Outcome(IntEnum):
     IDEMPOTENCY_IN_PROGRESS = -15
     EXPIRED = -16
     NOT_DUE = -17
+    NOT_READY = -18
 
 
 class EngineError(Exception):
@@ -140,6 +141,13 @@ class PaymentRequired(EngineError):
     """The vendor requires payment and no payment provider is configured yet."""
 
     code = "PAYMENT_PROVIDER_UNAVAILABLE"
+
+
+class NotReady(EngineError):
+    """Redis lost its data and the booked markers are not rehydrated yet: try again soon."""
+
+    code = "NOT_READY"
+    retryable = True
 
 
 class UnsafeRedis(EngineError):

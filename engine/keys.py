@@ -96,6 +96,11 @@ class KeySpace:
     def dead_letters(self, shard: int) -> str:
         return f"{self.tag(shard)}:dead"
 
+    def ready(self, shard: int) -> str:
+        """Present once the shard's booked markers were rehydrated from Postgres. It lives
+        beside the markers, so a Redis that loses its data loses this flag with them."""
+        return f"{self.tag(shard)}:ready"
+
     def deadlines(self, shard: int) -> str:
         """Sorted set: reservation id scored by the deadline of the state it is in."""
         return f"{self.tag(shard)}:deadlines"

@@ -25,6 +25,7 @@ from engine.errors import (
     InvalidTransition,
     MaxHoldDuration,
     NotFound,
+    NotReady,
     Outcome,
     PaymentRequired,
     ReservationExpired,
@@ -122,7 +123,7 @@ class ReservationEngine:
             "create_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
              self.keys.history(reservation_id), self.keys.fence(resource.id),
-             self.keys.events(shard), self.keys.deadlines(shard)],
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
             [reservation_id, partner_id, vendor.id, resource.id, requester_id, start_ms,
              end_ms, first, last, block_start, block_end,
              int(vendor.confirmation_required), int(vendor.payment_required), metadata_text,
@@ -137,7 +138,22 @@ class ReservationEngine:
         if code == Outcome.HOLD_ID_REUSED:
             raise HoldIdReused("reservation id already in use",
                                details={"reservationId": reservation_id})
+        if code == Outcome.NOT_READY:
+            raise NotReady("booked markers are being restored; try again shortly",
+                           details={"shard": shard}, retry_after_ms=1000)
         raise ValidationError(str(reply[1]))
+
+    async def mark_ready(self, shards: list[int] | None = None) -> None:
+        """Open shards for new holds (after their booked markers are rehydrated)."""
+        pipe = self.access.redis.pipeline(transaction=False)
+        for shard in range(self.keys.shards) if shards is None else shards:
+            pipe.set(self.keys.ready(shard), "1")
+        await pipe.execute()
+
+    async def is_ready(self) -> bool:
+        flags = await self.access.redis.exists(*(self.keys.ready(s)
+                                                 for s in range(self.keys.shards)))
+        return flags == self.keys.shards
 
     # ---- reads ------------------------------------------------------------------------
     async def get(self, reservation_id: str) -> Reservation | None:

@@ -6,6 +6,8 @@
   KEYS[4] <prefix>{sg:<shard>}:fence:<resource>  per-resource fencing counter
   KEYS[5] <prefix>{sg:<shard>}:events            the shard's commit-queue stream
   KEYS[6] <prefix>{sg:<shard>}:deadlines         deadline index (zset id -> deadline ms)
+  KEYS[7] <prefix>{sg:<shard>}:ready             set once the shard's booked markers are
+                                                 rehydrated from Postgres (lost with the data)
   ARGV[1] reservation id
   ARGV[2] partner id
   ARGV[3] vendor id
@@ -30,7 +32,7 @@
   Returns: {1, state, version, deadline_ms, fence_token, created_at_ms}; a retry of a
            creation that already landed returns the same reply
   Errors (negative integers): -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason),
-           -3 HOLD_ID_REUSED
+           -3 HOLD_ID_REUSED, -18 NOT_READY (booked markers not rehydrated since Redis lost data)
 ]]
 --@include @lifecycle
 --@include lib/now_ms.lua
@@ -41,7 +43,7 @@
 --@include lib/settle.lua
 
 local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
-local fence_key, events_key, deadlines_key = KEYS[4], KEYS[5], KEYS[6]
+local fence_key, events_key, deadlines_key, ready_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local id, resource = ARGV[1], ARGV[4]
 local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
 local ttl = {hold = tonumber(ARGV[17]), confirmed = tonumber(ARGV[18]),
@@ -58,6 +60,9 @@ if not tonumber(ARGV[6]) or not tonumber(ARGV[7]) or not tonumber(ARGV[10]) or n
 end
 local ok_md = pcall(cjson.decode, ARGV[14])
 if not ok_md then return {-2, 'metadata is not JSON'} end
+
+-- A Redis that lost its data lost the booked markers too: no hold until they are back.
+if redis.call('EXISTS', ready_key) == 0 then return {-18} end
 
 local existing = load_reservation(record_key, id)
 if existing then

@@ -45,6 +45,7 @@ def _worker(prefix: str, seed: int, attempts: int, start_at: float, identical: b
         catalog = contention_catalog()
         holds = HoldEngine(access, keys, catalog, settings)
         reservations = ReservationEngine(access, keys, catalog, settings)
+        await reservations.mark_ready()
         rng = random.Random(seed)
 
         async def attempt(i: int):

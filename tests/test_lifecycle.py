@@ -13,6 +13,7 @@ from engine.errors import (
     HoldConflict,
     HoldLost,
     InvalidTransition,
+    NotReady,
     PaymentRequired,
     ReservationExpired,
     TerminalState,
@@ -41,10 +42,12 @@ def lifecycle_catalog() -> ResourceCatalog:
 
 
 @pytest.fixture
-def rsv(access, keys, lifecycle_catalog, settings) -> ReservationEngine:
+async def rsv(access, keys, lifecycle_catalog, settings) -> ReservationEngine:
     tuned = settings.replace(hold_ttl_ms=10_000, confirmed_ttl_ms=30_000,
                              authorized_ttl_ms=15_000)
-    return ReservationEngine(access, keys, lifecycle_catalog, tuned)
+    engine = ReservationEngine(access, keys, lifecycle_catalog, tuned)
+    await engine.mark_ready()
+    return engine
 
 
 async def create(rsv: ReservationEngine, vendor="v-confirm", slot=0, **kw):
@@ -291,9 +294,22 @@ async def test_revalidation_fails_a_reservation_whose_hold_lost_a_unit(rsv, redi
 
 
 async def test_payment_required_vendor_refused_at_creation(rsv, redis, prefix):
+    before = await snapshot(redis, prefix)
     with pytest.raises(PaymentRequired):
         await create(rsv, vendor="v-paid")
-    assert await snapshot(redis, prefix) == {}
+    assert await snapshot(redis, prefix) == before
+
+
+async def test_no_holds_until_markers_are_rehydrated(rsv, redis, keys, prefix):
+    """A shard whose ready flag is gone (Redis lost its data) accepts no new holds."""
+    shard = keys.shard_of("v-confirm-r")
+    await redis.delete(keys.ready(shard))
+    before = await snapshot(redis, prefix)
+    with pytest.raises(NotReady):
+        await create(rsv)
+    assert await snapshot(redis, prefix) == before
+    await rsv.mark_ready([shard])
+    await create(rsv)
 
 
 @pytest.mark.parametrize("bad", [
@@ -305,12 +321,13 @@ async def test_payment_required_vendor_refused_at_creation(rsv, redis, prefix):
     {"end_ms": T0},
 ])
 async def test_bad_creation_input_changes_nothing(rsv, redis, prefix, bad):
+    before = await snapshot(redis, prefix)
     args = dict(partner_id="p1", vendor_id="v-confirm", resource_id=None, start_ms=T0,
                 end_ms=T0 + 30 * M, requester_id="req-1")
     args.update(bad)
     with pytest.raises(ValidationError):
         await rsv.create(**args)
-    assert await snapshot(redis, prefix) == {}
+    assert await snapshot(redis, prefix) == before
 
 
 async def test_bad_transition_input_changes_nothing(rsv, redis, prefix):
