@@ -31,6 +31,8 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "transition": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                        ks.events(shard), ks.deadlines(shard)],
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
+        "restore_markers": [ks.unit_root(shard)],
+        "release_unit": [ks.unit(RESOURCE, 123)],
     }
 
 

@@ -1,0 +1,1 @@
+"""The Starlette partner API: routes, auth, errors, idempotency, OpenAPI, /metrics, health."""
