@@ -8,7 +8,8 @@ A rested limiter lets ``burst`` requests through at once, then one per emission 
 **Hold caps** keep a sorted set per partner, hold id scored by its expiry, so entries leave
 by themselves when holds expire (each script first drops expired entries), and on release
 (cancel, commit, compensation). The set also feeds the partner's reputation counters:
-``placed`` counts first acquisitions, ``committed`` counts releases of committed holds.
+``placed`` counts first acquisitions (less those compensated because the hold never
+landed), ``committed`` counts releases of committed holds.
 
 The cap lives under the partner's hash tag and the hold under its resource's shard: no
 script may touch both. :func:`place_with_cap` is the one place that composes them, as two
@@ -140,17 +141,25 @@ class Limits:
             )
         raise ValidationError(str(reply[1]), details=details)
 
-    async def release_cap(self, partner_id: str, hold_id: str, committed: bool = False) -> bool:
+    async def release_cap(self, partner_id: str, hold_id: str, committed: bool = False, *,
+                          placed: bool = True) -> bool:
         """Free the hold's slot; True when it held one (a repeat is a harmless False).
 
         ``committed=True`` counts the commit toward the partner's reputation, once.
+        ``placed=False`` is compensation for a hold that never landed: its acquisition is
+        taken back out of the ``placed`` counter.
         """
         check_partner_id(partner_id)
+        if committed and not placed:
+            raise ValidationError("a hold that was never placed cannot have been committed")
+        why = "committed" if committed else ("released" if placed else "not_placed")
         reply = await self.access.call(
             "cap_release",
             [self.keys.partner_holds(partner_id), self.keys.partner_reputation(partner_id)],
-            [hold_id, 1 if committed else 0],
+            [hold_id, why],
         )
+        if int(reply[0]) != Outcome.OK:
+            raise ValidationError(str(reply[1]))
         return int(reply[1]) == 1
 
     async def touch_cap(self, partner_id: str, hold_id: str, expires_at_ms: int) -> None:
@@ -187,7 +196,8 @@ class Limits:
 
 
 async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: str,
-                         start_ms: int, end_ms: int, *, ttl_ms: int | None = None):
+                         start_ms: int, end_ms: int, *, ttl_ms: int | None = None,
+                         provisional_margin_ms: int = PROVISIONAL_MARGIN_MS):
     """Place a hold under the partner's cap: two scripts in two hash slots, compensated.
 
     1. Take a provisional cap slot for a fresh hold id (expiring a little after the hold
@@ -204,12 +214,15 @@ async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: st
     """
     hold_id = holds.keys.new_hold_id(resource_id)
     ttl = holds.settings.hold_ttl_ms if ttl_ms is None else ttl_ms
-    await limits.acquire_cap(partner_id, hold_id, ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
+    await limits.acquire_cap(partner_id, hold_id, ttl_ms=ttl + provisional_margin_ms)
     try:
         hold = await holds.place(resource_id, start_ms, end_ms, owner=partner_id,
                                  ttl_ms=ttl_ms, hold_id=hold_id)
     except EngineError:
-        await limits.release_cap(partner_id, hold_id)
+        try:
+            await limits.release_cap(partner_id, hold_id, placed=False)
+        except Exception:  # the provisional slot expires by itself; report the real failure
+            pass
         raise
     await limits.touch_cap(partner_id, hold_id, hold.expires_at_ms)
     return hold
