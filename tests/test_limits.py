@@ -361,3 +361,31 @@ async def test_unknown_outcome_keeps_the_provisional_slot_until_it_expires(acces
     await asyncio.sleep((refused.value.retry_after_ms + 20) / 1000)
     assert await limits.live_holds("p1") == 0
     await limits.acquire_cap("p1", "other", ttl_ms=1_000)
+
+
+# ---- script headers -----------------------------------------------------------------------
+
+MY_SCRIPTS = {  # script -> the keys its caller passes, in KEYS order
+    "rate_limit": lambda k: [k.partner_rate("p1")],
+    "cap_acquire": lambda k: [k.partner_holds("p1"), k.partner_reputation("p1")],
+    "cap_touch": lambda k: [k.partner_holds("p1")],
+    "cap_release": lambda k: [k.partner_holds("p1"), k.partner_reputation("p1")],
+    "partner_usage": lambda k: [k.partner_holds("p1"), k.partner_reputation("p1")],
+    "idempotency_begin": lambda k: [k.idempotency("p1", "a{b}c")],
+    "idempotency_complete": lambda k: [k.idempotency("p1", "a{b}c")],
+    "idempotency_abandon": lambda k: [k.idempotency("p1", "a{b}c")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MY_SCRIPTS))
+def test_script_headers_document_keys_and_share_one_slot(name, keys):
+    from engine.scripts import scripts
+
+    script = scripts()[name]
+    passed = MY_SCRIPTS[name](keys)
+    assert sorted(script.keys) == list(range(1, len(passed) + 1))
+    assert "Returns:" in script.header and "Errors (negative integers):" in script.header
+    assert sorted(script.argv) == list(range(1, len(script.argv) + 1))
+    # Redis Cluster hashes the first {...} of a key: every key of one call shares it.
+    tags = {key[key.index("{") + 1: key.index("}", key.index("{"))] for key in passed}
+    assert len(tags) == 1
