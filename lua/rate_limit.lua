@@ -1,6 +1,6 @@
 --[[ Admit or refuse one request against a GCRA limiter (partner or client IP).
-  KEYS[1] <prefix>{sg:p:<partner>}:rate or <prefix>{sg:ip:<ip>}:rate   -- theoretical arrival time (TAT), integer us
-  ARGV[1] rate per minute (>= 1); emission interval T = 60,000,000 / rate us, rounded to the nearest us
+  KEYS[1] <prefix>{sg:p:<partner>}:rate or <prefix>{sg:ip:<ip>}:rate   -- TAT, integer us
+  ARGV[1] rate per minute (>= 1); emission interval T = 60e6 / rate us, rounded to the us
   ARGV[2] burst (>= 1): requests that may pass at once from a rested limiter
   ARGV[3] cost of this request in requests (>= 1, <= burst; default 1)
   Returns: {1, remaining} when admitted (remaining = requests that could still pass now)
@@ -37,5 +37,6 @@ if now < allow_at then
 end
 
 -- After new_tat the limiter is fully rested again, so the key may vanish then.
-redis.call('SET', key, string.format('%d', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+local recovery_ms = math.max(1, math.ceil((new_tat - now) / 1000))
+redis.call('SET', key, string.format('%d', new_tat), 'PX', recovery_ms)
 return {1, math.floor((burst_offset - (new_tat - now)) / interval)}
