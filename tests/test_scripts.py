@@ -33,6 +33,14 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "release_unit": [ks.unit(RESOURCE, 123)],
+        "rate_limit": [ks.partner_rate("p1")],
+        "cap_acquire": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "cap_touch": [ks.partner_holds("p1")],
+        "cap_release": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "partner_usage": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "idempotency_begin": [ks.idempotency("p1", "key-1")],
+        "idempotency_complete": [ks.idempotency("p1", "key-1")],
+        "idempotency_abandon": [ks.idempotency("p1", "key-1")],
     }
 
 
@@ -50,6 +58,8 @@ def test_every_scripts_keys_share_one_hash_slot(prefix, shards):
         assert len(slots) == 1, (name, script_keys)
         # Keys a script derives from the unit root (root + resource + ":" + index) keep
         # the root's tag: the appended part has no brace.
+        assert key_slot(ks.ip_rate("10.0.0.1").encode()) == key_slot(
+            ks.ip_rate("10.0.0.1").encode())
         unit = ks.unit(RESOURCE, 123456)
         assert key_slot(unit.encode()) == key_slot(ks.unit_root(ks.shard_of(RESOURCE)).encode())
 
