@@ -58,8 +58,6 @@ def test_every_scripts_keys_share_one_hash_slot(prefix, shards):
         assert len(slots) == 1, (name, script_keys)
         # Keys a script derives from the unit root (root + resource + ":" + index) keep
         # the root's tag: the appended part has no brace.
-        assert key_slot(ks.ip_rate("10.0.0.1").encode()) == key_slot(
-            ks.ip_rate("10.0.0.1").encode())
         unit = ks.unit(RESOURCE, 123456)
         assert key_slot(unit.encode()) == key_slot(ks.unit_root(ks.shard_of(RESOURCE)).encode())
 
