@@ -5,7 +5,9 @@
 CREATE TABLE bookings (
     id              text PRIMARY KEY,
     reservation_id  text NOT NULL UNIQUE,
-    resource_key    bigint NOT NULL REFERENCES resources (key),
+    -- No foreign key: the insert joins resources to find the key (resources are never
+    -- deleted), and an FK check would take a share lock on the hot resource row per booking.
+    resource_key    bigint NOT NULL,
     resource_id     text NOT NULL,
     vendor_id       text NOT NULL,
     partner_id      text NOT NULL,
