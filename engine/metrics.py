@@ -238,19 +238,21 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid, str(directory))
 
 
-_DB_FILE = re.compile(r"^[a-z]+(?:_[a-z]+)?_(\d+)\.db$")
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
 
 
 def reap_dead_processes() -> list[int]:
-    """Mark every process with files in the directory that no longer runs as dead.
+    """Mark dead every process that left live-gauge files but no longer runs.
 
     For supervisors that offer no child-exit hook (uvicorn): call it at worker start-up or
-    before each scrape. Answers the pids it marked.
+    before each scrape. Answers the pids it marked. (Counter and histogram files of dead
+    processes stay: their counts are part of the totals.)
     """
     directory = multiprocess_dir()
     if directory is None or not directory.is_dir():
         return []
-    pids = {int(m.group(1)) for f in directory.iterdir() if (m := _DB_FILE.match(f.name))}
+    pids = {int(m.group(1)) for f in directory.iterdir()
+            if (m := _LIVE_GAUGE_FILE.match(f.name))}
     dead = [pid for pid in sorted(pids) if not _running(pid)]
     for pid in dead:
         mark_process_dead(pid)
