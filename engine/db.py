@@ -8,6 +8,7 @@ on its connection. Migrations are plain SQL files shipped inside the package
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -89,6 +90,12 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
         init=init_connection,
         **kwargs,
     )
+
+
+def columns(record_type: type) -> str:
+    """The select list for a row dataclass: explicit, so adding a column breaks no reader."""
+    return ", ".join(f.name for f in dataclasses.fields(record_type)
+                     if f.metadata.get("column", True))
 
 
 def _dump_json(value: Any) -> str:

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from engine.db import columns
 from engine.errors import EngineError, NotFound, UnknownResource, ValidationError
 from engine.keys import NAME_RE
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog
@@ -105,7 +106,7 @@ async def create_partner(conn: asyncpg.Connection, partner_id: str, name: str, *
         raise ValidationError("partner name must not be empty", details={"field": "name"})
     try:
         row = await conn.fetchrow(
-            "INSERT INTO partners (id, name, active) VALUES ($1, $2, $3) RETURNING *",
+            f"INSERT INTO partners (id, name, active) VALUES ($1, $2, $3) RETURNING {columns(Partner)}",
             partner_id, name, active)
     except asyncpg.UniqueViolationError:
         raise AlreadyExists(f"partner {partner_id!r} already exists",
@@ -114,7 +115,8 @@ async def create_partner(conn: asyncpg.Connection, partner_id: str, name: str, *
 
 
 async def get_partner(conn: asyncpg.Connection, partner_id: str) -> Partner:
-    row = await conn.fetchrow("SELECT * FROM partners WHERE id = $1", partner_id)
+    row = await conn.fetchrow(f"SELECT {columns(Partner)} FROM partners WHERE id = $1",
+                              partner_id)
     if row is None:
         raise UnknownPartner(f"unknown partner {partner_id!r}", details={"partnerId": partner_id})
     return Partner(**row)
@@ -136,9 +138,9 @@ async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minute
     async with conn.transaction():
         try:
             row = await conn.fetchrow(
-                """INSERT INTO vendors (id, unit_minutes, buffer_before_minutes,
+                f"""INSERT INTO vendors (id, unit_minutes, buffer_before_minutes,
                        buffer_after_minutes, confirmation_required, payment_required, timezone)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {columns(Vendor)}""",
                 vendor_id, unit_minutes, buffer_before_minutes, buffer_after_minutes,
                 confirmation_required, payment_required, timezone)
         except asyncpg.UniqueViolationError:
@@ -149,7 +151,8 @@ async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minute
 
 
 async def get_vendor(conn: asyncpg.Connection, vendor_id: str) -> Vendor:
-    row = await conn.fetchrow("SELECT * FROM vendors WHERE id = $1", vendor_id)
+    row = await conn.fetchrow(f"SELECT {columns(Vendor)} FROM vendors WHERE id = $1",
+                              vendor_id)
     if row is None:
         raise UnknownVendor(f"unknown vendor {vendor_id!r}", details={"vendorId": vendor_id})
     return Vendor(**row)
@@ -168,9 +171,9 @@ async def create_resource(conn: asyncpg.Connection, resource_id: str, vendor_id:
     _check_grid(resource_id, unit, before, after)
     try:
         row = await conn.fetchrow(
-            """INSERT INTO resources (id, vendor_id, unit_minutes, buffer_before_minutes,
+            f"""INSERT INTO resources (id, vendor_id, unit_minutes, buffer_before_minutes,
                    buffer_after_minutes)
-               VALUES ($1, $2, $3, $4, $5) RETURNING *""",
+               VALUES ($1, $2, $3, $4, $5) RETURNING {columns(StoredResource)}""",
             resource_id, vendor_id, unit, before, after)
     except asyncpg.UniqueViolationError:
         raise AlreadyExists(f"resource {resource_id!r} already exists",
@@ -182,7 +185,8 @@ async def create_resource(conn: asyncpg.Connection, resource_id: str, vendor_id:
 
 
 async def get_resource(conn: asyncpg.Connection, resource_id: str) -> StoredResource:
-    row = await conn.fetchrow("SELECT * FROM resources WHERE id = $1", resource_id)
+    row = await conn.fetchrow(
+        f"SELECT {columns(StoredResource)} FROM resources WHERE id = $1", resource_id)
     if row is None:
         raise UnknownResource(f"unknown resource {resource_id!r}",
                               details={"resourceId": resource_id})
@@ -192,7 +196,8 @@ async def get_resource(conn: asyncpg.Connection, resource_id: str) -> StoredReso
 async def list_resources(conn: asyncpg.Connection,
                          vendor_id: str | None = None) -> list[StoredResource]:
     rows = await conn.fetch(
-        "SELECT * FROM resources WHERE $1::text IS NULL OR vendor_id = $1 ORDER BY key",
+        f"""SELECT {columns(StoredResource)} FROM resources
+            WHERE $1::text IS NULL OR vendor_id = $1 ORDER BY key""",
         vendor_id)
     return [StoredResource(**row) for row in rows]
 
@@ -221,8 +226,8 @@ async def insert_api_key(conn: asyncpg.Connection, *, key_id: str, prefix: str, 
         raise ValidationError("a vendor key needs a vendor", details={"field": "vendorId"})
     try:
         row = await conn.fetchrow(
-            """INSERT INTO api_keys (id, prefix, digest, role, partner_id, vendor_id)
-               VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+            f"""INSERT INTO api_keys (id, prefix, digest, role, partner_id, vendor_id)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING {columns(ApiKey)}""",
             key_id, prefix, digest, role, partner_id, vendor_id)
     except asyncpg.UniqueViolationError as exc:
         field = "prefix" if "prefix" in (exc.constraint_name or "") else "keyId"
@@ -239,15 +244,16 @@ async def insert_api_key(conn: asyncpg.Connection, *, key_id: str, prefix: str, 
 
 async def find_api_key(conn: asyncpg.Connection, prefix: str) -> ApiKey | None:
     """The key with this prefix, revoked or not (the caller refuses revoked keys)."""
-    row = await conn.fetchrow("SELECT * FROM api_keys WHERE prefix = $1", prefix)
+    row = await conn.fetchrow(f"SELECT {columns(ApiKey)} FROM api_keys WHERE prefix = $1",
+                              prefix)
     return None if row is None else ApiKey(**row)
 
 
 async def revoke_api_key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
     """Idempotent: revoking a revoked key keeps its first ``revoked_at``."""
     row = await conn.fetchrow(
-        """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-           WHERE id = $1 RETURNING *""", key_id)
+        f"""UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+            WHERE id = $1 RETURNING {columns(ApiKey)}""", key_id)
     if row is None:
         raise NotFound(f"unknown API key {key_id!r}", details={"keyId": key_id})
     return ApiKey(**row)

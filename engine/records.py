@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from engine.db import json_param, json_value
+from engine.db import columns, json_param, json_value
 from engine.errors import ValidationError
 
 STATES = frozenset((
@@ -426,7 +426,7 @@ class StoredReservation:
     booking_id: str | None
     failure_reason: str | None
     metadata: dict[str, Any]
-    history: list[Transition] = field(default_factory=list)
+    history: list[Transition] = field(default_factory=list, metadata={"column": False})
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,13 +459,13 @@ async def bookings_to_rehydrate(conn: asyncpg.Connection, now: datetime) -> list
 
 async def load_reservation(conn: asyncpg.Connection, reservation_id: str) -> StoredReservation | None:
     """The snapshot and its transitions by version; answers reads once Redis has forgotten."""
-    row = await conn.fetchrow("SELECT * FROM reservations WHERE id = $1", reservation_id)
+    row = await conn.fetchrow(
+        f"SELECT {columns(StoredReservation)} FROM reservations WHERE id = $1", reservation_id)
     if row is None:
         return None
     history = await conn.fetch(
-        """SELECT event_id, from_state, to_state, triggered_by, reason, metadata,
-                  idempotency_key, version, at
-           FROM reservation_history WHERE reservation_id = $1 ORDER BY version""",
+        f"""SELECT {columns(Transition)} FROM reservation_history
+            WHERE reservation_id = $1 ORDER BY version""",
         reservation_id)
     return StoredReservation(**{**row, "metadata": json_value(row["metadata"])}, history=[
         Transition(**{**h, "metadata": json_value(h["metadata"])}) for h in history])
@@ -489,7 +489,7 @@ async def query_audit(conn: asyncpg.Connection, *, reservation_id: str | None = 
     if since is not None and until is not None and until <= since:
         raise ValidationError("until must be after since", details={"field": "until"})
     rows = await conn.fetch(
-        """SELECT * FROM audit_log
+        f"""SELECT {columns(AuditEntry)} FROM audit_log
            WHERE ($1::text IS NULL OR reservation_id = $1)
              AND ($2::text IS NULL OR resource_id = $2)
              AND ($3::text IS NULL OR actor = $3)

@@ -86,6 +86,16 @@ async def test_apply_events_is_idempotent(conn, vendor):
     assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM audit_log") == len(batch)
 
 
+async def test_an_event_twice_in_one_batch_is_written_once(conn, vendor):
+    a = rid()
+    events = lifecycle(a)
+    outcomes = await apply_events(conn, events + events[:2] + events[8:])
+    assert [o.already_applied for o in outcomes] == [False] * 9 + [True] * 3
+    assert [o.result for o in outcomes[9:]] == [EventResult.DUPLICATE, EventResult.DUPLICATE,
+                                                EventResult.BOOKED]
+    assert await count(conn, "audit_log") == 9 and await count(conn, "bookings") == 1
+
+
 async def test_audit_row_and_snapshot_content(conn, vendor):
     a = rid()
     metadata = orjson.dumps({"channel": "web", "n": 2}).decode()
@@ -195,6 +205,11 @@ async def test_redelivered_commit_after_failure_is_superseded(conn, vendor):
                                a) == 0
     stored = await records.load_reservation(conn, a)
     assert (stored.state, stored.failure_reason) == ("FAILED_AVAILABILITY_CHANGED", "slot taken")
+
+    # And redelivered on its own later, against the stored snapshot.
+    [alone] = await apply_events(conn, [commit])
+    assert (alone.result, alone.already_applied) == (EventResult.SUPERSEDED, True)
+    assert await count(conn, "bookings") == 1  # only the cancelled blocker
 
 
 async def test_malformed_events_are_rejected_and_write_nothing(conn, vendor):
