@@ -114,6 +114,10 @@ class CommitQueue:
         rejected = []
         for (entry_id, fields), outcome in zip(entries, outcomes):
             result = outcome.result
+            if (self.metrics is not None and not outcome.already_applied
+                    and result != EventResult.REJECTED):
+                self.metrics.transition(fields.get("fromState", ""), fields.get("toState", ""),
+                                        fields.get("triggeredBy", ""))
             self.stats.by_result[result] = self.stats.by_result.get(result, 0) + 1
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
