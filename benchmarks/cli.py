@@ -1,0 +1,146 @@
+"""``slotguard bench`` (also ``python -m benchmarks``): run the scenarios, verify, report.
+
+Exit code: 0 when every scenario ran and the verifier found nothing; 1 on any verifier
+violation; 2 when a scenario could not run. Speed never fails a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.scenarios import FULL, QUICK, SCENARIOS, BenchConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenario", "-s", action="append", dest="scenarios",
+                        metavar="NAME", help=f"run only these (repeatable, or comma "
+                        f"separated): {', '.join(SCENARIOS)}; default all")
+    parser.add_argument("--quick", action="store_true",
+                        help="short phases and small backlogs: under 60 s, for CI")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the full results")
+    parser.add_argument("--report", type=Path, metavar="DIR",
+                        help="write report.md, report.html and PNG plots")
+    parser.add_argument("--seconds", type=float, help="seconds per load phase")
+    parser.add_argument("--processes", type=int, help="client processes per phase")
+    parser.add_argument("--connections", type=int,
+                        help="tasks / keep-alive connections per client process")
+    parser.add_argument("--http-workers", type=int, help="uvicorn workers (API and baseline)")
+    parser.add_argument("--queue-workers", type=int, help="commit-queue worker processes")
+    parser.add_argument("--drain-backlog", type=int, help="reservations in the drain backlog")
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--schema", default=None,
+                        help="Postgres schema to use (kept afterwards); default a fresh "
+                             "bench_<id> schema, dropped at the end")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep keys, schema and logs for inspection")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_scenarios(values: list[str] | None) -> list[str]:
+    if not values:
+        return list(SCENARIOS)
+    names = []
+    for value in values:
+        for name in value.replace("-", "_").split(","):
+            name = name.strip()
+            if name not in SCENARIOS:
+                raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    base = QUICK if args.quick else FULL
+    changes: dict[str, Any] = {}
+    for arg, field in (("seconds", "seconds"), ("processes", "processes"),
+                       ("connections", "concurrency"), ("http_workers", "http_workers"),
+                       ("queue_workers", "queue_workers"), ("drain_backlog", "drain_backlog")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            changes[field] = value
+    from dataclasses import replace
+
+    return replace(base, **changes)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    names = parse_scenarios(args.scenarios)
+    config = build_config(args)
+    results = asyncio.run(_run(args, names, config, console))
+    from benchmarks.report import console_table, summary_lines, write_json, write_report
+
+    console.print(console_table(results))
+    for line in summary_lines(results):
+        console.print(line, markup=False, highlight=False)
+    if args.json:
+        write_json(results, args.json)
+        console.print(f"results: {args.json}")
+    if args.report:
+        console.print(f"report: {write_report(results, args.report)}")
+    console.print(f"{results['violations']} violations in {results['seconds']} s; "
+                  f"exit {results['exit_code']}")
+    return results["exit_code"]
+
+
+async def _run(args, names: list[str], config: BenchConfig, console) -> dict[str, Any]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from benchmarks.cpu import machine
+    from benchmarks.env import BenchEnv
+    from benchmarks.scenarios import Run, config_dict, run_scenarios
+
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "slotguard_bench": 1,
+        "started_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "slotguard bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]
+                                                 if a != "bench"),
+        "machine": machine(), "config": config_dict(config), "scenario_names": names,
+    }
+    env = await asyncio.to_thread(BenchEnv.start, schema=args.schema, shards=args.shards,
+                                  keep=args.keep)
+    results["servers"] = {"source": env.server_source, "key_prefix": env.settings.key_prefix,
+                          "schema": env.settings.db_schema}
+    progress = Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn(
+        "{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console,
+        disable=args.no_progress, transient=False)
+    tasks: dict[str, int] = {}
+
+    def on_progress(label: str, fraction: float) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(label, total=1.0)
+        progress.update(tasks[label], completed=fraction)
+
+    run = Run(env, config, on_progress)
+    try:
+        await env.prepare()
+        with progress:
+            results["scenarios"] = await run_scenarios(run, names)
+    finally:
+        await asyncio.to_thread(run.stop_all)
+        results["cleanup"] = await env.close()
+        await asyncio.to_thread(env.stop_servers)
+    results["machine_end"] = machine()
+    results["violations"] = sum(s.get("violations", 0) for s in results["scenarios"].values())
+    broken = [n for n, s in results["scenarios"].items() if "error" in s]
+    results["exit_code"] = 1 if results["violations"] else 2 if broken else 0
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def standalone(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slotguard bench",
+                                     description="contention and throughput suite")
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
