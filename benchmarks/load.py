@@ -171,11 +171,11 @@ class RedisHolds(Workload):
             out.append(h.Entry(h.PLACE, h.CONFLICT, hold_id, resource.id, first, last, sent,
                                answered, holder=exc.holder, unit=exc.unit))
             return
-        except Exception:
+        except Exception as exc:
             answered = time.monotonic()
             rec.record(h.ERROR, sent, answered)
             out.append(h.Entry(h.PLACE, h.ERROR, hold_id, resource.id, first, last, sent,
-                               answered))
+                               answered, holder=type(exc).__name__))
             return
         answered = time.monotonic()
         rec.record(h.OK, sent, answered)
@@ -273,15 +273,19 @@ class PostgresBookings(Workload):
                             await self._insert(conn, row_id, resource.id, block_start,
                                                block_end)
                 else:
-                    holder = None
-                    await self._insert(conn, row_id, resource.id, block_start, block_end)
+                    # ON CONFLICT DO NOTHING checks the exclusion constraint by speculative
+                    # insertion: a loser backs out instead of deadlocking with the winner
+                    # (a plain INSERT deadlocks under hot contention, deadlock_timeout each).
+                    inserted = await self._insert(conn, row_id, resource.id, block_start,
+                                                  block_end, on_conflict=True)
+                    holder = None if inserted else "?"
         except asyncpg.ExclusionViolationError:
             holder = "?"
-        except Exception:
+        except Exception as exc:
             answered = time.monotonic()
             rec.record(h.ERROR, sent, answered)
             out.append(h.Entry(h.PG_INSERT, h.ERROR, row_id, resource.id, first, last, sent,
-                               answered, table=self.table))
+                               answered, holder=type(exc).__name__, table=self.table))
             return
         answered = time.monotonic()
         if holder is not None:
@@ -305,11 +309,15 @@ class PostgresBookings(Workload):
             out.append(h.Entry(h.RELEASE, outcome, row_id, resource.id, first, last, sent,
                                time.monotonic(), table=self.table))
 
-    async def _insert(self, conn, row_id, resource_id, block_start, block_end) -> None:
-        await conn.execute(
+    async def _insert(self, conn, row_id, resource_id, block_start, block_end, *,
+                      on_conflict: bool = False) -> bool:
+        """True when the row went in (False: ON CONFLICT DO NOTHING skipped it)."""
+        inserted = await conn.fetchval(
             f"INSERT INTO {self.table} (id, resource_id, resource_key, block_start, block_end)"
-            " VALUES ($1, $2, hashtextextended($2, 0), $3, $4)",
+            " VALUES ($1, $2, hashtextextended($2, 0), $3, $4)"
+            + (" ON CONFLICT DO NOTHING" if on_conflict else "") + " RETURNING true",
             row_id, resource_id, block_start, block_end)
+        return bool(inserted)
 
     async def close(self) -> None:
         await self.pool.close()

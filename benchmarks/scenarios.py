@@ -122,6 +122,7 @@ class Run:
                         pg_table=pg_table, start_delay_s=c.start_delay_s)
         if pg_table:
             await self.env.register_resources(list(pattern.resources))
+        background = await self._redis_background() if self.redis_pid else None
         redis_cpu0 = process_cpu_s(self.redis_pid) if self.redis_pid else None
         server_cpu0 = server.cpu_s() if server else None
         tick = (lambda f: self.progress(label, f)) if self.progress else None
@@ -139,8 +140,13 @@ class Run:
         placements = summary["operations"]
         if redis_cpu0 is not None:
             redis_cpu = process_cpu_s(self.redis_pid) - redis_cpu0
+            # The Redis may be shared: take off what it burnt per second while idle for us.
+            own = max(0.0, redis_cpu - background * summary["seconds"])
             summary["redis_cpu_s"] = round(redis_cpu, 3)
-            summary["redis_cpu_us_per_op"] = round(redis_cpu / placements * 1e6, 2) \
+            summary["redis_background_cpu_per_s"] = round(background, 4)
+            summary["redis_cpu_us_per_op_raw"] = round(redis_cpu / placements * 1e6, 2) \
+                if placements else None
+            summary["redis_cpu_us_per_op"] = round(own / placements * 1e6, 2) \
                 if placements else None
         if server is not None:
             summary["server_cpu_s"] = round(server.cpu_s() - server_cpu0, 3)
@@ -151,8 +157,20 @@ class Run:
             summary["postgres_cpu_us_per_op"] = round(result.server_cpu_s / placements * 1e6, 1) \
                 if placements else None
         summary["successes"] = ok
+        reasons: dict[str, int] = {}
+        for e in result.history:
+            if e.outcome == h.ERROR:
+                reason = (e.holder or "unknown")[:120]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        summary["error_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
         entries.extend(result.history)
         return summary
+
+    async def _redis_background(self, window_s: float = 0.3) -> float:
+        """Redis CPU seconds per second while this run sends nothing (others' load)."""
+        before = process_cpu_s(self.redis_pid)
+        await asyncio.sleep(window_s)
+        return max(0.0, (process_cpu_s(self.redis_pid) - before) / window_s)
 
     async def verify(self, entries: list[h.Entry], *, drained: bool = True) -> verifier.Report:
         async with self.env.pool.acquire() as conn:
