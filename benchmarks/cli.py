@@ -133,10 +133,18 @@ async def _run(args, names: list[str], config: BenchConfig, console) -> dict[str
         await asyncio.to_thread(env.stop_servers)
     results["machine_end"] = machine()
     results["violations"] = sum(s.get("violations", 0) for s in results["scenarios"].values())
-    broken = [n for n, s in results["scenarios"].items() if "error" in s]
-    results["exit_code"] = 1 if results["violations"] else 2 if broken else 0
+    results["exit_code"] = exit_code(results)
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
+
+
+def exit_code(results: dict[str, Any]) -> int:
+    """1 on any verifier violation, 2 when a scenario could not run, else 0."""
+    if any(s.get("violations", 0) for s in results["scenarios"].values()):
+        return 1
+    if any("error" in s for s in results["scenarios"].values()):
+        return 2
+    return 0
 
 
 def standalone(argv: list[str] | None = None) -> int:

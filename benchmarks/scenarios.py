@@ -382,7 +382,7 @@ class Run:
                 notes.append(f"worker exit codes {codes}")
         else:
             notes.append("the HTTP API (api/) is not in this build: the API walk was skipped")
-        phases["drain"] = await self.drain_backlog()
+        phases["drain"] = await self.drain_backlog(entries)
         drain_rate = phases["drain"]["bookings_per_s"]
         result = {
             "description": "reservations walked to COMMITTED through the API with workers "
@@ -453,7 +453,7 @@ class Run:
                 "bytes_per_hold": round(total / n) if n else 0,
                 "method": "sum of MEMORY USAGE over the holds' keys / holds"}
 
-    async def drain_backlog(self) -> dict[str, Any]:
+    async def drain_backlog(self, entries: list[h.Entry]) -> dict[str, Any]:
         """N reservations committed with no worker running, then fresh workers drain them."""
         from engine.access import RedisAccess
         from engine.directory import load_catalog
@@ -474,11 +474,18 @@ class Run:
         async def one(i: int) -> str:
             r = resources[i % len(resources)]
             start = T0 + (i // len(resources)) * 2 * UNIT
+            first, last = r.units(start, start + UNIT)
+            sent = time.monotonic()
             moved = await engine.create(partner_id="bench-partner", vendor_id=vendor_id,
                                         resource_id=r.id, start_ms=start, end_ms=start + UNIT,
                                         requester_id="bench")
-            await engine.act(moved.reservation_id, "commit", actor="partner")
-            return moved.reservation_id
+            rid = moved.reservation_id
+            entries.append(h.Entry(h.CREATE, h.OK, rid, r.id, first, last, sent,
+                                   time.monotonic()))
+            sent = time.monotonic()
+            await engine.act(rid, "commit", actor="partner")
+            entries.append(h.Entry(h.COMMIT, h.OK, rid, r.id, 0, -1, sent, time.monotonic()))
+            return rid
 
         if self.progress:
             self.progress("lifecycle: building the drain backlog", 0.0)
@@ -508,6 +515,7 @@ class Run:
             finalized = time.monotonic()
         finally:
             codes = self.stop_workers()
+        entries += await self._committed_reads(ids)
         async with self.env.pool.acquire() as conn:
             audit = await conn.fetchval(
                 "SELECT count(*) FROM audit_log WHERE reservation_id = ANY($1::text[])", ids)
