@@ -2,9 +2,11 @@
 
 The Python client, not Redis, is the cost of a hold, so calls from concurrent requests are
 coalesced: every call made during one event-loop turn is queued, and the queue is sent as
-pipelined EVALSHA batches (at most ``batch_max`` calls each, at most ``max_inflight``
-batches on the wire). While both batches are out, new calls keep queueing and leave together
-as soon as one returns, so batches grow with load and the per-call client cost falls.
+EVALSHA batches (at most ``batch_max`` calls each, at most ``max_inflight`` batches on the
+wire). While both batches are out, new calls keep queueing and leave together as soon as
+one returns, so batches grow with load and the per-call client cost falls. A batch is
+written in RESP with one write on a pipelined connection (:mod:`engine.resp`); redis-py
+pipelines serve where that is not possible (unix sockets).
 
 Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushed, a
 restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
