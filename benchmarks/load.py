@@ -219,6 +219,8 @@ class RedisHolds(Workload):
             raise RuntimeError(f"release_hold answered {reply!r}")
 
     async def close(self) -> None:
+        if hasattr(self.access, "close"):
+            await self.access.close()
         await self.client.aclose()
 
 

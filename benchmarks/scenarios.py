@@ -436,7 +436,8 @@ class Run:
         try:
             keys = KeySpace(s.key_prefix, s.shards)
             catalog = ResourceCatalog([Resource(f"mem-{i}") for i in range(16)])
-            engine = HoldEngine(RedisAccess(client), keys, catalog, s)
+            access = RedisAccess(client)
+            engine = HoldEngine(access, keys, catalog, s)
             n = self.config.memory_holds
             for start in range(0, n, 1000):
                 await asyncio.gather(*(
@@ -447,6 +448,7 @@ class Run:
             async for key in client.scan_iter(match=f"{s.key_prefix}*", count=5000):
                 total += await client.memory_usage(key, samples=0) or 0
                 count += 1
+            await _close_access(access)
         finally:
             await client.aclose()
         return {"holds": n, "units_per_hold": 2, "keys": count,
@@ -515,6 +517,7 @@ class Run:
             finalized = time.monotonic()
         finally:
             codes = self.stop_workers()
+            await _close_access(access)
         entries += await self._committed_reads(ids)
         async with self.env.pool.acquire() as conn:
             audit = await conn.fetchval(
@@ -607,6 +610,11 @@ async def run_scenarios(run: Run, names: list[str]) -> dict[str, Any]:
             results[name] = {"error": repr(exc), "violations": 0, "phases": {}}
         results[name]["seconds"] = round(time.monotonic() - started, 2)
     return results
+
+
+async def _close_access(access) -> None:
+    if hasattr(access, "close"):  # the raw RESP connection of engine/access.py
+        await access.close()
 
 
 def config_dict(config: BenchConfig) -> dict[str, Any]:
