@@ -125,9 +125,9 @@ class HttpWorkload(Workload):
         if reservation_id is None:
             return
         if self.kind == "create":
-            if self.release:
-                await self._act(reservation_id, "cancel", h.CANCEL, self.partner_auth, rec, out,
-                                resource)
+            if self.release:  # in the history, not in the rate: decisions/s as elsewhere
+                await self._act(reservation_id, "cancel", h.CANCEL, self.partner_auth, None,
+                                out, resource)
             return
         if not await self._act(reservation_id, "vendor-confirmation", "confirm",
                                self.vendor_auth.get(resource.vendor_id, {}), rec, out,
@@ -178,7 +178,8 @@ class HttpWorkload(Workload):
             status, payload = 0, b""
         answered = time.monotonic()
         ok = status in (200, 202)
-        rec.record(h.OK if ok else h.ERROR, sent, answered)
+        if rec is not None:
+            rec.record(h.OK if ok else h.ERROR, sent, answered)
         out.append(h.Entry(op, h.OK if ok else h.ERROR, rid, resource.id, 0, -1, sent,
                            answered, holder="" if ok else f"status {status}: {payload[:200]!r}"))
         return ok

@@ -3,6 +3,8 @@
     python -m benchmarks.profile api --seconds 6       # the API worker under POST load
     python -m benchmarks.profile minimal --seconds 6   # the minimal endpoint's worker
     python -m benchmarks.profile engine --seconds 6    # a HoldEngine load process
+    python -m benchmarks.profile worker --seconds 6    # a commit-queue worker draining a
+                                                       # backlog (wall clock: --idle)
 
 Starts what the phase needs (the same way ``slotguard bench`` does, own key prefix and
 schema, removed afterwards), records the target process with ``py-spy record --format raw``
@@ -52,11 +54,46 @@ def summarise(raw: Path, top: int = 25) -> str:
     return "\n".join(lines)
 
 
-def record(pid: int, seconds: float, out: Path) -> subprocess.Popen:
+def record(pid: int, seconds: float, out: Path, *, idle: bool = False) -> subprocess.Popen:
     return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--format", "raw",
                              "--rate", "200", "--duration", str(int(seconds)), "--pid",
-                             str(pid), "--output", str(out), "--nonblocking"],
+                             str(pid), "--output", str(out), "--nonblocking"]
+                            + (["--idle"] if idle else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+async def profile_worker(seconds: float, backlog: int) -> str:
+    """One worker draining a backlog, sampled on the wall clock (waits included)."""
+    from dataclasses import replace
+
+    from benchmarks.scenarios import FULL, Run
+
+    env = await asyncio.to_thread(BenchEnv.start)
+    out_dir = Path(tempfile.mkdtemp(prefix="slotguard-profile-"))
+    raw = out_dir / "worker.txt"
+    run = Run(env, replace(FULL, queue_workers=1, drain_backlog=backlog))
+    spies = []
+    start_workers = run.start_workers
+
+    def start_and_record(count: int) -> None:
+        start_workers(count)
+        time.sleep(1.5)  # past start-up, into the drain
+        spies.append(record(run.workers[-1].pid, seconds, raw, idle=True))
+
+    run.start_workers = start_and_record
+    try:
+        await env.prepare()
+        drain = await run.drain_backlog([])
+        for spy in spies:
+            spy.wait(timeout=seconds + 30)
+        head = (f"worker: {drain['bookings_with_audit_per_s']} bookings/s with audit rows, "
+                f"{drain['events_per_s']} events/s (one worker, under py-spy --idle)\n")
+        return head + (summarise(raw) if raw.exists() else "py-spy wrote nothing")
+    finally:
+        run.stop_all()
+        await env.close()
+        env.stop_servers()
+        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 async def profile(target: str, seconds: float, processes: int, connections: int,
@@ -118,12 +155,16 @@ def _load_process_pid() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["api", "minimal", "engine"])
+    parser.add_argument("target", choices=["api", "minimal", "engine", "worker"])
+    parser.add_argument("--backlog", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=6)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.target == "worker":
+        print(asyncio.run(profile_worker(args.seconds, args.backlog)))
+        return 0
     print(asyncio.run(profile(args.target, args.seconds, args.processes, args.connections,
                               args.workers)))
     return 0
