@@ -1,0 +1,1 @@
+"""The slotguard HTTP API (Starlette)."""
