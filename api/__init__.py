@@ -1,1 +1,1 @@
-"""The slotguard HTTP API (Starlette)."""
+"""The Starlette partner API: routes, auth, errors, idempotency, OpenAPI, /metrics, health."""

@@ -35,7 +35,8 @@ from engine.errors import (
 )
 from engine.holds import call_with_retry, conflict_from_reply
 from engine.keys import NAME_RE, KeySpace
-from engine.lifecycle import ACTIONS, State
+from engine.lifecycle import ACTIONS, TERMINAL, State
+from engine.limits import PROVISIONAL_MARGIN_MS, Limits
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
 
@@ -81,8 +82,12 @@ class Reservation:
 
 class ReservationEngine:
     def __init__(self, access: RedisAccess, keys: KeySpace, catalog: ResourceCatalog,
-                 settings: Settings, *, payments_enabled: bool = False) -> None:
+                 settings: Settings, *, payments_enabled: bool = False,
+                 limits: Limits | None = None) -> None:
         self.access = access
+        # With limits, every reservation holds a slot of its partner's live-hold cap from
+        # creation to its terminal state (two hash slots: compensated, never leaked).
+        self.limits = limits
         self.keys = keys
         self.catalog = catalog
         self.settings = settings
@@ -116,25 +121,40 @@ class ReservationEngine:
         metadata_text = _metadata_text(metadata)
         if reservation_id is None:
             reservation_id = self.keys.new_reservation_id(resource.id)
-        shard = self.keys.shard_of(resource.id)
         s = self.settings
+        argv = [reservation_id, partner_id, vendor.id, resource.id, requester_id, start_ms,
+                end_ms, first, last, block_start, block_end, int(vendor.confirmation_required),
+                int(vendor.payment_required), metadata_text, idempotency_key, triggered_by,
+                s.hold_ttl_ms, s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
+                s.record_retention_ms]
+        if self.limits is None:
+            return await self._hold(reservation_id, resource.id, argv)
+        longest = max(s.hold_ttl_ms, s.confirmed_ttl_ms, s.authorized_ttl_ms)
+        await self.limits.acquire_cap(partner_id, reservation_id,
+                                      ttl_ms=longest + PROVISIONAL_MARGIN_MS)
+        try:
+            moved = await self._hold(reservation_id, resource.id, argv)
+        except EngineError:  # a definite answer: nothing was held, give the slot back
+            await self.limits.release_cap(partner_id, reservation_id, placed=False)
+            raise
+        await self.limits.touch_cap(partner_id, reservation_id, moved.deadline_ms)
+        return moved
+
+    async def _hold(self, reservation_id: str, resource_id: str, argv: list) -> Moved:
+        shard = self.keys.shard_of(resource_id)
         reply = await call_with_retry(
             self.access,
             "create_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
-             self.keys.history(reservation_id), self.keys.fence(resource.id),
+             self.keys.history(reservation_id), self.keys.fence(resource_id),
              self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
-            [reservation_id, partner_id, vendor.id, resource.id, requester_id, start_ms,
-             end_ms, first, last, block_start, block_end,
-             int(vendor.confirmation_required), int(vendor.payment_required), metadata_text,
-             idempotency_key, triggered_by, s.hold_ttl_ms, s.confirmed_ttl_ms,
-             s.authorized_ttl_ms, s.max_hold_units, s.record_retention_ms],
+            argv,
         )
         code = int(reply[0])
         if code == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
         if code == Outcome.CONFLICT:
-            raise conflict_from_reply(reply, resource.id)
+            raise conflict_from_reply(reply, resource_id)
         if code == Outcome.HOLD_ID_REUSED:
             raise HoldIdReused("reservation id already in use",
                                details={"reservationId": reservation_id})
@@ -264,8 +284,26 @@ class ReservationEngine:
         )
         code = int(reply[0])
         if code == Outcome.OK:
-            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+            await self._settle_cap(reply[4], moved.reservation_id, moved.state,
+                                   moved.deadline_ms)
+            return moved
+        if code in (Outcome.HOLD_LOST, Outcome.EXPIRED):  # it ended: free its cap slot
+            await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0)
         raise _error_for(code, reply, reservation_id, op)
+
+    async def _settle_cap(self, partner_id: str, reservation_id: str, state: State,
+                          deadline_ms: int) -> None:
+        if self.limits is None:
+            return
+        if state in TERMINAL:
+            await self.limits.release_cap(partner_id, reservation_id,
+                                          committed=state == State.COMMITTED)
+            return
+        try:
+            await self.limits.touch_cap(partner_id, reservation_id, deadline_ms)
+        except NotFound:
+            pass  # its slot expired already; it leaves the cap by itself
 
 
 class _NotDue(EngineError):

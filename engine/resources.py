@@ -91,6 +91,12 @@ class ResourceCatalog:
             raise UnknownResource(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
                                   details={"vendorId": vendor_id}) from None
 
+    def all_resources(self) -> list[Resource]:
+        return list(self._by_id.values())
+
+    def all_vendors(self) -> list[Vendor]:
+        return list(self._vendors.values())
+
     def resources_of(self, vendor_id: str) -> list[Resource]:
         return [r for r in self._by_id.values() if r.vendor_id == vendor_id]
 

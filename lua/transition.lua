@@ -23,11 +23,11 @@
   ARGV[14] extension ttl ms (extend only)
   ARGV[15] max total hold time ms from creation (extend only)
   ARGV[16] max number of extensions (extend only)
-  Returns: {1, state, version, deadline_ms}
+  Returns: {1, state, version, deadline_ms, partner id}
   Errors (negative integers): -2 INVALID (+ reason), -4 NOT_FOUND, -6 EXTENSION_LIMIT,
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
-           (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + version),
-           -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version),
+           (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
+           -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
            -17 NOT_DUE (expire before the deadline: + deadline)
 ]]
 --@include @lifecycle
@@ -88,8 +88,8 @@ local function apply(path, why, code)
   redis.call('HSET', record_key, unpack(fields))
   settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention,
     marker_retention, now)
-  if code then return {code, final, v} end
-  return {1, final, v, deadline}
+  if code then return {code, final, v, rec.p} end
+  return {1, final, v, deadline, rec.p}
 end
 
 if op == 'expire' then
@@ -116,7 +116,7 @@ if op == 'extend' then
   rec.dl = deadline
   settle(unit_root, record_key, history_key, deadlines_key, rec, state, deadline, retention,
     marker_retention, now)
-  return {1, state, v, deadline}
+  return {1, state, v, deadline, rec.p}
 end
 
 local action = ACTIONS[op]

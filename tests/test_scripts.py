@@ -31,6 +31,16 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "transition": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                        ks.events(shard), ks.deadlines(shard)],
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
+        "restore_markers": [ks.unit_root(shard)],
+        "release_unit": [ks.unit(RESOURCE, 123)],
+        "rate_limit": [ks.partner_rate("p1")],
+        "cap_acquire": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "cap_touch": [ks.partner_holds("p1")],
+        "cap_release": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "partner_usage": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
+        "idempotency_begin": [ks.idempotency("p1", "key-1")],
+        "idempotency_complete": [ks.idempotency("p1", "key-1")],
+        "idempotency_abandon": [ks.idempotency("p1", "key-1")],
     }
 
 

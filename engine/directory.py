@@ -1,0 +1,278 @@
+"""Who exists: partners, vendors, their resources and API keys, as the admin API and CLI see them.
+
+Every function takes an asyncpg connection whose ``search_path`` is the deployment's schema
+(``engine.db.create_pool``). Input is validated before the first write; a duplicate id or an
+unknown parent comes back as a typed error, and a failed call leaves nothing behind (the
+functions that write two rows do so in one transaction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+
+from engine.db import columns
+from engine.errors import EngineError, NotFound, UnknownResource, ValidationError
+from engine.keys import NAME_RE
+from engine.resources import MINUTE_MS, Resource, ResourceCatalog
+
+ROLES = ("partner", "vendor", "ops", "admin", "system")
+MIN_DIGEST_CHARS = 32  # mirrors the api_keys check: a digest, never a plaintext key
+
+
+class AlreadyExists(EngineError):
+    code = "ALREADY_EXISTS"
+
+
+class UnknownVendor(NotFound):
+    code = "UNKNOWN_VENDOR"
+
+
+class UnknownPartner(NotFound):
+    code = "UNKNOWN_PARTNER"
+
+
+@dataclass(frozen=True, slots=True)
+class Partner:
+    id: str
+    name: str
+    active: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Vendor:
+    id: str
+    unit_minutes: int
+    buffer_before_minutes: int
+    buffer_after_minutes: int
+    confirmation_required: bool
+    payment_required: bool
+    timezone: str
+    created_at: datetime
+
+    @property
+    def default_resource_id(self) -> str:
+        return default_resource_id(self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    key: int  # the integer identity the bookings exclusion constraint compares
+    id: str
+    vendor_id: str
+    unit_minutes: int
+    buffer_before_minutes: int
+    buffer_after_minutes: int
+    created_at: datetime
+
+    def to_engine(self) -> Resource:
+        """The hold engine's view: the same unit grid and buffers in milliseconds."""
+        return Resource(self.id, unit_ms=self.unit_minutes * MINUTE_MS,
+                        buffer_before_ms=self.buffer_before_minutes * MINUTE_MS,
+                        buffer_after_ms=self.buffer_after_minutes * MINUTE_MS,
+                        vendor_id=self.vendor_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    prefix: str
+    digest: str
+    role: str
+    partner_id: str | None
+    vendor_id: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+def default_resource_id(vendor_id: str) -> str:
+    """A vendor's first resource shares its id, so a one-calendar vendor needs no lookup."""
+    return vendor_id
+
+
+# ---- partners ---------------------------------------------------------------------------
+async def create_partner(conn: asyncpg.Connection, partner_id: str, name: str, *,
+                         active: bool = True) -> Partner:
+    _check_name("partnerId", partner_id)
+    if not name.strip():
+        raise ValidationError("partner name must not be empty", details={"field": "name"})
+    try:
+        row = await conn.fetchrow(
+            f"INSERT INTO partners (id, name, active) VALUES ($1, $2, $3) RETURNING {columns(Partner)}",
+            partner_id, name, active)
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(f"partner {partner_id!r} already exists",
+                            details={"partnerId": partner_id}) from None
+    return Partner(**row)
+
+
+async def get_partner(conn: asyncpg.Connection, partner_id: str) -> Partner:
+    row = await conn.fetchrow(f"SELECT {columns(Partner)} FROM partners WHERE id = $1",
+                              partner_id)
+    if row is None:
+        raise UnknownPartner(f"unknown partner {partner_id!r}", details={"partnerId": partner_id})
+    return Partner(**row)
+
+
+# ---- vendors and resources --------------------------------------------------------------
+async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minutes: int = 15,
+                        buffer_before_minutes: int = 0, buffer_after_minutes: int = 0,
+                        confirmation_required: bool = True, payment_required: bool = False,
+                        timezone: str = "UTC") -> Vendor:
+    """Create a vendor and its default resource (id ``default_resource_id(vendor_id)``)."""
+    _check_name("vendorId", vendor_id)
+    _check_grid(vendor_id, unit_minutes, buffer_before_minutes, buffer_after_minutes)
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"unknown time zone {timezone!r}",
+                              details={"field": "timezone"}) from None
+    async with conn.transaction():
+        try:
+            row = await conn.fetchrow(
+                f"""INSERT INTO vendors (id, unit_minutes, buffer_before_minutes,
+                       buffer_after_minutes, confirmation_required, payment_required, timezone)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {columns(Vendor)}""",
+                vendor_id, unit_minutes, buffer_before_minutes, buffer_after_minutes,
+                confirmation_required, payment_required, timezone)
+        except asyncpg.UniqueViolationError:
+            raise AlreadyExists(f"vendor {vendor_id!r} already exists",
+                                details={"vendorId": vendor_id}) from None
+        await create_resource(conn, default_resource_id(vendor_id), vendor_id)
+    return Vendor(**row)
+
+
+async def get_vendor(conn: asyncpg.Connection, vendor_id: str) -> Vendor:
+    row = await conn.fetchrow(f"SELECT {columns(Vendor)} FROM vendors WHERE id = $1",
+                              vendor_id)
+    if row is None:
+        raise UnknownVendor(f"unknown vendor {vendor_id!r}", details={"vendorId": vendor_id})
+    return Vendor(**row)
+
+
+async def create_resource(conn: asyncpg.Connection, resource_id: str, vendor_id: str, *,
+                          unit_minutes: int | None = None,
+                          buffer_before_minutes: int | None = None,
+                          buffer_after_minutes: int | None = None) -> StoredResource:
+    """A resource of a vendor; unit and buffers default to the vendor's."""
+    _check_name("resourceId", resource_id)
+    vendor = await get_vendor(conn, vendor_id)
+    unit = vendor.unit_minutes if unit_minutes is None else unit_minutes
+    before = vendor.buffer_before_minutes if buffer_before_minutes is None else buffer_before_minutes
+    after = vendor.buffer_after_minutes if buffer_after_minutes is None else buffer_after_minutes
+    _check_grid(resource_id, unit, before, after)
+    try:
+        row = await conn.fetchrow(
+            f"""INSERT INTO resources (id, vendor_id, unit_minutes, buffer_before_minutes,
+                   buffer_after_minutes)
+               VALUES ($1, $2, $3, $4, $5) RETURNING {columns(StoredResource)}""",
+            resource_id, vendor_id, unit, before, after)
+    except asyncpg.UniqueViolationError:
+        raise AlreadyExists(f"resource {resource_id!r} already exists",
+                            details={"resourceId": resource_id}) from None
+    except asyncpg.ForeignKeyViolationError:  # the vendor vanished since get_vendor
+        raise UnknownVendor(f"unknown vendor {vendor_id!r}",
+                            details={"vendorId": vendor_id}) from None
+    return StoredResource(**row)
+
+
+async def get_resource(conn: asyncpg.Connection, resource_id: str) -> StoredResource:
+    row = await conn.fetchrow(
+        f"SELECT {columns(StoredResource)} FROM resources WHERE id = $1", resource_id)
+    if row is None:
+        raise UnknownResource(f"unknown resource {resource_id!r}",
+                              details={"resourceId": resource_id})
+    return StoredResource(**row)
+
+
+async def list_resources(conn: asyncpg.Connection,
+                         vendor_id: str | None = None) -> list[StoredResource]:
+    rows = await conn.fetch(
+        f"""SELECT {columns(StoredResource)} FROM resources
+            WHERE $1::text IS NULL OR vendor_id = $1 ORDER BY key""",
+        vendor_id)
+    return [StoredResource(**row) for row in rows]
+
+
+async def load_catalog(conn: asyncpg.Connection) -> ResourceCatalog:
+    """Every resource as the hold engine's catalog (the API fills its catalog from this)."""
+    return ResourceCatalog([r.to_engine() for r in await list_resources(conn)])
+
+
+# ---- API keys ---------------------------------------------------------------------------
+async def insert_api_key(conn: asyncpg.Connection, *, key_id: str, prefix: str, digest: str,
+                         role: str, partner_id: str | None = None,
+                         vendor_id: str | None = None) -> ApiKey:
+    """Store a key by its public prefix and digest; the caller hashes, plaintext never lands."""
+    _check_name("keyId", key_id)
+    _check_name("prefix", prefix)
+    if role not in ROLES:
+        raise ValidationError(f"role must be one of {', '.join(ROLES)}",
+                              details={"field": "role", "allowed": list(ROLES)})
+    if len(digest) < MIN_DIGEST_CHARS:
+        raise ValidationError("digest is too short to be a key digest",
+                              details={"field": "digest"})
+    if role == "partner" and partner_id is None:
+        raise ValidationError("a partner key needs a partner", details={"field": "partnerId"})
+    if role == "vendor" and vendor_id is None:
+        raise ValidationError("a vendor key needs a vendor", details={"field": "vendorId"})
+    try:
+        row = await conn.fetchrow(
+            f"""INSERT INTO api_keys (id, prefix, digest, role, partner_id, vendor_id)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING {columns(ApiKey)}""",
+            key_id, prefix, digest, role, partner_id, vendor_id)
+    except asyncpg.UniqueViolationError as exc:
+        field = "prefix" if "prefix" in (exc.constraint_name or "") else "keyId"
+        raise AlreadyExists(f"an API key with this {field} already exists",
+                            details={"field": field}) from None
+    except asyncpg.ForeignKeyViolationError as exc:
+        if "partner" in (exc.constraint_name or ""):
+            raise UnknownPartner(f"unknown partner {partner_id!r}",
+                                 details={"partnerId": partner_id}) from None
+        raise UnknownVendor(f"unknown vendor {vendor_id!r}",
+                            details={"vendorId": vendor_id}) from None
+    return ApiKey(**row)
+
+
+async def find_api_key(conn: asyncpg.Connection, prefix: str) -> ApiKey | None:
+    """The key with this prefix, revoked or not (the caller refuses revoked keys)."""
+    row = await conn.fetchrow(f"SELECT {columns(ApiKey)} FROM api_keys WHERE prefix = $1",
+                              prefix)
+    return None if row is None else ApiKey(**row)
+
+
+async def revoke_api_key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
+    """Idempotent: revoking a revoked key keeps its first ``revoked_at``."""
+    row = await conn.fetchrow(
+        f"""UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+            WHERE id = $1 RETURNING {columns(ApiKey)}""", key_id)
+    if row is None:
+        raise NotFound(f"unknown API key {key_id!r}", details={"keyId": key_id})
+    return ApiKey(**row)
+
+
+# ---- validation -------------------------------------------------------------------------
+def _check_name(field: str, value: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValidationError(f"{field} {value!r} is not a valid name: letters, digits, "
+                              "'_', '.', '-', at most 64", details={"field": field})
+
+
+def _check_grid(owner_id: str, unit_minutes: int, before_minutes: int,
+                after_minutes: int) -> None:
+    """The same rules the hold engine enforces on its units, checked before any write."""
+    for field, value in (("unitMinutes", unit_minutes), ("bufferBeforeMinutes", before_minutes),
+                         ("bufferAfterMinutes", after_minutes)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValidationError(f"{field} must be an integer", details={"field": field})
+    Resource(owner_id, unit_ms=unit_minutes * MINUTE_MS,
+             buffer_before_ms=before_minutes * MINUTE_MS,
+             buffer_after_ms=after_minutes * MINUTE_MS)

@@ -1,0 +1,149 @@
+"""Idempotency keys: one partner, one key, one request, one response.
+
+A request that carries an ``Idempotency-Key`` first calls :meth:`IdempotencyStore.begin`
+with its fingerprint (sha256 of the canonical request):
+
+- the key is free: it is claimed (in progress, for ``idempotency_lock_ms``) and ``begin``
+  returns ``None``: do the work, then :meth:`complete` with the response, or
+  :meth:`abandon` when the work failed in a way the client may retry;
+- the same request already completed: ``begin`` returns its :class:`StoredResponse` to
+  replay unchanged;
+- the key was used for a different request: :class:`IdempotencyMismatch`;
+- the same request is still running: :class:`IdempotencyInProgress` with ``retry_after_ms``.
+
+Records are kept ``idempotency_ttl_ms`` (24 h by default) after completion. The decision is
+one Lua call per step on ``{sg:p:<partner>}:idem:<key>``, so concurrent duplicates cannot
+both proceed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from engine.access import RedisAccess
+from engine.errors import (
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    Outcome,
+    ValidationError,
+)
+from engine.keys import KeySpace
+from engine.limits import check_partner_id
+from engine.settings import Settings
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status: int
+    body: str
+
+    @property
+    def body_bytes(self) -> bytes:
+        return self.body.encode("utf-8")
+
+
+def fingerprint(method: str, path: str, body_obj: Any) -> str:
+    """sha256 hex of the canonical request: same method, path and JSON value, same print.
+
+    The body is serialized with sorted keys and no insignificant whitespace, so key order
+    and formatting of the client's JSON do not change the fingerprint.
+    """
+    canonical_body = json.dumps(body_obj, sort_keys=True, separators=(",", ":"),
+                                ensure_ascii=False, allow_nan=False)
+    canonical = "\n".join((method.upper(), path, canonical_body))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_key(key: str) -> str:
+    """Idempotency keys are 1..255 printable ASCII characters."""
+    if (not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH
+            or any(not 0x20 <= ord(ch) <= 0x7E for ch in key)):
+        raise ValidationError(
+            f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+            details={"field": "Idempotency-Key"},
+        )
+    return key
+
+
+def _check_fingerprint(fp: str) -> str:
+    if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise ValidationError("a request fingerprint is a lowercase sha256 hex digest")
+    return fp
+
+
+class IdempotencyStore:
+    def __init__(self, access: RedisAccess, keys: KeySpace, settings: Settings) -> None:
+        self.access = access
+        self.keys = keys
+        self.settings = settings
+
+    def _key(self, partner_id: str, key: str, fp: str) -> str:
+        check_partner_id(partner_id)
+        check_key(key)
+        _check_fingerprint(fp)
+        return self.keys.idempotency(partner_id, key)
+
+    async def begin(self, partner_id: str, key: str, fingerprint: str) -> StoredResponse | None:
+        """Claim the key (``None``: proceed) or return the stored response to replay."""
+        redis_key = self._key(partner_id, key, fingerprint)
+        reply = await self.access.call("idempotency_begin", [redis_key],
+                                       [fingerprint, self.settings.idempotency_lock_ms])
+        code = int(reply[0])
+        details = {"idempotencyKey": key}
+        if code == Outcome.OK:
+            if _text(reply[1]) == "proceed":
+                return None
+            body = reply[3]
+            return StoredResponse(int(reply[2]), _text(body) if body is not None else "")
+        if code == Outcome.IDEMPOTENCY_MISMATCH:
+            raise IdempotencyMismatch(
+                "this idempotency key was already used for a different request",
+                details=details)
+        if code == Outcome.IDEMPOTENCY_IN_PROGRESS:
+            pttl = int(reply[1])
+            retry_after_ms = pttl if pttl > 0 else None
+            raise IdempotencyInProgress(
+                "a request with this idempotency key is still in progress",
+                details=details, retry_after_ms=retry_after_ms)
+        raise ValidationError(_text(reply[1]), details=details)
+
+    async def complete(self, partner_id: str, key: str, fingerprint: str, status: int,
+                       body: bytes | str) -> bool:
+        """Store the response for replay; False when the same request had already stored one.
+
+        Raises IdempotencyMismatch if the key now belongs to a different request.
+        """
+        redis_key = self._key(partner_id, key, fingerprint)
+        if isinstance(body, bytes):
+            try:
+                body = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationError("a stored response body must be UTF-8 text") from None
+        if not isinstance(status, int) or not 100 <= status <= 599:
+            raise ValidationError("status must be an HTTP status code")
+        reply = await self.access.call(
+            "idempotency_complete", [redis_key],
+            [fingerprint, status, body, self.settings.idempotency_ttl_ms])
+        code = int(reply[0])
+        if code == Outcome.OK:
+            return int(reply[1]) == 1
+        if code == Outcome.IDEMPOTENCY_MISMATCH:
+            raise IdempotencyMismatch(
+                "this idempotency key was already used for a different request",
+                details={"idempotencyKey": key})
+        raise ValidationError(_text(reply[1]))
+
+    async def abandon(self, partner_id: str, key: str, fingerprint: str) -> bool:
+        """Release this request's in-progress claim so the key may be retried at once."""
+        redis_key = self._key(partner_id, key, fingerprint)
+        reply = await self.access.call("idempotency_abandon", [redis_key], [fingerprint])
+        return int(reply[1]) == 1
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value

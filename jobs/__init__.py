@@ -1,0 +1,1 @@
+"""arq worker settings and jobs: commit-queue drain, expiry reaper, reconciliation."""

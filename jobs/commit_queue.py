@@ -1,0 +1,255 @@
+"""The commit queue: every shard's transition stream, drained into Postgres.
+
+Delivery is at least once and every step is idempotent, so a crash anywhere is harmless:
+1. XREADGROUP a batch (or XAUTOCLAIM the batch of a consumer that died);
+2. one Postgres transaction writes the bookings (exclusion constraint), the history and
+   the audit rows, keyed by event id (:func:`engine.records.apply_events`);
+3. a Lua call per committed reservation sets COMMITTED and turns its units into booked
+   markers; a booking the exclusion constraint refused fails its reservation as
+   FAILED_AVAILABILITY_CHANGED, once, with no retry loop;
+4. XACK and XDEL the batch.
+An entry delivered ``max_deliveries`` times without getting through goes to the shard's
+dead-letter stream and the manual review queue, and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+from redis.exceptions import ResponseError
+
+from engine.access import RedisAccess
+from engine.errors import EngineError, NotFound, TerminalState
+from engine.keys import KeySpace
+from engine.records import (
+    EventResult,
+    apply_events,
+    record_dead_letter,
+    record_manual_review,
+)
+from engine.reservations import ReservationEngine
+from engine.settings import Settings
+
+log = logging.getLogger("slotguard.commit_queue")
+GROUP = "slotguard-commit"
+
+
+@dataclass
+class DrainStats:
+    entries: int = 0
+    booked: int = 0
+    committed: int = 0
+    availability_changed: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    by_result: dict[str, int] = field(default_factory=dict)
+
+
+class CommitQueue:
+    def __init__(self, access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
+                 reservations: ReservationEngine, settings: Settings, consumer: str,
+                 metrics=None) -> None:
+        self.access = access
+        self.redis = access.redis
+        self.keys = keys
+        self.pool = pool
+        self.reservations = reservations
+        self.settings = settings
+        self.consumer = consumer
+        self.metrics = metrics
+        self.stats = DrainStats()
+
+    # ---- setup ------------------------------------------------------------------------
+    async def ensure_groups(self) -> None:
+        """Create each shard's consumer group from the stream's start (idempotent)."""
+        for shard in range(self.keys.shards):
+            try:
+                await self.redis.xgroup_create(self.keys.events(shard), GROUP, id="0",
+                                               mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # ---- reading ----------------------------------------------------------------------
+    async def read_new(self, shard: int, block_ms: int | None = None) -> list[tuple[str, dict]]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, {self.keys.events(shard): ">"},
+            count=self.settings.drain_batch_size, block=block_ms)
+        return reply[0][1] if reply else []
+
+    async def reclaim(self, shard: int) -> list[tuple[str, dict]]:
+        """Take over entries another consumer left pending for longer than reclaim_idle_ms."""
+        reply = await self.redis.xautoclaim(
+            self.keys.events(shard), GROUP, self.consumer,
+            min_idle_time=self.settings.reclaim_idle_ms, start_id="0-0",
+            count=self.settings.drain_batch_size)
+        return [(eid, fields) for eid, fields in reply[1] if fields]
+
+    # ---- processing -------------------------------------------------------------------
+    async def drain_shard_once(self, shard: int, block_ms: int | None = None) -> int:
+        entries = await self.read_new(shard, block_ms)
+        await self.process(shard, entries)
+        return len(entries)
+
+    async def reclaim_shard_once(self, shard: int) -> int:
+        entries = await self.reclaim(shard)
+        if entries:
+            entries = await self._dead_letter_exhausted(shard, entries)
+            await self.process(shard, entries)
+        return len(entries)
+
+    async def process(self, shard: int, entries: list[tuple[str, dict]]) -> None:
+        """Write one batch to Postgres, end the commits in Redis, then acknowledge."""
+        if not entries:
+            return
+        started = time.perf_counter()
+        events = [fields for _, fields in entries]
+        async with self.pool.acquire() as conn:
+            outcomes = await apply_events(conn, events)
+        follow_ups = []
+        rejected = []
+        for (entry_id, fields), outcome in zip(entries, outcomes):
+            result = outcome.result
+            self.stats.by_result[result] = self.stats.by_result.get(result, 0) + 1
+            if result == EventResult.BOOKED:
+                self.stats.booked += 1
+                follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id))
+            elif result == EventResult.AVAILABILITY_CHANGED:
+                self.stats.availability_changed += 1
+                follow_ups.append(self._fail_changed(outcome.reservation_id,
+                                                     outcome.conflicting_booking_id))
+            elif result == EventResult.REJECTED:
+                rejected.append((entry_id, fields, outcome.reason or "rejected"))
+        if follow_ups:
+            await asyncio.gather(*follow_ups)
+        for entry_id, fields, reason in rejected:
+            await self._dead_letter(shard, entry_id, fields, reason)
+        await self._ack(shard, [entry_id for entry_id, _ in entries])
+        self.stats.entries += len(entries)
+        self.stats.batches += 1
+        if self.metrics is not None:
+            self.metrics.observe_drain(shard, len(entries), time.perf_counter() - started)
+
+    async def _finalize(self, reservation_id: str, booking_id: str | None) -> None:
+        try:
+            await self.reservations.act(reservation_id, "finalize-commit", actor="system",
+                                        booking_id=booking_id or "")
+            self.stats.committed += 1
+        except TerminalState as exc:
+            if exc.details.get("state") != "COMMITTED":
+                await self._escalate("commit_after_terminal", reservation_id,
+                                     {"bookingId": booking_id, "state": exc.details.get("state")})
+        except NotFound:
+            # Redis forgot the reservation (data loss) after Postgres booked it: the booking
+            # stands, and rehydration restores its markers.
+            log.warning("booked %s but its Redis record is gone", reservation_id)
+
+    async def _fail_changed(self, reservation_id: str, conflicting: str | None) -> None:
+        try:
+            await self.reservations.act(
+                reservation_id, "availability-changed", actor="system",
+                reason="the slot was booked meanwhile",
+                metadata={"conflictingBookingId": conflicting} if conflicting else None)
+        except (TerminalState, NotFound):
+            pass  # already failed on an earlier delivery, or forgotten by Redis
+
+    async def _escalate(self, kind: str, reservation_id: str | None, details: dict) -> None:
+        async with self.pool.acquire() as conn:
+            await record_manual_review(conn, kind, reservation_id, None, details)
+
+    async def _dead_letter_exhausted(self, shard: int,
+                                     entries: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        """Entries delivered too often go to the dead letters; the rest are processed."""
+        stream = self.keys.events(shard)
+        ids = {eid for eid, _ in entries}
+        pending = await self.redis.xpending_range(stream, GROUP, min=min(ids), max=max(ids),
+                                                  count=len(entries) * 2)
+        counts = {p["message_id"]: p["times_delivered"] for p in pending}
+        keep = []
+        for entry_id, fields in entries:
+            if counts.get(entry_id, 0) > self.settings.max_deliveries:
+                await self._dead_letter(shard, entry_id, fields,
+                                        f"delivered {counts[entry_id]} times")
+                await self._ack(shard, [entry_id])
+            else:
+                keep.append((entry_id, fields))
+        return keep
+
+    async def _dead_letter(self, shard: int, entry_id: str, fields: dict, reason: str) -> None:
+        self.stats.dead_lettered += 1
+        await self.redis.xadd(self.keys.dead_letters(shard),
+                              {**fields, "deadEntryId": entry_id, "deadReason": reason})
+        async with self.pool.acquire() as conn:
+            await record_dead_letter(conn, stream=self.keys.events(shard), entry_id=entry_id,
+                                     fields=fields, reason=reason)
+        if self.metrics is not None:
+            self.metrics.dead_letter(shard)
+        log.error("dead-lettered %s on shard %s: %s", entry_id, shard, reason)
+
+    async def _ack(self, shard: int, entry_ids: list[str]) -> None:
+        stream = self.keys.events(shard)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, *entry_ids)
+        pipe.xdel(stream, *entry_ids)
+        await pipe.execute()
+
+    # ---- observation ------------------------------------------------------------------
+    async def lag(self, shard: int) -> dict:
+        """Length, pending count and oldest pending age (ms) of one shard's stream."""
+        stream = self.keys.events(shard)
+        length = await self.redis.xlen(stream)
+        try:
+            summary = await self.redis.xpending(stream, GROUP)
+        except ResponseError:
+            return {"length": length, "pending": 0, "oldest_pending_age_ms": 0}
+        oldest = 0
+        if summary["pending"]:
+            first_id = summary["min"]
+            oldest = max(0, int(time.time() * 1000) - int(first_id.split("-")[0]))
+        return {"length": length, "pending": summary["pending"], "oldest_pending_age_ms": oldest}
+
+    # ---- the loop ---------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain every shard until ``stop`` is set: one reader per shard, plus a reclaimer."""
+        await self.ensure_groups()
+        tasks = [asyncio.create_task(self._shard_loop(shard, stop))
+                 for shard in range(self.keys.shards)]
+        tasks.append(asyncio.create_task(self._reclaim_loop(stop)))
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shard_loop(self, shard: int, stop: asyncio.Event) -> None:
+        # A blocking read holds one pooled connection for up to drain_block_ms.
+        while not stop.is_set():
+            try:
+                await self.drain_shard_once(shard, block_ms=self.settings.drain_block_ms)
+            except (EngineError, asyncpg.PostgresError, OSError, ConnectionError,
+                    asyncio.TimeoutError) as exc:
+                log.warning("drain of shard %s failed, will retry: %r", shard, exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # never let one bad batch kill the shard's reader
+                log.exception("drain of shard %s failed", shard)
+                await asyncio.sleep(0.5)
+
+    async def _reclaim_loop(self, stop: asyncio.Event) -> None:
+        interval = max(self.settings.reclaim_idle_ms / 2000, 0.1)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            for shard in range(self.keys.shards):
+                try:
+                    while await self.reclaim_shard_once(shard):
+                        pass
+                except Exception:
+                    log.exception("reclaim of shard %s failed", shard)

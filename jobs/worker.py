@@ -1,0 +1,125 @@
+"""The arq worker: commit-queue drain, expiry reaper, reconciliation, rehydration.
+
+``slotguard worker`` runs :func:`run`. arq owns the process (signals, cron scheduling,
+the job queue); at start-up the worker opens a :class:`engine.runtime.Runtime`,
+rehydrates booked markers if this Redis needs it, and starts the commit-queue drain as a
+background task (one blocking reader per shard). Cron jobs:
+
+- ``reap`` (every ``SLOTGUARD_REAPER_INTERVAL_MS``, default every second): expires overdue
+  reservations and emits their events exactly once, even with several workers racing.
+- ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
+- ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
+
+Every job is idempotent: arq delivers at least once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import run_worker
+
+from engine.runtime import Runtime
+from engine.settings import Settings
+from jobs.commit_queue import CommitQueue
+from jobs.reconcile import reconcile
+
+log = logging.getLogger("slotguard.worker")
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def startup(ctx: dict) -> None:
+    settings: Settings = ctx["settings"]
+    metrics = ctx.get("metrics")
+    rt = await Runtime.open(settings, observe=metrics.observe_script if metrics else None)
+    ctx["rt"] = rt
+    report = await rt.rehydrate_if_needed()
+    if report is not None:
+        log.info("rehydrated %s bookings (%s markers)", report.bookings, report.markers_written)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings,
+                        consumer_name(), metrics)
+    ctx["queue"] = queue
+    ctx["stop"] = asyncio.Event()
+    ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
+
+
+async def shutdown(ctx: dict) -> None:
+    if "stop" in ctx:
+        ctx["stop"].set()
+        await asyncio.gather(ctx["drain"], return_exceptions=True)
+    if "rt" in ctx:
+        await ctx["rt"].close()
+
+
+async def reap(ctx: dict) -> int:
+    """Expire overdue reservations on every shard. Idempotent: racing reapers emit once."""
+    rt: Runtime = ctx["rt"]
+    moved = 0
+    for shard in range(rt.keys.shards):
+        moved += len(await rt.reservations.reap(shard))
+    metrics = ctx.get("metrics")
+    if metrics is not None:
+        await metrics.observe_queues(ctx["queue"])
+    return moved
+
+
+async def reconcile_job(ctx: dict) -> dict:
+    """Compare Redis and Postgres; fix the safe cases, escalate the rest. Idempotent."""
+    report = await reconcile(ctx["rt"], ctx.get("metrics"))
+    return report.as_dict()
+
+
+async def watch_redis(ctx: dict) -> bool:
+    """Rehydrate when Redis restarted (its run id changed) or lost a shard's flag."""
+    report = await ctx["rt"].rehydrate_if_needed()
+    if report is not None:
+        log.warning("Redis changed (run id %s): rehydrated %s bookings", report.run_id,
+                    report.bookings)
+    return report is not None
+
+
+def _every(interval_s: float) -> dict:
+    """arq cron fields for "every interval" (whole seconds dividing a minute or an hour)."""
+    interval = max(1, round(interval_s))
+    if interval < 60:
+        return {"second": set(range(0, 60, interval))}
+    minutes = max(1, interval // 60)
+    return {"minute": set(range(0, 60, minutes)), "second": 0}
+
+
+def worker_settings(settings: Settings, metrics=None) -> type:
+    """arq's WorkerSettings: a plain class, built for these settings."""
+    prefix = settings.key_prefix
+
+    class WorkerSettings:
+        functions = []
+        cron_jobs = [
+            cron(reap, name=f"{prefix}reap", run_at_startup=True,
+                 **_every(settings.reaper_interval_ms / 1000)),
+            cron(watch_redis, name=f"{prefix}watch_redis", second=set(range(60))),
+            cron(reconcile_job, name=f"{prefix}reconcile",
+                 **_every(settings.reconcile_interval_s)),
+        ]
+        on_startup = startup
+        on_shutdown = shutdown
+        redis_settings = RedisSettings.from_dsn(settings.redis_url)
+        queue_name = f"{prefix}arq:queue"
+        health_check_key = f"{prefix}arq:health-check"
+        ctx = {"settings": settings, "metrics": metrics}
+        poll_delay = 0.2
+        keep_result = 60
+
+    return WorkerSettings
+
+
+def run(settings: Settings, metrics=None) -> None:
+    """Run the worker in the foreground until SIGINT/SIGTERM."""
+    run_worker(worker_settings(settings, metrics))
