@@ -25,14 +25,12 @@ from api.middleware import RequestContextMiddleware
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
 from api.views import JSONResponse
-from engine import db, metrics, records
-from engine.access import RedisAccess
+from engine import metrics, records
 from engine.catalog_cache import CatalogCache
-from engine.connection import check_eviction_policy, open_redis
 from engine.idempotency import IdempotencyStore
-from engine.keys import KeySpace
 from engine.limits import Limits
 from engine.reservations import ReservationEngine
+from engine.runtime import Runtime
 from engine.service import ACTIONS, ReservationService, from_record
 from engine.settings import Settings
 
@@ -80,34 +78,31 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = open_redis(settings)
-        pool = None
+        rt = await Runtime.open(settings, observe=_observe_lua)
         try:
-            await check_eviction_policy(redis, settings)
-            access = RedisAccess(redis, batch_max=settings.redis_batch_max,
-                                 max_inflight=settings.redis_max_inflight_batches,
-                                 observe=_observe_lua)
-            await access.load_scripts()
-            pool = await db.create_pool(settings)
-            catalog = CatalogCache(pool)
+            # Booked markers back from Postgres before this process accepts any hold.
+            await rt.rehydrate_if_needed()
+            catalog = CatalogCache(rt.pool, rt.catalog)
             await catalog.load()
-            keyspace = KeySpace(settings.key_prefix, settings.shards)
-            engine = ReservationEngine(access, keyspace, catalog.catalog, settings)
-            limits = Limits(access, keyspace, settings)
+            limits = Limits(rt.access, rt.keys, settings)
+            engine = ReservationEngine(rt.access, rt.keys, rt.catalog, settings, limits=limits)
+
+            async def rehydrate() -> None:
+                await rt.rehydrate_if_needed()
+
             app.state.services = Services(
-                settings=settings, redis=redis, pool=pool, access=access, catalog=catalog,
-                keyspace=keyspace, api_keys=KeyResolver(pool, settings.api_key_cache_ms),
-                reservations=ReservationService(
-                    engine, catalog, limits,
-                    load_stored=_stored_loader(pool)),
-                idempotency=IdempotencyStore(access, keyspace, settings))
-            log.info("slotguard api ready (%d resources known)", len(catalog.catalog))
+                settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
+                catalog=catalog, keyspace=rt.keys,
+                api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms),
+                reservations=ReservationService(engine, catalog, limits,
+                                                load_stored=_stored_loader(rt.pool),
+                                                rehydrate=rehydrate),
+                idempotency=IdempotencyStore(rt.access, rt.keys, settings))
+            log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
             app.state.services = None
-            if pool is not None:
-                await pool.close()
-            await redis.aclose()
+            await rt.close()
 
     return Starlette(
         routes=routes(),

@@ -27,9 +27,10 @@ def engine_vendor(row: directory.Vendor) -> Vendor:
 
 
 class CatalogCache:
-    def __init__(self, pool: asyncpg.Pool, *, negative_ttl_s: float = NEGATIVE_TTL_S) -> None:
+    def __init__(self, pool: asyncpg.Pool, catalog: ResourceCatalog | None = None, *,
+                 negative_ttl_s: float = NEGATIVE_TTL_S) -> None:
         self.pool = pool
-        self.catalog = ResourceCatalog()
+        self.catalog = catalog if catalog is not None else ResourceCatalog()
         self.negative_ttl_s = negative_ttl_s
         self._missing: dict[tuple[str, str], float] = {}
 

@@ -3,7 +3,8 @@
 Every operation checks the permission table (engine/permissions.py) first, then tenancy,
 then validates its input completely, and only then writes. Creation composes the partner's
 hold cap (partner hash slot) with the reservation (resource shard) as two script calls with
-compensation: take the cap, create, give the cap back if the creation definitely failed.
+compensation (in the engine): take the cap, create, give the cap back if the creation
+definitely failed.
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ from engine.catalog_cache import CatalogCache
 from engine.errors import (
     EngineError,
     HoldConflict,
-    HoldLost,
     NotFound,
+    NotReady,
     PaymentRequired,
-    ReservationExpired,
     TerminalState,
     ValidationError,
 )
 from engine.idempotency import check_key
 from engine.lifecycle import TERMINAL, State
-from engine.limits import PROVISIONAL_MARGIN_MS, Limits
+from engine.limits import Limits
 from engine.permissions import (
     OPS,
     PARTNER,
@@ -83,7 +83,7 @@ class Created:
 
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
-                 *, load_stored=None) -> None:
+                 *, load_stored=None, rehydrate=None) -> None:
         self.engine = engine
         self.catalog = catalog
         self.limits = limits
@@ -92,6 +92,8 @@ class ReservationService:
         # async (reservation_id) -> Reservation | None: the Postgres record of a reservation
         # whose Redis record is gone (terminal and past retention).
         self._load_stored = load_stored
+        # async () -> None: restore booked markers when Redis reports it lost them.
+        self._rehydrate = rehydrate
 
     # ---- abuse controls ---------------------------------------------------------------
     async def throttle(self, principal: Principal, client_ip: str | None) -> None:
@@ -143,27 +145,27 @@ class ReservationService:
         return vendor, resource
 
     async def create(self, principal: Principal, req: CreateRequest) -> Created:
-        """Cap, then hold; the cap is given back when the hold definitely did not land."""
+        """Hold the slot. The engine takes the partner's cap slot first and gives it back
+        when the hold definitely did not land (engine/reservations.py)."""
         vendor, resource = await self.validate_create(principal, req)
         partner_id = principal.partner_id if principal.role == PARTNER else SYSTEM_PARTNER
         reservation_id = self._reservation_id(partner_id, resource.id, req.idempotency_key)
-        await self.limits.acquire_cap(
-            partner_id, reservation_id,
-            ttl_ms=self.settings.hold_ttl_ms + PROVISIONAL_MARGIN_MS)
-        try:
-            moved = await self.engine.create(
-                partner_id=partner_id, vendor_id=vendor.id, resource_id=resource.id,
-                start_ms=req.start_ms, end_ms=req.end_ms, requester_id=req.requester_id,
-                metadata=req.metadata, idempotency_key=req.idempotency_key or "",
-                triggered_by=principal.actor, reservation_id=reservation_id)
-        except HoldConflict as exc:
-            await self.limits.release_cap(partner_id, reservation_id)
-            raise self._conflict_for(principal, exc) from None
-        except EngineError:
-            await self.limits.release_cap(partner_id, reservation_id)
-            raise
-        await self.limits.touch_cap(partner_id, reservation_id, moved.deadline_ms)
-        return Created(moved, vendor)
+        for attempt in (1, 2):
+            try:
+                moved = await self.engine.create(
+                    partner_id=partner_id, vendor_id=vendor.id, resource_id=resource.id,
+                    start_ms=req.start_ms, end_ms=req.end_ms, requester_id=req.requester_id,
+                    metadata=req.metadata, idempotency_key=req.idempotency_key or "",
+                    triggered_by=principal.actor, reservation_id=reservation_id)
+                return Created(moved, vendor)
+            except HoldConflict as exc:
+                raise self._conflict_for(principal, exc) from None
+            except NotReady:
+                # Redis lost its data (restart): restore the booked markers, then retry once.
+                if attempt == 2 or self._rehydrate is None:
+                    raise
+                await self._rehydrate()
+        raise AssertionError("unreachable")
 
     def _reservation_id(self, partner_id: str, resource_id: str, key: str | None) -> str:
         """With an idempotency key the id is derived from it, so a retry after a crash
@@ -222,30 +224,14 @@ class ReservationService:
             # Only the Postgres record is left: nothing can move it any more.
             raise TerminalState(f"the reservation is {current.state}, a terminal state",
                                 details={"reservationId": rid, "state": current.state})
-        try:
-            if engine_action == "extend":
-                moved = await self.engine.extend(rid, actor=actor, ttl_ms=ttl_ms,
-                                                 expected_version=expected_version,
-                                                 reason=reason)
-            else:
-                moved = await self.engine.act(rid, engine_action, actor=actor,
-                                              expected_version=expected_version,
-                                              reason=reason, metadata=metadata)
-        except (HoldLost, ReservationExpired):
-            await self.limits.release_cap(current.partner_id, rid)
-            raise
-        await self._settle_cap(current.partner_id, moved)
+        if engine_action == "extend":
+            await self.engine.extend(rid, actor=actor, ttl_ms=ttl_ms,
+                                     expected_version=expected_version, reason=reason)
+        else:
+            await self.engine.act(rid, engine_action, actor=actor,
+                                  expected_version=expected_version, reason=reason,
+                                  metadata=metadata)
         return await self._find(rid)
-
-    async def _settle_cap(self, partner_id: str, moved: Moved) -> None:
-        """The cap follows the hold: moved with its deadline, freed when it ends."""
-        if moved.state in TERMINAL and moved.state != State.COMMITTED:
-            await self.limits.release_cap(partner_id, moved.reservation_id)
-        elif moved.state not in TERMINAL and moved.state != State.COMMIT_IN_PROGRESS:
-            try:
-                await self.limits.touch_cap(partner_id, moved.reservation_id, moved.deadline_ms)
-            except NotFound:  # no cap slot (created before caps, or it already expired)
-                pass
 
     # ---- operations -------------------------------------------------------------------
     async def release(self, principal: Principal, reservation_id: str,
