@@ -12,6 +12,7 @@ from api.auth import KeyResolver
 from engine import metrics
 from engine.access import RedisAccess
 from engine.catalog_cache import CatalogCache
+from engine.errors import RateLimited
 from engine.idempotency import IdempotencyStore
 from engine.keys import KeySpace
 from engine.permissions import Principal
@@ -58,3 +59,14 @@ def client_ip(request: Request) -> str | None:
 
 def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "-")
+
+
+async def throttle(request: Request, caller: Principal) -> None:
+    """Count the request against its client IP and its key; 429 when over either limit.
+    Called after validation, so a refused request has written nothing."""
+    try:
+        await services(request).reservations.throttle(caller, client_ip(request))
+    except RateLimited as exc:
+        scope = "ip" if "clientIp" in exc.details else "partner"
+        metrics.RATE_LIMIT_REJECTIONS.labels(scope=scope).inc()
+        raise

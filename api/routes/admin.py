@@ -1,4 +1,9 @@
-"""Management (role admin): partners, vendors, resources, API keys."""
+"""Management (role admin): partners, vendors, resources, API keys.
+
+These routes are not rate-limited: only admin and system keys reach them, and a limiter
+consulted after the write could hide a created key, while one consulted before it would
+write limiter state for requests the directory then refuses.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ async def _body(request: Request, fields: list[Field]) -> dict:
 
 
 async def create_partner(request: Request) -> Response:
-    require(await principal(request), "admin.partners.create")
+    caller = await principal(request)
+    require(caller, "admin.partners.create")
     body = await _body(request, PARTNER_FIELDS)
     async with services(request).pool.acquire() as conn:
         partner = await directory.create_partner(conn, body["partnerId"],
@@ -58,7 +64,8 @@ async def create_partner(request: Request) -> Response:
 
 
 async def create_vendor(request: Request) -> Response:
-    require(await principal(request), "admin.vendors.create")
+    caller = await principal(request)
+    require(caller, "admin.vendors.create")
     body = await _body(request, VENDOR_FIELDS)
     svc = services(request)
     async with svc.pool.acquire() as conn:
@@ -75,7 +82,8 @@ async def create_vendor(request: Request) -> Response:
 
 
 async def create_resource(request: Request) -> Response:
-    require(await principal(request), "admin.resources.create")
+    caller = await principal(request)
+    require(caller, "admin.resources.create")
     body = await _body(request, RESOURCE_FIELDS)
     svc = services(request)
     async with svc.pool.acquire() as conn:
@@ -88,7 +96,8 @@ async def create_resource(request: Request) -> Response:
 
 
 async def create_key(request: Request) -> Response:
-    require(await principal(request), "admin.keys.create")
+    caller = await principal(request)
+    require(caller, "admin.keys.create")
     body = await _body(request, KEY_FIELDS)
     async with services(request).pool.acquire() as conn:
         issued, stored = await issue_key(conn, body["role"], partner_id=body.get("partnerId"),
@@ -97,7 +106,8 @@ async def create_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    require(await principal(request), "admin.keys.revoke")
+    caller = await principal(request)
+    require(caller, "admin.keys.revoke")
     async with services(request).pool.acquire() as conn:
         stored = await directory.revoke_api_key(conn, request.path_params["keyId"])
     return JSONResponse(key_view(stored))

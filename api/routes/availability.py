@@ -5,8 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import principal, services
-from api.routes.reservations import _throttle
+from api.context import principal, services, throttle
 from api.validation import parse_bool, parse_int, parse_time, query_params
 from api.views import JSONResponse, availability_view
 from engine import occupancy
@@ -41,7 +40,7 @@ async def vendor_availability(request: Request) -> Response:
                               code="RESOURCE_VENDOR_MISMATCH", details={"field": "resourceId"})
     slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
                                     svc.settings.max_query_range_ms)
-    await _throttle(request, caller)
+    await throttle(request, caller)
     result = await occupancy.availability(svc.access, svc.keyspace, resource, start_ms,
                                           end_ms, slot_ms)
     return JSONResponse(availability_view(vendor_id, result, include_confidence))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import principal, services
+from api.context import principal, services, throttle
 from api.validation import (
     Field,
     check_fields,
@@ -40,6 +40,7 @@ async def release(request: Request) -> Response:
     require(caller, "ops.release")
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         RELEASE_FIELDS)
+    await throttle(request, caller)
     released = await services(request).reservations.release(
         caller, request.path_params["reservationId"], body["reason"])
     metrics.HOLDS_RELEASED.inc()
@@ -57,6 +58,7 @@ async def bulk_release(request: Request) -> Response:
     if by_ids == by_range:
         raise invalid("INVALID_SELECTION", "give either reservationIds or resourceId, "
                       "startTime and endTime", "reservationIds")
+    await throttle(request, caller)
     svc = services(request).reservations
     if by_ids:
         ids = body["reservationIds"]
@@ -89,6 +91,7 @@ async def audit_query(request: Request) -> Response:
     for name in ("reservationId", "resourceId", "actor"):
         if name in query and not 0 < len(query[name]) <= 128:
             raise invalid("INVALID_PARAMETER", f"{name} must be 1..128 characters", name)
+    await throttle(request, caller)
     async with services(request).pool.acquire() as conn:
         rows = await records.query_audit(
             conn, reservation_id=query.get("reservationId"),

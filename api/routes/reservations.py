@@ -7,12 +7,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import client_ip, principal, request_id, services
+from api.context import principal, request_id, services, throttle
 from api.idempotency import key_of, run_once
 from api.validation import Field, check_fields, invalid, json_object, parse_if_match, parse_range
 from api.views import JSONResponse, created_view, reservation_view
 from engine import metrics
-from engine.errors import CapExceeded, HoldConflict, RateLimited
+from engine.errors import CapExceeded, HoldConflict
 from engine.lifecycle import State
 from engine.permissions import require
 from engine.service import ACTIONS, SYSTEM_PARTNER, CreateRequest, check_reason
@@ -47,7 +47,7 @@ async def create_reservation(request: Request) -> Response:
         end_ms=end_ms, requester_id=body["requesterId"],
         metadata=_with_request_id(body.get("metadata"), request), idempotency_key=key)
     await svc.reservations.validate_create(caller, req)  # every 4xx before the first write
-    await _throttle(request, caller)
+    await throttle(request, caller)
 
     async def produce() -> Response:
         try:
@@ -69,7 +69,7 @@ async def create_reservation(request: Request) -> Response:
 async def get_reservation(request: Request) -> Response:
     svc = services(request)
     caller = await principal(request)
-    await _throttle(request, caller)
+    await throttle(request, caller)
     found = await svc.reservations.read(caller, request.path_params["reservationId"])
     return JSONResponse(reservation_view(found))
 
@@ -106,7 +106,7 @@ async def act_on_reservation(request: Request, action: str) -> Response:
         if outcome not in ("authorized", "failed"):
             raise invalid("INVALID_OUTCOME", "outcome must be 'authorized' or 'failed'",
                           "outcome")
-    await _throttle(request, caller)
+    await throttle(request, caller)
     moved = await svc.reservations.act(
         caller, request.path_params["reservationId"], action, outcome=outcome,
         expected_version=expected, reason=reason,
@@ -120,12 +120,3 @@ async def act_on_reservation(request: Request, action: str) -> Response:
 def _with_request_id(metadata: dict[str, Any] | None, request: Request) -> dict[str, Any]:
     """Transition metadata carries the request id (the client's own fields win)."""
     return {"requestId": request_id(request), **(metadata or {})}
-
-
-async def _throttle(request: Request, caller) -> None:
-    try:
-        await services(request).reservations.throttle(caller, client_ip(request))
-    except RateLimited as exc:
-        scope = "ip" if "clientIp" in exc.details else "partner"
-        metrics.RATE_LIMIT_REJECTIONS.labels(scope=scope).inc()
-        raise
