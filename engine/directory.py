@@ -18,6 +18,7 @@ from engine.db import columns
 from engine.errors import EngineError, NotFound, UnknownResource, ValidationError
 from engine.keys import NAME_RE
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog
+from engine.resources import Vendor as EngineVendor
 
 ROLES = ("partner", "vendor", "ops", "admin", "system")
 MIN_DIGEST_CHARS = 32  # mirrors the api_keys check: a digest, never a plaintext key
@@ -57,6 +58,11 @@ class Vendor:
     @property
     def default_resource_id(self) -> str:
         return default_resource_id(self.id)
+
+    def to_engine(self) -> EngineVendor:
+        """The lifecycle's view: the policy that decides which steps are waived."""
+        return EngineVendor(self.id, self.default_resource_id, self.confirmation_required,
+                            self.payment_required, self.timezone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,9 +208,15 @@ async def list_resources(conn: asyncpg.Connection,
     return [StoredResource(**row) for row in rows]
 
 
+async def list_vendors(conn: asyncpg.Connection) -> list[Vendor]:
+    rows = await conn.fetch(f"SELECT {columns(Vendor)} FROM vendors ORDER BY id")
+    return [Vendor(**row) for row in rows]
+
+
 async def load_catalog(conn: asyncpg.Connection) -> ResourceCatalog:
-    """Every resource as the hold engine's catalog (the API fills its catalog from this)."""
-    return ResourceCatalog([r.to_engine() for r in await list_resources(conn)])
+    """Every vendor and resource as the engine's catalog (API and workers fill theirs)."""
+    return ResourceCatalog([r.to_engine() for r in await list_resources(conn)],
+                           [v.to_engine() for v in await list_vendors(conn)])
 
 
 # ---- API keys ---------------------------------------------------------------------------

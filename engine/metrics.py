@@ -46,13 +46,17 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # before the first event).
 LIMIT_SCOPES = ("partner", "ip")
 AUTH_FAILURE_REASONS = ("missing", "malformed", "unknown_key", "revoked", "forbidden")
-RECONCILE_KINDS = (
-    "orphan_unit",  # a unit key owned by no live hold
-    "missing_booked_marker",  # a committed booking whose units are not booked in Redis
-    "stale_booked_marker",  # a booked marker with no booking row behind it
-    "state_mismatch",  # Redis record state disagrees with Postgres
-    "missing_audit",  # a transition in Redis with no audit row
-    "stuck_commit",  # COMMIT_IN_PROGRESS older than the drain should ever take
+RECONCILE_KINDS = (  # jobs/reconcile.py documents each
+    "booked_marker_missing",  # a booking not yet ended lacks its markers in Redis
+    "hold_on_booked_unit",  # a live hold sat on a booked unit
+    "marker_without_booking",  # a booked marker with no booking row behind it
+    "unit_of_missing_hold",  # a unit owned by a hold that no longer exists
+    "unit_of_missing_reservation",  # a unit owned by a reservation that no longer exists
+    "terminal_reservation_holds_unit",  # a cancelled/expired/failed reservation owns a unit
+    "committed_without_marker",  # a COMMITTED reservation's unit is not a booked marker
+    "committed_without_booking",  # COMMITTED in Redis, no booking in Postgres
+    "stuck_commit",  # COMMIT_IN_PROGRESS past its deadline
+    "booking_of_unknown_resource",  # a booking names a resource the catalog lacks
 )
 PARTNER_OUTCOMES = ("placed", "committed")
 MAX_PARTNER_SERIES = 50

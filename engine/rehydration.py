@@ -69,8 +69,8 @@ async def rehydrate(access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
                       booking.resource_id)
             continue
         unit_ms = catalog.get(booking.resource_id).unit_ms
-        block_start = int(booking.block_start.timestamp() * 1000)
-        block_end = int(booking.block_end.timestamp() * 1000)
+        block_start = booking.block_start_ms
+        block_end = booking.block_end_ms
         first, last = block_start // unit_ms, block_end // unit_ms - 1
         expires_at = block_end + settings.booked_marker_retention_ms
         shard = keys.shard_of(booking.resource_id)

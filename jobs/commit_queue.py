@@ -114,6 +114,10 @@ class CommitQueue:
         rejected = []
         for (entry_id, fields), outcome in zip(entries, outcomes):
             result = outcome.result
+            if (self.metrics is not None and not outcome.already_applied
+                    and result != EventResult.REJECTED):
+                self.metrics.transition(fields.get("fromState", ""), fields.get("toState", ""),
+                                        fields.get("triggeredBy", ""))
             self.stats.by_result[result] = self.stats.by_result.get(result, 0) + 1
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
@@ -173,19 +177,20 @@ class CommitQueue:
         for entry_id, fields in entries:
             if counts.get(entry_id, 0) > self.settings.max_deliveries:
                 await self._dead_letter(shard, entry_id, fields,
-                                        f"delivered {counts[entry_id]} times")
+                                        f"delivered {counts[entry_id]} times", counts[entry_id])
                 await self._ack(shard, [entry_id])
             else:
                 keep.append((entry_id, fields))
         return keep
 
-    async def _dead_letter(self, shard: int, entry_id: str, fields: dict, reason: str) -> None:
+    async def _dead_letter(self, shard: int, entry_id: str, fields: dict, reason: str,
+                           deliveries: int = 1) -> None:
         self.stats.dead_lettered += 1
         await self.redis.xadd(self.keys.dead_letters(shard),
                               {**fields, "deadEntryId": entry_id, "deadReason": reason})
         async with self.pool.acquire() as conn:
             await record_dead_letter(conn, stream=self.keys.events(shard), entry_id=entry_id,
-                                     fields=fields, reason=reason)
+                                     fields=fields, error=reason, deliveries=deliveries)
         if self.metrics is not None:
             self.metrics.dead_letter(shard)
         log.error("dead-lettered %s on shard %s: %s", entry_id, shard, reason)

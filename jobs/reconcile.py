@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from engine.errors import EngineError
 from engine.holds import BOOKED_PREFIX
@@ -65,21 +66,19 @@ async def reconcile(rt: Runtime, metrics=None) -> ReconciliationReport:
 
 async def _restore_booked_markers(rt: Runtime, report: ReconciliationReport) -> dict[str, str]:
     """Postgres → Redis. Returns reservation id → booking id of every booking not ended."""
-    from datetime import UTC, datetime
-
     async with rt.pool.acquire() as conn:
         bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
     booked = {}
     for booking in bookings:
-        booked[booking.reservation_id] = booking.booking_id
+        booked[booking.reservation_id] = booking.id
         if booking.resource_id not in rt.catalog:
             report.findings["booking_of_unknown_resource"] += 1
             await _escalate(rt, report, "booking_of_unknown_resource", booking.reservation_id,
-                            booking.resource_id, {"bookingId": booking.booking_id})
+                            booking.resource_id, {"bookingId": booking.id})
             continue
         unit_ms = rt.catalog.get(booking.resource_id).unit_ms
-        start = int(booking.block_start.timestamp() * 1000)
-        end = int(booking.block_end.timestamp() * 1000)
+        start = booking.block_start_ms
+        end = booking.block_end_ms
         reply = await rt.access.call(
             "restore_markers", [rt.keys.unit_root(rt.keys.shard_of(booking.resource_id))],
             [booking.resource_id, start // unit_ms, end // unit_ms - 1, booking.reservation_id,

@@ -180,7 +180,7 @@ TOUCH_EVERY_METRIC = textwrap.dedent("""
     from engine import metrics
     SAMPLE = {"from_state": "HELD", "to_state": "EXPIRED", "scope": "ip",
               "script": "place_hold", "route": "/v1/reservations/{reservationId}",
-              "method": "GET", "status": "200", "shard": "0", "kind": "orphan_unit",
+              "method": "GET", "status": "200", "shard": "0", "kind": "unit_of_missing_reservation",
               "reason": "revoked", "partner": "p1", "outcome": "placed"}
     for name in dir(metrics):
         metric = getattr(metrics, name)

@@ -1,0 +1,289 @@
+"""The commit queue with real worker processes, real Redis and real Postgres: walks to
+COMMITTED, a kill -9 mid-batch, a Redis that loses its data, a forced exclusion violation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from engine.db import migrate
+from engine.directory import create_vendor
+from engine.errors import HoldConflict, NotReady
+from engine.lifecycle import State
+from engine.runtime import Runtime
+from engine.settings import Settings
+from jobs.commit_queue import GROUP, CommitQueue
+from jobs.reconcile import reconcile
+from tests.conftest import DATABASE_URL
+from tests.test_db import drop_schema
+
+T0 = 1_893_456_000_000
+UNIT = 15 * 60_000
+
+
+@pytest.fixture
+def worker_settings(settings: Settings) -> Settings:
+    return settings.replace(reclaim_idle_ms=1_000, drain_block_ms=100, drain_batch_size=200,
+                            reaper_interval_ms=1_000)
+
+
+async def open_stack(settings: Settings) -> Runtime:
+    await asyncio.to_thread(migrate, settings)
+    pool = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": settings.db_schema})
+    try:
+        await create_vendor(pool, "inst", confirmation_required=False)
+    finally:
+        await pool.close()
+    rt = await Runtime.open(settings)
+    await rt.rehydrate_if_needed()
+    return rt
+
+
+@pytest.fixture
+async def stack(worker_settings, redis):
+    rt = await open_stack(worker_settings)
+    yield rt
+    await rt.close()
+    await drop_schema(worker_settings.db_schema)
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
+        "SLOTGUARD_KEY_PREFIX": settings.key_prefix, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
+        "SLOTGUARD_SHARDS": str(settings.shards),
+        "SLOTGUARD_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms),
+        "SLOTGUARD_DRAIN_BLOCK_MS": str(settings.drain_block_ms),
+        "SLOTGUARD_DRAIN_BATCH_SIZE": str(settings.drain_batch_size),
+    })
+    return env
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs"], env=worker_env(settings),
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def commit_many(rt: Runtime, n: int, offset: int = 0) -> list[str]:
+    async def one(i: int) -> str:
+        start = T0 + (offset + i) * 2 * UNIT
+        moved = await rt.reservations.create(partner_id="p1", vendor_id="inst",
+                                             resource_id=None, start_ms=start,
+                                             end_ms=start + UNIT, requester_id=f"r{i}")
+        assert moved.state == State.AUTHORIZED_BOTH
+        moved = await rt.reservations.act(moved.reservation_id, "commit", actor="partner")
+        assert moved.state == State.COMMIT_IN_PROGRESS
+        return moved.reservation_id
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def states(rt: Runtime, ids: list[str]) -> list[State]:
+    return [r.state for r in await asyncio.gather(*(rt.reservations.get(i) for i in ids))]
+
+
+async def streams_drained(rt: Runtime) -> bool:
+    for shard in range(rt.keys.shards):
+        stream = rt.keys.events(shard)
+        if await rt.redis.xlen(stream):
+            return False
+        if (await rt.redis.xpending(stream, GROUP))["pending"]:
+            return False
+    return True
+
+
+async def assert_record_complete(rt: Runtime, ids: list[str]) -> None:
+    """Bookings = committed reservations; one audit and history row per transition."""
+    views = await asyncio.gather(*(rt.reservations.get(i) for i in ids))
+    assert all(v.state == State.COMMITTED for v in views)
+    expected_events = sum(v.version for v in views)
+    async with rt.pool.acquire() as conn:
+        bookings = await conn.fetch("SELECT reservation_id, id FROM bookings")
+        audit = await conn.fetchval("SELECT count(*) FROM audit_log")
+        history = await conn.fetchval("SELECT count(*) FROM reservation_history")
+        distinct = await conn.fetchval("SELECT count(DISTINCT event_id) FROM audit_log")
+    assert sorted(b[0] for b in bookings) == sorted(ids)
+    assert {v.reservation_id: v.booking_id for v in views} == {b[0]: b[1] for b in bookings}
+    assert audit == history == distinct == expected_events
+
+
+async def test_reservations_walk_to_committed_with_workers(stack, worker_settings, tmp_path):
+    rt = stack
+    workers = [start_worker(worker_settings, tmp_path / f"w{i}.log") for i in range(2)]
+    try:
+        ids = await commit_many(rt, 150)
+        await wait_for(lambda: _all_committed(rt, ids), 60, "every reservation COMMITTED")
+        await wait_for(lambda: streams_drained(rt), 30, "streams drained")
+        await wait_for(lambda: _audit_complete(rt, ids), 30, "audit rows")
+        await assert_record_complete(rt, ids)
+    finally:
+        for w in workers:
+            stop_worker(w)
+    for w in workers:
+        assert w.returncode == 0, (tmp_path / "w0.log").read_text()[-3000:]
+
+
+async def _all_committed(rt, ids) -> bool:
+    return all(s == State.COMMITTED for s in await states(rt, ids))
+
+
+async def _audit_complete(rt, ids) -> bool:
+    views = await asyncio.gather(*(rt.reservations.get(i) for i in ids))
+    async with rt.pool.acquire() as conn:
+        return await conn.fetchval("SELECT count(*) FROM audit_log") == sum(v.version
+                                                                            for v in views)
+
+
+async def test_kill_9_mid_batch_then_a_new_worker_finishes_exactly_once(stack, worker_settings,
+                                                                       tmp_path):
+    rt = stack
+    ids = await commit_many(rt, 1200)  # a backlog: the kill lands while batches are running
+    first = start_worker(worker_settings, tmp_path / "first.log")
+
+    async def some_booked():
+        async with rt.pool.acquire() as conn:
+            return await conn.fetchval("SELECT count(*) FROM bookings")
+
+    try:
+        booked_at_kill = await wait_for(some_booked, 60, "the first bookings")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        stop_worker(first)
+    async with rt.pool.acquire() as conn:
+        booked_at_kill = await conn.fetchval("SELECT count(*) FROM bookings")
+    assert 0 < booked_at_kill < len(ids), "the kill must land in the middle of the drain"
+    second = start_worker(worker_settings, tmp_path / "second.log")
+    try:
+        await wait_for(lambda: _all_committed(rt, ids), 90, "every reservation COMMITTED")
+        await wait_for(lambda: streams_drained(rt), 30, "nothing pending after reclaim")
+        await wait_for(lambda: _audit_complete(rt, ids), 30, "audit rows")
+        await assert_record_complete(rt, ids)
+    finally:
+        stop_worker(second)
+
+
+async def test_forced_exclusion_violation_fails_the_reservation(stack, worker_settings):
+    rt = stack
+    # Postgres knows a booking that Redis does not (drift): insert it behind Redis's back.
+    async with rt.pool.acquire() as conn:
+        await conn.execute(
+            """INSERT INTO bookings (id, reservation_id, resource_key, resource_id, vendor_id,
+                   partner_id, requester_id, slot_start, slot_end, block_start, block_end)
+               SELECT 'bkg_manual', 'rsv_manual', key, id, vendor_id, 'p0', 'r0',
+                      to_timestamp($1 / 1000.0), to_timestamp($2 / 1000.0),
+                      to_timestamp($1 / 1000.0), to_timestamp($2 / 1000.0)
+               FROM resources WHERE id = 'inst'""", T0, T0 + UNIT)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    [rid] = await commit_many(rt, 1)
+    for _ in range(3):
+        for shard in range(rt.keys.shards):
+            await queue.drain_shard_once(shard)
+    view = await rt.reservations.get(rid)
+    assert view.state == State.FAILED_AVAILABILITY_CHANGED
+    assert view.history[-1]["metadata"] == {"conflictingBookingId": "bkg_manual"}
+    async with rt.pool.acquire() as conn:
+        actions = [r[0] for r in await conn.fetch(
+            "SELECT action FROM audit_log WHERE reservation_id = $1 ORDER BY id", rid)]
+        assert await conn.fetchval("SELECT count(*) FROM bookings WHERE reservation_id = $1",
+                                   rid) == 0
+    assert actions[-1] == "reservation.failed_availability_changed"
+    assert await rt.redis.get(rt.keys.unit("inst", T0 // UNIT)) is None  # units freed
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A Redis of this test's own (it will be shut down without saving)."""
+    import shutil
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("private redis did not start")
+
+    start()
+    yield f"redis://127.0.0.1:{port}/0", start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+async def test_redis_restart_without_data_is_rehydrated_before_new_holds(worker_settings,
+                                                                         private_redis):
+    url, restart = private_redis
+    settings = worker_settings.replace(redis_url=url)
+    rt = await open_stack(settings)
+    try:
+        ids = await commit_many(rt, 5)
+        queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings, "t")
+        await queue.ensure_groups()
+        for _ in range(3):
+            for shard in range(rt.keys.shards):
+                await queue.drain_shard_once(shard)
+        assert await states(rt, ids) == [State.COMMITTED] * 5
+        try:
+            await rt.redis.shutdown(nosave=True)
+        except Exception:
+            pass  # the connection drops with the server
+        restart()
+
+        # Every marker, reservation and flag is gone: no hold is accepted on any shard.
+        with pytest.raises(NotReady):
+            await commit_many(rt, 1)
+        # Reconciliation sees the drift (bookings without markers) and repairs it.
+        report = await reconcile(rt)
+        assert report.findings["booked_marker_missing"] == 5
+        assert report.fixes["booked_marker_missing"] == 5
+        assert (await reconcile(rt)).findings["booked_marker_missing"] == 0
+        # The worker's Redis watch rehydrates; then holds are accepted, but not on bookings.
+        assert (await rt.rehydrate_if_needed()).bookings == 5
+        with pytest.raises(HoldConflict) as caught:
+            await commit_many(rt, 1)
+        assert caught.value.booked
+        await commit_many(rt, 1, offset=100)
+    finally:
+        await rt.close()
+        await drop_schema(settings.db_schema)
