@@ -21,11 +21,6 @@ NEGATIVE_TTL_S = 1.0
 MAX_MISSES = 10_000  # remembered misses; random ids must not grow the cache without bound
 
 
-def engine_vendor(row: directory.Vendor) -> Vendor:
-    return Vendor(row.id, row.default_resource_id, row.confirmation_required,
-                  row.payment_required, row.timezone)
-
-
 class CatalogCache:
     def __init__(self, pool: asyncpg.Pool, catalog: ResourceCatalog | None = None, *,
                  negative_ttl_s: float = NEGATIVE_TTL_S) -> None:
@@ -39,9 +34,8 @@ class CatalogCache:
         async with self.pool.acquire() as conn:
             for stored in await directory.list_resources(conn):
                 self.catalog.add(stored.to_engine())
-            for row in await conn.fetch("SELECT id FROM vendors"):
-                self.catalog.add_vendor(engine_vendor(
-                    await directory.get_vendor(conn, row["id"])))
+            for vendor in await directory.list_vendors(conn):
+                self.catalog.add_vendor(vendor.to_engine())
 
     async def vendor(self, vendor_id: str) -> Vendor:
         try:
@@ -58,7 +52,7 @@ class CatalogCache:
                                       details={"vendorId": vendor_id}) from None
             for stored in await directory.list_resources(conn, vendor_id):
                 self.catalog.add(stored.to_engine())
-        vendor = engine_vendor(row)
+        vendor = row.to_engine()
         self.catalog.add_vendor(vendor)
         return vendor
 

@@ -124,21 +124,34 @@ async def test_bad_actions_change_nothing(app, client, world, redis, migrated, b
         (f"/v1/reservations/{rid}/cancel", b'{"reason": 5}', {}, 400, "INVALID_FIELD_TYPE"),
         (f"/v1/reservations/{rid}/cancel", b"{", {}, 400, "MALFORMED_JSON"),
         (f"/v1/reservations/{rid}/cancel", b"{}", {"If-Match": "v3"}, 400, "INVALID_IF_MATCH"),
-        (f"/v1/reservations/{rid}/cancel", b"{}", {"If-Match": "99"}, 412, "VERSION_MISMATCH"),
         (f"/v1/reservations/{rid}/extend", b'{"ttlMs": "60000"}', {}, 400,
          "INVALID_FIELD_TYPE"),
         (f"/v1/reservations/{rid}/extend", b'{"ttlMs": 5}', {}, 400, "INVALID_FIELD"),
         (f"/v1/reservations/{rid}/requester-authorization", b'{"outcome": "perhaps"}', {},
          400, "INVALID_OUTCOME"),
-        (f"/v1/reservations/{rid}/commit", b"{}", {}, 409, "INVALID_TRANSITION"),
-        ("/v1/reservations/rsv_1_nonsense/cancel", b"{}", {}, 404, "NOT_FOUND"),
-        ("/v1/reservations/rsv_999_01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", b"{}", {}, 404,
-         "NOT_FOUND"),
     ]
     for path, raw, headers, status, code in cases:
         r = await client.post(path, content=raw, headers={**auth, **JSON, **headers})
         assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
     await assert_unchanged(app, redis, migrated, before)
+    # Well-formed requests the reservation's state refuses: they count against the rate
+    # limits (the limiter keys move), and change nothing else.
+    refused = [
+        (f"/v1/reservations/{rid}/cancel", {"If-Match": "99"}, 412, "VERSION_MISMATCH"),
+        (f"/v1/reservations/{rid}/commit", {}, 409, "INVALID_TRANSITION"),
+        ("/v1/reservations/rsv_1_nonsense/cancel", {}, 404, "NOT_FOUND"),
+        ("/v1/reservations/rsv_999_01ARZ3NDEKTSV4RRFFQ69G5FAV/cancel", {}, 404, "NOT_FOUND"),
+    ]
+    for path, headers, status, code in refused:
+        r = await client.post(path, content=b"{}", headers={**auth, **JSON, **headers})
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
+    after = await snapshot(redis, migrated.key_prefix)
+    assert without_limiters(after) == without_limiters(before[0])
+    assert await row_counts(app.state.services.pool) == before[1]
+
+
+def without_limiters(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(":rate")}
 
 
 async def test_bad_queries_change_nothing(app, client, world, redis, migrated, baseline):
