@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -53,8 +54,13 @@ async def principal(request: Request) -> Principal:
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer address. Proxies' forwarding headers are not trusted here."""
-    return request.client.host if request.client else None
+    """The peer's IP address, or None when the transport has none (a unix socket, a test
+    client). Proxies' forwarding headers are not trusted here."""
+    host = request.client.host if request.client else None
+    try:
+        return ipaddress.ip_address(host).compressed if host else None
+    except ValueError:
+        return None
 
 
 def request_id(request: Request) -> str:

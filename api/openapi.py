@@ -9,6 +9,7 @@ documented 4xx codes.
 
 from __future__ import annotations
 
+import zoneinfo
 from functools import cache
 from typing import Any
 
@@ -16,9 +17,12 @@ from engine.keys import NAME_RE
 from engine.lifecycle import State
 from engine.permissions import ROLES
 from engine.reservations import MAX_TEXT
+from engine.service import MAX_TTL_MS
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
-TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": r"\S"}
+TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+        "pattern": r"^(?=.*\S)[^\x00-\x1f\x7f]*$",
+        "description": "not all blank; no control characters"}
 TIME = {"type": "string", "format": "date-time",
         "description": "ISO 8601 / RFC 3339 timestamp with an offset, e.g. 2030-01-01T09:00:00Z"}
 NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
@@ -104,7 +108,8 @@ SCHEMAS: dict[str, Any] = {
                                              "enum": ["authorized", "failed"]}}),
     "ExtendRequest": obj({"reason": TEXT, "metadata": METADATA,
                           "ttlMs": {"type": "integer", "minimum": 1000,
-                                    "description": "at most the maximum hold time"}}),
+                                    "maximum": MAX_TTL_MS,
+                                    "description": "beyond the maximum hold time: 409"}}),
     "AvailabilitySlot": obj({
         "startTime": TIME,
         "endTime": TIME,
@@ -173,7 +178,7 @@ SCHEMAS: dict[str, Any] = {
                                "description": "a multiple of unitMinutes"},
         "confirmationRequired": {"type": "boolean"},
         "paymentRequired": {"type": "boolean"},
-        "timezone": {"type": "string", "minLength": 1, "maxLength": 64,
+        "timezone": {"type": "string", "enum": sorted(zoneinfo.available_timezones()),
                      "description": "an IANA time zone name"},
     }, ["vendorId"]),
     "Vendor": obj({
@@ -201,8 +206,13 @@ SCHEMAS: dict[str, Any] = {
         "bufferBeforeMinutes": {"type": "integer"},
         "bufferAfterMinutes": {"type": "integer"},
     }, ["resourceId", "vendorId", "unitMinutes", "bufferBeforeMinutes", "bufferAfterMinutes"]),
-    "CreateKeyRequest": obj({"role": {"type": "string", "enum": list(ROLES)},
-                             "partnerId": NAME, "vendorId": NAME}, ["role"]),
+    "CreateKeyRequest": {"oneOf": [
+        obj({"role": {"const": "partner"}, "partnerId": NAME}, ["role", "partnerId"]),
+        obj({"role": {"const": "vendor"}, "vendorId": NAME}, ["role", "vendorId"]),
+        obj({"role": {"type": "string", "enum": [r for r in ROLES
+                                                 if r not in ("partner", "vendor")]}},
+            ["role"]),
+    ]},
     "ApiKey": obj({
         "keyId": {"type": "string"},
         "prefix": {"type": "string"},

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from api.errors import ApiError
 
-MIN_MS = 0  # 1970-01-01T00:00:00Z
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 MAX_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
 # ISO 8601 date-time with an explicit offset (Z or ±hh:mm); no naive times, no week dates.
 _ISO_RE = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
+
+
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def invalid(code: str, message: str, field: str | None = None, **details: Any) -> ApiError:
@@ -71,14 +75,17 @@ def check_fields(body: dict, fields: list[Field]) -> dict:
             continue
         value = body[f.name]
         kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
+        if int in kinds and isinstance(value, float) and value.is_integer():
+            value = body[f.name] = int(value)  # JSON does not tell 2 from 2.0
         # bool is an int in Python; JSON true is never a number here.
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
             raise invalid("INVALID_FIELD_TYPE", f"{f.name} has the wrong type", f.name,
                           expected=[_json_type(k) for k in kinds])
-        if isinstance(value, str) and (not value.strip() or len(value) > f.max_length):
-            raise invalid("INVALID_FIELD", f"{f.name} must be 1..{f.max_length} characters",
-                          f.name)
+        if isinstance(value, str) and (not value.strip() or len(value) > f.max_length
+                                       or CONTROL_RE.search(value)):
+            raise invalid("INVALID_FIELD", f"{f.name} must be 1..{f.max_length} characters, "
+                          "not all blank, without control characters", f.name)
     return body
 
 
@@ -100,11 +107,11 @@ def parse_time(value: Any, field: str) -> int:
         raise invalid("INVALID_TIMESTAMP", f"{field} is not a valid date-time", field) from None
     if moment.tzinfo is None or moment.utcoffset() is None:  # the regex already demands one
         raise invalid("INVALID_TIMESTAMP", f"{field} needs a UTC offset", field)
-    if moment.microsecond % 1000:
-        raise invalid("INVALID_TIMESTAMP", f"{field} has sub-millisecond precision", field)
     try:
-        ms = round(moment.timestamp() * 1000)
-    except (OverflowError, ValueError):
+        # Exact integer arithmetic (floats lose ms far from 1970); sub-ms digits are dropped.
+        delta = moment - EPOCH
+        ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    except (OverflowError, ValueError):  # an offset pushes it past year 1 or 9999
         raise invalid("INVALID_TIMESTAMP", f"{field} is out of range", field) from None
     if not MIN_MS <= ms <= MAX_MS:
         raise invalid("INVALID_TIMESTAMP", f"{field} is out of range", field)
@@ -115,7 +122,7 @@ def format_time(ms: int | None) -> str | None:
     """ms since the epoch as ISO 8601 UTC with a ``Z`` (milliseconds only when non-zero)."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    moment = EPOCH + timedelta(milliseconds=ms)
     spec = "milliseconds" if ms % 1000 else "seconds"
     return moment.isoformat(timespec=spec).replace("+00:00", "Z")
 

@@ -45,6 +45,7 @@ from engine.reservations import (
 )
 from engine.resources import MINUTE_MS, Resource, Vendor
 
+MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 SYSTEM_PARTNER = "system"  # the partner id recorded when a system key creates a reservation
 
 # Route action -> (permission, engine action per outcome). Authorization endpoints take an
@@ -192,6 +193,11 @@ class ReservationService:
         return current
 
     async def _find(self, reservation_id: str) -> Reservation:
+        try:
+            self.keys.shard_of_id(reservation_id)
+        except ValueError:  # not one of our ids: no lookup anywhere
+            raise NotFound("reservation not found",
+                           details={"reservationId": reservation_id}) from None
         current = await self.engine.get(reservation_id)
         if current is None and self._load_stored is not None:
             current = await self._load_stored(reservation_id)

@@ -23,6 +23,9 @@ async def vendor_availability(request: Request) -> Response:
     vendor_id = request.path_params["vendorId"]
     require_vendor_scope(caller, vendor_id)
     query = query_params(request.query_params, QUERY)
+    # What first (404), then the finer rules of the query (400).
+    vendor = await svc.catalog.vendor(vendor_id)
+    resource = await svc.catalog.resource(query.get("resourceId") or vendor.default_resource_id)
     for name in ("startTime", "endTime"):
         if name not in query:
             raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
@@ -33,8 +36,6 @@ async def vendor_availability(request: Request) -> Response:
                              MAX_SLOT_MINUTES)
     include_confidence = parse_bool(query.get("includeConfidence", "false"),
                                     "includeConfidence")
-    vendor = await svc.catalog.vendor(vendor_id)
-    resource = await svc.catalog.resource(query.get("resourceId") or vendor.default_resource_id)
     if resource.vendor_id and resource.vendor_id != vendor.id:
         raise ValidationError("the resource does not belong to the vendor",
                               code="RESOURCE_VENDOR_MISMATCH", details={"field": "resourceId"})

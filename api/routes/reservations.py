@@ -15,7 +15,7 @@ from engine import metrics
 from engine.errors import CapExceeded, HoldConflict
 from engine.lifecycle import State
 from engine.permissions import require
-from engine.service import ACTIONS, SYSTEM_PARTNER, CreateRequest, check_reason
+from engine.service import ACTIONS, MAX_TTL_MS, SYSTEM_PARTNER, CreateRequest, check_reason
 
 CREATE_FIELDS = [
     Field("vendorId", str, required=True, max_length=64),
@@ -97,9 +97,9 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     expected = parse_if_match(request.headers.get("if-match"))
     reason = check_reason(body.get("reason"))
     ttl_ms = body.get("ttlMs")
-    if ttl_ms is not None and not 1_000 <= ttl_ms <= svc.settings.max_hold_total_ms:
-        raise invalid("INVALID_FIELD", "ttlMs must be between 1000 and the maximum hold time",
-                      "ttlMs", maximum=svc.settings.max_hold_total_ms)
+    if ttl_ms is not None and not 1_000 <= ttl_ms <= MAX_TTL_MS:
+        raise invalid("INVALID_FIELD", f"ttlMs must be between 1000 and {MAX_TTL_MS}",
+                      "ttlMs", maximum=MAX_TTL_MS)
     outcome = body.get("outcome")
     if action.endswith("-authorization"):
         outcome = outcome or "authorized"
