@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from api import errors
 from api.auth import KeyResolver
 from api.context import Services
-from api.middleware import RequestContextMiddleware
+from api.middleware import RequestContextMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
 from api.views import JSONResponse
@@ -75,6 +75,7 @@ async def openapi(request: Request) -> Response:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    install_request_id_logging()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -33,12 +33,20 @@ class BodyTooLarge(Exception):
     pass
 
 
-class RequestLogFilter(logging.Filter):
-    """Adds ``request_id`` to every log record (install on a handler)."""
+def install_request_id_logging() -> None:
+    """Every log record of this process carries ``request_id`` (``-`` outside a request),
+    whichever logger made it, so a format may use ``%(request_id)s``. Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_slotguard_request_id", False):
+        return
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def record_with_request_id(*args, **kwargs) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
         record.request_id = REQUEST_ID.get()
-        return True
+        return record
+
+    record_with_request_id._slotguard_request_id = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(record_with_request_id)
 
 
 class RequestContextMiddleware:

@@ -105,13 +105,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    import uvicorn.config
 
     from engine.settings import Settings
 
     Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    log_config = {**uvicorn.config.LOGGING_CONFIG}
+    log_config["formatters"] = {**log_config["formatters"], "slotguard": {
+        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
+    log_config["handlers"] = {**log_config["handlers"], "slotguard": {
+        "class": "logging.StreamHandler", "formatter": "slotguard",
+        "stream": "ext://sys.stderr"}}
+    log_config["loggers"] = {**log_config["loggers"], "slotguard": {
+        "handlers": ["slotguard"], "level": args.log_level.upper(), "propagate": False}}
     options = dict(host=args.host, port=args.port, loop="uvloop", http="httptools",
                    log_level=args.log_level, access_log=not args.no_access_log,
-                   lifespan="on")
+                   lifespan="on", log_config=log_config)
     if args.workers > 1:
         # Each worker process builds its own app (its own Redis client and pool).
         uvicorn.run("api.app:app_from_env", factory=True, workers=args.workers, **options)

@@ -183,3 +183,20 @@ async def test_availability_reports_held_and_buffers(client, world):
                          params={"startTime": T0, "endTime": at(180)},
                          headers=world.auth("vendor-other"))
     assert r.status_code == 404
+
+
+async def test_request_id_reaches_the_logs_and_503s(app, client, world, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="slotguard")
+    logging.getLogger("slotguard.api").warning("outside any request")
+    await app.state.services.pool.close()  # Postgres stops answering this process
+    missing = "rsv_0_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+    r = await client.get(f"/v1/reservations/{missing}",
+                         headers={**world.auth("p1"), "X-Request-Id": "trace-77"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "SERVICE_UNAVAILABLE" and r.json()["error"]["retryable"]
+    assert [rec.request_id for rec in caplog.records] == ["-", "trace-77"]
+    # A generated id when the client sends none (or an unusable one).
+    r = await client.get("/health/live", headers={"X-Request-Id": "bad id with spaces"})
+    assert len(r.headers["x-request-id"]) == 32
