@@ -2,9 +2,11 @@
 
 The Python client, not Redis, is the cost of a hold, so calls from concurrent requests are
 coalesced: every call made during one event-loop turn is queued, and the queue is sent as
-pipelined EVALSHA batches (at most ``batch_max`` calls each, at most ``max_inflight``
-batches on the wire). While both batches are out, new calls keep queueing and leave together
-as soon as one returns, so batches grow with load and the per-call client cost falls.
+EVALSHA batches (at most ``batch_max`` calls each, at most ``max_inflight`` batches on the
+wire). While both batches are out, new calls keep queueing and leave together as soon as
+one returns, so batches grow with load and the per-call client cost falls. A batch is
+written in RESP with one write on a pipelined connection (:mod:`engine.resp`); redis-py
+pipelines serve where that is not possible (unix sockets).
 
 Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushed, a
 restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
@@ -19,8 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from engine.resp import RespError, ScriptConnection
 from engine.scripts import Script, scripts
 
 Arg = str | bytes | int | float
@@ -34,8 +38,12 @@ class RedisAccess:
         batch_max: int = 32,
         max_inflight: int = 2,
         observe=None,
+        raw: bool = True,
     ) -> None:
         self.redis = redis
+        # The hot path: batches written straight in RESP on one pipelined connection
+        # (engine/resp.py); redis-py pipelines where that is not possible (unix sockets).
+        self.wire = ScriptConnection.like(redis) if raw else None
         self.batch_max = batch_max
         self.max_inflight = max_inflight
         self.scripts = scripts()
@@ -89,6 +97,9 @@ class RedisAccess:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
+            if self.wire is not None:
+                await self._send_raw(batch)
+                return
             pipe = self.redis.pipeline(transaction=False)
             for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -112,10 +123,6 @@ class RedisAccess:
                     future.set_result(reply)
             if retry:
                 await self._resend_with_eval(retry)
-            if self._observe is not None:
-                elapsed = loop.time() - started
-                for script, *_ in batch:
-                    self._observe(script.name, elapsed, len(batch))
         except BaseException as exc:  # never leave a caller waiting forever
             for *_, future in batch:
                 if not future.done():
@@ -123,10 +130,41 @@ class RedisAccess:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if self._observe is not None:
+                elapsed = loop.time() - started
+                for script, *_ in batch:
+                    self._observe(script.name, elapsed, len(batch))
             self._inflight -= 1
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._dispatch)
+
+    async def _send_raw(self, batch) -> None:
+        replies = await self._execute_raw(
+            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
+        retry = []
+        for call, reply in zip(batch, replies):
+            if isinstance(reply, RespError) and reply.noscript:
+                retry.append(call)
+            else:
+                _settle(call[3], reply)
+        if retry:
+            replies = await self._execute_raw(
+                [("EVAL", script.source, len(keys), *keys, *args)
+                 for script, keys, args, _ in retry])
+            for call, reply in zip(retry, replies):
+                _settle(call[3], reply)
+
+    async def _execute_raw(self, commands) -> list:
+        try:
+            return await self.wire.execute(commands)
+        except OSError as exc:  # refused, reset: transient for the caller
+            error = RedisConnectionError(str(exc))
+            return [error] * len(commands)
+
+    async def close(self) -> None:
+        if self.wire is not None:
+            await self.wire.close()
 
     async def _resend_with_eval(self, calls) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -143,3 +181,14 @@ class RedisAccess:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+
+def _settle(future: asyncio.Future, reply) -> None:
+    if future.done():
+        return
+    if isinstance(reply, ConnectionError) and not isinstance(reply, RedisError):
+        reply = RedisConnectionError(str(reply))
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)

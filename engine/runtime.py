@@ -71,5 +71,6 @@ class Runtime:
                                        self.settings)
 
     async def close(self) -> None:
+        await self.access.close()
         await self.pool.close()
         await self.redis.aclose()

@@ -90,8 +90,10 @@ def keys(settings: Settings) -> KeySpace:
 
 
 @pytest.fixture
-async def access(redis: aioredis.Redis) -> RedisAccess:
-    return RedisAccess(redis)
+async def access(redis: aioredis.Redis):
+    layer = RedisAccess(redis)
+    yield layer
+    await layer.close()
 
 
 @pytest.fixture

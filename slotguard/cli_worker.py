@@ -1,0 +1,37 @@
+"""``slotguard worker [--metrics-port N]``: the arq worker (commit queue, reaper,
+reconciliation, rehydration), with Prometheus metrics served on their own port."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    worker = subparsers.add_parser(
+        "worker", help="run a worker: commit-queue drain, reaper, reconciliation")
+    worker.add_argument("--metrics-port", type=int,
+                        default=int(os.environ.get("SLOTGUARD_WORKER_METRICS_PORT", 0)) or None,
+                        help="serve /metrics on this port (default: none)")
+    worker.add_argument("--metrics-host", default="0.0.0.0")
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from engine import metrics
+    from engine.settings import Settings
+    from jobs.metrics import WorkerMetrics
+    from jobs.worker import run
+
+    logging.basicConfig(level=logging.INFO,
+                        format='{"at":"%(asctime)s","level":"%(levelname)s",'
+                               '"logger":"%(name)s","message":"%(message)s"}')
+    settings = Settings.from_env()
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_host,
+                          registry=metrics.exposition_registry())
+    run(settings, WorkerMetrics())
+    return 0
