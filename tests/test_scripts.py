@@ -32,6 +32,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                        ks.events(shard), ks.deadlines(shard)],
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
+        "read_units": [ks.unit_root(shard)],
         "release_unit": [ks.unit(RESOURCE, 123)],
         "rate_limit": [ks.partner_rate("p1")],
         "cap_acquire": [ks.partner_holds("p1"), ks.partner_reputation("p1")],

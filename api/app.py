@@ -1,0 +1,131 @@
+"""The Starlette application: ``create_app(settings)``.
+
+A reader finds every route's handler in :func:`routes`. The lifespan opens Redis (refusing
+an evicting Redis, registering every script) and the Postgres pool, fills the catalog from
+Postgres, and closes both on shutdown. Errors are answered by handlers keyed by the engine's
+error classes (api/errors.py); middleware is pure ASGI (api/middleware.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from api import errors
+from api.auth import KeyResolver
+from api.context import Services
+from api.middleware import RequestContextMiddleware, install_request_id_logging
+from api.openapi import openapi_document
+from api.routes import admin, availability, health, ops, reservations
+from api.views import JSONResponse
+from engine import metrics, records
+from engine.catalog_cache import CatalogCache
+from engine.idempotency import IdempotencyStore
+from engine.limits import Limits
+from engine.reservations import ReservationEngine
+from engine.runtime import Runtime
+from engine.service import ACTIONS, ReservationService, from_record
+from engine.settings import Settings
+
+log = logging.getLogger("slotguard.api")
+
+
+def routes() -> list[BaseRoute]:
+    action_routes = [
+        Route(f"/v1/reservations/{{reservationId}}/{action}",
+              reservations.action_endpoint(action), methods=["POST"])
+        for action in ACTIONS
+    ]
+    return [
+        Route("/health/live", health.live, methods=["GET"]),
+        Route("/health/ready", health.ready, methods=["GET"]),
+        Route("/metrics", health.prometheus, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/v1/reservations", reservations.create_reservation, methods=["POST"]),
+        Route("/v1/reservations/{reservationId}", reservations.get_reservation,
+              methods=["GET"]),
+        *action_routes,
+        Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
+              methods=["GET"]),
+        Mount("/v1/ops", routes=[
+            Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
+            Route("/releases", ops.bulk_release, methods=["POST"]),
+            Route("/audit", ops.audit_query, methods=["GET"]),
+        ]),
+        Mount("/v1/admin", routes=[
+            Route("/partners", admin.create_partner, methods=["POST"]),
+            Route("/vendors", admin.create_vendor, methods=["POST"]),
+            Route("/resources", admin.create_resource, methods=["POST"]),
+            Route("/keys", admin.create_key, methods=["POST"]),
+            Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
+        ]),
+    ]
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    install_request_id_logging()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        rt = await Runtime.open(settings, observe=_observe_lua)
+        try:
+            # Booked markers back from Postgres before this process accepts any hold.
+            await rt.rehydrate_if_needed()
+            catalog = CatalogCache(rt.pool, rt.catalog)
+            await catalog.load()
+            limits = Limits(rt.access, rt.keys, settings)
+            engine = ReservationEngine(rt.access, rt.keys, rt.catalog, settings, limits=limits)
+
+            async def rehydrate() -> None:
+                await rt.rehydrate_if_needed()
+
+            app.state.services = Services(
+                settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
+                catalog=catalog, keyspace=rt.keys,
+                api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms),
+                reservations=ReservationService(engine, catalog, limits,
+                                                load_stored=_stored_loader(rt.pool),
+                                                rehydrate=rehydrate),
+                idempotency=IdempotencyStore(rt.access, rt.keys, settings))
+            log.info("slotguard api ready (%d resources known)", len(rt.catalog))
+            yield
+        finally:
+            app.state.services = None
+            await rt.close()
+
+    return Starlette(
+        routes=routes(),
+        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
+        exception_handlers=errors.exception_handlers(),
+        lifespan=lifespan,
+    )
+
+
+def _stored_loader(pool):
+    async def load(reservation_id: str):
+        async with pool.acquire() as conn:
+            stored = await records.load_reservation(conn, reservation_id)
+        return None if stored is None else from_record(stored)
+
+    return load
+
+
+def _observe_lua(script: str, seconds: float, batch_size: int) -> None:
+    metrics.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
+
+
+def app_from_env() -> Starlette:
+    """The factory ``uvicorn --factory api.app:app_from_env`` calls in each worker."""
+    return create_app(Settings.from_env())

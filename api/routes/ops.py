@@ -1,0 +1,112 @@
+"""Operations (roles ops/admin): manual and bulk release, audit queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.context import principal, services, throttle
+from api.validation import (
+    Field,
+    check_fields,
+    format_time,
+    invalid,
+    json_object,
+    parse_int,
+    parse_range,
+    parse_time,
+    query_params,
+)
+from api.views import JSONResponse, reservation_view
+from engine import metrics, records
+from engine.permissions import require
+
+RELEASE_FIELDS = [Field("reason", str, required=True)]
+BULK_FIELDS = [
+    Field("reason", str, required=True),
+    Field("reservationIds", list),
+    Field("resourceId", str, max_length=64),
+    Field("startTime", str, max_length=64),
+    Field("endTime", str, max_length=64),
+]
+MAX_BULK_IDS = 500
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
+
+
+async def release(request: Request) -> Response:
+    caller = await principal(request)
+    require(caller, "ops.release")
+    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
+                        RELEASE_FIELDS)
+    await throttle(request, caller)
+    released = await services(request).reservations.release(
+        caller, request.path_params["reservationId"], body["reason"])
+    metrics.HOLDS_RELEASED.inc()
+    return JSONResponse(reservation_view(released))
+
+
+async def bulk_release(request: Request) -> Response:
+    """Either ``reservationIds`` or ``resourceId`` + ``startTime`` + ``endTime``."""
+    caller = await principal(request)
+    require(caller, "ops.bulk-release")
+    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
+                        BULK_FIELDS)
+    by_ids = "reservationIds" in body
+    by_range = any(k in body for k in ("resourceId", "startTime", "endTime"))
+    if by_ids == by_range:
+        raise invalid("INVALID_SELECTION", "give either reservationIds or resourceId, "
+                      "startTime and endTime", "reservationIds")
+    await throttle(request, caller)
+    svc = services(request).reservations
+    if by_ids:
+        ids = body["reservationIds"]
+        if not 1 <= len(ids) <= MAX_BULK_IDS or not all(
+                isinstance(i, str) and 0 < len(i) <= 64 for i in ids):
+            raise invalid("INVALID_FIELD", f"reservationIds must be 1..{MAX_BULK_IDS} ids",
+                          "reservationIds")
+        result = await svc.bulk_release(caller, body["reason"],
+                                        reservation_ids=list(dict.fromkeys(ids)))
+    else:
+        for name in ("resourceId", "startTime", "endTime"):
+            if name not in body:
+                raise invalid("MISSING_FIELD", f"{name} is required", name)
+        await services(request).catalog.resource(body["resourceId"])  # 404 before 400
+        range_ms = parse_range(body["startTime"], body["endTime"], "startTime", "endTime")
+        result = await svc.bulk_release(caller, body["reason"],
+                                        resource_id=body["resourceId"], range_ms=range_ms)
+    metrics.HOLDS_RELEASED.inc(len(result["released"]))
+    return JSONResponse(result)
+
+
+async def audit_query(request: Request) -> Response:
+    caller = await principal(request)
+    require(caller, "ops.audit")
+    query = query_params(request.query_params, AUDIT_QUERY)
+    since = parse_time(query["since"], "since") if "since" in query else None
+    until = parse_time(query["until"], "until") if "until" in query else None
+    limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
+    for name in ("reservationId", "resourceId", "actor"):
+        if name in query and not 0 < len(query[name]) <= 128:
+            raise invalid("INVALID_PARAMETER", f"{name} must be 1..128 characters", name)
+    await throttle(request, caller)
+    if since is not None and until is not None and until <= since:
+        return JSONResponse({"entries": []})  # since <= at < until: an empty range
+    async with services(request).pool.acquire() as conn:
+        rows = await records.query_audit(
+            conn, reservation_id=query.get("reservationId"),
+            resource_id=query.get("resourceId"), actor=query.get("actor"),
+            since=_datetime(since), until=_datetime(until), limit=limit)
+    return JSONResponse({"entries": [_audit_view(r) for r in rows]})
+
+
+def _datetime(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _audit_view(row: records.AuditEntry) -> dict:
+    return {"id": row.id, "eventId": row.event_id, "tenantId": row.tenant_id,
+            "reservationId": row.reservation_id, "resourceId": row.resource_id,
+            "action": row.action, "actor": row.actor,
+            "at": format_time(int(row.at.timestamp() * 1000)), "metadata": row.metadata}

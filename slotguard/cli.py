@@ -1,0 +1,219 @@
+"""The ``slotguard`` command: one argparse parser, one module per group of subcommands.
+
+``build_parser()`` answers the whole parser (the compose-file test checks commands against
+it). Subcommands live in modules listed in :data:`SUBCOMMAND_MODULES`; each module has
+``register(subparsers)`` that adds its parsers and sets ``func`` (``func(args) -> int``).
+
+Registration point: engineers adding ``worker``, ``up`` or ``bench`` add a module with a
+``register`` function and append its import path to ``SUBCOMMAND_MODULES`` (a module that
+is not there yet is skipped, so the list may name it before it lands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from slotguard import __version__
+
+# ---- registration point ----------------------------------------------------------------
+SUBCOMMAND_MODULES: list[str] = [
+    "slotguard.cli",  # serve, migrate, partners, vendors, keys (this module)
+    "slotguard.cli_worker",  # worker (jobs/, feat/worker)
+    "slotguard.cli_up",  # up (embedded servers + api + worker)
+    "slotguard.cli_bench",  # bench (benchmarks/)
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slotguard", description="Redis-centric, high-throughput hold engine.")
+    parser.add_argument("--version", action="version", version=f"slotguard {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = sys.modules[__name__] if name == __name__ else importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the module exists but something it imports does not
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+# ---- this module's subcommands ------------------------------------------------------------
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP API under uvicorn")
+    serve.add_argument("--host", default=os.environ.get("SLOTGUARD_HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(os.environ.get("SLOTGUARD_PORT", 8000)))
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="turn uvicorn's per-request access log off (benchmarks)")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = subparsers.add_parser("migrate", help="apply the Postgres schema migrations")
+    migrate.set_defaults(func=cmd_migrate)
+
+    partners = subparsers.add_parser("partners", help="manage partners")
+    partners_sub = partners.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create_partner = partners_sub.add_parser("create", help="create a partner")
+    create_partner.add_argument("--id", required=True, dest="partner_id")
+    create_partner.add_argument("--name", default=None)
+    create_partner.set_defaults(func=cmd_partners_create)
+
+    vendors = subparsers.add_parser("vendors", help="manage vendors")
+    vendors_sub = vendors.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create_vendor = vendors_sub.add_parser(
+        "create", help="create a vendor and its default resource",
+        description="Default: vendor confirmation required and payment required (note: "
+                    "payment-required vendors are refused at reservation creation until a "
+                    "payment provider exists; pass --free).")
+    create_vendor.add_argument("--id", required=True, dest="vendor_id")
+    create_vendor.add_argument("--unit-minutes", type=int, default=15)
+    create_vendor.add_argument("--buffer-before-minutes", type=int, default=0)
+    create_vendor.add_argument("--buffer-after-minutes", type=int, default=0)
+    create_vendor.add_argument("--instant", action="store_true",
+                               help="instant book: no vendor confirmation")
+    create_vendor.add_argument("--free", action="store_true", help="no payment")
+    create_vendor.add_argument("--timezone", default="UTC")
+    create_vendor.set_defaults(func=cmd_vendors_create)
+
+    keys = subparsers.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create_key = keys_sub.add_parser(
+        "create", help="issue an API key; it is printed once, alone on the last line")
+    create_key.add_argument("--role", required=True,
+                            choices=["partner", "vendor", "ops", "admin", "system"])
+    create_key.add_argument("--partner", default=None, dest="partner_id")
+    create_key.add_argument("--vendor", default=None, dest="vendor_id")
+    create_key.set_defaults(func=cmd_keys_create)
+    revoke_key = keys_sub.add_parser("revoke", help="revoke an API key by its id")
+    revoke_key.add_argument("key_id")
+    revoke_key.set_defaults(func=cmd_keys_revoke)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    import uvicorn.config
+
+    from engine.settings import Settings
+
+    Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    log_config = {**uvicorn.config.LOGGING_CONFIG}
+    log_config["formatters"] = {**log_config["formatters"], "slotguard": {
+        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
+    log_config["handlers"] = {**log_config["handlers"], "slotguard": {
+        "class": "logging.StreamHandler", "formatter": "slotguard",
+        "stream": "ext://sys.stderr"}}
+    log_config["loggers"] = {**log_config["loggers"], "slotguard": {
+        "handlers": ["slotguard"], "level": args.log_level.upper(), "propagate": False}}
+    options = dict(host=args.host, port=args.port, loop="uvloop", http="httptools",
+                   log_level=args.log_level, access_log=not args.no_access_log,
+                   lifespan="on", log_config=log_config)
+    if args.workers > 1:
+        # Each worker process builds its own app (its own Redis client and pool).
+        uvicorn.run("api.app:app_from_env", factory=True, workers=args.workers, **options)
+    else:
+        from api.app import app_from_env
+
+        uvicorn.run(app_from_env(), **options)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from engine import db
+    from engine.settings import Settings
+
+    settings = Settings.from_env()
+    applied = db.migrate(settings)
+    print(f"schema {settings.db_schema}: applied {len(applied)} migration(s)"
+          + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_partners_create(args: argparse.Namespace) -> int:
+    from engine import directory
+
+    async def run(conn):
+        partner = await directory.create_partner(conn, args.partner_id,
+                                                 args.name or args.partner_id)
+        print(f"partner {partner.id} created")
+
+    return _with_connection(run)
+
+
+def cmd_vendors_create(args: argparse.Namespace) -> int:
+    from engine import directory
+
+    async def run(conn):
+        vendor = await directory.create_vendor(
+            conn, args.vendor_id, unit_minutes=args.unit_minutes,
+            buffer_before_minutes=args.buffer_before_minutes,
+            buffer_after_minutes=args.buffer_after_minutes,
+            confirmation_required=not args.instant, payment_required=not args.free,
+            timezone=args.timezone)
+        print(f"vendor {vendor.id} created (default resource {vendor.default_resource_id}; "
+              f"confirmation {'required' if vendor.confirmation_required else 'waived'}, "
+              f"payment {'required' if vendor.payment_required else 'waived'})")
+
+    return _with_connection(run)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from api.auth import issue_key
+
+    async def run(conn):
+        issued, stored = await issue_key(conn, args.role, partner_id=args.partner_id,
+                                         vendor_id=args.vendor_id)
+        print(f"key {stored.id} ({stored.role}) created; it is shown once:")
+        print(issued.key)
+
+    return _with_connection(run)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from engine import directory
+
+    async def run(conn):
+        stored = await directory.revoke_api_key(conn, args.key_id)
+        print(f"key {stored.id} revoked")
+
+    return _with_connection(run)
+
+
+def _with_connection(run) -> int:
+    """Run ``run(conn)`` on one connection to the configured schema; errors to stderr."""
+    from engine import db
+    from engine.errors import EngineError
+    from engine.settings import Settings
+
+    settings = Settings.from_env()
+
+    async def go() -> int:
+        pool = await db.create_pool(settings, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                await run(conn)
+            return 0
+        except EngineError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
