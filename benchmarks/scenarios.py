@@ -118,7 +118,9 @@ class Run:
         spec = LoadSpec(workload=workload, pattern=pattern, settings=self.env.settings,
                         processes=processes or c.processes, concurrency=c.concurrency,
                         seconds=seconds or c.seconds, max_ops=c.max_ops,
-                        release_winners=release, seed=len(entries) + 1, http=http or {},
+                        # One seed for every phase: both sides of a comparison get the same
+                        # sequence of intervals (on resources of their own).
+                        release_winners=release, seed=1, http=http or {},
                         pg_table=pg_table, start_delay_s=c.start_delay_s)
         if pg_table:
             await self.env.register_resources(list(pattern.resources))

@@ -67,6 +67,22 @@ def test_quick_run_end_to_end_writes_valid_json_and_leaves_nothing(tmp_path):
     import asyncio
 
     assert not asyncio.run(schema_exists())
+    assert not processes_of_run(prefix)
+
+
+def processes_of_run(prefix: str) -> list[int]:
+    """Live processes started with the run's key prefix (servers, workers, load)."""
+    marker = f"SLOTGUARD_KEY_PREFIX={prefix}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 def test_exit_code_is_non_zero_on_any_violation_or_broken_scenario():
