@@ -122,8 +122,15 @@ def _stored_loader(pool):
     return load
 
 
+_LUA_SERIES: dict[str, object] = {}
+
+
 def _observe_lua(script: str, seconds: float, batch_size: int) -> None:
-    metrics.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
+    # labels() takes a lock and validates on every call; the hot path keeps the children.
+    series = _LUA_SERIES.get(script)
+    if series is None:
+        series = _LUA_SERIES[script] = metrics.LUA_CALL_SECONDS.labels(script=script)
+    series.observe(seconds)
 
 
 def app_from_env() -> Starlette:
