@@ -101,7 +101,17 @@ async def test_live_stack_metrics_and_request_id(cli_env, tmp_path):
             assert first["metadata"]["metadata"]["requestId"] == "req-live-42"
 
             api_scrape = (await client.get("/metrics")).text
-        worker_scrape = httpx.get(f"http://127.0.0.1:{worker_port}/metrics").text
+        # Partner reputation is published every 10 s by the worker.
+        deadline = time.monotonic() + 25
+        while True:
+            worker_scrape = httpx.get(f"http://127.0.0.1:{worker_port}/metrics").text
+            placed = 'slotguard_partner_holds{outcome="placed",partner="acme"}'
+            if value(worker_scrape, placed) >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert value(worker_scrape, placed) == 1
+        assert value(worker_scrape,
+                     'slotguard_partner_holds{outcome="committed",partner="acme"}') == 1
         for text in (api_scrape, worker_scrape):
             promtool_check(text, tmp_path)
             assert value(text, "slotguard_holds_placed_total") >= 1
