@@ -25,7 +25,7 @@ from engine import directory
 from engine.permissions import ROLES, Principal
 
 KEY_PREFIX = "sg_live_"
-_KEY_RE = re.compile(r"^sg_live_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})$")
+_KEY_RE = re.compile(r"^sg_live_([a-z0-9]{12})_([A-Za-z0-9_\-]{43})\Z")
 MAX_CACHED_KEYS = 10_000
 
 

@@ -26,7 +26,7 @@ from engine import metrics
 
 log = logging.getLogger("slotguard.api")
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 
 
 _HTTP_SERIES: dict[tuple[str, str, int], object] = {}

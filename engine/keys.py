@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from ulid import ULID
 
-_ID_RE = re.compile(r"^(rsv|hld)_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})$")
+_ID_RE = re.compile(r"^(rsv|hld)_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 # Resource, vendor and partner ids become part of keys: keep them to a safe alphabet.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
 
 
 def stable_hash(value: str) -> int:
