@@ -330,3 +330,10 @@ async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, work
     finally:
         await queue.close()
 
+
+def test_the_worker_process_runs_on_uvloop():
+    probe = ("import asyncio\nfrom jobs.worker import use_uvloop\nassert use_uvloop()\n"
+             "print(type(asyncio.get_event_loop()).__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().startswith("uvloop")
