@@ -28,8 +28,6 @@ from api.views import JSONResponse
 from engine import metrics, records
 from engine.catalog_cache import CatalogCache
 from engine.idempotency import IdempotencyStore
-from engine.limits import Limits
-from engine.reservations import ReservationEngine
 from engine.runtime import Runtime
 from engine.service import ACTIONS, ReservationService, from_record
 from engine.settings import Settings
@@ -85,8 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await rt.rehydrate_if_needed()
             catalog = CatalogCache(rt.pool, rt.catalog)
             await catalog.load()
-            limits = Limits(rt.access, rt.keys, settings)
-            engine = ReservationEngine(rt.access, rt.keys, rt.catalog, settings, limits=limits)
+            limits, engine = rt.limits, rt.reservations
 
             async def rehydrate() -> None:
                 await rt.rehydrate_if_needed()
@@ -122,8 +119,15 @@ def _stored_loader(pool):
     return load
 
 
+_LUA_SERIES: dict[str, object] = {}
+
+
 def _observe_lua(script: str, seconds: float, batch_size: int) -> None:
-    metrics.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
+    # labels() takes a lock and validates on every call; the hot path keeps the children.
+    series = _LUA_SERIES.get(script)
+    if series is None:
+        series = _LUA_SERIES[script] = metrics.LUA_CALL_SECONDS.labels(script=script)
+    series.observe(seconds)
 
 
 def app_from_env() -> Starlette:

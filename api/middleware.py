@@ -29,6 +29,9 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+_HTTP_SERIES: dict[tuple[str, str, int], object] = {}
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -90,9 +93,14 @@ class RequestContextMiddleware:
                 await internal_error_response()(scope, receive, send_wrapper)
         finally:
             REQUEST_ID.reset(token)
-            metrics.HTTP_REQUEST_SECONDS.labels(
-                route=_route_template(scope), method=scope["method"], status=str(status),
-            ).observe(time.perf_counter() - started)
+            key = (_route_template(scope), scope["method"], status)
+            series = _HTTP_SERIES.get(key)
+            if series is None:  # labels() locks and validates: keep the children
+                series = metrics.HTTP_REQUEST_SECONDS.labels(
+                    route=key[0], method=key[1], status=str(status))
+                if len(_HTTP_SERIES) < 10_000:  # odd methods must not grow it forever
+                    _HTTP_SERIES[key] = series
+            series.observe(time.perf_counter() - started)
 
     def _declared_too_large(self, scope: Scope) -> bool:
         for name, value in scope.get("headers", []):

@@ -64,6 +64,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
             mark = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
             lines.append(f"  target {target['target']}: {target['value']} "
                          f"({target['direction']} {target['bound']}) {mark}")
+        for note in scenario.get("notes", []):
+            lines.append(f"  note: {note}")
         for v in scenario.get("verifier", {}).get("violation_details", [])[:10]:
             lines.append(f"  VIOLATION {v['kind']}: {', '.join(v['ids'])} ({v['detail']})")
     return lines

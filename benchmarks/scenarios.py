@@ -371,6 +371,32 @@ class Run:
         }
         return await self._finish(result, entries)
 
+    async def _commit_latency(self, ids: list[str], timeout_s: float = 30) -> dict[str, Any]:
+        """Request → COMMITTED, by the server clock: the COMMITTED transition's time minus
+        the COMMIT_IN_PROGRESS transition's (both stamped by Redis TIME in the scripts and
+        recorded in reservation_history once drained)."""
+        query = """
+            SELECT c.at - p.at AS took FROM reservation_history p
+            JOIN reservation_history c ON c.reservation_id = p.reservation_id
+                                      AND c.to_state = 'COMMITTED'
+            WHERE p.to_state = 'COMMIT_IN_PROGRESS' AND p.reservation_id = ANY($1::text[])"""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            async with self.env.pool.acquire() as conn:
+                rows = await conn.fetch(query, ids)
+            if len(rows) >= len(ids) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        took = sorted(r["took"].total_seconds() * 1000 for r in rows)
+        if not took:
+            return {"count": 0}
+
+        def pct(q: float) -> float:
+            return round(took[min(len(took) - 1, int(q * len(took)))], 2)
+
+        return {"count": len(took), "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99),
+                "max": round(took[-1], 2)}
+
     async def lifecycle(self) -> dict[str, Any]:
         c = self.config
         entries: list[h.Entry] = []
@@ -396,6 +422,12 @@ class Run:
                 phases["walk"]["walks_per_s"] = round(done / phases["walk"]["seconds"], 1) \
                     if phases["walk"]["seconds"] else 0
                 phases["walk"]["drain_after_load_s"] = round(time.monotonic() - t0, 3)
+                latency = phases["walk"]["commit_latency_ms"] = \
+                    await self._commit_latency(committed)
+                if latency["count"]:
+                    notes.append(f"commit latency (request to COMMITTED, server clock) over "
+                                 f"{latency['count']} walks: p50 {latency['p50']} ms, "
+                                 f"p99 {latency['p99']} ms")
             finally:
                 sampler.cancel()
                 await asyncio.gather(sampler, return_exceptions=True)

@@ -97,32 +97,21 @@ class RedisAccess:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            if self.wire is not None:
-                await self._send_raw(batch)
-                return
-            pipe = self.redis.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            try:
-                replies = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
+            replies = await self._execute(
+                [("EVALSHA", script.sha, len(keys), *keys, *args)
+                 for script, keys, args, _ in batch])
             retry = []
             for call, reply in zip(batch, replies):
-                future = call[3]
-                if isinstance(reply, NoScriptError):
+                if _noscript(reply):  # the script cache was flushed: this call re-sends it
                     retry.append(call)
-                elif future.done():
-                    continue
-                elif isinstance(reply, Exception):
-                    future.set_exception(reply)
                 else:
-                    future.set_result(reply)
+                    _settle(call[3], reply)
             if retry:
-                await self._resend_with_eval(retry)
+                replies = await self._execute(
+                    [("EVAL", script.source, len(keys), *keys, *args)
+                     for script, keys, args, _ in retry])
+                for call, reply in zip(retry, replies):
+                    _settle(call[3], reply)
         except BaseException as exc:  # never leave a caller waiting forever
             for *_, future in batch:
                 if not future.done():
@@ -139,48 +128,29 @@ class RedisAccess:
                 self._scheduled = True
                 loop.call_soon(self._dispatch)
 
-    async def _send_raw(self, batch) -> None:
-        replies = await self._execute_raw(
-            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch])
-        retry = []
-        for call, reply in zip(batch, replies):
-            if isinstance(reply, RespError) and reply.noscript:
-                retry.append(call)
-            else:
-                _settle(call[3], reply)
-        if retry:
-            replies = await self._execute_raw(
-                [("EVAL", script.source, len(keys), *keys, *args)
-                 for script, keys, args, _ in retry])
-            for call, reply in zip(retry, replies):
-                _settle(call[3], reply)
-
-    async def _execute_raw(self, commands) -> list:
+    async def _execute(self, commands: list[tuple]) -> list:
+        """Every command's reply or error, in order; a lost connection fails them all with
+        a ConnectionError (transient: callers of idempotent scripts may retry)."""
+        if self.wire is not None:
+            try:
+                return await self.wire.execute(commands)
+            except OSError as exc:  # refused, reset
+                return [RedisConnectionError(str(exc))] * len(commands)
+        pipe = self.redis.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
         try:
-            return await self.wire.execute(commands)
-        except OSError as exc:  # refused, reset: transient for the caller
-            error = RedisConnectionError(str(exc))
-            return [error] * len(commands)
+            return await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            return [exc] * len(commands)
 
     async def close(self) -> None:
         if self.wire is not None:
             await self.wire.close()
 
-    async def _resend_with_eval(self, calls) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for script, keys, args, _ in calls:
-            pipe.eval(script.source, len(keys), *keys, *args)
-        try:
-            replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            replies = [exc] * len(calls)
-        for (*_, future), reply in zip(calls, replies):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+
+def _noscript(reply) -> bool:
+    return isinstance(reply, NoScriptError) or (isinstance(reply, RespError) and reply.noscript)
 
 
 def _settle(future: asyncio.Future, reply) -> None:

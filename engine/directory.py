@@ -128,6 +128,10 @@ async def get_partner(conn: asyncpg.Connection, partner_id: str) -> Partner:
     return Partner(**row)
 
 
+async def list_partner_ids(conn: asyncpg.Connection) -> list[str]:
+    return [r["id"] for r in await conn.fetch("SELECT id FROM partners ORDER BY id")]
+
+
 # ---- vendors and resources --------------------------------------------------------------
 async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minutes: int = 15,
                         buffer_before_minutes: int = 0, buffer_after_minutes: int = 0,

@@ -141,6 +141,25 @@ EXPIRES_AS[S.AWAITING_VENDOR_CONFIRMATION] = S.FAILED_VENDOR_TIMEOUT
 EXPIRES_AS[S.HELD] = S.FAILED_VENDOR_TIMEOUT
 
 
+def walk_auto_steps(path: list[State], confirmation_required: bool,
+                    payment_required: bool) -> list[State]:
+    """``path`` extended by the steps taken without a caller (mirrors lua/lib/walk_auto_steps)."""
+    path = list(path)
+    while (step := AUTO.get(path[-1])) is not None:
+        if step.when == "confirmation_waived" and confirmation_required:
+            break
+        if step.when == "payment_waived" and payment_required:
+            break
+        path.append(step.to)
+    return path
+
+
+def creation_stage(confirmation_required: bool, payment_required: bool) -> str:
+    """The staged TTL a new reservation stops under ("hold", "confirmed" or "authorized")."""
+    path = walk_auto_steps([S.INTENT_CREATED], confirmation_required, payment_required)
+    return [STAGE_TTL[s] for s in path if s in STAGE_TTL][-1]
+
+
 def lua_table() -> str:
     """The lifecycle as Lua tables, included by the scripts (``--@include @lifecycle``)."""
 

@@ -9,7 +9,9 @@ in Postgres.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ from engine.errors import (
 )
 from engine.holds import call_with_retry, conflict_from_reply
 from engine.keys import NAME_RE, KeySpace
-from engine.lifecycle import ACTIONS, TERMINAL, State
+from engine.lifecycle import ACTIONS, TERMINAL, State, creation_stage
 from engine.limits import PROVISIONAL_MARGIN_MS, Limits
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
@@ -99,11 +101,14 @@ class ReservationEngine:
     async def create(self, *, partner_id: str, vendor_id: str, resource_id: str | None,
                      start_ms: int, end_ms: int, requester_id: str,
                      metadata: dict[str, Any] | None = None, idempotency_key: str = "",
-                     triggered_by: str = "partner", reservation_id: str | None = None) -> Moved:
+                     triggered_by: str = "partner", reservation_id: str | None = None,
+                     admission: Awaitable | None = None) -> Moved:
         """Hold the slot and walk the new reservation as far as the vendor allows.
 
         Raises HoldConflict when a unit (buffers included) is held or booked. Idempotent per
         reservation id: a retried call that already landed answers as the first one did.
+        ``admission`` (e.g. the caller's rate limits) runs in the same Redis round trip as
+        the cap acquisition; if it refuses, the cap slot is given back and nothing is held.
         """
         vendor = self.catalog.vendor(vendor_id)
         resource = self.catalog.get(resource_id or vendor.default_resource_id)
@@ -128,17 +133,32 @@ class ReservationEngine:
                 s.hold_ttl_ms, s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
                 s.record_retention_ms]
         if self.limits is None:
+            if admission is not None:
+                await admission
             return await self._hold(reservation_id, resource.id, argv)
-        longest = max(s.hold_ttl_ms, s.confirmed_ttl_ms, s.authorized_ttl_ms)
-        await self.limits.acquire_cap(partner_id, reservation_id,
-                                      ttl_ms=longest + PROVISIONAL_MARGIN_MS)
+        # The cap entry expires with the deadline the new reservation will stop under (the
+        # vendor's policy decides it), plus a margin for the clock between the two scripts:
+        # no third call is needed to move it.
+        stage = creation_stage(vendor.confirmation_required, vendor.payment_required)
+        ttl = {"hold": s.hold_ttl_ms, "confirmed": s.confirmed_ttl_ms,
+               "authorized": s.authorized_ttl_ms}[stage]
+        cap = self.limits.acquire_cap(partner_id, reservation_id,
+                                      ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
+        if admission is None:
+            await cap
+        else:
+            took, admitted = await asyncio.gather(cap, admission, return_exceptions=True)
+            if isinstance(admitted, BaseException):
+                if not isinstance(took, BaseException):
+                    await self.limits.release_cap(partner_id, reservation_id, placed=False)
+                raise admitted
+            if isinstance(took, BaseException):
+                raise took
         try:
-            moved = await self._hold(reservation_id, resource.id, argv)
+            return await self._hold(reservation_id, resource.id, argv)
         except EngineError:  # a definite answer: nothing was held, give the slot back
             await self.limits.release_cap(partner_id, reservation_id, placed=False)
             raise
-        await self.limits.touch_cap(partner_id, reservation_id, moved.deadline_ms)
-        return moved
 
     async def _hold(self, reservation_id: str, resource_id: str, argv: list) -> Moved:
         shard = self.keys.shard_of(resource_id)

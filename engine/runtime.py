@@ -18,6 +18,7 @@ from engine.db import create_pool
 from engine.directory import load_catalog
 from engine.holds import HoldEngine
 from engine.keys import KeySpace
+from engine.limits import Limits
 from engine.rehydration import ensure_rehydrated
 from engine.reservations import ReservationEngine
 from engine.resources import ResourceCatalog
@@ -33,6 +34,7 @@ class Runtime:
     pool: asyncpg.Pool
     catalog: ResourceCatalog
     holds: HoldEngine
+    limits: Limits
     reservations: ReservationEngine
 
     @classmethod
@@ -52,9 +54,12 @@ class Runtime:
         keys = KeySpace(settings.key_prefix, settings.shards)
         async with pool.acquire() as conn:
             catalog = await load_catalog(conn)
+        # Every process that moves reservations keeps the partners' caps and reputation
+        # counters right: the API creates and cancels, workers commit and expire.
+        limits = Limits(access, keys, settings)
         return cls(settings, redis, access, keys, pool, catalog,
-                   HoldEngine(access, keys, catalog, settings),
-                   ReservationEngine(access, keys, catalog, settings))
+                   HoldEngine(access, keys, catalog, settings), limits,
+                   ReservationEngine(access, keys, catalog, settings, limits=limits))
 
     async def refresh_catalog(self) -> None:
         """Learn vendors and resources created by other processes since start."""

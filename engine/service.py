@@ -9,7 +9,9 @@ definitely failed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,12 +100,17 @@ class ReservationService:
 
     # ---- abuse controls ---------------------------------------------------------------
     async def throttle(self, principal: Principal, client_ip: str | None) -> None:
-        """Count the request against its client IP and its key (partner); 429 when over."""
+        """Count the request against its client IP and its key (partner); 429 when over.
+        Both limiters are asked in the same Redis round trip."""
+        checks = []
         if client_ip:
-            await self.limits.check_ip_rate(client_ip)
-        if principal.role == "system":
-            return
-        await self.limits.check_partner_rate(principal.partner_id or principal.key_id)
+            checks.append(self.limits.check_ip_rate(client_ip))
+        if principal.role != "system":
+            checks.append(self.limits.check_partner_rate(principal.partner_id
+                                                         or principal.key_id))
+        for result in await asyncio.gather(*checks, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     # ---- creation ---------------------------------------------------------------------
     async def validate_create(self, principal: Principal,
@@ -145,9 +152,11 @@ class ReservationService:
                                   "configured yet", details={"vendorId": vendor.id})
         return vendor, resource
 
-    async def create(self, principal: Principal, req: CreateRequest) -> Created:
+    async def create(self, principal: Principal, req: CreateRequest,
+                     admission: Callable[[], Awaitable[None]] | None = None) -> Created:
         """Hold the slot. The engine takes the partner's cap slot first and gives it back
-        when the hold definitely did not land (engine/reservations.py)."""
+        when the hold definitely did not land (engine/reservations.py). ``admission`` (the
+        rate limits) is asked in the same round trip as the cap."""
         vendor, resource = await self.validate_create(principal, req)
         partner_id = principal.partner_id if principal.role == PARTNER else SYSTEM_PARTNER
         reservation_id = self._reservation_id(partner_id, resource.id, req.idempotency_key)
@@ -157,7 +166,8 @@ class ReservationService:
                     partner_id=partner_id, vendor_id=vendor.id, resource_id=resource.id,
                     start_ms=req.start_ms, end_ms=req.end_ms, requester_id=req.requester_id,
                     metadata=req.metadata, idempotency_key=req.idempotency_key or "",
-                    triggered_by=principal.actor, reservation_id=reservation_id)
+                    triggered_by=principal.actor, reservation_id=reservation_id,
+                    admission=admission() if admission is not None and attempt == 1 else None)
                 return Created(moved, vendor)
             except HoldConflict as exc:
                 raise self._conflict_for(principal, exc) from None

@@ -33,6 +33,7 @@ from engine.runtime import Runtime
 from engine.settings import Settings
 from jobs.commit_queue import CommitQueue
 from jobs.reconcile import reconcile
+from jobs.reputation import publish_reputation
 
 log = logging.getLogger("slotguard.worker")
 
@@ -113,6 +114,8 @@ def worker_settings(settings: Settings, metrics=None) -> type:
             cron(watch_redis, name=f"{prefix}watch_redis", second=set(range(60))),
             cron(reconcile_job, name=f"{prefix}reconcile",
                  **_every(settings.reconcile_interval_s)),
+            cron(publish_reputation, name=f"{prefix}reputation", run_at_startup=True,
+                 **_every(10)),
         ]
         on_startup = startup
         on_shutdown = shutdown

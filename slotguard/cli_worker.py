@@ -29,6 +29,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format='{"at":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","message":"%(message)s"}')
+    # arq logs every cron run (the reaper runs every second) at INFO: keep its warnings only.
+    logging.getLogger("arq.worker").setLevel(logging.WARNING)
+    logging.getLogger("slotguard.worker").info("worker starting (pid %s)", os.getpid())
     settings = Settings.from_env()
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_host,

@@ -110,6 +110,8 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
         partner_key = asyncio.run(prepare(settings))
         if port is None:
             port = 8000 if port_is_free(host, 8000) else free_port(host)
+        elif port == 0:
+            port = free_port(host)
         multiproc = data_dir / "metrics"
         metrics.reset_multiprocess_dir(multiproc)
         env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,

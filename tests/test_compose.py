@@ -1,8 +1,8 @@
 """docker-compose.yml agrees with the code: settings, CLI, ports, mounted config.
 
 Docker is not needed: the file is parsed and checked against the repository. The CLI check
-takes any ``argparse`` parser (:func:`check_commands`); until ``slotguard.cli`` builds one,
-it runs against :data:`CLI_SUBCOMMANDS`.
+parses every command with the real ``slotguard`` parser (:func:`check_commands`), so a
+renamed subcommand or flag fails here.
 """
 
 from __future__ import annotations
@@ -111,7 +111,11 @@ def test_redis_never_evicts_and_keeps_an_append_only_file(services):
 
 
 def test_commands_name_real_cli_subcommands(services):
-    assert check_commands(services, CLI_SUBCOMMANDS) == []
+    from slotguard.cli import build_parser
+
+    parser = build_parser()
+    assert subcommands_of(parser) >= set(CLI_SUBCOMMANDS)
+    assert check_commands(services, parser) == []
     assert command_of(services["api"])[1] == "serve"
     assert command_of(services["worker"])[1] == "worker"
     assert command_of(services["migrate"])[1] == "migrate"

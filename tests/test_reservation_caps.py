@@ -73,3 +73,27 @@ async def test_expiry_and_commit_free_the_slot(capped):
     await engine.act(kept.reservation_id, "finalize-commit", actor="system", booking_id="b1")
     assert await limits.live_holds("p1") == 0
     assert await limits.reputation("p1") == {"placed": 2, "committed": 1, "ratio": 0.5}
+
+
+async def test_a_refused_admission_gives_the_cap_slot_back(capped, redis, prefix):
+    """Rate limits ride in the cap's round trip; a refusal must leave nothing behind."""
+    from engine.errors import RateLimited
+
+    engine, limits = capped
+
+    async def refuse():
+        raise RateLimited("too many requests", retry_after_ms=100)
+
+    with pytest.raises(RateLimited):
+        await engine.create(partner_id="p1", vendor_id="v1", resource_id=None, start_ms=T0,
+                            end_ms=T0 + 30 * M, requester_id="r", admission=refuse())
+    assert await limits.live_holds("p1") == 0
+    assert (await limits.reputation("p1"))["placed"] == 0
+    assert await redis.get(engine.keys.unit("r1", T0 // (15 * M))) is None
+
+
+async def test_the_cap_entry_expires_with_the_stage_the_reservation_stops_in(capped, redis):
+    engine, limits = capped
+    moved = await create(engine, 0)  # confirmation required: the hold stage (10 s here)
+    score = await redis.zscore(engine.keys.partner_holds("p1"), moved.reservation_id)
+    assert 0 <= score - moved.deadline_ms <= 2_500  # the deadline plus the clock margin

@@ -115,3 +115,23 @@ async def test_noscript_fallback_after_script_flush(holds, redis):
     assert await holds.read(first.hold_id) == first
     sha = holds.access.scripts["place_hold"].sha
     assert await redis.script_exists(sha) == [True]  # the fallback cached it again
+
+
+async def test_pipeline_fallback_path_and_its_noscript_handling(redis, keys, catalog, settings):
+    """Where the raw connection cannot be used (unix sockets), redis-py pipelines carry the
+    same batches with the same per-call replies and NOSCRIPT fallback."""
+    from engine.access import RedisAccess
+    from engine.errors import HoldConflict
+    from engine.holds import HoldEngine
+
+    access = RedisAccess(redis, raw=False)
+    assert access.wire is None
+    engine = HoldEngine(access, keys, catalog, settings)
+    t0 = 1_893_456_000_000
+    await redis.script_flush()
+    results = await asyncio.gather(
+        *(engine.place("room-a", t0, t0 + 900_000) for _ in range(10)), return_exceptions=True)
+    winners = [r for r in results if not isinstance(r, Exception)]
+    assert len(winners) == 1
+    assert all(isinstance(r, HoldConflict) for r in results if isinstance(r, Exception))
+    assert await engine.read(winners[0].hold_id) == winners[0]

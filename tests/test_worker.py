@@ -32,6 +32,7 @@ UNIT = 15 * 60_000
 @pytest.fixture
 def worker_settings(settings: Settings) -> Settings:
     return settings.replace(reclaim_idle_ms=1_000, drain_block_ms=100, drain_batch_size=200,
+                            partner_max_live_holds=0,
                             reaper_interval_ms=1_000)
 
 
@@ -144,6 +145,10 @@ async def test_reservations_walk_to_committed_with_workers(stack, worker_setting
         await wait_for(lambda: streams_drained(rt), 30, "streams drained")
         await wait_for(lambda: _audit_complete(rt, ids), 30, "audit rows")
         await assert_record_complete(rt, ids)
+        # The worker's commits freed the partner's cap slots and count toward reputation.
+        assert await rt.limits.live_holds("p1") == 0
+        assert await rt.limits.reputation("p1") == {"placed": 150, "committed": 150,
+                                                    "ratio": 1.0}
     finally:
         for w in workers:
             stop_worker(w)

@@ -47,11 +47,12 @@ async def create_reservation(request: Request) -> Response:
         end_ms=end_ms, requester_id=body["requesterId"],
         metadata=_with_request_id(body.get("metadata"), request), idempotency_key=key)
     await svc.reservations.validate_create(caller, req)  # every 4xx before the first write
-    await throttle(request, caller)
 
     async def produce() -> Response:
         try:
-            created = await svc.reservations.create(caller, req)
+            # The rate limits are asked in the same Redis round trip as the hold cap.
+            created = await svc.reservations.create(
+                caller, req, admission=lambda: throttle(request, caller))
         except HoldConflict:
             metrics.HOLDS_CONFLICTED.inc()
             raise

@@ -1,0 +1,73 @@
+"""The README's first command on a fresh machine: `slotguard up` from a fresh virtualenv
+with REDIS_URL and DATABASE_URL unset, embedded servers, one reservation, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
+
+
+def test_slotguard_up_in_a_fresh_virtualenv(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT)], check=True,
+                   timeout=600)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("SLOTGUARD_")
+           and k != "PROMETHEUS_MULTIPROC_DIR"}
+    data_dir = tmp_path / "data"
+    log = (tmp_path / "up.log").open("w+")
+    proc = subprocess.Popen([str(venv / "bin" / "slotguard"), "up", "--port", "0",
+                             "--data-dir", str(data_dir)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        text = ""
+        while time.monotonic() < deadline and "partner key" not in text:
+            assert proc.poll() is None, Path(log.name).read_text()[-4000:]
+            time.sleep(0.5)
+            text = Path(log.name).read_text()
+        url = re.search(r"API\s+(http://127\.0\.0\.1:\d+)", text).group(1)
+        key = re.search(r"partner key\s+(\S+)", text).group(1)
+        assert re.search(r"Redis\s+redis://127\.0\.0\.1:(\d+)", text).group(1) != "6379"
+        assert len(_processes_mentioning(str(data_dir))) >= 2  # embedded Redis and Postgres
+
+        with urllib.request.urlopen(f"{url}/health/ready", timeout=10) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["status"] == "ready"
+        request = urllib.request.Request(
+            f"{url}/v1/reservations", method="POST",
+            data=json.dumps({"vendorId": "demo-vendor", "requesterId": "alice",
+                             "slotStartTime": "2030-01-01T09:00:00Z",
+                             "slotEndTime": "2030-01-01T10:00:00Z"}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+            created = json.loads(response.read())
+        assert created["state"] == "AWAITING_VENDOR_CONFIRMATION"
+        assert created["reservationId"].startswith("rsv_")
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, Path(log.name).read_text()[-4000:]
+    assert "slotguard: stopping" in Path(log.name).read_text()
+    time.sleep(0.5)
+    assert _processes_mentioning(str(data_dir)) == []  # the embedded servers are gone too
