@@ -3,13 +3,20 @@
 Delivery is at least once and every step is idempotent, so a crash anywhere is harmless:
 1. XREADGROUP a batch (or XAUTOCLAIM the batch of a consumer that died);
 2. one Postgres transaction writes the bookings (exclusion constraint), the history and
-   the audit rows, keyed by event id (:func:`engine.records.apply_events`);
+   the audit rows, keyed by event id (:func:`engine.records.apply_batch`);
 3. a Lua call per committed reservation sets COMMITTED and turns its units into booked
    markers; a booking the exclusion constraint refused fails its reservation as
    FAILED_AVAILABILITY_CHANGED, once, with no retry loop;
-4. XACK and XDEL the batch.
+4. XACK and XDEL the batch (one write).
 An entry delivered ``max_deliveries`` times without getting through goes to the shard's
 dead-letter stream and the manual review queue, and is acknowledged.
+
+The hot Redis traffic bypasses redis-py, as the script calls do (:mod:`engine.resp`): each
+shard's reader blocks in XREADGROUP on a raw RESP connection of its own (a blocking read
+never shares a connection with anything else), and acknowledgements share one more, so the
+drain's replies are parsed by hiredis in C straight into lists. redis-py remains for the
+rare paths (reclaim, dead letters, lag) and where no raw connection is possible (unix
+sockets).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -27,11 +35,13 @@ from engine.errors import EngineError, NotFound, TerminalState
 from engine.keys import KeySpace
 from engine.records import (
     EventResult,
-    apply_events,
+    apply_batch,
+    fields_dict,
     record_dead_letter,
     record_manual_review,
 )
 from engine.reservations import ReservationEngine
+from engine.resp import RespError, ScriptConnection
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.commit_queue")
@@ -62,6 +72,26 @@ class CommitQueue:
         self.consumer = consumer
         self.metrics = metrics
         self.stats = DrainStats()
+        # Raw RESP connections (None where redis-py must serve: unix sockets): one per
+        # shard for its blocking reads, one shared by the acknowledgements.
+        self._readers: dict[int, ScriptConnection | None] = {}
+        self._acks = self._connection("slotguard-drain-ack")
+
+    def _connection(self, name: str) -> ScriptConnection | None:
+        wire = ScriptConnection.like(self.redis)
+        if wire is not None:
+            wire.name = name
+        return wire
+
+    def _reader(self, shard: int) -> ScriptConnection | None:
+        if shard not in self._readers:
+            self._readers[shard] = self._connection(f"slotguard-drain-{shard}")
+        return self._readers[shard]
+
+    async def close(self) -> None:
+        """Close the raw connections (they reopen on the next call)."""
+        wires = [w for w in (*self._readers.values(), self._acks) if w is not None]
+        await asyncio.gather(*(w.close() for w in wires), return_exceptions=True)
 
     # ---- setup ------------------------------------------------------------------------
     async def ensure_groups(self) -> None:
@@ -75,11 +105,24 @@ class CommitQueue:
                     raise
 
     # ---- reading ----------------------------------------------------------------------
-    async def read_new(self, shard: int, block_ms: int | None = None) -> list[tuple[str, dict]]:
-        reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, {self.keys.events(shard): ">"},
-            count=self.settings.drain_batch_size, block=block_ms)
-        return reply[0][1] if reply else []
+    async def read_new(self, shard: int, block_ms: int | None = None
+                       ) -> list[tuple[str, dict | list]]:
+        """New entries for this consumer: (entry id, fields), the fields a dict (redis-py)
+        or the flat [name, value, ...] list of the raw connection."""
+        wire = self._reader(shard)
+        if wire is None:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.consumer, {self.keys.events(shard): ">"},
+                count=self.settings.drain_batch_size, block=block_ms)
+            return reply[0][1] if reply else []
+        command: tuple = ("XREADGROUP", "GROUP", GROUP, self.consumer,
+                          "COUNT", self.settings.drain_batch_size)
+        if block_ms is not None:
+            command += ("BLOCK", block_ms)
+        [reply] = await wire.execute([command + ("STREAMS", self.keys.events(shard), ">")])
+        if isinstance(reply, Exception):
+            raise reply
+        return _entries(reply[0][1]) if reply else []
 
     async def reclaim(self, shard: int) -> list[tuple[str, dict]]:
         """Take over entries another consumer left pending for longer than reclaim_idle_ms."""
@@ -102,23 +145,25 @@ class CommitQueue:
             await self.process(shard, entries)
         return len(entries)
 
-    async def process(self, shard: int, entries: list[tuple[str, dict]]) -> None:
+    async def process(self, shard: int, entries: list[tuple[str, dict | list]]) -> None:
         """Write one batch to Postgres, end the commits in Redis, then acknowledge."""
         if not entries:
             return
         started = time.perf_counter()
         events = [fields for _, fields in entries]
         async with self.pool.acquire() as conn:
-            outcomes = await apply_events(conn, events)
+            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None)
+        if self.metrics is not None:
+            for (from_state, to_state, triggered_by), n in applied.transitions.items():
+                for _ in range(n):
+                    self.metrics.transition(from_state, to_state, triggered_by)
+        by_result = self.stats.by_result
+        for result, n in Counter(applied.results).items():
+            by_result[result] = by_result.get(result, 0) + n
         follow_ups = []
         rejected = []
-        for (entry_id, fields), outcome in zip(entries, outcomes):
+        for position, outcome in sorted(applied.details.items()):
             result = outcome.result
-            if (self.metrics is not None and not outcome.already_applied
-                    and result != EventResult.REJECTED):
-                self.metrics.transition(fields.get("fromState", ""), fields.get("toState", ""),
-                                        fields.get("triggeredBy", ""))
-            self.stats.by_result[result] = self.stats.by_result.get(result, 0) + 1
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
                 follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id))
@@ -127,6 +172,7 @@ class CommitQueue:
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
                                                      outcome.conflicting_booking_id))
             elif result == EventResult.REJECTED:
+                entry_id, fields = entries[position]
                 rejected.append((entry_id, fields, outcome.reason or "rejected"))
         if follow_ups:
             await asyncio.gather(*follow_ups)
@@ -183,8 +229,10 @@ class CommitQueue:
                 keep.append((entry_id, fields))
         return keep
 
-    async def _dead_letter(self, shard: int, entry_id: str, fields: dict, reason: str,
+    async def _dead_letter(self, shard: int, entry_id: str, fields: dict | list, reason: str,
                            deliveries: int = 1) -> None:
+        if isinstance(fields, list):
+            fields = fields_dict(fields)
         self.stats.dead_lettered += 1
         await self.redis.xadd(self.keys.dead_letters(shard),
                               {**fields, "deadEntryId": entry_id, "deadReason": reason})
@@ -197,6 +245,12 @@ class CommitQueue:
 
     async def _ack(self, shard: int, entry_ids: list[str]) -> None:
         stream = self.keys.events(shard)
+        if self._acks is not None:
+            for reply in await self._acks.execute([("XACK", stream, GROUP, *entry_ids),
+                                                   ("XDEL", stream, *entry_ids)]):
+                if isinstance(reply, Exception):
+                    raise reply
+            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(stream, GROUP, *entry_ids)
         pipe.xdel(stream, *entry_ids)
@@ -230,6 +284,7 @@ class CommitQueue:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
 
     async def _shard_loop(self, shard: int, stop: asyncio.Event) -> None:
         # A blocking read holds one pooled connection for up to drain_block_ms.
@@ -239,6 +294,11 @@ class CommitQueue:
             except (EngineError, asyncpg.PostgresError, OSError, ConnectionError,
                     asyncio.TimeoutError) as exc:
                 log.warning("drain of shard %s failed, will retry: %r", shard, exc)
+                await asyncio.sleep(0.5)
+            except RespError as exc:
+                log.warning("drain of shard %s failed, will retry: %r", shard, exc)
+                if "NOGROUP" in str(exc):  # the stream or group is gone (Redis lost data)
+                    await self.ensure_groups()
                 await asyncio.sleep(0.5)
             except Exception:  # never let one bad batch kill the shard's reader
                 log.exception("drain of shard %s failed", shard)
@@ -258,3 +318,10 @@ class CommitQueue:
                         pass
                 except Exception:
                     log.exception("reclaim of shard %s failed", shard)
+
+
+def _entries(raw: list) -> list[tuple[str, list[str]]]:
+    """XREADGROUP's entries ([id, [field, value, ...]]) as (id, fields), the fields left
+    as the flat list :func:`engine.records.apply_batch` parses by position; a deleted entry
+    (no fields) is left out."""
+    return [(entry_id, flat) for entry_id, flat in raw if flat]

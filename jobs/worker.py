@@ -11,6 +11,11 @@ background task (one blocking reader per shard). Cron jobs:
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 
 Every job is idempotent: arq delivers at least once.
+
+The process runs on uvloop when it is installed (it is, with uvicorn[standard]): arq's
+Worker takes the current event loop when it is built, so :func:`run` sets a uvloop loop
+first. The drain is CPU-bound in Python; uvloop's transports halve the cost of its socket
+writes.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ async def startup(ctx: dict) -> None:
     metrics = ctx.get("metrics")
     rt = await Runtime.open(settings, observe=metrics.observe_script if metrics else None)
     ctx["rt"] = rt
+    log.info("worker %s on %s", consumer_name(), type(asyncio.get_running_loop()).__module__)
     report = await rt.rehydrate_if_needed()
     if report is not None:
         log.info("rehydrated %s bookings (%s markers)", report.bookings, report.markers_written)
@@ -123,6 +129,21 @@ def worker_settings(settings: Settings, metrics=None) -> type:
     return WorkerSettings
 
 
+def use_uvloop() -> bool:
+    """Make a uvloop event loop this thread's current loop (what arq's Worker picks up).
+
+    False, and the default loop stays, when uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    return True
+
+
 def run(settings: Settings, metrics=None) -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM."""
+    if not use_uvloop():
+        log.info("uvloop is not installed: the worker runs on the default asyncio loop")
     run_worker(worker_settings(settings, metrics))

@@ -333,3 +333,88 @@ async def test_measure_commit_throughput(conn, vendor):
     assert await count(conn, "audit_log") == batches * size
     print(f"\napply_events: {batches * size / elapsed:,.0f} bookings/s "
           f"({batches} batches of {size}, {elapsed / batches * 1000:.1f} ms per batch)")
+
+
+# ---- the drain's fast paths: flat entries, joined columns, concurrent deliveries -----------
+def flat(fields: dict[str, str], order: list[str] = records.FIELD_LAYOUT) -> list[str]:
+    """A stream entry as the raw RESP reader hands it over: [name, value, ...]."""
+    return [item for name in order if name in fields for item in (name, fields[name])]
+
+
+async def test_flat_entries_are_parsed_like_dicts(conn, vendor):
+    a, b = rid(), rid()
+    as_dicts = lifecycle(a)
+    # The layout of emit_transition.lua (parsed by position), and another order (by name).
+    as_lists = [flat(e) for e in lifecycle(b, start=T0 + H, end=T0 + 2 * H)]
+    as_lists[3] = flat(event(b, 4, MAIN_PATH[3], from_state=MAIN_PATH[2], start=T0 + H,
+                             end=T0 + 2 * H), order=list(reversed(records.FIELD_LAYOUT)))
+    broken = flat({**event(rid(), 1, "INTENT_CREATED"), "version": "one"})
+    outcomes = await apply_events(conn, as_dicts + as_lists + [broken])
+    assert [o.result for o in outcomes[:9]] == [o.result for o in outcomes[9:18]]
+    assert outcomes[17].booking_id == booking_id_for(b)
+    assert (outcomes[18].result, outcomes[18].event_id) == (EventResult.REJECTED,
+                                                            broken[1])
+    for reservation_id in (a, b):
+        stored = await records.load_reservation(conn, reservation_id)
+        assert [t.version for t in stored.history] == list(range(1, 10))
+    assert await count(conn, "audit_log") == 18
+
+
+async def test_a_value_holding_the_separator_is_written_intact(conn, vendor):
+    a = rid()
+    reason = "odd\x1freason"
+    events = lifecycle(a)[:2] + [event(a, 3, "CANCELLED", from_state="HELD", reason=reason,
+                                       idempotency_key="k\x1f1", metadata='{"n": "\\u001f"}')]
+    await apply_events(conn, events)
+    stored = await records.load_reservation(conn, a)
+    assert (stored.state, stored.failure_reason) == ("CANCELLED", reason)
+    assert stored.history[2].idempotency_key == "k\x1f1"
+    row = await conn.fetchrow("SELECT metadata FROM audit_log WHERE event_id = $1", f"{a}:3")
+    assert row["metadata"] == {"fromState": "HELD", "toState": "CANCELLED", "reason": reason,
+                               "version": 3, "idempotencyKey": "k\x1f1",
+                               "metadata": {"n": "\x1f"}}
+    # One event alone, empty optional fields: written the same way.
+    b = rid()
+    [only] = await apply_events(conn, [event(b, 1, "INTENT_CREATED")])
+    assert only.result == EventResult.RECORDED
+    row = await conn.fetchrow("SELECT * FROM reservation_history WHERE event_id = $1", f"{b}:1")
+    assert (row["from_state"], row["reason"], row["idempotency_key"]) == (None, None, None)
+
+
+async def test_apply_batch_reports_commits_rejects_and_new_transitions(conn, vendor):
+    a = rid()
+    events = lifecycle(a) + [{**event(rid(), 1, "INTENT_CREATED"), "triggeredBy": "mallory"}]
+    applied = await records.apply_batch(conn, events, count_transitions=True)
+    assert applied.results == [EventResult.RECORDED] * 8 + [EventResult.BOOKED,
+                                                            EventResult.REJECTED]
+    assert sorted(applied.details) == [8, 9]
+    assert applied.details[8].booking_id == booking_id_for(a)
+    assert sum(applied.transitions.values()) == 9
+    assert applied.transitions[("AUTHORIZED_BOTH", "COMMIT_IN_PROGRESS", "system")] == 1
+    again = await records.apply_batch(conn, events, count_transitions=True)
+    assert not again.transitions and all(again.already_applied[:9])
+
+
+async def test_a_concurrent_delivery_of_the_same_batch_writes_it_once(db, vendor):
+    """The fast path inserts plainly; the second writer waits on the first, hits the unique
+    key, and writes the batch again with ON CONFLICT: nothing twice, same answers."""
+    import asyncio
+
+    a, b = rid(), rid()
+    batch = lifecycle(a) + lifecycle(b, start=T0 + H, end=T0 + 2 * H)
+    async with db.acquire() as first, db.acquire() as second:
+        tx = first.transaction()
+        await tx.start()
+        mine = await apply_events(first, batch)
+        theirs = asyncio.create_task(apply_events(second, batch))
+        await asyncio.sleep(0.3)
+        assert not theirs.done()  # waiting on the first writer's rows
+        await tx.commit()
+        theirs = await theirs
+    assert [o.result for o in theirs] == [
+        EventResult.BOOKED if e["toState"] == "COMMIT_IN_PROGRESS" else EventResult.DUPLICATE
+        for e in batch]
+    assert all(o.already_applied for o in theirs) and not any(o.already_applied for o in mine)
+    async with db.acquire() as conn:
+        assert await count(conn, "audit_log") == await count(conn, "reservation_history") == 18
+        assert await count(conn, "bookings") == 2

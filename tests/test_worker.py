@@ -292,3 +292,53 @@ async def test_redis_restart_without_data_is_rehydrated_before_new_holds(worker_
     finally:
         await rt.close()
         await drop_schema(settings.db_schema)
+
+
+async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, worker_settings):
+    """Read over the raw connection: a malformed entry is dead-lettered at once; one that
+    Postgres refuses every time is, after max_deliveries (through reclaim)."""
+    from tests.test_db_events import event
+
+    rt = stack
+    settings = worker_settings.replace(max_deliveries=2, reclaim_idle_ms=100)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings, "t")
+    await queue.ensure_groups()
+    stream, dead = rt.keys.events(0), rt.keys.dead_letters(0)
+    try:
+        await rt.redis.xadd(stream, {**event("rsv_0_bad", 1, "INTENT_CREATED"),
+                                     "toState": "TELEPORTED"})
+        assert await queue.drain_shard_once(0) == 1
+        [(_, fields)] = await rt.redis.xrange(dead)
+        assert fields["toState"] == "TELEPORTED" and "unknown state" in fields["deadReason"]
+        assert await streams_drained(rt)
+
+        # Valid to Python, refused by Postgres (jsonb has no \u0000): the batch fails.
+        poison = event("rsv_0_poison", 1, "INTENT_CREATED", metadata='{"x": "\\u0000"}')
+        await rt.redis.xadd(stream, poison)
+        with pytest.raises(asyncpg.PostgresError):
+            await queue.drain_shard_once(0)
+        for _ in range(2):
+            await asyncio.sleep(0.15)
+            try:
+                await queue.reclaim_shard_once(0)
+            except asyncpg.PostgresError:
+                pass
+        assert await streams_drained(rt)
+        assert [f["eventId"] for _, f in await rt.redis.xrange(dead)] == [
+            "rsv_0_bad:1", "rsv_0_poison:1"]
+        async with rt.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT fields, deliveries FROM dead_letters ORDER BY id")
+            assert await conn.fetchval("SELECT count(*) FROM audit_log") == 0
+        assert [(r["fields"]["eventId"], r["deliveries"]) for r in rows] == [
+            ("rsv_0_bad:1", 1), ("rsv_0_poison:1", 3)]
+        assert queue.stats.dead_lettered == 2
+    finally:
+        await queue.close()
+
+
+def test_the_worker_process_runs_on_uvloop():
+    probe = ("import asyncio\nfrom jobs.worker import use_uvloop\nassert use_uvloop()\n"
+             "print(type(asyncio.get_event_loop()).__module__)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().startswith("uvloop")
