@@ -20,6 +20,7 @@ from engine.reservations import MAX_TEXT
 from engine.service import MAX_TTL_MS
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
+NO_NUL = r"^[^\x00]*$"  # query strings: anything Postgres can store
 TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
         "pattern": r"^(?=.*\S)[^\x00-\x1f\x7f]*$",
         "description": "not all blank; no control characters"}
@@ -138,9 +139,11 @@ SCHEMAS: dict[str, Any] = {
     "BulkReleaseRequest": {
         "oneOf": [
             obj({"reason": TEXT,
-                 "reservationIds": {"type": "array", "minItems": 1, "maxItems": 500,
+                 # Bounded so that every valid body fits SLOTGUARD_MAX_BODY_BYTES.
+                 "reservationIds": {"type": "array", "minItems": 1, "maxItems": 200,
                                     "items": {"type": "string", "minLength": 1,
-                                              "maxLength": 64}}},
+                                              "maxLength": 40,
+                                              "pattern": "^[A-Za-z0-9_]+$"}}},
                 ["reason", "reservationIds"]),
             obj({"reason": TEXT, "resourceId": NAME, "startTime": TIME, "endTime": TIME},
                 ["reason", "resourceId", "startTime", "endTime"]),
@@ -384,10 +387,11 @@ def _paths() -> dict[str, Any]:
             {200: ok(200, "AuditPage")}, errors=[400, 403],
             parameters=[
                 param("reservationId", "query", {"type": "string", "minLength": 1,
-                                                 "maxLength": 128}),
+                                                 "maxLength": 128, "pattern": NO_NUL}),
                 param("resourceId", "query", {"type": "string", "minLength": 1,
-                                              "maxLength": 128}),
-                param("actor", "query", {"type": "string", "minLength": 1, "maxLength": 128}),
+                                              "maxLength": 128, "pattern": NO_NUL}),
+                param("actor", "query", {"type": "string", "minLength": 1, "maxLength": 128,
+                                         "pattern": NO_NUL}),
                 param("since", "query", TIME),
                 param("until", "query", TIME),
                 param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000,

@@ -15,6 +15,7 @@ import asyncpg
 
 from engine import directory
 from engine.errors import UnknownResource
+from engine.keys import NAME_RE
 from engine.resources import Resource, ResourceCatalog, Vendor
 
 NEGATIVE_TTL_S = 1.0
@@ -41,8 +42,8 @@ class CatalogCache:
         try:
             return self.catalog.vendor(vendor_id)
         except UnknownResource:
-            if self._recently_missing("vendor", vendor_id):
-                raise
+            if self._recently_missing("vendor", vendor_id) or not NAME_RE.match(vendor_id):
+                raise  # a name no vendor can have never costs a Postgres lookup
         async with self.pool.acquire() as conn:
             try:
                 row = await directory.get_vendor(conn, vendor_id)
@@ -59,7 +60,7 @@ class CatalogCache:
     async def resource(self, resource_id: str) -> Resource:
         if resource_id in self.catalog:
             return self.catalog.get(resource_id)
-        if not self._recently_missing("resource", resource_id):
+        if not self._recently_missing("resource", resource_id) and NAME_RE.match(resource_id):
             async with self.pool.acquire() as conn:
                 try:
                     stored = await directory.get_resource(conn, resource_id)

@@ -20,7 +20,8 @@ from ulid import ULID
 
 _ID_RE = re.compile(r"^(rsv|hld)_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 # Resource, vendor and partner ids become part of keys: keep them to a safe alphabet.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")
+# `$`, as the OpenAPI document's pattern (ECMA-262 has no \Z): the two must agree.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 def stable_hash(value: str) -> int:

@@ -23,11 +23,16 @@ MAX_EXAMPLES = 20
 # JSON Schema cannot say "a buffer is a multiple of the unit" (the unit is the vendor's, or
 # in the same body): schema-valid vendors and resources may be refused with 400 for it. Every
 # other operation is held to schemathesis' default list of acceptable answers.
-CONFIG = SchemathesisConfig.from_dict({"operations": [{
-    "include-operation-id": ["admin_create_vendor", "admin_create_resource"],
-    "checks": {"positive_data_acceptance": {
-        "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
-}]})
+# A schema-violating body may also be refused as too large (413) before it is parsed.
+CONFIG = SchemathesisConfig.from_dict({
+    "checks": {"negative_data_rejection": {
+        "expected-statuses": ["400", "401", "403", "404", "406", "409", "413", "415", "422",
+                              "429"]}},
+    "operations": [{
+        "include-operation-id": ["admin_create_vendor", "admin_create_resource"],
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
+    }]})
 
 
 @pytest.fixture(scope="module")

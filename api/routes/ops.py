@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from datetime import UTC, datetime
 
 from starlette.requests import Request
@@ -31,7 +33,8 @@ BULK_FIELDS = [
     Field("startTime", str, max_length=64),
     Field("endTime", str, max_length=64),
 ]
-MAX_BULK_IDS = 500
+MAX_BULK_IDS = 200  # every valid body fits SLOTGUARD_MAX_BODY_BYTES (the OpenAPI says so)
+BULK_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")  # the OpenAPI pattern, with its semantics
 AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
 
 
@@ -63,7 +66,7 @@ async def bulk_release(request: Request) -> Response:
     if by_ids:
         ids = body["reservationIds"]
         if not 1 <= len(ids) <= MAX_BULK_IDS or not all(
-                isinstance(i, str) and 0 < len(i) <= 64 for i in ids):
+                isinstance(i, str) and 0 < len(i) <= 40 and BULK_ID_RE.match(i) for i in ids):
             raise invalid("INVALID_FIELD", f"reservationIds must be 1..{MAX_BULK_IDS} ids",
                           "reservationIds")
         result = await svc.bulk_release(caller, body["reason"],
