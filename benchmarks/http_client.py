@@ -145,12 +145,7 @@ class HttpWorkload(Workload):
         if self.idempotency:
             headers["idempotency-key"] = uuid.uuid4().hex
         raw = build_request("POST", "/v1/reservations", self.hostname, body, headers)
-        sent = time.monotonic()
-        try:
-            status, payload = await self._call(raw)
-        except (OSError, HttpError, asyncio.IncompleteReadError):
-            status, payload = 0, b""
-        answered = time.monotonic()
+        status, payload, sent, answered = await self._timed(raw)
         if status == 201:
             rid = orjson.loads(payload)["reservationId"]
             rec.record(h.OK, sent, answered)
@@ -168,15 +163,20 @@ class HttpWorkload(Workload):
                            holder=f"status {status}: {payload[:200]!r}"))
         return None
 
-    async def _act(self, rid, action, op, auth, rec, out, resource) -> bool:
-        raw = build_request("POST", f"/v1/reservations/{rid}/{action}", self.hostname, b"",
-                            auth)
+    async def _timed(self, raw: bytes) -> tuple[int, bytes, float, float]:
+        """Status, body, and when the request left and its answer arrived (status 0 when
+        the connection failed)."""
         sent = time.monotonic()
         try:
             status, payload = await self._call(raw)
         except (OSError, HttpError, asyncio.IncompleteReadError):
             status, payload = 0, b""
-        answered = time.monotonic()
+        return status, payload, sent, time.monotonic()
+
+    async def _act(self, rid, action, op, auth, rec, out, resource) -> bool:
+        raw = build_request("POST", f"/v1/reservations/{rid}/{action}", self.hostname, b"",
+                            auth)
+        status, payload, sent, answered = await self._timed(raw)
         ok = status in (200, 202)
         if rec is not None:
             rec.record(h.OK if ok else h.ERROR, sent, answered)
@@ -188,12 +188,7 @@ class HttpWorkload(Workload):
         first, last = resource.units(start, end)
         body = orjson.dumps({"resourceId": resource.id, "first": first, "last": last})
         raw = build_request("POST", "/holds", self.hostname, body)
-        sent = time.monotonic()
-        try:
-            status, payload = await self._call(raw)
-        except (OSError, HttpError, asyncio.IncompleteReadError):
-            status, payload = 0, b""
-        answered = time.monotonic()
+        status, payload, sent, answered = await self._timed(raw)
         if status == 201:
             reply = orjson.loads(payload)
             rec.record(h.OK, sent, answered)
