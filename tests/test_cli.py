@@ -32,6 +32,15 @@ def cli_env(settings):
     subprocess.run(["psql", DATABASE_URL, "-qc",
                     f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE'],
                    capture_output=True, check=False)
+    # What the processes of the test wrote under its prefix, arq's cron bookkeeping included.
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    for pattern in (f"{settings.key_prefix}*", f"arq:*{settings.key_prefix}*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.unlink(*keys)
+    client.close()
 
 
 def run(env, *args: str) -> str:
