@@ -95,7 +95,10 @@ async def test_sustained_rate_is_the_configured_rate(access, keys, settings, red
         except RateLimited as refused:
             assert 1 <= refused.retry_after_ms <= 10
     expected = 3 + (await server_ms(redis) - server_started) // 10
-    assert expected - 3 <= passed <= expected
+    # Never more than the configured rate allows (exact). Never far fewer either; but a
+    # client stalled longer than the burst's 30 ms (a loaded 2-core CI machine) loses
+    # turns it did not ask for, so the lower bound has room for such stalls.
+    assert expected // 2 <= passed <= expected
 
 
 async def test_concurrent_tasks_exactly_burst_pass(access, keys, settings):
