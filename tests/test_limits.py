@@ -55,15 +55,16 @@ async def test_burst_passes_at_once_then_refused_for_one_interval(access, keys, 
     assert refused.details["retryAfterMs"] == refused.retry_after_ms
 
     # Still refused just before the wait is over, admitted right after it.
-    await asyncio.sleep(max(0, refused.retry_after_ms - 40) / 1000)
+    await asyncio.sleep(max(0, refused.retry_after_ms - 60) / 1000)
     with pytest.raises(RateLimited) as early:
         await limits.check_partner_rate("p1")
-    assert early.value.retry_after_ms <= 40
+    assert early.value.retry_after_ms <= 60
     await asyncio.sleep(early.value.retry_after_ms / 1000)
     assert await limits.check_partner_rate("p1") == 0
     with pytest.raises(RateLimited) as again:
         await limits.check_partner_rate("p1")
-    assert 90 <= again.value.retry_after_ms <= 100
+    # A whole interval again (less whatever the loop took between the two calls).
+    assert 50 <= again.value.retry_after_ms <= 100
 
 
 async def test_remaining_counts_down_and_key_lives_until_full_recovery(access, keys, settings,
