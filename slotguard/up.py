@@ -182,6 +182,9 @@ def run(host: str, port: int | None, data_dir: Path) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C stops the stack even when we were started with SIGINT ignored (a background
+    # job of a non-interactive shell inherits SIG_IGN, and Python then leaves it so).
+    signal.signal(signal.SIGINT, on_signal)
     print(banner(stack), flush=True)
     code = 0
     try:
@@ -192,8 +195,6 @@ def run(host: str, port: int | None, data_dir: Path) -> int:
                           file=sys.stderr, flush=True)
                     stopping, code = True, 1
             time.sleep(0.3)
-    except KeyboardInterrupt:
-        pass
     finally:
         print("slotguard: stopping", flush=True)
         stop(stack)
