@@ -11,7 +11,7 @@ refuses fails that one reservation (``availability_changed``) and no other.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -37,16 +37,16 @@ COMMIT_STATE = "COMMIT_IN_PROGRESS"
 # A later snapshot in one of these states still stands behind the booking.
 BOOKING_STATES = ("COMMIT_IN_PROGRESS", "COMMITTED")
 
-_REQUIRED = ("eventId", "reservationId", "toState", "triggeredBy", "version", "timestamp",
-             "partnerId", "vendorId", "resourceId", "requesterId", "slotStart", "slotEnd",
-             "blockStart", "blockEnd", "createdAt")
-# The fields of a stream entry in the order lua/lib/emit_transition.lua writes them: an entry
-# read as a flat [name, value, ...] list in this layout is parsed by position (no dict).
-FIELD_LAYOUT = ["eventId", "reservationId", "fromState", "toState", "triggeredBy", "reason",
-                "metadata", "timestamp", "idempotencyKey", "version", "partnerId", "vendorId",
-                "resourceId", "requesterId", "slotStart", "slotEnd", "blockStart", "blockEnd",
-                "createdAt", "expiresAt"]
-_POSITION = {name: i for i, name in enumerate(FIELD_LAYOUT)}
+# Fields every stream entry carries (lua/lib/emit_transition.lua), and the fields that never
+# change, carried by the creation entry only (older entries carry them on every event).
+_REQUIRED = ("reservationId", "toState", "triggeredBy", "version", "timestamp")
+INFO_FIELDS = ("partnerId", "vendorId", "resourceId", "requesterId", "slotStart", "slotEnd",
+               "blockStart", "blockEnd", "createdAt")
+# Every field an entry may carry, in the order emit_transition.lua writes them (kept for
+# tooling and tests that build entries by hand).
+FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
+                "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
+                "idempotencyKey", *INFO_FIELDS]
 
 
 def _ts(ms_column: str) -> str:
@@ -61,11 +61,13 @@ def _ms(ts_column: str) -> str:
 class EventResult(StrEnum):
     BOOKED = "booked"  # the reservation's booking row exists (new or from an earlier delivery)
     AVAILABILITY_CHANGED = "availability_changed"  # the exclusion constraint refused it
-    RECORDED = "recorded"  # a non-commit transition, written now
-    DUPLICATE = "duplicate"  # a non-commit transition that was already written
+    RECORDED = "recorded"  # non-commit transitions, written now
+    DUPLICATE = "duplicate"  # non-commit transitions that were already written
     SUPERSEDED = "superseded"  # a commit whose reservation has since failed: no booking
     REJECTED = "rejected"  # malformed (nothing written), or a commit on an unknown resource
     # (the transition is recorded, no booking is)
+    DEFERRED = "deferred"  # a later entry of a reservation whose creation entry is not
+    # written yet (nothing written): try again once it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,7 @@ class EventOutcome:
     event_id: str
     reservation_id: str
     result: EventResult
-    already_applied: bool = False  # the history row existed before this call
+    already_applied: bool = False  # the history rows existed before this call
     booking_id: str | None = None
     conflicting_booking_id: str | None = None
     reason: str | None = None
@@ -81,18 +83,19 @@ class EventOutcome:
 
 @dataclass(slots=True)
 class AppliedBatch:
-    """What became of each event of a batch, without an object per event.
+    """What became of each entry of a batch, without an object per entry.
 
     The commit queue's view of :func:`apply_batch`; :func:`apply_events` expands it into one
-    :class:`EventOutcome` per event.
+    :class:`EventOutcome` per entry.
     """
 
-    results: list[EventResult]  # per event, in order
-    already_applied: list[bool]  # per event: its history row existed before (or earlier in
-    # the batch)
-    details: dict[int, EventOutcome]  # by position: every commit event and every rejected one
-    transitions: Counter[tuple[str, str, str]]  # (fromState, toState, triggeredBy) -> events
-    # written now; filled only when asked for (metrics)
+    results: list[EventResult]  # per entry, in order
+    already_applied: list[bool]  # per entry: all its history rows existed before (or
+    # earlier in the batch)
+    details: dict[int, EventOutcome]  # by position: every commit entry, every rejected and
+    # every deferred one
+    transitions: Counter[tuple[str, str, str]]  # (fromState, toState, triggeredBy) ->
+    # transitions written now; filled only when asked for (metrics)
 
 
 def booking_id_for(reservation_id: str) -> str:
@@ -104,15 +107,38 @@ def _json_string(value: str) -> str:
     return orjson.dumps(value).decode()
 
 
+# The unchanging fields of one reservation: partner, vendor, resource, requester, slot
+# start/end, block start/end, created-at (ms).
+Info = tuple[str, str, str, str, int, int, int, int, int]
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One parsed stream entry: one script call, one or more transitions."""
+
+    reservation_id: str
+    from_state: str
+    states: list[str]  # every state the call entered, in order
+    version: int  # the version after the last state
+    actor: str
+    reason: str
+    metadata: str  # the call's metadata (its first transition's)
+    idempotency_key: str
+    at: int
+    expires: int | None
+
+
 class _Batch:
-    """A batch parsed straight into columns: one list per column, one row per distinct event
-    id (the first delivery of an id within the batch), no object per event."""
+    """A batch parsed straight into columns: one list per column, one row per distinct
+    transition (an entry carrying a path gives one row per state it passed), no object per
+    row. Built in two steps: parse, then :meth:`build` once the unchanging fields of
+    reservations created in earlier batches are known."""
 
     __slots__ = ("event_id", "reservation_id", "from_state", "to_state", "triggered_by",
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected")
+                 "rejected", "entries", "info", "raw")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -120,98 +146,94 @@ class _Batch:
          self.at_ms, self.partner_id, self.vendor_id, self.resource_id, self.requester_id,
          self.slot_start, self.slot_end, self.block_start, self.block_end, self.created_at,
          self.expires_at, self.audit) = ([] for _ in range(21))
-        self.rows: list[int] = []  # per event: its row, or -1 when it was rejected
-        self.rejected: dict[int, EventOutcome] = {}  # by position
-        self._parse(events)
-
-    def _parse(self, events: list[dict[str, str] | list[str]]) -> None:
-        # Validation is complete (every check of the stream format, in the order of the
-        # messages); only the happy path is kept free of calls and allocations.
-        index: dict[str, int] = {}
-        rows = self.rows
+        self.rows: list[list[int]] = []  # per entry: its rows (empty: rejected or deferred)
+        self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
+        self.entries: list[_Entry | None] = []  # per position; None when rejected
+        self.info: dict[str, Info] = {}  # reservation id -> its unchanging fields
+        self.raw = events
         for position, raw in enumerate(events):
-            if type(raw) is list and raw[0::2] == FIELD_LAYOUT:
-                values = raw[1::2]
-            else:
-                if type(raw) is list:
-                    raw = fields_dict(raw)
-                get = raw.get
-                values = [get(name) for name in FIELD_LAYOUT]
-            (event_id, reservation_id, from_state, to_state, actor, reason, metadata, at,
-             idempotency_key, version, partner, vendor, resource, requester, slot_start,
-             slot_end, block_start, block_end, created, expires) = values
-            from_state = from_state or ""
-            metadata = metadata or "{}"
-            error = None
-            if not (event_id and reservation_id and to_state and actor and version and at
-                    and partner and vendor and resource and requester and slot_start
-                    and slot_end and block_start and block_end and created):
-                error = "missing fields: " + ", ".join(
-                    n for n in _REQUIRED if not values[_POSITION[n]])
-            elif not reservation_id.startswith("rsv_"):
-                error = "reservationId is not a reservation id"
-            elif to_state not in STATES or (from_state and from_state not in STATES):
-                error = f"unknown state {from_state!r} -> {to_state!r}"
-            elif actor not in ACTORS:
-                error = f"unknown actor {actor!r}"
-            else:
-                try:
-                    at, slot_start, slot_end = int(at), int(slot_start), int(slot_end)
-                    block_start, block_end = int(block_start), int(block_end)
-                    created, version = int(created), int(version)
-                    expires = int(expires) if expires else None
-                except ValueError:
-                    error = "version and timestamps must be integers"
-                else:
-                    if not block_start <= slot_start < slot_end <= block_end:
-                        error = ("intervals out of order: need blockStart <= slotStart < "
-                                 "slotEnd <= blockEnd")
-                    elif metadata != "{}" and not _is_json_object(metadata):
-                        error = "metadata is not a JSON object"
+            named = raw if type(raw) is not list else fields_dict(raw)
+            entry, error = _parse_entry(named, self.info)
+            self.entries.append(entry)
             if error is not None:
-                rows.append(-1)
-                named = raw if type(raw) is not list else fields_dict(raw)
                 self.rejected[position] = EventOutcome(
-                    str(named.get("eventId", "")), str(named.get("reservationId", "")),
-                    EventResult.REJECTED, reason=error)
+                    str(named.get("eventId") or _event_id(named)),
+                    str(named.get("reservationId", "")), EventResult.REJECTED, reason=error)
+
+    def unknown_reservations(self) -> list[str]:
+        """Reservations of this batch whose creation entry is not in it."""
+        info = self.info
+        return list({e.reservation_id for e in self.entries
+                     if e is not None and e.reservation_id not in info})
+
+    def build(self, known: dict[str, Info]) -> None:
+        """Fill the columns; ``known`` has the unchanging fields of reservations created in
+        earlier batches. An entry of a reservation known nowhere is deferred."""
+        info = self.info
+        index: dict[str, int] = {}
+        for position, entry in enumerate(self.entries):
+            rows: list[int] = []
+            self.rows.append(rows)
+            if entry is None:
                 continue
-            row = index.get(event_id)
-            if row is not None:  # the same event twice in one batch: written once
-                rows.append(row)
+            fields = info.get(entry.reservation_id) or known.get(entry.reservation_id)
+            if fields is None:
+                self.rejected[position] = EventOutcome(
+                    f"{entry.reservation_id}:{entry.version}", entry.reservation_id,
+                    EventResult.DEFERRED,
+                    reason="no creation entry written for this reservation yet")
                 continue
-            rows.append(index.setdefault(event_id, len(self.event_id)))
-            reason = reason or ""
-            idempotency_key = idempotency_key or ""
-            self.event_id.append(event_id)
-            self.reservation_id.append(reservation_id)
-            self.from_state.append(from_state)
-            self.to_state.append(to_state)
-            self.triggered_by.append(actor)
-            self.reason.append(reason)
-            self.metadata.append(metadata)
-            self.idempotency_key.append(idempotency_key)
-            self.version.append(version)
-            self.at_ms.append(at)
-            self.partner_id.append(partner)
-            self.vendor_id.append(vendor)
-            self.resource_id.append(resource)
-            self.requester_id.append(requester)
-            self.slot_start.append(slot_start)
-            self.slot_end.append(slot_end)
-            self.block_start.append(block_start)
-            self.block_end.append(block_end)
-            self.created_at.append(created)
-            self.expires_at.append(expires)
-            # The audit row's metadata, as JSON text Postgres parses once (states come from
-            # a closed set, so only reason and key need escaping; metadata is a validated
-            # object): the same jsonb as jsonb_build_object, at a fraction of its cost.
-            self.audit.append(
-                f'{{"fromState":{chr(34) + from_state + chr(34) if from_state else "null"},'
-                f'"toState":"{to_state}",'
-                f'"reason":{_json_string(reason) if reason else chr(34) * 2},'
-                f'"version":{version},'
-                f'"idempotencyKey":{_json_string(idempotency_key) if idempotency_key else "null"},'
-                f'"metadata":{metadata}}}')
+            first = entry.version - len(entry.states) + 1
+            from_state = entry.from_state
+            for i, to_state in enumerate(entry.states):
+                version = first + i
+                event_id = f"{entry.reservation_id}:{version}"
+                row = index.get(event_id)
+                if row is not None:  # the same transition twice in one batch: written once
+                    rows.append(row)
+                    from_state = to_state
+                    continue
+                rows.append(index.setdefault(event_id, len(self.event_id)))
+                metadata = entry.metadata if i == 0 else "{}"
+                self._append(event_id, entry, from_state, to_state, version, metadata, fields)
+                from_state = to_state
+
+    def _append(self, event_id: str, entry: _Entry, from_state: str, to_state: str,
+                version: int, metadata: str, fields: Info) -> None:
+        reason, idempotency_key = entry.reason, entry.idempotency_key
+        self.event_id.append(event_id)
+        self.reservation_id.append(entry.reservation_id)
+        self.from_state.append(from_state)
+        self.to_state.append(to_state)
+        self.triggered_by.append(entry.actor)
+        self.reason.append(reason)
+        self.metadata.append(metadata)
+        self.idempotency_key.append(idempotency_key)
+        self.version.append(version)
+        self.at_ms.append(entry.at)
+        (partner, vendor, resource, requester, slot_start, slot_end, block_start, block_end,
+         created) = fields
+        self.partner_id.append(partner)
+        self.vendor_id.append(vendor)
+        self.resource_id.append(resource)
+        self.requester_id.append(requester)
+        self.slot_start.append(slot_start)
+        self.slot_end.append(slot_end)
+        self.block_start.append(block_start)
+        self.block_end.append(block_end)
+        self.created_at.append(created)
+        self.expires_at.append(entry.expires)
+        # The audit row's metadata, as JSON text Postgres parses once (states come from a
+        # closed set, so only reason and key need escaping; metadata is a validated
+        # object): the same jsonb as jsonb_build_object, at a fraction of its cost.
+        self.audit.append(
+            f'{{"fromState":{chr(34) + from_state + chr(34) if from_state else "null"},'
+            f'"toState":"{to_state}",'
+            f'"reason":{_json_string(reason) if reason else chr(34) * 2},'
+            f'"version":{version},'
+            f'"idempotencyKey":{_json_string(idempotency_key) if idempotency_key else "null"},'
+            f'"metadata":{metadata}}}')
+
 
     def transition_columns(self) -> tuple[bool, list[Any]]:
         """The transitions statement's parameters, and whether they are joined text.
@@ -265,8 +287,39 @@ class _Batch:
                 [self.expires_at[r] for r in rows],
                 [(self.reason[r] or state.lower()) if state in ENDED_STATES else None
                  for r, state in zip(rows, to_states)],
-                [self.metadata[r] for r in rows],
-                [booked.get(self.reservation_id[r]) for r in rows]]
+                self._merged_metadata(rows),
+                [booked.get(self.reservation_id[r]) for r in rows],
+                [self.block_start[r] for r in rows], [self.block_end[r] for r in rows]]
+
+    def metadata_rows(self) -> list[list[Any]] | None:
+        """(reservation, version, metadata) of the rows carrying metadata, or None."""
+        rows = [r for r, m in enumerate(self.metadata) if m != "{}"]
+        if not rows:
+            return None
+        return [[self.reservation_id[r] for r in rows], [self.version[r] for r in rows],
+                [self.metadata[r] for r in rows]]
+
+    def _merged_metadata(self, latest: list[int]) -> list[str]:
+        """Per reservation, the metadata of its transitions in this batch merged in version
+        order (a creation's metadata rides on its first transition, not its newest)."""
+        found: dict[str, list[tuple[int, str]]] = {}
+        for row, metadata in enumerate(self.metadata):
+            if metadata != "{}":
+                found.setdefault(self.reservation_id[row], []).append((self.version[row],
+                                                                       metadata))
+        out = []
+        for row in latest:
+            parts = found.get(self.reservation_id[row])
+            if not parts:
+                out.append("{}")
+            elif len(parts) == 1:
+                out.append(parts[0][1])
+            else:
+                merged: dict[str, Any] = {}
+                for _, text in sorted(parts):
+                    merged.update(orjson.loads(text))
+                out.append(orjson.dumps(merged).decode())
+        return out
 
 
 def fields_dict(flat: list[str]) -> dict[str, str]:
@@ -280,6 +333,85 @@ def _is_json_object(text: str) -> bool:
         return isinstance(orjson.loads(text), dict)
     except ValueError:
         return False
+
+
+def expand_entry(fields: dict[str, str] | list[str]) -> list[dict[str, str]]:
+    """One stream entry as one dict per transition it records (eventId, fromState, toState,
+    version, ...), as the worker writes them; ``ValueError`` for an entry it would refuse.
+    For tools and tests: the worker itself goes straight to columns."""
+    named = fields if type(fields) is not list else fields_dict(fields)
+    entry, error = _parse_entry(named, {})
+    if entry is None:
+        raise ValueError(error)
+    first = entry.version - len(entry.states) + 1
+    out = []
+    from_state = entry.from_state
+    for i, to_state in enumerate(entry.states):
+        out.append({"eventId": f"{entry.reservation_id}:{first + i}",
+                    "reservationId": entry.reservation_id, "fromState": from_state,
+                    "toState": to_state, "version": str(first + i),
+                    "triggeredBy": entry.actor, "reason": entry.reason,
+                    "metadata": entry.metadata if i == 0 else "{}",
+                    "timestamp": str(entry.at)})
+        from_state = to_state
+    return out
+
+
+def _event_id(named: dict[str, str]) -> str:
+    return f"{named.get('reservationId', '')}:{named.get('version', '')}"
+
+
+def _parse_entry(named: dict[str, str], info: dict[str, Info]
+                 ) -> tuple[_Entry | None, str | None]:
+    """One stream entry checked completely; (entry, None) or (None, why it is refused).
+
+    Registers the unchanging fields of a creation entry in ``info`` (the first one of a
+    reservation wins)."""
+    get = named.get
+    missing = [n for n in _REQUIRED if not get(n)]
+    if missing:
+        return None, "missing fields: " + ", ".join(missing)
+    reservation_id, to_state, actor = named["reservationId"], named["toState"], named["triggeredBy"]
+    if not reservation_id.startswith("rsv_"):
+        return None, "reservationId is not a reservation id"
+    from_state = get("fromState") or ""
+    path = get("path")
+    states = path.split(",") if path else [to_state]
+    if states[-1] != to_state:
+        return None, "path does not end in toState"
+    if (from_state and from_state not in STATES) or any(s not in STATES for s in states):
+        return None, f"unknown state {from_state!r} -> {path or to_state!r}"
+    if actor not in ACTORS:
+        return None, f"unknown actor {actor!r}"
+    metadata = get("metadata") or "{}"
+    try:
+        version, at = int(named["version"]), int(named["timestamp"])
+        expires = int(get("expiresAt")) if get("expiresAt") else None
+        from_version = int(get("fromVersion")) if get("fromVersion") else None
+    except ValueError:
+        return None, "version and timestamps must be integers"
+    first = version - len(states) + 1
+    if first < 1 or (from_version is not None and from_version != first):
+        return None, "versions do not match the path"
+    if metadata != "{}" and not _is_json_object(metadata):
+        return None, "metadata is not a JSON object"
+    if any(get(n) is not None for n in INFO_FIELDS):
+        values = [get(n) for n in INFO_FIELDS]
+        if not all(values):
+            return None, "missing fields: " + ", ".join(
+                n for n, v in zip(INFO_FIELDS, values) if not v)
+        partner, vendor, resource, requester = values[:4]
+        try:
+            slot_start, slot_end, block_start, block_end, created = map(int, values[4:])
+        except ValueError:
+            return None, "version and timestamps must be integers"
+        if not block_start <= slot_start < slot_end <= block_end:
+            return None, ("intervals out of order: need blockStart <= slotStart < "
+                          "slotEnd <= blockEnd")
+        info.setdefault(reservation_id, (partner, vendor, resource, requester, slot_start,
+                                         slot_end, block_start, block_end, created))
+    return _Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
+                  metadata, get("idempotencyKey") or "", at, expires), None
 
 
 _SEPARATOR = "\x1f"  # ASCII unit separator: never in an id, a state, or JSON text
@@ -348,15 +480,17 @@ _INSERT_TRANSITIONS = {(joined, careful): _insert_transitions(
 _UPSERT_SNAPSHOT = f"""
 INSERT INTO reservations (id, partner_id, vendor_id, resource_id, requester_id, slot_start,
                           slot_end, state, version, created_at, updated_at, expires_at,
-                          failure_reason, metadata, booking_id)
+                          failure_reason, metadata, booking_id, block_start, block_end)
 SELECT s.id, s.partner_id, s.vendor_id, s.resource_id, s.requester_id, {_ts("s.slot_start")},
        {_ts("s.slot_end")}, s.state, s.version, {_ts("s.created_at")}, {_ts("s.updated_at")},
-       {_ts("s.expires_at")}, s.failure_reason, s.metadata::jsonb, s.booking_id
+       {_ts("s.expires_at")}, s.failure_reason, s.metadata::jsonb, s.booking_id,
+       {_ts("s.block_start")}, {_ts("s.block_end")}
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
             $7::bigint[], $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[],
-            $13::text[], $14::text[], $15::text[])
+            $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[])
      AS s(id, partner_id, vendor_id, resource_id, requester_id, slot_start, slot_end, state,
-          version, created_at, updated_at, expires_at, failure_reason, metadata, booking_id)
+          version, created_at, updated_at, expires_at, failure_reason, metadata, booking_id,
+          block_start, block_end)
 ON CONFLICT (id) DO UPDATE
 SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     expires_at = EXCLUDED.expires_at,
@@ -364,6 +498,13 @@ SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.up
     booking_id = coalesce(EXCLUDED.booking_id, reservations.booking_id),
     metadata = reservations.metadata || EXCLUDED.metadata
 WHERE reservations.version < EXCLUDED.version
+"""
+# An older entry written after a newer one (its batch committed later) still brings its
+# metadata (a creation's): merged under the newer keys, nothing else changes.
+_MERGE_LATE_METADATA = """
+UPDATE reservations r SET metadata = m.metadata::jsonb || r.metadata
+FROM unnest($1::text[], $2::int[], $3::text[]) AS m(id, version, metadata)
+WHERE r.id = m.id AND r.version > m.version AND m.metadata <> '{}'
 """
 
 # No booking for a commit whose reservation has already moved on to a failure: a redelivered
@@ -407,6 +548,26 @@ ORDER BY bk.block_start LIMIT 1
 """
 
 
+# The unchanging fields of reservations created in earlier batches (later entries do not
+# carry them).
+_KNOWN_INFO = f"""
+SELECT id, partner_id, vendor_id, resource_id, requester_id, {_ms("slot_start")},
+       {_ms("slot_end")}, {_ms("coalesce(block_start, slot_start)")},
+       {_ms("coalesce(block_end, slot_end)")}, {_ms("created_at")}
+FROM reservations WHERE id = ANY($1::text[])"""
+
+
+async def known_info(conn: asyncpg.Connection, reservation_ids: list[str]) -> dict[str, Info]:
+    if not reservation_ids:
+        return {}
+    return {r[0]: tuple(r[1:]) for r in await conn.fetch(_KNOWN_INFO, reservation_ids)}
+
+
+# Where the unchanging fields of reservations Postgres does not know yet may be found (the
+# commit queue reads the live Redis records): reservation ids -> what is known of them.
+InfoLookup = Callable[[list[str]], Awaitable[dict[str, Info]]]
+
+
 async def apply_events(conn: asyncpg.Connection, events: list[dict[str, str]]) -> list[EventOutcome]:
     """Write a batch of stream events in ONE transaction; one outcome per event, in order.
 
@@ -423,20 +584,36 @@ async def apply_events(conn: asyncpg.Connection, events: list[dict[str, str]]) -
         detail = applied.details.get(position)
         if detail is None:
             named = raw if type(raw) is not list else fields_dict(raw)
-            detail = EventOutcome(named["eventId"], named["reservationId"], result,
+            detail = EventOutcome(named.get("eventId") or _event_id(named),
+                                  named["reservationId"], result,
                                   applied.already_applied[position])
         outcomes.append(detail)
     return outcomes
 
 
 async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
-                      count_transitions: bool = False) -> AppliedBatch:
+                      count_transitions: bool = False,
+                      lookup: InfoLookup | None = None) -> AppliedBatch:
     """:func:`apply_events` for the commit queue: the same writes, in ONE transaction, and
-    the same outcomes, with an :class:`EventOutcome` only for commit and rejected events."""
+    the same outcomes, with an :class:`EventOutcome` only for commit, rejected and deferred
+    entries.
+
+    An entry carrying a path is written as one history and one audit row per transition.
+    Entries after a reservation's creation do not carry its unchanging fields: they come
+    from the creation entry in the same batch or from the snapshot an earlier batch wrote;
+    then from ``lookup`` (the live Redis record: its creation entry may sit in another
+    consumer's batch, not committed yet); an entry whose reservation is known nowhere is
+    ``deferred`` (nothing written)."""
     batch = _Batch(events)
+    unknown = batch.unknown_reservations()
+    known = await known_info(conn, unknown) if unknown else {}
+    if lookup is not None and len(known) < len(unknown):
+        known.update(await lookup([r for r in unknown if r not in known]))
+    batch.build(known)
     if not batch.event_id:
-        return AppliedBatch([EventResult.REJECTED] * len(events), [False] * len(events),
-                            batch.rejected, Counter())
+        return AppliedBatch([o.result for o in
+                             (batch.rejected[p] for p in range(len(events)))],
+                            [False] * len(events), batch.rejected, Counter())
     latest = batch.latest_per_reservation()
     to_states, versions = batch.to_state, batch.version
     commits = [row for row, state in enumerate(to_states) if state == COMMIT_STATE]
@@ -453,26 +630,32 @@ async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
         # the whole transaction again, with ON CONFLICT and one savepoint per booking.
         written, fates = await _write(conn, batch, latest, commits, bookable, careful=True)
 
-    rows = batch.rows
     all_new = len(written) == len(batch.event_id)
     new = None if all_new else {r[0] - 1 for r in written}
     results: list[EventResult] = []
     already: list[bool] = []
     seen: set[int] = set()
     details = batch.rejected
-    for position, row in enumerate(rows):
-        if row < 0:
-            results.append(EventResult.REJECTED)
+    for position, rows in enumerate(batch.rows):
+        if not rows:
+            results.append(details[position].result)
             already.append(False)
             continue
-        applied = row in seen or (new is not None and row not in new)
-        seen.add(row)
+        applied = True
+        commit = None
+        for row in rows:
+            if not (row in seen or (new is not None and row not in new)):
+                applied = False
+            seen.add(row)
+            if to_states[row] == COMMIT_STATE:
+                commit = row
         already.append(applied)
-        if to_states[row] == COMMIT_STATE:
-            fate, booking_id, conflicting, reason = fates[row]
+        if commit is not None:
+            fate, booking_id, conflicting, reason = fates[commit]
             results.append(fate)
-            details[position] = EventOutcome(batch.event_id[row], batch.reservation_id[row],
-                                             fate, applied, booking_id, conflicting, reason)
+            details[position] = EventOutcome(batch.event_id[commit],
+                                             batch.reservation_id[commit], fate, applied,
+                                             booking_id, conflicting, reason)
         else:
             results.append(EventResult.DUPLICATE if applied else EventResult.RECORDED)
     transitions: Counter[tuple[str, str, str]] = Counter()
@@ -498,6 +681,9 @@ async def _write(conn: asyncpg.Connection, batch: _Batch, latest: dict[str, int]
                                            _BOOKING_STATES))
         fates = await _booking_fates(conn, batch, commits, booked, conflicts) if commits else {}
         await conn.execute(_UPSERT_SNAPSHOT, *batch.snapshot_columns(latest.values(), booked))
+        late = batch.metadata_rows()
+        if late:
+            await conn.execute(_MERGE_LATE_METADATA, *late)
     return written, fates
 
 

@@ -45,6 +45,8 @@ from engine.resp import RespError, ScriptConnection
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.commit_queue")
+# The record's unchanging fields, in engine.records.Info order (lua/lib/load_reservation.lua).
+_INFO_FIELDS = ("p", "vd", "rs", "rq", "s", "e", "bs", "be", "c")
 GROUP = "slotguard-commit"
 
 
@@ -146,13 +148,27 @@ class CommitQueue:
         return len(entries)
 
     async def process(self, shard: int, entries: list[tuple[str, dict | list]]) -> None:
-        """Write one batch to Postgres, end the commits in Redis, then acknowledge."""
+        """Write one batch to Postgres, end the commits in Redis, then acknowledge.
+
+        An entry whose reservation's creation entry is not written yet (another consumer
+        holds it in a batch of its own) is tried again after a short pause, a few times;
+        then it stays pending and the reclaimer delivers it again."""
+        for pause in (0.02, 0.1, 0.5, None):
+            entries = await self._process(shard, entries)
+            if not entries or pause is None:
+                return
+            await asyncio.sleep(pause)
+
+    async def _process(self, shard: int, entries: list[tuple[str, dict | list]]
+                       ) -> list[tuple[str, dict | list]]:
+        """:meth:`process` once; returns the deferred entries (not acknowledged)."""
         if not entries:
-            return
+            return []
         started = time.perf_counter()
         events = [fields for _, fields in entries]
         async with self.pool.acquire() as conn:
-            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None)
+            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
+                                        lookup=self._live_info)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -162,6 +178,7 @@ class CommitQueue:
             by_result[result] = by_result.get(result, 0) + n
         follow_ups = []
         rejected = []
+        deferred = []
         for position, outcome in sorted(applied.details.items()):
             result = outcome.result
             if result == EventResult.BOOKED:
@@ -174,15 +191,42 @@ class CommitQueue:
             elif result == EventResult.REJECTED:
                 entry_id, fields = entries[position]
                 rejected.append((entry_id, fields, outcome.reason or "rejected"))
+            elif result == EventResult.DEFERRED:
+                deferred.append(position)
         if follow_ups:
             await asyncio.gather(*follow_ups)
         for entry_id, fields, reason in rejected:
             await self._dead_letter(shard, entry_id, fields, reason)
-        await self._ack(shard, [entry_id for entry_id, _ in entries])
-        self.stats.entries += len(entries)
+        later = set(deferred)
+        done = [entry_id for position, (entry_id, _) in enumerate(entries)
+                if position not in later]
+        if done:
+            await self._ack(shard, done)
+        self.stats.entries += len(done)
         self.stats.batches += 1
         if self.metrics is not None:
-            self.metrics.observe_drain(shard, len(entries), time.perf_counter() - started)
+            self.metrics.observe_drain(shard, len(done), time.perf_counter() - started)
+        return [entries[position] for position in deferred]
+
+    async def _live_info(self, reservation_ids: list[str]) -> dict[str, tuple]:
+        """The unchanging fields of reservations from their live Redis records (for entries
+        whose creation entry another consumer has not committed yet)."""
+        pipe = self.redis.pipeline(transaction=False)
+        asked = []
+        for reservation_id in reservation_ids:
+            try:
+                pipe.hmget(self.keys.reservation(reservation_id), _INFO_FIELDS)
+            except ValueError:
+                continue
+            asked.append(reservation_id)
+        if not asked:
+            return {}
+        found = {}
+        for reservation_id, values in zip(asked, await pipe.execute()):
+            if all(values):
+                p, vd, rs, rq, *times = values
+                found[reservation_id] = (p, vd, rs, rq, *map(int, times))
+        return found
 
     async def _finalize(self, reservation_id: str, booking_id: str | None) -> None:
         try:

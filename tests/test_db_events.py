@@ -99,7 +99,7 @@ async def test_an_event_twice_in_one_batch_is_written_once(conn, vendor):
 async def test_audit_row_and_snapshot_content(conn, vendor):
     a = rid()
     metadata = orjson.dumps({"channel": "web", "n": 2}).decode()
-    await apply_events(conn, lifecycle(a)[:3] + [
+    await apply_events(conn, lifecycle(a, partner="acme")[:3] + [
         event(a, 4, "FAILED_VENDOR_TIMEOUT", from_state="AWAITING_VENDOR_CONFIRMATION",
               triggered_by="timeout", reason="vendor did not answer", metadata=metadata,
               idempotency_key="idem-1", partner="acme")])
@@ -336,7 +336,10 @@ async def test_measure_commit_throughput(conn, vendor):
 
 
 # ---- the drain's fast paths: flat entries, joined columns, concurrent deliveries -----------
-def flat(fields: dict[str, str], order: list[str] = records.FIELD_LAYOUT) -> list[str]:
+OLD_LAYOUT = ["eventId", *records.FIELD_LAYOUT]  # entries written before one-per-call
+
+
+def flat(fields: dict[str, str], order: list[str] = OLD_LAYOUT) -> list[str]:
     """A stream entry as the raw RESP reader hands it over: [name, value, ...]."""
     return [item for name in order if name in fields for item in (name, fields[name])]
 
@@ -347,7 +350,7 @@ async def test_flat_entries_are_parsed_like_dicts(conn, vendor):
     # The layout of emit_transition.lua (parsed by position), and another order (by name).
     as_lists = [flat(e) for e in lifecycle(b, start=T0 + H, end=T0 + 2 * H)]
     as_lists[3] = flat(event(b, 4, MAIN_PATH[3], from_state=MAIN_PATH[2], start=T0 + H,
-                             end=T0 + 2 * H), order=list(reversed(records.FIELD_LAYOUT)))
+                             end=T0 + 2 * H), order=list(reversed(OLD_LAYOUT)))
     broken = flat({**event(rid(), 1, "INTENT_CREATED"), "version": "one"})
     outcomes = await apply_events(conn, as_dicts + as_lists + [broken])
     assert [o.result for o in outcomes[:9]] == [o.result for o in outcomes[9:18]]
@@ -418,3 +421,79 @@ async def test_a_concurrent_delivery_of_the_same_batch_writes_it_once(db, vendor
     async with db.acquire() as conn:
         assert await count(conn, "audit_log") == await count(conn, "reservation_history") == 18
         assert await count(conn, "bookings") == 2
+
+
+# ---- one entry per script call: paths, unchanging fields on the creation entry only ------
+def new_entry(reservation_id: str, version: int, path: list[str], *, from_state: str,
+              creation: bool = False, metadata: str = "", actor: str = "partner",
+              start: int = T0, end: int = T0 + H) -> dict[str, str]:
+    """An entry as lua/lib/emit_transition.lua writes it now."""
+    fields = {"reservationId": reservation_id, "version": str(version),
+              "fromState": from_state, "toState": path[-1], "triggeredBy": actor,
+              "timestamp": str(T0 - 86_400_000 + version)}
+    if len(path) > 1:
+        fields.update(path=",".join(path), fromVersion=str(version - len(path) + 1))
+    if metadata:
+        fields["metadata"] = metadata
+    if creation:
+        fields.update(partnerId="p1", vendorId="v1", resourceId="v1", requesterId="u1",
+                      slotStart=str(start), slotEnd=str(end), blockStart=str(start),
+                      blockEnd=str(end), createdAt=str(T0 - 86_400_000))
+    return fields
+
+
+async def test_a_path_entry_is_one_row_per_transition_each_once(conn, vendor):
+    a = rid()
+    created = new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True,
+                        metadata='{"note": "x"}')
+    assert [e["eventId"] for e in records.expand_entry(created)] == [
+        f"{a}:{v}" for v in range(1, 8)]
+    [outcome] = await apply_events(conn, [created])
+    assert (outcome.result, outcome.event_id) == (EventResult.RECORDED, f"{a}:7")
+    # A later batch: the commit carries no unchanging field; the snapshot supplies them.
+    commit = new_entry(a, 8, ["COMMIT_IN_PROGRESS"], from_state="AUTHORIZED_BOTH")
+    [booked] = await apply_events(conn, [commit])
+    assert (booked.result, booked.booking_id) == (EventResult.BOOKED, booking_id_for(a))
+    stored = await records.load_reservation(conn, a)
+    assert [(t.version, t.from_state, t.to_state) for t in stored.history] == [
+        (v, MAIN_PATH[v - 1], MAIN_PATH[v]) for v in range(1, 9)]
+    assert stored.history[0].metadata == {"note": "x"} and stored.history[1].metadata == {}
+    assert stored.metadata == {"note": "x"}
+    row = await conn.fetchrow("SELECT * FROM bookings WHERE reservation_id = $1", a)
+    assert (row["partner_id"], row["resource_id"], row["block_start"]) == ("p1", "v1",
+                                                                           to_dt(T0))
+    tenants = {r[0] for r in await conn.fetch("SELECT tenant_id FROM audit_log")}
+    assert tenants == {"p1"}
+    # Redelivered, in one batch or apart: nothing written twice.
+    again = await apply_events(conn, [created, commit, created])
+    assert all(o.already_applied for o in again)
+    assert await count(conn, "audit_log") == await count(conn, "reservation_history") == 8
+    assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM audit_log") == 8
+
+
+async def test_an_entry_before_its_creation_is_deferred_and_writes_nothing(conn, vendor):
+    a = rid()
+    created = new_entry(a, 2, MAIN_PATH[1:3], from_state="INTENT_CREATED", creation=True)
+    cancel = new_entry(a, 3, ["CANCELLED"], from_state=MAIN_PATH[2])
+    [early] = await apply_events(conn, [cancel])
+    assert early.result == EventResult.DEFERRED and "creation" in early.reason
+    assert await count(conn, "audit_log") == 0 and await count(conn, "reservations") == 0
+    outcomes = await apply_events(conn, [created, cancel])
+    assert [o.result for o in outcomes] == [EventResult.RECORDED, EventResult.RECORDED]
+    assert (await records.load_reservation(conn, a)).state == "CANCELLED"
+
+
+async def test_an_inconsistent_path_is_rejected(conn, vendor):
+    a = rid()
+    bad = [
+        {**new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+         "toState": "HELD"},
+        {**new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+         "fromVersion": "2"},
+        new_entry(a, 3, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+        {**new_entry(a, 2, MAIN_PATH[1:3], from_state="INTENT_CREATED", creation=True),
+         "path": "HELD,TELEPORTED"},
+    ]
+    outcomes = await apply_events(conn, bad)
+    assert [o.result for o in outcomes] == [EventResult.REJECTED] * 4
+    assert await count(conn, "audit_log") == 0

@@ -342,3 +342,43 @@ def test_the_worker_process_runs_on_uvloop():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().startswith("uvloop")
+
+
+async def test_one_entry_per_call_and_a_commit_drained_before_its_creation(stack,
+                                                                          worker_settings):
+    """An instant vendor's creation is ONE entry (its path), the commit another; the commit
+    entry carries no unchanging field. Drained in the wrong order (as two consumers may),
+    the commit finds them in the live Redis record; every transition is written once."""
+    rt = stack
+    moved = await rt.reservations.create(partner_id="p1", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r1",
+                                         metadata={"note": "n"})
+    rid = moved.reservation_id
+    await rt.reservations.act(rid, "commit", actor="partner")
+    shard = rt.keys.shard_of_id(rid)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    try:
+        entries = await queue.read_new(shard)
+        assert len(entries) == 2
+        fields = [dict(zip(f[0::2], f[1::2])) if isinstance(f, list) else f
+                  for _, f in entries]
+        assert fields[0]["path"].split(",")[-1] == "AUTHORIZED_BOTH"
+        assert "partnerId" in fields[0] and "partnerId" not in fields[1]
+        await queue.process(shard, [entries[1]])  # the commit first
+        await queue.process(shard, [entries[0]])
+        await queue.process(shard, entries)  # and everything redelivered
+        assert await queue.drain_shard_once(shard) == 1  # the worker's own COMMITTED entry
+        view = await rt.reservations.get(rid)
+        assert view.state == State.COMMITTED
+        assert [h["version"] for h in view.history] == list(range(1, 10))
+        await assert_record_complete(rt, [rid])
+        async with rt.pool.acquire() as conn:
+            # The snapshot keeps the creation's metadata although it was written last.
+            assert await conn.fetchval("SELECT metadata FROM reservations WHERE id = $1",
+                                       rid) == {"note": "n"}
+            versions = [r[0] for r in await conn.fetch(
+                "SELECT version FROM reservation_history ORDER BY version")]
+        assert versions == list(range(1, 10))
+    finally:
+        await queue.close()
