@@ -3,7 +3,7 @@
 Delivery is at least once and every step is idempotent, so a crash anywhere is harmless:
 1. XREADGROUP a batch (or XAUTOCLAIM the batch of a consumer that died);
 2. one Postgres transaction writes the bookings (exclusion constraint), the history and
-   the audit rows, keyed by event id (:func:`engine.records.apply_batch`);
+   the audit rows, keyed by event id (:func:`engine.store.commit.apply_batch`);
 3. a Lua call per committed reservation sets COMMITTED and turns its units into booked
    markers; a booking the exclusion constraint refused fails its reservation as
    FAILED_AVAILABILITY_CHANGED, once, with no retry loop;
@@ -33,19 +33,15 @@ from redis.exceptions import ResponseError
 from engine.access import RedisAccess
 from engine.errors import EngineError, NotFound, TerminalState
 from engine.keys import KeySpace
-from engine.records import (
-    EventResult,
-    apply_batch,
-    fields_dict,
-    record_dead_letter,
-    record_manual_review,
-)
+from engine.store.commit import apply_batch
+from engine.store.events import EventResult, fields_dict
+from engine.store.review import record_dead_letter, record_manual_review
 from engine.reservations import ReservationEngine
 from engine.resp import RespError, ScriptConnection
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.commit_queue")
-# The record's unchanging fields, in engine.records.Info order (lua/lib/load_reservation.lua).
+# The record's unchanging fields, in engine.store.events.Info order (lua/lib/load_reservation.lua).
 _INFO_FIELDS = ("p", "vd", "rs", "rq", "s", "e", "bs", "be", "c")
 GROUP = "slotguard-commit"
 
@@ -366,6 +362,6 @@ class CommitQueue:
 
 def _entries(raw: list) -> list[tuple[str, list[str]]]:
     """XREADGROUP's entries ([id, [field, value, ...]]) as (id, fields), the fields left
-    as the flat list :func:`engine.records.apply_batch` parses by position; a deleted entry
+    as the flat list :func:`engine.store.commit.apply_batch` parses by position; a deleted entry
     (no fields) is left out."""
     return [(entry_id, flat) for entry_id, flat in raw if flat]

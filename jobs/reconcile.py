@@ -27,7 +27,9 @@ from datetime import UTC, datetime
 
 from engine.errors import EngineError
 from engine.holds import BOOKED_PREFIX
-from engine.records import bookings_to_rehydrate, record_manual_review
+from engine.rehydration import restore_booked_markers
+from engine.store.queries import bookings_to_rehydrate
+from engine.store.review import record_manual_review
 from engine.runtime import Runtime
 
 log = logging.getLogger("slotguard.reconcile")
@@ -68,28 +70,19 @@ async def _restore_booked_markers(rt: Runtime, report: ReconciliationReport) -> 
     """Postgres → Redis. Returns reservation id → booking id of every booking not ended."""
     async with rt.pool.acquire() as conn:
         bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
-    booked = {}
-    for booking in bookings:
-        booked[booking.reservation_id] = booking.id
-        if booking.resource_id not in rt.catalog:
-            report.findings["booking_of_unknown_resource"] += 1
-            await _escalate(rt, report, "booking_of_unknown_resource", booking.reservation_id,
-                            booking.resource_id, {"bookingId": booking.id})
-            continue
-        unit_ms = rt.catalog.get(booking.resource_id).unit_ms
-        start = booking.block_start_ms
-        end = booking.block_end_ms
-        reply = await rt.access.call(
-            "restore_markers", [rt.keys.unit_root(rt.keys.shard_of(booking.resource_id))],
-            [booking.resource_id, start // unit_ms, end // unit_ms - 1, booking.reservation_id,
-             end + rt.settings.booked_marker_retention_ms])
-        written, overwritten = int(reply[1]), int(reply[2])
-        if written:
-            report.findings["booked_marker_missing"] += 1
-            report.fixes["booked_marker_missing"] += 1
-        if overwritten:
-            report.findings["hold_on_booked_unit"] += overwritten
-            report.fixes["hold_on_booked_unit"] += overwritten
+    booked = {booking.reservation_id: booking.id for booking in bookings}
+    restored = await restore_booked_markers(rt.access, rt.keys, rt.catalog, rt.settings,
+                                            bookings)
+    for booking in restored.unknown_resource:
+        report.findings["booking_of_unknown_resource"] += 1
+        await _escalate(rt, report, "booking_of_unknown_resource", booking.reservation_id,
+                        booking.resource_id, {"bookingId": booking.id})
+    for _ in restored.written:
+        report.findings["booked_marker_missing"] += 1
+        report.fixes["booked_marker_missing"] += 1
+    for overwritten in restored.overwritten.values():
+        report.findings["hold_on_booked_unit"] += overwritten
+        report.fixes["hold_on_booked_unit"] += overwritten
     return booked
 
 

@@ -21,7 +21,7 @@ from engine.errors import (
     VersionMismatch,
 )
 from engine.lifecycle import ACTIONS, AUTO, EDGES, PRE_COMMIT, State
-from engine.records import expand_entry
+from engine.store.events import expand_entry
 from engine.reservations import ReservationEngine
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog, Vendor
 from tests.conftest import snapshot

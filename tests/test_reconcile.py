@@ -85,7 +85,7 @@ async def test_drift_is_found_fixed_or_escalated(rt):
 async def test_a_stuck_commit_with_a_booking_is_finished(rt):
     [rid] = await commit_many(rt, 1)
     # The worker wrote the booking, then died before ending the commit in Redis.
-    from engine.records import apply_events
+    from engine.store.commit import apply_events
 
     shard = rt.keys.shard_of_id(rid)
     entries = await rt.redis.xrange(rt.keys.events(shard))
