@@ -294,9 +294,10 @@ async def test_redis_restart_without_data_is_rehydrated_before_new_holds(worker_
         await drop_schema(settings.db_schema)
 
 
-async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, worker_settings):
+async def test_malformed_and_poison_entries_are_dead_lettered_alone(stack, worker_settings):
     """Read over the raw connection: a malformed entry is dead-lettered at once; one that
-    Postgres refuses every time is, after max_deliveries (through reclaim)."""
+    Postgres refuses (jsonb has no \\u0000) is found by bisecting its batch and
+    dead-lettered alone, at its first delivery; each gets a manual_review case."""
     from tests.test_db_events import event
 
     rt = stack
@@ -312,26 +313,75 @@ async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, work
         assert fields["toState"] == "TELEPORTED" and "unknown state" in fields["deadReason"]
         assert await streams_drained(rt)
 
-        # Valid to Python, refused by Postgres (jsonb has no \u0000): the batch fails.
+        # Valid to Python, refused by Postgres: the batch is bisected, the rest commits.
+        good = event("rsv_0_good", 1, "INTENT_CREATED", resource="inst")
         poison = event("rsv_0_poison", 1, "INTENT_CREATED", metadata='{"x": "\\u0000"}')
-        await rt.redis.xadd(stream, poison)
-        with pytest.raises(asyncpg.PostgresError):
-            await queue.drain_shard_once(0)
-        for _ in range(2):
-            await asyncio.sleep(0.15)
-            try:
-                await queue.reclaim_shard_once(0)
-            except asyncpg.PostgresError:
-                pass
+        for fields in (good, poison, event("rsv_0_good", 2, "HELD", resource="inst",
+                                           from_state="INTENT_CREATED")):
+            await rt.redis.xadd(stream, fields)
+        assert await queue.drain_shard_once(0) == 3
         assert await streams_drained(rt)
         assert [f["eventId"] for _, f in await rt.redis.xrange(dead)] == [
             "rsv_0_bad:1", "rsv_0_poison:1"]
         async with rt.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT fields, deliveries FROM dead_letters ORDER BY id")
-            assert await conn.fetchval("SELECT count(*) FROM audit_log") == 0
+            rows = await conn.fetch("SELECT fields, deliveries, error FROM dead_letters "
+                                    "ORDER BY id")
+            audited = [r[0] for r in await conn.fetch(
+                "SELECT event_id FROM audit_log ORDER BY event_id")]
+            cases = await conn.fetch("SELECT kind, reservation_id, details FROM manual_review "
+                                     "ORDER BY id")
         assert [(r["fields"]["eventId"], r["deliveries"]) for r in rows] == [
-            ("rsv_0_bad:1", 1), ("rsv_0_poison:1", 3)]
+            ("rsv_0_bad:1", 1), ("rsv_0_poison:1", 1)]
+        assert "UntranslatableCharacter" in rows[1]["error"]
+        assert audited == ["rsv_0_good:1", "rsv_0_good:2"]
+        assert [(c["kind"], c["reservation_id"]) for c in cases] == [
+            ("dead_letter", "rsv_0_bad"), ("dead_letter", "rsv_0_poison")]
+        assert cases[1]["details"]["reason"] == rows[1]["error"]
         assert queue.stats.dead_lettered == 2
+    finally:
+        await queue.close()
+
+
+async def test_a_nul_byte_does_not_strand_another_partners_commit(stack, worker_settings):
+    """Issue 11, case 1: entries carrying a NUL byte (escaped in metadata, raw in a reason)
+    written straight into the stream next to another partner's commit: that commit reaches
+    COMMITTED with exactly one booking; only the poisoned entries are dead-lettered."""
+    rt = stack
+    other = await rt.reservations.create(partner_id="p2", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r2")
+    rid = other.reservation_id
+    shard = rt.keys.shard_of_id(rid)
+    stream = rt.keys.events(shard)
+    fake = rt.keys.new_reservation_id("inst")
+    base = {"reservationId": fake, "version": "2", "fromState": "INTENT_CREATED",
+            "toState": "AWAITING_VENDOR_CONFIRMATION", "path": "HELD,AWAITING_VENDOR_CONFIRMATION",
+            "triggeredBy": "partner", "timestamp": str(T0), "partnerId": "p1",
+            "vendorId": "inst", "resourceId": "inst", "requesterId": "r1",
+            "slotStart": str(T0 + 4 * UNIT), "slotEnd": str(T0 + 5 * UNIT),
+            "blockStart": str(T0 + 4 * UNIT), "blockEnd": str(T0 + 5 * UNIT),
+            "createdAt": str(T0)}
+    await rt.redis.xadd(stream, {**base, "metadata": '{"n": "a\\u0000b"}'})
+    await rt.reservations.act(rid, "commit", actor="partner")
+    fake2 = rt.keys.new_reservation_id("inst")
+    await rt.redis.xadd(stream, {**base, "reservationId": fake2, "reason": "a\x00b"})
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    try:
+        assert await queue.drain_shard_once(shard) == 4
+        assert (await rt.reservations.get(rid)).state == State.COMMITTED
+        await queue.drain_shard_once(shard)  # the COMMITTED entry
+        assert await streams_drained(rt)
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval(
+                "SELECT count(*) FROM bookings WHERE reservation_id = $1", rid) == 1
+            dead = await conn.fetch("SELECT fields->>'reservationId' FROM dead_letters")
+            assert sorted(r[0] for r in dead) == sorted([fake, fake2])
+            assert await conn.fetchval("SELECT count(*) FROM manual_review "
+                                       "WHERE kind = 'dead_letter'") == 2
+            assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE reservation_id "
+                                       "= ANY($1::text[])", [fake, fake2]) == 0
+        await assert_record_complete(rt, [rid])
+        assert len(await rt.redis.xrange(rt.keys.dead_letters(shard))) == 2
     finally:
         await queue.close()
 

@@ -35,10 +35,25 @@ async def record_manual_review(conn: asyncpg.Connection, kind: str, reservation_
 
 async def record_dead_letter(conn: asyncpg.Connection, *, stream: str, entry_id: str,
                              fields: dict[str, str], error: str, deliveries: int) -> bool:
-    """Keep a stream entry that failed too often, durably. Idempotent per (stream, entry)."""
+    """Keep a stream entry that could not be written, durably. Idempotent per (stream,
+    entry).
+
+    The entry may be dead precisely because Postgres refuses part of it (a NUL byte): such
+    characters are kept as visible escapes (``\\u0000``), so the letter itself is always
+    storable; the shard's dead-letter stream in Redis keeps the exact bytes."""
     status = await conn.execute(
         """INSERT INTO dead_letters (stream, entry_id, fields, error, deliveries)
            VALUES ($1, $2, $3::text::jsonb, $4, $5)
            ON CONFLICT (stream, entry_id) DO NOTHING""",
-        stream, entry_id, json_param(fields), error, deliveries)
+        stream, entry_id, json_param(storable(fields)), storable_text(error), deliveries)
     return status == "INSERT 0 1"
+
+
+def storable_text(value: str) -> str:
+    """``value`` with what Postgres text cannot hold made visible: a NUL byte becomes the
+    six characters ``\\u0000`` (the dead-letter stream in Redis keeps the exact bytes)."""
+    return value.replace("\x00", "\\u0000") if "\x00" in value else value
+
+
+def storable(fields: dict[str, Any]) -> dict[str, Any]:
+    return {storable_text(str(k)): storable_text(str(v)) for k, v in fields.items()}
