@@ -38,7 +38,8 @@ def worker_settings(settings: Settings) -> Settings:
 
 async def open_stack(settings: Settings) -> Runtime:
     await asyncio.to_thread(migrate, settings)
-    pool = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": settings.db_schema})
+    pool = await asyncpg.connect(settings.database_url,
+                                 server_settings={"search_path": settings.db_schema})
     try:
         await create_vendor(pool, "inst", confirmation_required=False)
     finally:
@@ -59,6 +60,10 @@ async def stack(worker_settings, redis):
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
+        "SLOTGUARD_MAX_DELIVERIES": str(settings.max_deliveries),
+        "SLOTGUARD_DRAIN_RETRY_BASE_MS": str(settings.drain_retry_base_ms),
+        "SLOTGUARD_DRAIN_RETRY_MAX_MS": str(settings.drain_retry_max_ms),
+        "SLOTGUARD_PARTNER_MAX_LIVE_HOLDS": str(settings.partner_max_live_holds),
         "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
         "SLOTGUARD_KEY_PREFIX": settings.key_prefix, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
         "SLOTGUARD_SHARDS": str(settings.shards),
@@ -384,6 +389,80 @@ async def test_a_nul_byte_does_not_strand_another_partners_commit(stack, worker_
         assert len(await rt.redis.xrange(rt.keys.dead_letters(shard))) == 2
     finally:
         await queue.close()
+
+
+class PrivatePostgres:
+    """A Postgres of this test's own (slotguard/embedded.py), stopped and started again on
+    the same port; the shared one is never touched."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from slotguard import embedded
+
+        self.embedded = embedded
+        self.servers = embedded.EmbeddedServers(data_dir)
+        self.servers.data_dir.mkdir(parents=True, exist_ok=True)
+        self.url = self.servers._start_postgres()
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        self.args = list(self.servers._postgres.args)
+
+    def stop(self) -> None:
+        self.embedded._terminate(self.servers._postgres, signal.SIGINT)  # fast shutdown
+
+    def start(self) -> None:
+        e = self.embedded
+        proc = e._spawn(self.args, self.servers.postgres_log, cwd=self.servers.postgres_dir,
+                        user=self.servers._postgres_user(), death_signal=signal.SIGINT)
+        self.servers._postgres = proc
+        assert e._wait_until(lambda: e._postgres_answers(self.port), proc, 120)
+
+    def close(self) -> None:
+        if self.servers._postgres is not None:
+            self.embedded._terminate(self.servers._postgres, signal.SIGINT)
+
+
+@pytest.fixture
+def private_postgres(tmp_path):
+    pg = PrivatePostgres(tmp_path / "pg")
+    yield pg
+    pg.close()
+
+
+async def test_a_postgres_outage_spends_no_delivery(worker_settings, private_postgres,
+                                                    tmp_path):
+    """Issue 11, case 2: Postgres stopped while a worker drains, for many times
+    max_deliveries x the reclaim interval, then started again: every accepted commit ends
+    COMMITTED with one booking, every transition is audited once, nothing is dead-lettered
+    and the worker never exits."""
+    pg = private_postgres
+    settings = worker_settings.replace(database_url=pg.url, max_deliveries=2,
+                                       reclaim_idle_ms=300, drain_retry_max_ms=400)
+    rt = await open_stack(settings)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        before = await commit_many(rt, 20)
+        await wait_for(lambda: _all_committed(rt, before), 60, "the first commits")
+        pg.stop()
+        during = await commit_many(rt, 20, offset=100)  # Redis accepts; Postgres is down
+        # Far longer than max_deliveries x the reclaim interval (2 x 0.3 s): every entry
+        # would have been dead-lettered had each retry counted as a delivery.
+        await asyncio.sleep(6)
+        assert worker.poll() is None, "the worker exited during the outage"
+        assert await states(rt, during) == [State.COMMIT_IN_PROGRESS] * 20
+        pg.start()
+        ids = before + during
+        await wait_for(lambda: _all_committed(rt, ids), 90, "every commit COMMITTED")
+        await wait_for(lambda: streams_drained(rt), 30, "streams drained")
+        await wait_for(lambda: _audit_complete(rt, ids), 30, "audit rows")
+        await assert_record_complete(rt, ids)
+        for shard in range(rt.keys.shards):
+            assert await rt.redis.xlen(rt.keys.dead_letters(shard)) == 0
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert worker.poll() is None, "the worker exited"
+        assert "unreachable" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop_worker(worker)
+        await rt.close()
 
 
 def test_the_worker_process_runs_on_uvloop():
