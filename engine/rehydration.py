@@ -23,6 +23,7 @@ import asyncpg
 
 from engine.access import RedisAccess
 from engine.keys import KeySpace
+from engine.store.commit import BOOKING_LOCK, BOOKING_UNLOCK
 from engine.store.queries import Booking, bookings_to_rehydrate
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
@@ -115,16 +116,23 @@ async def rehydrate(access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
     started = time.monotonic()
     run_id = await redis_run_id(access)
     async with pool.acquire() as conn:
-        bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
-    restored = await restore_booked_markers(access, keys, catalog, settings, bookings)
+        # No booking commits while the markers are read and written (commit-queue batches
+        # take this lock shared): one committed after this read waits until the shards
+        # are open, then writes its own markers before it commits (engine/store/commit.py).
+        await conn.execute(BOOKING_LOCK)
+        try:
+            bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
+            restored = await restore_booked_markers(access, keys, catalog, settings, bookings)
+            pipe = access.redis.pipeline(transaction=False)
+            for shard in range(keys.shards):
+                pipe.set(keys.ready(shard), run_id)
+            pipe.set(keys.rehydrated(), run_id)
+            await pipe.execute()
+        finally:
+            await conn.execute(BOOKING_UNLOCK)
     for booking in restored.unknown_resource:
         log.error("booking %s names unknown resource %s", booking.reservation_id,
                   booking.resource_id)
-    pipe = access.redis.pipeline(transaction=False)
-    for shard in range(keys.shards):
-        pipe.set(keys.ready(shard), run_id)
-    pipe.set(keys.rehydrated(), run_id)
-    await pipe.execute()
     report = RehydrationReport(run_id, len(bookings), restored.markers_written,
                                restored.holds_overwritten, len(restored.unknown_resource),
                                round(time.monotonic() - started, 3))

@@ -36,7 +36,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from engine.access import RedisAccess
 from engine.errors import NotFound, TerminalState
 from engine.keys import KeySpace
+from engine.rehydration import restore_booked_markers
 from engine.store.commit import apply_batch
+from engine.store.queries import bookings_of
 from engine.store.events import EventResult, fields_dict
 from engine.store.review import (
     record_dead_letter,
@@ -200,7 +202,8 @@ class CommitQueue:
         events = [fields for _, fields in entries]
         async with self.pool.acquire() as conn:
             applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
-                                        lookup=self._live_info)
+                                        lookup=self._live_info,
+                                        before_commit=self._markers_before_commit)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -215,7 +218,8 @@ class CommitQueue:
             result = outcome.result
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
-                follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id))
+                follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id,
+                                                 outcome.event_id))
             elif result == EventResult.AVAILABILITY_CHANGED:
                 self.stats.availability_changed += 1
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
@@ -260,7 +264,25 @@ class CommitQueue:
                 found[reservation_id] = (p, vd, rs, rq, *map(int, times))
         return found
 
-    async def _finalize(self, reservation_id: str, booking_id: str | None) -> None:
+    async def _markers_before_commit(self, conn: asyncpg.Connection,
+                                     reservation_ids: list[str]) -> None:
+        """Inside the booking transaction, before it commits: a booked reservation whose
+        Redis record is gone (Redis lost its data, and rehydration ran before this booking
+        existed) gets its booked markers now, so no slot of a booking ever reads free.
+        Otherwise its units stay pinned until the finalize writes the markers."""
+        pipe = self.redis.pipeline(transaction=False)
+        for reservation_id in reservation_ids:
+            pipe.exists(self.keys.reservation(reservation_id))
+        gone = [r for r, found in zip(reservation_ids, await pipe.execute()) if not found]
+        if gone:
+            bookings = await bookings_of(conn, gone)
+            await restore_booked_markers(self.access, self.keys, self.reservations.catalog,
+                                         self.settings, bookings)
+            log.warning("booked %s reservations whose Redis records are gone: markers "
+                        "restored", len(bookings))
+
+    async def _finalize(self, reservation_id: str, booking_id: str | None,
+                        commit_event_id: str) -> None:
         try:
             await self.reservations.act(reservation_id, "finalize-commit", actor="system",
                                         booking_id=booking_id or "")
@@ -271,8 +293,17 @@ class CommitQueue:
                                      {"bookingId": booking_id, "state": exc.details.get("state")})
         except NotFound:
             # Redis forgot the reservation (data loss) after Postgres booked it: the booking
-            # stands, and rehydration restores its markers.
+            # stands (its markers were written before it committed, or by rehydration), so
+            # the record says COMMITTED, written straight to Postgres.
             log.warning("booked %s but its Redis record is gone", reservation_id)
+            version = int(commit_event_id.rsplit(":", 1)[1]) + 1
+            async with self.pool.acquire() as conn:
+                await apply_batch(conn, [{
+                    "reservationId": reservation_id, "version": str(version),
+                    "fromState": "COMMIT_IN_PROGRESS", "toState": "COMMITTED",
+                    "triggeredBy": "system", "timestamp": str(int(time.time() * 1000)),
+                    "reason": "booked after Redis lost the reservation"}])
+            self.stats.committed += 1
 
     async def _fail_changed(self, reservation_id: str, conflicting: str | None) -> None:
         try:

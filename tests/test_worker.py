@@ -391,6 +391,95 @@ async def test_a_nul_byte_does_not_strand_another_partners_commit(stack, worker_
         await queue.close()
 
 
+async def test_a_booking_landing_after_a_rehydration_keeps_its_markers(worker_settings,
+                                                                      private_redis):
+    """Issue 11, case 5: the booking insert is held back (a lock on the table) while Redis
+    loses its data and is rehydrated; once it lands, its slot never reads free, the
+    reservation ends COMMITTED in Postgres, and another partner cannot hold the slot."""
+    url, restart = private_redis
+    settings = worker_settings.replace(redis_url=url)
+    rt = await open_stack(settings)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings, "t")
+    blocker = await asyncpg.connect(settings.database_url,
+                                    server_settings={"search_path": settings.db_schema})
+    watcher = await asyncpg.connect(settings.database_url)
+    try:
+        await queue.ensure_groups()
+        [rid] = await commit_many(rt, 1)
+        shard = rt.keys.shard_of_id(rid)
+        units = [rt.keys.unit("inst", T0 // UNIT)]
+        entries = await queue.read_new(shard)
+        assert len(entries) == 2
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")
+        delivery = asyncio.create_task(queue.process(shard, entries))
+
+        async def insert_waits() -> bool:
+            return await watcher.fetchval(
+                """SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                   WHERE c.relname = 'bookings' AND NOT l.granted""") > 0
+
+        await wait_for(insert_waits, 30, "the booking insert to wait on the lock")
+        try:
+            await rt.redis.shutdown(nosave=True)
+        except Exception:
+            pass  # the connection drops with the server
+        restart()  # every record, unit and flag is gone
+        rehydration = asyncio.create_task(rt.rehydrate_if_needed())
+
+        async def rehydration_settled() -> bool:
+            if rehydration.done():
+                return True
+            return await watcher.fetchval(  # waiting for the booking writer to finish
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") > 0
+
+        await wait_for(rehydration_settled, 30, "rehydration to run or wait")
+        # Whenever the booking row is visible, its unit must read booked: watched from
+        # the moment the insert may proceed until everything has settled.
+        violations = []
+
+        async def watch() -> None:
+            while True:
+                booked = await watcher.fetchval(
+                    f'SELECT count(*) FROM "{settings.db_schema}".bookings '
+                    "WHERE reservation_id = $1", rid)
+                values = [await rt.redis.get(u) for u in units]
+                if booked and values != [f"B|{rid}"]:
+                    violations.append(values)
+                await asyncio.sleep(0.005)
+
+        watching = asyncio.create_task(watch())
+        await lock.rollback()
+        await asyncio.wait_for(delivery, 60)
+        await asyncio.wait_for(rehydration, 60)
+        await asyncio.sleep(0.2)
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        assert violations == []
+        assert [await rt.redis.get(u) for u in units] == [f"B|{rid}"]
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM bookings WHERE reservation_id "
+                                       "= $1", rid) == 1
+            row = await conn.fetchrow("SELECT state, version FROM reservations WHERE id = $1",
+                                      rid)
+            actions = [r[0] for r in await conn.fetch(
+                "SELECT action FROM audit_log WHERE reservation_id = $1 ORDER BY id", rid)]
+        assert (row["state"], row["version"]) == ("COMMITTED", 9)
+        assert actions[-2:] == ["reservation.commit_in_progress", "reservation.committed"]
+        assert len(actions) == len(set(actions)) == 9
+        with pytest.raises(HoldConflict) as caught:
+            await rt.reservations.create(partner_id="p2", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r2")
+        assert caught.value.booked
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await queue.close()
+        await rt.close()
+        await drop_schema(settings.db_schema)
+
+
 class PrivatePostgres:
     """A Postgres of this test's own (slotguard/embedded.py), stopped and started again on
     the same port; the shared one is never touched."""

@@ -193,6 +193,15 @@ async def known_info(conn: asyncpg.Connection, reservation_ids: list[str]) -> di
     return {r[0]: tuple(r[1:]) for r in await conn.fetch(_KNOWN_INFO, reservation_ids)}
 
 
+# Called inside the batch's transaction, before it commits, with the reservations booked
+# by it (the commit queue makes sure their booked markers are in Redis).
+BeforeCommit = Callable[[asyncpg.Connection, list[str]], Awaitable[None]]
+
+# Booking writers take it shared (per transaction), rehydration exclusive: one per schema.
+BOOKING_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(hashtext(current_schema()), 1)"
+BOOKING_LOCK = "SELECT pg_advisory_lock(hashtext(current_schema()), 1)"
+BOOKING_UNLOCK = "SELECT pg_advisory_unlock(hashtext(current_schema()), 1)"
+
 # Where the unchanging fields of reservations Postgres does not know yet may be found (the
 # commit queue reads the live Redis records): reservation ids -> what is known of them.
 InfoLookup = Callable[[list[str]], Awaitable[dict[str, Info]]]
@@ -223,7 +232,8 @@ async def apply_events(conn: asyncpg.Connection, events: list[dict[str, str]]) -
 
 async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
                       count_transitions: bool = False,
-                      lookup: InfoLookup | None = None) -> AppliedBatch:
+                      lookup: InfoLookup | None = None,
+                      before_commit: BeforeCommit | None = None) -> AppliedBatch:
     """:func:`apply_events` for the commit queue: the same writes, in ONE transaction, and
     the same outcomes, with an :class:`EventOutcome` only for commit, rejected and deferred
     entries.
@@ -254,11 +264,13 @@ async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
         if versions[newest] == versions[row] or to_states[newest] in BOOKING_STATES:
             bookable.append(row)
     try:
-        written, fates = await _write(conn, batch, latest, commits, bookable, careful=False)
+        written, fates = await _write(conn, batch, latest, commits, bookable, careful=False,
+                                       before_commit=before_commit)
     except (asyncpg.UniqueViolationError, asyncpg.ExclusionViolationError):
         # A concurrent delivery of the same events, or a booking the constraint refuses:
         # the whole transaction again, with ON CONFLICT and one savepoint per booking.
-        written, fates = await _write(conn, batch, latest, commits, bookable, careful=True)
+        written, fates = await _write(conn, batch, latest, commits, bookable, careful=True,
+                                       before_commit=before_commit)
 
     all_new = len(written) == len(batch.event_id)
     new = None if all_new else {r[0] - 1 for r in written}
@@ -297,13 +309,18 @@ async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
 
 
 async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
-                 commits: list[int], bookable: list[int], *, careful: bool
-                 ) -> tuple[list, dict[int, tuple]]:
+                 commits: list[int], bookable: list[int], *, careful: bool,
+                 before_commit: BeforeCommit | None) -> tuple[list, dict[int, tuple]]:
     async with conn.transaction():
         joined, columns = batch.transition_columns()
         written = await conn.fetch(_INSERT_TRANSITIONS[joined, careful], *columns)
         booked: dict[str, str] = {}
         conflicts: dict[int, str | None] = {}
+        if bookable:
+            # Rehydration reads the bookings under the exclusive form of this lock: a
+            # booking commits either before it reads (and gets its markers from it) or
+            # after it has finished (and ``before_commit`` sees to its markers).
+            await conn.execute(BOOKING_LOCK_SHARED)
         if bookable and careful:
             booked, conflicts = await _insert_bookings_carefully(conn, batch, bookable)
         elif bookable:
@@ -314,6 +331,8 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
         late = batch.metadata_rows()
         if late:
             await conn.execute(_MERGE_LATE_METADATA, *late)
+        if booked and before_commit is not None:
+            await before_commit(conn, list(booked))
     return written, fates
 
 

@@ -87,6 +87,17 @@ async def bookings_to_rehydrate(conn: asyncpg.Connection, now: datetime) -> list
     return [Booking(*row) for row in rows]
 
 
+async def bookings_of(conn: asyncpg.Connection, reservation_ids: list[str]) -> list[Booking]:
+    """The live bookings of these reservations (the caller's transaction sees its own)."""
+    rows = await conn.fetch(
+        f"""SELECT id, reservation_id, resource_id, vendor_id, partner_id,
+                   {_ms("slot_start")}, {_ms("slot_end")}, {_ms("block_start")},
+                   {_ms("block_end")}
+            FROM bookings WHERE reservation_id = ANY($1::text[]) AND cancelled_at IS NULL""",
+        reservation_ids)
+    return [Booking(*row) for row in rows]
+
+
 async def load_reservation(conn: asyncpg.Connection, reservation_id: str) -> StoredReservation | None:
     """The snapshot and its transitions by version; answers reads once Redis has forgotten."""
     row = await conn.fetchrow(
