@@ -106,7 +106,7 @@ class Batch:
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected", "entries", "info", "raw")
+                 "rejected", "entries", "info")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -118,7 +118,6 @@ class Batch:
         self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
         self.entries: list[Entry | None] = []  # per position; None when rejected
         self.info: dict[str, Info] = {}  # reservation id -> its unchanging fields
-        self.raw = events
         for position, raw in enumerate(events):
             named = raw if type(raw) is not list else fields_dict(raw)
             entry, error = parse_entry(named, self.info)
