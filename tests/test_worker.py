@@ -418,7 +418,8 @@ async def test_a_booking_landing_after_a_rehydration_keeps_its_markers(worker_se
         async def insert_waits() -> bool:
             return await watcher.fetchval(
                 """SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-                   WHERE c.relname = 'bookings' AND NOT l.granted""") > 0
+                   WHERE c.oid = to_regclass(quote_ident($1) || '.bookings')
+                     AND NOT l.granted""", settings.db_schema) > 0
 
         await wait_for(insert_waits, 30, "the booking insert to wait on the lock")
         try:
@@ -432,7 +433,9 @@ async def test_a_booking_landing_after_a_rehydration_keeps_its_markers(worker_se
             if rehydration.done():
                 return True
             return await watcher.fetchval(  # waiting for the booking writer to finish
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") > 0
+                """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                     AND classid::bigint = (hashtext($1)::bigint & 4294967295)
+                     AND objid = 1 AND objsubid = 2""", settings.db_schema) > 0
 
         await wait_for(rehydration_settled, 30, "rehydration to run or wait")
         # Whenever the booking row is visible, its unit must read booked: watched from
