@@ -513,10 +513,17 @@ class PrivatePostgres:
 
 
 @pytest.fixture
-def private_postgres(tmp_path):
-    pg = PrivatePostgres(tmp_path / "pg")
+def private_postgres():
+    # Not under pytest's basetemp: concurrent pytest sessions reset its root to 0700, and
+    # the postgres system user must reach the data dir.
+    import shutil
+    import tempfile
+
+    data_dir = Path(tempfile.mkdtemp(prefix="slotguard-pg-"))
+    pg = PrivatePostgres(data_dir)
     yield pg
     pg.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_a_postgres_outage_spends_no_delivery(worker_settings, private_postgres,
