@@ -128,6 +128,22 @@ class KeySpace:
         """Run id of the Redis whose booked markers were last rehydrated from Postgres."""
         return f"{self.prefix}sg:rehydrated"
 
+    # ---- scan patterns (only the tag's own keys: a pattern never spans tags) -----------
+    def unit_pattern(self, shard: int) -> str:
+        """A SCAN pattern for the unit keys of one shard, and for nothing else: the tag is
+        exact (``{sg:<shard>}``), so no partner-scoped key (an idempotency key holding
+        ``}:u:``) can match it."""
+        return f"{_glob_escape(self.unit_root(shard))}*"
+
+    def reservation_pattern(self, shard: int) -> str:
+        """A SCAN pattern for the reservation records of one shard."""
+        return f"{_glob_escape(self.tag(shard))}:r:rsv_*"
+
     def pattern(self) -> str:
         """A SCAN pattern for every key of this key space (tests and ops tooling)."""
         return f"{self.prefix}{{sg:*"
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a SCAN (glob) pattern: a prefix may hold ``*?[]\\``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

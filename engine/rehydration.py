@@ -23,7 +23,8 @@ import asyncpg
 
 from engine.access import RedisAccess
 from engine.keys import KeySpace
-from engine.records import bookings_to_rehydrate
+from engine.store.commit import BOOKING_LOCK, BOOKING_UNLOCK
+from engine.store.queries import Booking, bookings_to_rehydrate
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
 
@@ -53,41 +54,87 @@ async def is_rehydrated(access: RedisAccess, keys: KeySpace) -> bool:
     return flags == keys.shards
 
 
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """What restoring the booked markers of a list of bookings did."""
+
+    written: dict[str, int]  # reservation id -> markers written now (missing before)
+    overwritten: dict[str, int]  # reservation id -> live holds a marker replaced
+    unknown_resource: list[Booking]  # bookings on a resource the catalog does not know
+
+    @property
+    def markers_written(self) -> int:
+        return sum(self.written.values())
+
+    @property
+    def holds_overwritten(self) -> int:
+        return sum(self.overwritten.values())
+
+
+async def restore_booked_markers(access: RedisAccess, keys: KeySpace, catalog: ResourceCatalog,
+                                 settings: Settings, bookings: list[Booking]) -> Restored:
+    """Write the booked markers of every booking (``restore_markers``, idempotent), in
+    pipelined rounds of 1,000 calls. The one place that turns a booking into its markers:
+    rehydration and reconciliation both call it."""
+    written: dict[str, int] = {}
+    overwritten: dict[str, int] = {}
+    unknown: list[Booking] = []
+    calls, owners = [], []
+
+    async def flush() -> None:
+        for reservation_id, reply in zip(owners, await asyncio.gather(*calls)):
+            if int(reply[0]) == 1:
+                if int(reply[1]):
+                    written[reservation_id] = int(reply[1])
+                if int(reply[2]):
+                    overwritten[reservation_id] = int(reply[2])
+        calls.clear()
+        owners.clear()
+
+    for booking in bookings:
+        if booking.resource_id not in catalog:
+            unknown.append(booking)
+            continue
+        unit_ms = catalog.get(booking.resource_id).unit_ms
+        first, last = booking.block_start_ms // unit_ms, booking.block_end_ms // unit_ms - 1
+        expires_at = booking.block_end_ms + settings.booked_marker_retention_ms
+        calls.append(access.call("restore_markers",
+                                 [keys.unit_root(keys.shard_of(booking.resource_id))],
+                                 [booking.resource_id, first, last, booking.reservation_id,
+                                  expires_at]))
+        owners.append(booking.reservation_id)
+        if len(calls) >= 1000:
+            await flush()
+    if calls:
+        await flush()
+    return Restored(written, overwritten, unknown)
+
+
 async def rehydrate(access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
                     catalog: ResourceCatalog, settings: Settings) -> RehydrationReport:
     """Write the booked markers of every booking not yet ended, then open every shard."""
     started = time.monotonic()
     run_id = await redis_run_id(access)
     async with pool.acquire() as conn:
-        bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
-    written = overwritten = skipped = 0
-    calls = []
-    for booking in bookings:
-        if booking.resource_id not in catalog:
-            skipped += 1
-            log.error("booking %s names unknown resource %s", booking.reservation_id,
-                      booking.resource_id)
-            continue
-        unit_ms = catalog.get(booking.resource_id).unit_ms
-        block_start = booking.block_start_ms
-        block_end = booking.block_end_ms
-        first, last = block_start // unit_ms, block_end // unit_ms - 1
-        expires_at = block_end + settings.booked_marker_retention_ms
-        shard = keys.shard_of(booking.resource_id)
-        calls.append(access.call("restore_markers", [keys.unit_root(shard)],
-                                 [booking.resource_id, first, last, booking.reservation_id,
-                                  expires_at]))
-        if len(calls) >= 1000:
-            written, overwritten = _add(await asyncio.gather(*calls), written, overwritten)
-            calls = []
-    if calls:
-        written, overwritten = _add(await asyncio.gather(*calls), written, overwritten)
-    pipe = access.redis.pipeline(transaction=False)
-    for shard in range(keys.shards):
-        pipe.set(keys.ready(shard), run_id)
-    pipe.set(keys.rehydrated(), run_id)
-    await pipe.execute()
-    report = RehydrationReport(run_id, len(bookings), written, overwritten, skipped,
+        # No booking commits while the markers are read and written (commit-queue batches
+        # take this lock shared): one committed after this read waits until the shards
+        # are open, then writes its own markers before it commits (engine/store/commit.py).
+        await conn.execute(BOOKING_LOCK)
+        try:
+            bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
+            restored = await restore_booked_markers(access, keys, catalog, settings, bookings)
+            pipe = access.redis.pipeline(transaction=False)
+            for shard in range(keys.shards):
+                pipe.set(keys.ready(shard), run_id)
+            pipe.set(keys.rehydrated(), run_id)
+            await pipe.execute()
+        finally:
+            await conn.execute(BOOKING_UNLOCK)
+    for booking in restored.unknown_resource:
+        log.error("booking %s names unknown resource %s", booking.reservation_id,
+                  booking.resource_id)
+    report = RehydrationReport(run_id, len(bookings), restored.markers_written,
+                               restored.holds_overwritten, len(restored.unknown_resource),
                                round(time.monotonic() - started, 3))
     log.info("rehydrated booked markers: %s", report)
     return report
@@ -100,11 +147,3 @@ async def ensure_rehydrated(access: RedisAccess, keys: KeySpace, pool: asyncpg.P
     if await is_rehydrated(access, keys):
         return None
     return await rehydrate(access, keys, pool, catalog, settings)
-
-
-def _add(replies, written: int, overwritten: int) -> tuple[int, int]:
-    for reply in replies:
-        if int(reply[0]) == 1:
-            written += int(reply[1])
-            overwritten += int(reply[2])
-    return written, overwritten

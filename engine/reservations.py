@@ -37,7 +37,7 @@ from engine.errors import (
 )
 from engine.holds import call_with_retry, conflict_from_reply
 from engine.keys import NAME_RE, KeySpace
-from engine.lifecycle import ACTIONS, TERMINAL, State, creation_stage
+from engine.lifecycle import ACTIONS, MAIN_PATH, TERMINAL, State, creation_stage
 from engine.limits import PROVISIONAL_MARGIN_MS, Limits
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
@@ -229,7 +229,8 @@ class ReservationEngine:
             failure_reason=rec.get("fr") or None,
             idempotency_key=rec.get("ik") or None,
             metadata=orjson.loads(rec.get("md") or "{}"),
-            history=[_history_entry(reservation_id, e) for e in reply[2]],
+            history=[step for e in reply[2]
+                     for step in _history_entries(reservation_id, e, rec)],
         )
 
     # ---- transitions ------------------------------------------------------------------
@@ -366,20 +367,45 @@ def _error_for(code: int, reply: list, reservation_id: str, op: str) -> EngineEr
                            details=details)
 
 
-def _history_entry(reservation_id: str, raw: str) -> dict[str, Any]:
+def _history_entries(reservation_id: str, raw: str, record: dict[str, str]
+                     ) -> list[dict[str, Any]]:
+    """One history entry of Redis (one script call, lua/lib/emit_transition.lua) as one
+    dict per transition: a path of waived steps expands into every state it passed, each
+    with its own version; metadata belongs to the call's first step. The creation entry's
+    metadata and idempotency key are the record's."""
     e = orjson.loads(raw)
-    return {
-        "id": f"{reservation_id}:{e['v']}",
-        "reservationId": reservation_id,
-        "fromState": e["f"],
-        "toState": e["t"],
-        "triggeredBy": e["by"],
-        "reason": e.get("r"),
-        "metadata": orjson.loads(e["m"]) if "m" in e else None,
-        "timestamp_ms": int(e["ts"]),
-        "idempotencyKey": e.get("ik"),
-        "version": int(e["v"]),
-    }
+    if type(e) is dict:  # the layout before one entry per call: one transition
+        e = [e["v"], e["f"], e["t"], e["by"], e["ts"], 1, e.get("r", ""), e.get("m", ""),
+             e.get("ik", "")]
+    version, from_state, to_state, actor, at = e[:5]
+    steps, reason, metadata, key = (e[5:] + [1, "", "", ""][len(e) - 5:])[:4]
+    if from_state == State.INTENT_CREATED:
+        metadata, key = record.get("md", ""), record.get("ik", "")
+    path = [to_state]
+    if steps > 1:
+        # Several steps in one call only ever follow the main path (waived steps).
+        start = MAIN_PATH.index(State(from_state)) + 1
+        path = [s.value for s in MAIN_PATH[start:start + steps]]
+        if path[-1] != to_state:
+            raise ValueError(f"history entry of {reservation_id} leaves the main path")
+    first = int(version) - len(path) + 1
+    out = []
+    for i, state in enumerate(path):
+        out.append({
+            "id": f"{reservation_id}:{first + i}",
+            "reservationId": reservation_id,
+            "fromState": from_state,
+            "toState": state,
+            "triggeredBy": actor,
+            "reason": reason or None,
+            "metadata": orjson.loads(metadata) if i == 0 and metadata not in ("", "{}")
+            else None,
+            "timestamp_ms": int(at),
+            "idempotencyKey": key or None,
+            "version": first + i,
+        })
+        from_state = state
+    return out
 
 
 def _metadata_text(metadata: dict[str, Any] | None) -> str:

@@ -62,6 +62,10 @@ class Settings:
     max_deliveries: int = 5
     reaper_interval_ms: int = 1_000
     reconcile_interval_s: int = 300
+    # A batch that fails because Postgres or Redis is unreachable is retried in memory
+    # (no redelivery spent) after a capped exponential backoff with jitter.
+    drain_retry_base_ms: int = 100
+    drain_retry_max_ms: int = 5_000
 
     # API.
     max_body_bytes: int = 16_384

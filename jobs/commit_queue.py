@@ -3,7 +3,7 @@
 Delivery is at least once and every step is idempotent, so a crash anywhere is harmless:
 1. XREADGROUP a batch (or XAUTOCLAIM the batch of a consumer that died);
 2. one Postgres transaction writes the bookings (exclusion constraint), the history and
-   the audit rows, keyed by event id (:func:`engine.records.apply_batch`);
+   the audit rows, keyed by event id (:func:`engine.store.commit.apply_batch`);
 3. a Lua call per committed reservation sets COMMITTED and turns its units into booked
    markers; a booking the exclusion constraint refused fails its reservation as
    FAILED_AVAILABILITY_CHANGED, once, with no retry loop;
@@ -23,28 +23,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import asyncpg
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.access import RedisAccess
-from engine.errors import EngineError, NotFound, TerminalState
+from engine.errors import NotFound, TerminalState
 from engine.keys import KeySpace
-from engine.records import (
-    EventResult,
-    apply_batch,
-    fields_dict,
+from engine.rehydration import restore_booked_markers
+from engine.store.commit import apply_batch
+from engine.store.queries import bookings_of
+from engine.store.events import EventResult, fields_dict
+from engine.store.review import (
     record_dead_letter,
     record_manual_review,
+    storable,
+    storable_text,
 )
 from engine.reservations import ReservationEngine
 from engine.resp import RespError, ScriptConnection
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.commit_queue")
+# The record's unchanging fields, in engine.store.events.Info order (lua/lib/load_reservation.lua).
+_INFO_FIELDS = ("p", "vd", "rs", "rq", "s", "e", "bs", "be", "c")
 GROUP = "slotguard-commit"
 
 
@@ -72,6 +80,7 @@ class CommitQueue:
         self.consumer = consumer
         self.metrics = metrics
         self.stats = DrainStats()
+        self.outages = 0  # shard batches waiting out an outage: the reclaimer stands by
         # Raw RESP connections (None where redis-py must serve: unix sockets): one per
         # shard for its blocking reads, one shared by the acknowledgements.
         self._readers: dict[int, ScriptConnection | None] = {}
@@ -134,6 +143,7 @@ class CommitQueue:
 
     # ---- processing -------------------------------------------------------------------
     async def drain_shard_once(self, shard: int, block_ms: int | None = None) -> int:
+        """Read one batch and deliver it; an outage propagates (the loop retries)."""
         entries = await self.read_new(shard, block_ms)
         await self.process(shard, entries)
         return len(entries)
@@ -145,14 +155,55 @@ class CommitQueue:
             await self.process(shard, entries)
         return len(entries)
 
-    async def process(self, shard: int, entries: list[tuple[str, dict | list]]) -> None:
-        """Write one batch to Postgres, end the commits in Redis, then acknowledge."""
+    async def process(self, shard: int, entries: list[tuple[str, dict | list]], *,
+                      isolate_any: bool = False) -> None:
+        """Write one batch to Postgres, end the commits in Redis, then acknowledge.
+
+        One bad entry never fails its batch: when the batch fails on content (Postgres
+        refuses a value, a constraint other than the booking's), the batch is bisected
+        until each entry that fails alone is found; that entry goes to the dead letters with
+        its reason and a manual_review case, the rest commits. With ``isolate_any`` any
+        error but an outage is taken for content (an error that kept coming back).
+        An outage (:func:`is_outage`) propagates: nothing is lost, the caller retries.
+
+        An entry whose reservation's creation entry is not written yet (another consumer
+        holds it in a batch of its own) is tried again after a short pause, a few times;
+        then it stays pending and the reclaimer delivers it again."""
+        for pause in (0.02, 0.1, 0.5, None):
+            entries = await self._isolating(shard, entries, isolate_any)
+            if not entries or pause is None:
+                return
+            await asyncio.sleep(pause)
+
+    async def _isolating(self, shard: int, entries: list[tuple[str, dict | list]],
+                         isolate_any: bool) -> list[tuple[str, dict | list]]:
+        try:
+            return await self._process(shard, entries)
+        except Exception as exc:
+            if is_outage(exc) or not (isolate_any or is_content_error(exc)):
+                raise
+            if len(entries) > 1:
+                log.warning("batch of %s entries on shard %s failed on content, bisecting: %r",
+                            len(entries), shard, exc)
+                middle = len(entries) // 2
+                return (await self._isolating(shard, entries[:middle], isolate_any)
+                        + await self._isolating(shard, entries[middle:], isolate_any))
+            [(entry_id, fields)] = entries
+            await self._dead_letter(shard, entry_id, fields, f"{type(exc).__name__}: {exc}")
+            await self._ack(shard, [entry_id])
+            return []
+
+    async def _process(self, shard: int, entries: list[tuple[str, dict | list]]
+                       ) -> list[tuple[str, dict | list]]:
+        """:meth:`process` once; returns the deferred entries (not acknowledged)."""
         if not entries:
-            return
+            return []
         started = time.perf_counter()
         events = [fields for _, fields in entries]
         async with self.pool.acquire() as conn:
-            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None)
+            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
+                                        lookup=self._live_info,
+                                        before_commit=self._markers_before_commit)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -162,11 +213,13 @@ class CommitQueue:
             by_result[result] = by_result.get(result, 0) + n
         follow_ups = []
         rejected = []
+        deferred = []
         for position, outcome in sorted(applied.details.items()):
             result = outcome.result
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
-                follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id))
+                follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id,
+                                                 outcome.event_id))
             elif result == EventResult.AVAILABILITY_CHANGED:
                 self.stats.availability_changed += 1
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
@@ -174,17 +227,62 @@ class CommitQueue:
             elif result == EventResult.REJECTED:
                 entry_id, fields = entries[position]
                 rejected.append((entry_id, fields, outcome.reason or "rejected"))
+            elif result == EventResult.DEFERRED:
+                deferred.append(position)
         if follow_ups:
             await asyncio.gather(*follow_ups)
         for entry_id, fields, reason in rejected:
             await self._dead_letter(shard, entry_id, fields, reason)
-        await self._ack(shard, [entry_id for entry_id, _ in entries])
-        self.stats.entries += len(entries)
+        later = set(deferred)
+        done = [entry_id for position, (entry_id, _) in enumerate(entries)
+                if position not in later]
+        if done:
+            await self._ack(shard, done)
+        self.stats.entries += len(done)
         self.stats.batches += 1
         if self.metrics is not None:
-            self.metrics.observe_drain(shard, len(entries), time.perf_counter() - started)
+            self.metrics.observe_drain(shard, len(done), time.perf_counter() - started)
+        return [entries[position] for position in deferred]
 
-    async def _finalize(self, reservation_id: str, booking_id: str | None) -> None:
+    async def _live_info(self, reservation_ids: list[str]) -> dict[str, tuple]:
+        """The unchanging fields of reservations from their live Redis records (for entries
+        whose creation entry another consumer has not committed yet)."""
+        pipe = self.redis.pipeline(transaction=False)
+        asked = []
+        for reservation_id in reservation_ids:
+            try:
+                pipe.hmget(self.keys.reservation(reservation_id), _INFO_FIELDS)
+            except ValueError:
+                continue
+            asked.append(reservation_id)
+        if not asked:
+            return {}
+        found = {}
+        for reservation_id, values in zip(asked, await pipe.execute()):
+            if all(values):
+                p, vd, rs, rq, *times = values
+                found[reservation_id] = (p, vd, rs, rq, *map(int, times))
+        return found
+
+    async def _markers_before_commit(self, conn: asyncpg.Connection,
+                                     reservation_ids: list[str]) -> None:
+        """Inside the booking transaction, before it commits: a booked reservation whose
+        Redis record is gone (Redis lost its data, and rehydration ran before this booking
+        existed) gets its booked markers now, so no slot of a booking ever reads free.
+        Otherwise its units stay pinned until the finalize writes the markers."""
+        pipe = self.redis.pipeline(transaction=False)
+        for reservation_id in reservation_ids:
+            pipe.exists(self.keys.reservation(reservation_id))
+        gone = [r for r, found in zip(reservation_ids, await pipe.execute()) if not found]
+        if gone:
+            bookings = await bookings_of(conn, gone)
+            await restore_booked_markers(self.access, self.keys, self.reservations.catalog,
+                                         self.settings, bookings)
+            log.warning("booked %s reservations whose Redis records are gone: markers "
+                        "restored", len(bookings))
+
+    async def _finalize(self, reservation_id: str, booking_id: str | None,
+                        commit_event_id: str) -> None:
         try:
             await self.reservations.act(reservation_id, "finalize-commit", actor="system",
                                         booking_id=booking_id or "")
@@ -195,8 +293,17 @@ class CommitQueue:
                                      {"bookingId": booking_id, "state": exc.details.get("state")})
         except NotFound:
             # Redis forgot the reservation (data loss) after Postgres booked it: the booking
-            # stands, and rehydration restores its markers.
+            # stands (its markers were written before it committed, or by rehydration), so
+            # the record says COMMITTED, written straight to Postgres.
             log.warning("booked %s but its Redis record is gone", reservation_id)
+            version = int(commit_event_id.rsplit(":", 1)[1]) + 1
+            async with self.pool.acquire() as conn:
+                await apply_batch(conn, [{
+                    "reservationId": reservation_id, "version": str(version),
+                    "fromState": "COMMIT_IN_PROGRESS", "toState": "COMMITTED",
+                    "triggeredBy": "system", "timestamp": str(int(time.time() * 1000)),
+                    "reason": "booked after Redis lost the reservation"}])
+            self.stats.committed += 1
 
     async def _fail_changed(self, reservation_id: str, conflicting: str | None) -> None:
         try:
@@ -237,8 +344,20 @@ class CommitQueue:
         await self.redis.xadd(self.keys.dead_letters(shard),
                               {**fields, "deadEntryId": entry_id, "deadReason": reason})
         async with self.pool.acquire() as conn:
-            await record_dead_letter(conn, stream=self.keys.events(shard), entry_id=entry_id,
-                                     fields=fields, error=reason, deliveries=deliveries)
+            async with conn.transaction():
+                await record_dead_letter(conn, stream=self.keys.events(shard),
+                                         entry_id=entry_id, fields=fields, error=reason,
+                                         deliveries=deliveries)
+                # A human looks at every dead letter: the entry is a transition that did
+                # not reach the record.
+                named = storable({k: fields[k] for k in ("reservationId", "resourceId")
+                                  if fields.get(k)})
+                await record_manual_review(conn, "dead_letter", named.get("reservationId"),
+                                           named.get("resourceId"),
+                                           {"stream": self.keys.events(shard),
+                                            "entryId": entry_id,
+                                            "reason": storable_text(reason),
+                                            "deliveries": deliveries})
         if self.metrics is not None:
             self.metrics.dead_letter(shard)
         log.error("dead-lettered %s on shard %s: %s", entry_id, shard, reason)
@@ -287,22 +406,95 @@ class CommitQueue:
             await self.close()
 
     async def _shard_loop(self, shard: int, stop: asyncio.Event) -> None:
-        # A blocking read holds one pooled connection for up to drain_block_ms.
+        """Read a batch, deliver it until it is through; never exits on an error.
+
+        A batch read is held in memory until it is delivered: an outage is waited out
+        with backoff and the same entries are tried again, so it spends no delivery (a
+        re-read would count one); meanwhile their idle time is reset (XCLAIM JUSTID, which
+        counts nothing) so no reclaimer takes them over."""
+        failures = 0
         while not stop.is_set():
             try:
-                await self.drain_shard_once(shard, block_ms=self.settings.drain_block_ms)
-            except (EngineError, asyncpg.PostgresError, OSError, ConnectionError,
-                    asyncio.TimeoutError) as exc:
-                log.warning("drain of shard %s failed, will retry: %r", shard, exc)
-                await asyncio.sleep(0.5)
-            except RespError as exc:
-                log.warning("drain of shard %s failed, will retry: %r", shard, exc)
-                if "NOGROUP" in str(exc):  # the stream or group is gone (Redis lost data)
-                    await self.ensure_groups()
-                await asyncio.sleep(0.5)
-            except Exception:  # never let one bad batch kill the shard's reader
-                log.exception("drain of shard %s failed", shard)
-                await asyncio.sleep(0.5)
+                entries = await self.read_new(shard, block_ms=self.settings.drain_block_ms)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if isinstance(exc, RespError) and "NOGROUP" in str(exc):
+                    # The stream or group is gone (Redis lost data).
+                    await self._quietly(self.ensure_groups())
+                log.warning("read of shard %s failed, will retry: %r", shard, exc)
+                await self._backoff(failures, stop)
+                continue
+            await self.deliver(shard, entries, stop)
+
+    async def deliver(self, shard: int, entries: list[tuple[str, dict | list]],
+                      stop: asyncio.Event) -> bool:
+        """:meth:`process` until it succeeds or ``stop`` is set; True when delivered.
+
+        An outage is retried for as long as it lasts. Any other error that keeps
+        recurring (a bug, an unclassified server error) is, after max_deliveries tries,
+        taken for the content's fault: the batch is then isolated entry by entry."""
+        attempt = unexplained = 0
+        waiting_out = False  # counted in self.outages while an outage lasts
+        try:
+            while True:
+                try:
+                    await self.process(shard, entries,
+                                       isolate_any=unexplained >= self.settings.max_deliveries)
+                    return True
+                except Exception as exc:
+                    attempt += 1
+                    outage = is_outage(exc)
+                    if outage != waiting_out:
+                        self.outages += 1 if outage else -1
+                        waiting_out = outage
+                    if outage:
+                        log.warning("shard %s: Postgres or Redis unreachable (%r), retrying "
+                                    "%s entries", shard, exc, len(entries))
+                    else:
+                        unexplained += 1
+                        log.exception("shard %s: batch failed (%s/%s)", shard, unexplained,
+                                      self.settings.max_deliveries)
+                    if await self._backoff(attempt, stop):
+                        return False
+                    await self._quietly(self._keep_idle_low(shard, entries))
+        finally:
+            if waiting_out:
+                self.outages -= 1
+
+    async def _backoff(self, attempt: int, stop: asyncio.Event) -> bool:
+        """Sleep a capped exponential backoff with full jitter; True when stopped."""
+        base, cap = self.settings.drain_retry_base_ms, self.settings.drain_retry_max_ms
+        delay = random.uniform(0.5, 1.0) * min(cap, base * 2 ** min(attempt, 20)) / 1000
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def _keep_idle_low(self, shard: int, entries: list[tuple[str, dict | list]]) -> None:
+        """Claim our own pending entries again with JUSTID: their idle time restarts and
+        their delivery count does not move (XCLAIM's JUSTID does not count a delivery)."""
+        if entries:
+            await self.redis.xclaim(self.keys.events(shard), GROUP, self.consumer, 0,
+                                    [entry_id for entry_id, _ in entries], justid=True)
+
+    @staticmethod
+    async def _quietly(call) -> None:
+        try:
+            await call
+        except Exception as exc:
+            log.debug("ignored while recovering: %r", exc)
+
+    async def _reachable(self) -> bool:
+        """Postgres and Redis both answer (a reclaim is a delivery: spend none in vain)."""
+        try:
+            await self.redis.ping()
+            async with self.pool.acquire() as conn:
+                await conn.execute("SELECT 1")
+            return True
+        except Exception:
+            return False
 
     async def _reclaim_loop(self, stop: asyncio.Event) -> None:
         interval = max(self.settings.reclaim_idle_ms / 2000, 0.1)
@@ -312,16 +504,53 @@ class CommitQueue:
                 return
             except asyncio.TimeoutError:
                 pass
+            # XAUTOCLAIM counts a delivery: only while nothing is in an outage here and
+            # both servers answer.
+            if self.outages or not await self._reachable():
+                continue
             for shard in range(self.keys.shards):
                 try:
-                    while await self.reclaim_shard_once(shard):
-                        pass
-                except Exception:
-                    log.exception("reclaim of shard %s failed", shard)
+                    while not stop.is_set():
+                        entries = await self.reclaim(shard)
+                        if not entries:
+                            break
+                        entries = await self._dead_letter_exhausted(shard, entries)
+                        if not await self.deliver(shard, entries, stop):
+                            break
+                except Exception as exc:
+                    log.warning("reclaim of shard %s failed: %r", shard, exc)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Postgres or Redis unreachable (refused, reset, shutting down, out of connections):
+    not the entries' fault, so it spends no delivery."""
+    if is_content_error(exc):  # asyncpg's client-side DataError is an InterfaceError too
+        return False
+    return isinstance(exc, _OUTAGES)
+
+
+def is_content_error(exc: BaseException) -> bool:
+    """An error a batch's own content causes: Postgres refuses a value (a NUL byte,
+    malformed text, out of range), a constraint other than the booking's exclusion
+    constraint (handled per booking), or a value Python cannot encode."""
+    return isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError,
+                            ValueError, TypeError, OverflowError, UnicodeError))
+
+
+_OUTAGES = (
+    OSError,  # refused, reset, unreachable (ConnectionError is one)
+    asyncio.TimeoutError,
+    RedisConnectionError,  # LOADING (BusyLoadingError) too
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError, ConnectionFailureError
+    asyncpg.OperatorInterventionError,  # CannotConnectNowError, AdminShutdownError
+    asyncpg.InsufficientResourcesError,  # TooManyConnectionsError
+    asyncpg.InterfaceError,  # "connection is closed", pool closing
+)
 
 
 def _entries(raw: list) -> list[tuple[str, list[str]]]:
     """XREADGROUP's entries ([id, [field, value, ...]]) as (id, fields), the fields left
-    as the flat list :func:`engine.records.apply_batch` parses by position; a deleted entry
+    as the flat list :func:`engine.store.commit.apply_batch` parses by position; a deleted entry
     (no fields) is left out."""
     return [(entry_id, flat) for entry_id, flat in raw if flat]

@@ -25,10 +25,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from redis.exceptions import ResponseError
+
 from engine.errors import EngineError
 from engine.holds import BOOKED_PREFIX
-from engine.records import bookings_to_rehydrate, record_manual_review
+from engine.rehydration import restore_booked_markers
 from engine.runtime import Runtime
+from engine.store.queries import bookings_to_rehydrate
+from engine.store.review import record_manual_review
 
 log = logging.getLogger("slotguard.reconcile")
 TERMINAL_NOT_BOOKED = {"CANCELLED", "EXPIRED", "FAILED_VENDOR_TIMEOUT", "FAILED_VENDOR_AUTH",
@@ -68,28 +72,19 @@ async def _restore_booked_markers(rt: Runtime, report: ReconciliationReport) -> 
     """Postgres → Redis. Returns reservation id → booking id of every booking not ended."""
     async with rt.pool.acquire() as conn:
         bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
-    booked = {}
-    for booking in bookings:
-        booked[booking.reservation_id] = booking.id
-        if booking.resource_id not in rt.catalog:
-            report.findings["booking_of_unknown_resource"] += 1
-            await _escalate(rt, report, "booking_of_unknown_resource", booking.reservation_id,
-                            booking.resource_id, {"bookingId": booking.id})
-            continue
-        unit_ms = rt.catalog.get(booking.resource_id).unit_ms
-        start = booking.block_start_ms
-        end = booking.block_end_ms
-        reply = await rt.access.call(
-            "restore_markers", [rt.keys.unit_root(rt.keys.shard_of(booking.resource_id))],
-            [booking.resource_id, start // unit_ms, end // unit_ms - 1, booking.reservation_id,
-             end + rt.settings.booked_marker_retention_ms])
-        written, overwritten = int(reply[1]), int(reply[2])
-        if written:
-            report.findings["booked_marker_missing"] += 1
-            report.fixes["booked_marker_missing"] += 1
-        if overwritten:
-            report.findings["hold_on_booked_unit"] += overwritten
-            report.fixes["hold_on_booked_unit"] += overwritten
+    booked = {booking.reservation_id: booking.id for booking in bookings}
+    restored = await restore_booked_markers(rt.access, rt.keys, rt.catalog, rt.settings,
+                                            bookings)
+    for booking in restored.unknown_resource:
+        report.findings["booking_of_unknown_resource"] += 1
+        await _escalate(rt, report, "booking_of_unknown_resource", booking.reservation_id,
+                        booking.resource_id, {"bookingId": booking.id})
+    for _ in restored.written:
+        report.findings["booked_marker_missing"] += 1
+        report.fixes["booked_marker_missing"] += 1
+    for overwritten in restored.overwritten.values():
+        report.findings["hold_on_booked_unit"] += overwritten
+        report.fixes["hold_on_booked_unit"] += overwritten
     return booked
 
 
@@ -97,9 +92,14 @@ async def _scan_units(rt: Runtime, report: ReconciliationReport, booked: dict[st
     """Redis → Postgres and Redis → Redis: who owns each unit, and should they?"""
     redis = rt.redis
     states: dict[str, str | None] = {}
-    async for key in redis.scan_iter(match=f"{rt.keys.prefix}{{sg:*}}:u:*", count=2000):
+    async for key in _unit_keys(rt):
         report.units_scanned += 1
-        owner = await redis.get(key)
+        try:
+            owner = await redis.get(key)
+        except ResponseError as exc:  # not a unit key after all: report, never stop
+            report.findings["unexpected_key"] += 1
+            log.warning("reconciliation skipped %r: %s", key, exc)
+            continue
         if owner is None:
             continue
         if owner.startswith(BOOKED_PREFIX):
@@ -110,12 +110,21 @@ async def _scan_units(rt: Runtime, report: ReconciliationReport, booked: dict[st
                                 {"unitKey": key})
             continue
         if owner.startswith("hld_"):
-            if not await redis.exists(rt.keys.hold(owner)):
+            try:
+                hold_key = rt.keys.hold(owner)
+            except ValueError:
+                hold_key = None
+            if hold_key is None or not await redis.exists(hold_key):
                 report.findings["unit_of_missing_hold"] += 1
                 await _free(rt, report, key, owner, "unit_of_missing_hold")
             continue
         if owner not in states:
-            states[owner] = await redis.hget(rt.keys.reservation(owner), "st")
+            try:
+                record = rt.keys.reservation(owner)
+            except ValueError:  # not one of our ids: nobody to own the unit
+                states[owner] = None
+            else:
+                states[owner] = await redis.hget(record, "st")
         state = states[owner]
         if state is None:
             report.findings["unit_of_missing_reservation"] += 1
@@ -131,6 +140,13 @@ async def _scan_units(rt: Runtime, report: ReconciliationReport, booked: dict[st
             else:
                 await _escalate(rt, report, "committed_without_booking", owner, None,
                                 {"unitKey": key})
+
+
+async def _unit_keys(rt: Runtime):
+    """Every unit key, shard by shard, from the patterns of engine/keys.py."""
+    for shard in range(rt.keys.shards):
+        async for key in rt.redis.scan_iter(match=rt.keys.unit_pattern(shard), count=2000):
+            yield key
 
 
 async def _stuck_commits(rt: Runtime, report: ReconciliationReport,

@@ -1,5 +1,5 @@
 --[[ Create a reservation: hold every unit of its buffered interval and walk it from
-  INTENT_CREATED as far as the vendor's policy allows, recording every step.
+  INTENT_CREATED as far as the vendor's policy allows, recording the walk as ONE entry.
   KEYS[1] <prefix>{sg:<shard>}:u:                unit root; unit keys are <root><resource>:<index>
   KEYS[2] <prefix>{sg:<shard>}:r:<id>            reservation record (hash)
   KEYS[3] <prefix>{sg:<shard>}:rh:<id>           reservation history (list of JSON entries)
@@ -92,9 +92,9 @@ redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', AR
   'bs', ARGV[10], 'be', ARGV[11], 'c', now, 'dl', deadline, 'cr', ARGV[12], 'pr', ARGV[13],
   'x', 0, 't', token, 'md', ARGV[14], 'ik', ARGV[15])
 local rec = load_reservation(record_key, id)
-for i = 2, #path do
-  emit_transition(events_key, history_key, rec, path[i - 1], path[i], i - 1, ARGV[16], '',
-    i == 2 and ARGV[14] or '{}', ARGV[15], now, deadline)
-end
+-- One commit-queue entry for the whole walk, INTENT_CREATED being version 0.
+local steps = {unpack(path, 2)}
+emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[16], '', ARGV[14],
+  ARGV[15], now, deadline, true)
 settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
 return {1, final, version, deadline, token, now}

@@ -1,7 +1,8 @@
 --[[ Move a reservation: a caller's action, the reaper's expiry, or a hold extension.
   One compare-and-set on the version; live holds are revalidated (the hold must still own
-  every unit); staged TTLs are applied to the record and every unit key; every step is
-  appended to the history and the shard's commit-queue stream in this same script.
+  every unit); staged TTLs are applied to the record and every unit key; the call's
+  path (every step, waived ones included) is appended as ONE entry to the history and the
+  shard's commit-queue stream in this same script.
   KEYS[1] <prefix>{sg:<shard>}:u:          unit root; unit keys are <root><resource>:<index>
   KEYS[2] <prefix>{sg:<shard>}:r:<id>      reservation record
   KEYS[3] <prefix>{sg:<shard>}:rh:<id>     reservation history
@@ -61,7 +62,8 @@ local state = rec.st
 local overdue = PRE_COMMIT[state] and rec.dl <= now
 
 -- Apply `path` (states after the current one): CAS already checked, so every step is
--- checked against the table (a failure here is a bug, hence error()), recorded, settled.
+-- checked against the table (a failure here is a bug, hence error()); the path is recorded
+-- as one entry and settled.
 local function apply(path, why, code)
   local deadline = rec.dl
   for _, s in ipairs(path) do
@@ -70,14 +72,14 @@ local function apply(path, why, code)
   local final = path[#path]
   if final == 'COMMIT_IN_PROGRESS' then deadline = now + ttl.authorized end
   local from = state
-  local v = rec.v
-  for i, s in ipairs(path) do
+  for _, s in ipairs(path) do
     if not EDGES[from][s] then error('lifecycle bug: ' .. from .. ' -> ' .. s) end
-    v = v + 1
-    emit_transition(events_key, history_key, rec, from, s, v, actor, why,
-      i == 1 and metadata or '{}', ik, now, TERMINAL[final] and '' or deadline)
     from = s
   end
+  local v = rec.v + #path
+  -- One commit-queue entry for the whole path (waived steps included).
+  emit_transition(events_key, history_key, rec, state, path, v, actor, why, metadata, ik, now,
+    TERMINAL[final] and '' or deadline)
   local fields = {'st', final, 'v', v, 'dl', deadline}
   if final:sub(1, 7) == 'FAILED_' then
     fields[#fields + 1] = 'fr'; fields[#fields + 1] = why ~= '' and why or final
@@ -110,7 +112,7 @@ if op == 'extend' then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', -10)
   end
   local v = rec.v + 1
-  emit_transition(events_key, history_key, rec, state, state, v, actor,
+  emit_transition(events_key, history_key, rec, state, {state}, v, actor,
     reason ~= '' and reason or 'extended', metadata, ik, now, deadline)
   redis.call('HSET', record_key, 'v', v, 'dl', deadline, 'x', rec.x + 1)
   rec.dl = deadline

@@ -9,10 +9,12 @@ from datetime import datetime, timedelta, timezone
 import orjson
 import pytest
 
-from engine import directory, records
+from engine import directory
 from engine.errors import ValidationError
 from engine.keys import KeySpace
-from engine.records import EventResult, apply_events, booking_id_for
+from engine.store import commit, events, queries, review
+from engine.store.commit import apply_events
+from engine.store.events import EventResult, booking_id_for
 from tests.test_db import count, db, conn  # noqa: F401  (fixtures)
 
 T0 = 1_893_456_000_000  # 2030-01-01T00:00Z in ms
@@ -99,7 +101,7 @@ async def test_an_event_twice_in_one_batch_is_written_once(conn, vendor):
 async def test_audit_row_and_snapshot_content(conn, vendor):
     a = rid()
     metadata = orjson.dumps({"channel": "web", "n": 2}).decode()
-    await apply_events(conn, lifecycle(a)[:3] + [
+    await apply_events(conn, lifecycle(a, partner="acme")[:3] + [
         event(a, 4, "FAILED_VENDOR_TIMEOUT", from_state="AWAITING_VENDOR_CONFIRMATION",
               triggered_by="timeout", reason="vendor did not answer", metadata=metadata,
               idempotency_key="idem-1", partner="acme")])
@@ -112,27 +114,27 @@ async def test_audit_row_and_snapshot_content(conn, vendor):
         "reason": "vendor did not answer", "version": 4, "idempotencyKey": "idem-1",
         "metadata": {"channel": "web", "n": 2}}
 
-    stored = await records.load_reservation(conn, a)
+    stored = await queries.load_reservation(conn, a)
     assert (stored.state, stored.version, stored.failure_reason, stored.booking_id) == (
         "FAILED_VENDOR_TIMEOUT", 4, "vendor did not answer", None)
     assert (stored.slot_start, stored.slot_end) == (to_dt(T0), to_dt(T0 + H))
     assert stored.metadata == {"channel": "web", "n": 2}
     assert [t.version for t in stored.history] == [1, 2, 3, 4]
     assert stored.history[0].from_state is None and stored.history[3].idempotency_key == "idem-1"
-    assert await records.load_reservation(conn, rid()) is None
+    assert await queries.load_reservation(conn, rid()) is None
 
 
 async def test_snapshot_only_moves_forward(conn, vendor):
     a = rid()
     events = lifecycle(a)
     await apply_events(conn, [events[4], events[2]])  # newest first within one batch
-    assert (await records.load_reservation(conn, a)).version == 5
+    assert (await queries.load_reservation(conn, a)).version == 5
     await apply_events(conn, [events[1]])  # a late, older event
-    stored = await records.load_reservation(conn, a)
+    stored = await queries.load_reservation(conn, a)
     assert (stored.state, stored.version) == ("AWAITING_VENDOR_AUTH", 5)
     assert [t.version for t in stored.history] == [2, 3, 5]  # still recorded in history
     await apply_events(conn, events)
-    stored = await records.load_reservation(conn, a)
+    stored = await queries.load_reservation(conn, a)
     assert (stored.state, stored.booking_id) == ("COMMIT_IN_PROGRESS", booking_id_for(a))
 
 
@@ -162,7 +164,7 @@ async def test_one_conflicting_booking_does_not_poison_the_batch(conn, vendor):
     assert booked == {taken, good[0], good[1]}
     # The refused commits are still part of the record: their transitions are audited.
     assert await count(conn, "audit_log") == 1 + len(batch)
-    assert (await records.load_reservation(conn, loser)).booking_id is None
+    assert (await queries.load_reservation(conn, loser)).booking_id is None
 
     # Redelivered: same answer, nothing new written.
     again = await apply_events(conn, batch)
@@ -203,7 +205,7 @@ async def test_redelivered_commit_after_failure_is_superseded(conn, vendor):
     assert [o.result for o in outcomes] == [EventResult.SUPERSEDED, EventResult.RECORDED]
     assert await conn.fetchval("SELECT count(*) FROM bookings WHERE reservation_id = $1",
                                a) == 0
-    stored = await records.load_reservation(conn, a)
+    stored = await queries.load_reservation(conn, a)
     assert (stored.state, stored.failure_reason) == ("FAILED_AVAILABILITY_CHANGED", "slot taken")
 
     # And redelivered on its own later, against the stored snapshot.
@@ -250,10 +252,10 @@ async def test_bookings_to_rehydrate(conn, vendor):
     ])
     await conn.execute("UPDATE bookings SET cancelled_at = now() WHERE reservation_id = $1",
                        cancelled)
-    bookings = await records.bookings_to_rehydrate(conn, to_dt(T0))
+    bookings = await queries.bookings_to_rehydrate(conn, to_dt(T0))
     assert [(b.reservation_id, b.resource_id) for b in bookings] == [(live, "v1"),
                                                                      (buffered, "v1-b")]
-    assert bookings[0] == records.Booking(
+    assert bookings[0] == queries.Booking(
         booking_id_for(live), live, "v1", "v1", "p1", T0 + H, T0 + 2 * H, T0 + H, T0 + 2 * H)
     assert (bookings[1].block_start_ms, bookings[1].block_end_ms) == (T0 - H - 15 * M,
                                                                       T0 + 15 * M)
@@ -262,52 +264,52 @@ async def test_bookings_to_rehydrate(conn, vendor):
 async def test_query_audit_filters_and_pages(conn, vendor):
     a, b = rid(), rid()
     await apply_events(conn, lifecycle(a) + lifecycle(b, resource="v1-b", triggered_by="vendor"))
-    assert len(await records.query_audit(conn, reservation_id=a)) == 9
-    by_resource = await records.query_audit(conn, resource_id="v1-b")
+    assert len(await queries.query_audit(conn, reservation_id=a)) == 9
+    by_resource = await queries.query_audit(conn, resource_id="v1-b")
     assert {e.reservation_id for e in by_resource} == {b}
-    assert {e.reservation_id for e in await records.query_audit(conn, actor="vendor")} == {b}
-    window = await records.query_audit(conn, reservation_id=a,
+    assert {e.reservation_id for e in await queries.query_audit(conn, actor="vendor")} == {b}
+    window = await queries.query_audit(conn, reservation_id=a,
                                        since=to_dt(T0 - 86_400_000 + 3),
                                        until=to_dt(T0 - 86_400_000 + 5))
     assert [e.metadata["version"] for e in window] == [3, 4]
-    page1 = await records.query_audit(conn, limit=10)
-    page2 = await records.query_audit(conn, limit=10, after_id=page1[-1].id)
+    page1 = await queries.query_audit(conn, limit=10)
+    page2 = await queries.query_audit(conn, limit=10, after_id=page1[-1].id)
     assert len(page1) == 10 and len(page2) == 8
     assert [e.id for e in page1 + page2] == sorted(e.id for e in page1 + page2)
     assert page1[0].action == "reservation.intent_created"
     for bad in ({"limit": 0}, {"limit": 5000},
                 {"since": to_dt(T0), "until": to_dt(T0 - H)}):
         with pytest.raises(ValidationError):
-            await records.query_audit(conn, **bad)
+            await queries.query_audit(conn, **bad)
 
 
 async def test_record_audit_and_manual_review_are_idempotent(conn, vendor):
     at = to_dt(T0)
-    assert await records.record_audit(conn, event_id="ops-1", action="hold.manual_release",
+    assert await queries.record_audit(conn, event_id="ops-1", action="hold.manual_release",
                                       actor="ops", at=at, resource_id="v1",
                                       metadata={"note": "stuck"})
-    assert not await records.record_audit(conn, event_id="ops-1", action="x", actor="ops",
+    assert not await queries.record_audit(conn, event_id="ops-1", action="x", actor="ops",
                                           at=at)
-    [entry] = await records.query_audit(conn, actor="ops")
+    [entry] = await queries.query_audit(conn, actor="ops")
     assert (entry.action, entry.metadata) == ("hold.manual_release", {"note": "stuck"})
 
     a = rid()
-    case = await records.record_manual_review(conn, "commit_stuck", a, "v1", {"tries": 5})
-    assert await records.record_manual_review(conn, "commit_stuck", a, "v1", {"tries": 6}) == case
-    other = await records.record_manual_review(conn, "payment_orphan", a, "v1", {})
+    case = await review.record_manual_review(conn, "commit_stuck", a, "v1", {"tries": 5})
+    assert await review.record_manual_review(conn, "commit_stuck", a, "v1", {"tries": 6}) == case
+    other = await review.record_manual_review(conn, "payment_orphan", a, "v1", {})
     assert other != case
     await conn.execute("UPDATE manual_review SET resolved_at = now() WHERE id = $1", case)
-    reopened = await records.record_manual_review(conn, "commit_stuck", a, "v1", {})
+    reopened = await review.record_manual_review(conn, "commit_stuck", a, "v1", {})
     assert reopened not in (case, other)
     assert await conn.fetchval("SELECT details FROM manual_review WHERE id = $1",
                                case) == {"tries": 5}
     with pytest.raises(ValidationError):
-        await records.record_manual_review(conn, "", a, None, {})
+        await review.record_manual_review(conn, "", a, None, {})
 
-    assert await records.record_dead_letter(conn, stream="{sg:1}:events", entry_id="1-0",
+    assert await review.record_dead_letter(conn, stream="{sg:1}:events", entry_id="1-0",
                                             fields={"eventId": "x"}, error="boom",
                                             deliveries=5)
-    assert not await records.record_dead_letter(conn, stream="{sg:1}:events",
+    assert not await review.record_dead_letter(conn, stream="{sg:1}:events",
                                                 entry_id="1-0", fields={}, error="boom",
                                                 deliveries=6)
 
@@ -336,7 +338,10 @@ async def test_measure_commit_throughput(conn, vendor):
 
 
 # ---- the drain's fast paths: flat entries, joined columns, concurrent deliveries -----------
-def flat(fields: dict[str, str], order: list[str] = records.FIELD_LAYOUT) -> list[str]:
+OLD_LAYOUT = ["eventId", *events.FIELD_LAYOUT]  # entries written before one-per-call
+
+
+def flat(fields: dict[str, str], order: list[str] = OLD_LAYOUT) -> list[str]:
     """A stream entry as the raw RESP reader hands it over: [name, value, ...]."""
     return [item for name in order if name in fields for item in (name, fields[name])]
 
@@ -347,7 +352,7 @@ async def test_flat_entries_are_parsed_like_dicts(conn, vendor):
     # The layout of emit_transition.lua (parsed by position), and another order (by name).
     as_lists = [flat(e) for e in lifecycle(b, start=T0 + H, end=T0 + 2 * H)]
     as_lists[3] = flat(event(b, 4, MAIN_PATH[3], from_state=MAIN_PATH[2], start=T0 + H,
-                             end=T0 + 2 * H), order=list(reversed(records.FIELD_LAYOUT)))
+                             end=T0 + 2 * H), order=list(reversed(OLD_LAYOUT)))
     broken = flat({**event(rid(), 1, "INTENT_CREATED"), "version": "one"})
     outcomes = await apply_events(conn, as_dicts + as_lists + [broken])
     assert [o.result for o in outcomes[:9]] == [o.result for o in outcomes[9:18]]
@@ -355,7 +360,7 @@ async def test_flat_entries_are_parsed_like_dicts(conn, vendor):
     assert (outcomes[18].result, outcomes[18].event_id) == (EventResult.REJECTED,
                                                             broken[1])
     for reservation_id in (a, b):
-        stored = await records.load_reservation(conn, reservation_id)
+        stored = await queries.load_reservation(conn, reservation_id)
         assert [t.version for t in stored.history] == list(range(1, 10))
     assert await count(conn, "audit_log") == 18
 
@@ -366,7 +371,7 @@ async def test_a_value_holding_the_separator_is_written_intact(conn, vendor):
     events = lifecycle(a)[:2] + [event(a, 3, "CANCELLED", from_state="HELD", reason=reason,
                                        idempotency_key="k\x1f1", metadata='{"n": "\\u001f"}')]
     await apply_events(conn, events)
-    stored = await records.load_reservation(conn, a)
+    stored = await queries.load_reservation(conn, a)
     assert (stored.state, stored.failure_reason) == ("CANCELLED", reason)
     assert stored.history[2].idempotency_key == "k\x1f1"
     row = await conn.fetchrow("SELECT metadata FROM audit_log WHERE event_id = $1", f"{a}:3")
@@ -384,14 +389,14 @@ async def test_a_value_holding_the_separator_is_written_intact(conn, vendor):
 async def test_apply_batch_reports_commits_rejects_and_new_transitions(conn, vendor):
     a = rid()
     events = lifecycle(a) + [{**event(rid(), 1, "INTENT_CREATED"), "triggeredBy": "mallory"}]
-    applied = await records.apply_batch(conn, events, count_transitions=True)
+    applied = await commit.apply_batch(conn, events, count_transitions=True)
     assert applied.results == [EventResult.RECORDED] * 8 + [EventResult.BOOKED,
                                                             EventResult.REJECTED]
     assert sorted(applied.details) == [8, 9]
     assert applied.details[8].booking_id == booking_id_for(a)
     assert sum(applied.transitions.values()) == 9
     assert applied.transitions[("AUTHORIZED_BOTH", "COMMIT_IN_PROGRESS", "system")] == 1
-    again = await records.apply_batch(conn, events, count_transitions=True)
+    again = await commit.apply_batch(conn, events, count_transitions=True)
     assert not again.transitions and all(again.already_applied[:9])
 
 
@@ -418,3 +423,79 @@ async def test_a_concurrent_delivery_of_the_same_batch_writes_it_once(db, vendor
     async with db.acquire() as conn:
         assert await count(conn, "audit_log") == await count(conn, "reservation_history") == 18
         assert await count(conn, "bookings") == 2
+
+
+# ---- one entry per script call: paths, unchanging fields on the creation entry only ------
+def new_entry(reservation_id: str, version: int, path: list[str], *, from_state: str,
+              creation: bool = False, metadata: str = "", actor: str = "partner",
+              start: int = T0, end: int = T0 + H) -> dict[str, str]:
+    """An entry as lua/lib/emit_transition.lua writes it now."""
+    fields = {"reservationId": reservation_id, "version": str(version),
+              "fromState": from_state, "toState": path[-1], "triggeredBy": actor,
+              "timestamp": str(T0 - 86_400_000 + version)}
+    if len(path) > 1:
+        fields.update(path=",".join(path), fromVersion=str(version - len(path) + 1))
+    if metadata:
+        fields["metadata"] = metadata
+    if creation:
+        fields.update(partnerId="p1", vendorId="v1", resourceId="v1", requesterId="u1",
+                      slotStart=str(start), slotEnd=str(end), blockStart=str(start),
+                      blockEnd=str(end), createdAt=str(T0 - 86_400_000))
+    return fields
+
+
+async def test_a_path_entry_is_one_row_per_transition_each_once(conn, vendor):
+    a = rid()
+    created = new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True,
+                        metadata='{"note": "x"}')
+    assert [e["eventId"] for e in events.expand_entry(created)] == [
+        f"{a}:{v}" for v in range(1, 8)]
+    [outcome] = await apply_events(conn, [created])
+    assert (outcome.result, outcome.event_id) == (EventResult.RECORDED, f"{a}:7")
+    # A later batch: the commit carries no unchanging field; the snapshot supplies them.
+    commit = new_entry(a, 8, ["COMMIT_IN_PROGRESS"], from_state="AUTHORIZED_BOTH")
+    [booked] = await apply_events(conn, [commit])
+    assert (booked.result, booked.booking_id) == (EventResult.BOOKED, booking_id_for(a))
+    stored = await queries.load_reservation(conn, a)
+    assert [(t.version, t.from_state, t.to_state) for t in stored.history] == [
+        (v, MAIN_PATH[v - 1], MAIN_PATH[v]) for v in range(1, 9)]
+    assert stored.history[0].metadata == {"note": "x"} and stored.history[1].metadata == {}
+    assert stored.metadata == {"note": "x"}
+    row = await conn.fetchrow("SELECT * FROM bookings WHERE reservation_id = $1", a)
+    assert (row["partner_id"], row["resource_id"], row["block_start"]) == ("p1", "v1",
+                                                                           to_dt(T0))
+    tenants = {r[0] for r in await conn.fetch("SELECT tenant_id FROM audit_log")}
+    assert tenants == {"p1"}
+    # Redelivered, in one batch or apart: nothing written twice.
+    again = await apply_events(conn, [created, commit, created])
+    assert all(o.already_applied for o in again)
+    assert await count(conn, "audit_log") == await count(conn, "reservation_history") == 8
+    assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM audit_log") == 8
+
+
+async def test_an_entry_before_its_creation_is_deferred_and_writes_nothing(conn, vendor):
+    a = rid()
+    created = new_entry(a, 2, MAIN_PATH[1:3], from_state="INTENT_CREATED", creation=True)
+    cancel = new_entry(a, 3, ["CANCELLED"], from_state=MAIN_PATH[2])
+    [early] = await apply_events(conn, [cancel])
+    assert early.result == EventResult.DEFERRED and "creation" in early.reason
+    assert await count(conn, "audit_log") == 0 and await count(conn, "reservations") == 0
+    outcomes = await apply_events(conn, [created, cancel])
+    assert [o.result for o in outcomes] == [EventResult.RECORDED, EventResult.RECORDED]
+    assert (await queries.load_reservation(conn, a)).state == "CANCELLED"
+
+
+async def test_an_inconsistent_path_is_rejected(conn, vendor):
+    a = rid()
+    bad = [
+        {**new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+         "toState": "HELD"},
+        {**new_entry(a, 7, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+         "fromVersion": "2"},
+        new_entry(a, 3, MAIN_PATH[1:8], from_state="INTENT_CREATED", creation=True),
+        {**new_entry(a, 2, MAIN_PATH[1:3], from_state="INTENT_CREATED", creation=True),
+         "path": "HELD,TELEPORTED"},
+    ]
+    outcomes = await apply_events(conn, bad)
+    assert [o.result for o in outcomes] == [EventResult.REJECTED] * 4
+    assert await count(conn, "audit_log") == 0

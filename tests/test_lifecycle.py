@@ -21,6 +21,7 @@ from engine.errors import (
     VersionMismatch,
 )
 from engine.lifecycle import ACTIONS, AUTO, EDGES, PRE_COMMIT, State
+from engine.store.events import expand_entry
 from engine.reservations import ReservationEngine
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog, Vendor
 from tests.conftest import snapshot
@@ -67,9 +68,14 @@ async def create_paid(rsv: ReservationEngine, slot=0):
     return await create(rsv, vendor="v-paid", slot=slot)
 
 
+async def stream_entries(redis, keys, shard):
+    return [fields for _, fields in await redis.xrange(keys.events(shard))]
+
+
 async def stream_events(redis, keys, shard):
-    entries = await redis.xrange(keys.events(shard))
-    return [fields for _, fields in entries]
+    """Every transition the shard's stream records: one entry per script call, its path
+    expanded as the worker expands it."""
+    return [t for e in await stream_entries(redis, keys, shard) for t in expand_entry(e)]
 
 
 async def test_confirmation_path_to_commit(rsv, redis, keys):
@@ -93,6 +99,9 @@ async def test_confirmation_path_to_commit(rsv, redis, keys):
     assert await redis.get(unit) == f"B|{moved.reservation_id}"
     r = await rsv.get(moved.reservation_id)
     assert r.booking_id == "bkg_1"
+    # One commit-queue entry per script call: create, confirm (payment steps waived), commit,
+    # finalize.
+    assert len(await stream_entries(redis, keys, keys.shard_of_id(moved.reservation_id))) == 4
     events = await stream_events(redis, keys, keys.shard_of_id(moved.reservation_id))
     assert [(e["fromState"], e["toState"]) for e in events] == [
         (a.value, b.value) for a, b in zip(

@@ -85,7 +85,7 @@ async def test_drift_is_found_fixed_or_escalated(rt):
 async def test_a_stuck_commit_with_a_booking_is_finished(rt):
     [rid] = await commit_many(rt, 1)
     # The worker wrote the booking, then died before ending the commit in Redis.
-    from engine.records import apply_events
+    from engine.store.commit import apply_events
 
     shard = rt.keys.shard_of_id(rid)
     entries = await rt.redis.xrange(rt.keys.events(shard))
@@ -95,3 +95,26 @@ async def test_a_stuck_commit_with_a_booking_is_finished(rt):
     report = await reconcile(rt)
     assert report.fixes["stuck_commit"] == 1
     assert (await rt.reservations.get(rid)).state == State.COMMITTED
+
+
+async def test_a_crafted_idempotency_key_does_not_break_reconciliation(rt):
+    """Issue 11, case 4: an Idempotency-Key of ``a}:u:b`` once made reconciliation's own
+    unit pattern match an idempotency record (a hash), and every run failed (WRONGTYPE).
+    The patterns come from engine/keys.py, one exact shard tag each."""
+    import fnmatch
+
+    keys, redis = rt.keys, rt.redis
+    [booked] = await commit_many(rt, 1)
+    await drain(rt)
+    crafted = keys.idempotency("p1", "a}:u:b")
+    await redis.hset(crafted, mapping={"s": "p", "fp": "x"})  # as idempotency_begin writes
+    for shard in range(keys.shards):
+        assert not fnmatch.fnmatchcase(crafted, keys.unit_pattern(shard))
+    # The pattern this run used to build itself did match it.
+    assert fnmatch.fnmatchcase(crafted, f"{keys.prefix}{{sg:*}}:u:*")
+    await redis.delete(keys.unit("inst", T0 // UNIT))  # a drift to find in the same run
+    report = await reconcile(rt)
+    assert report.fixes["booked_marker_missing"] == 1
+    assert report.units_scanned >= 1 and "unexpected_key" not in report.findings
+    assert await redis.hgetall(crafted) == {"s": "p", "fp": "x"}  # untouched
+    assert await redis.get(keys.unit("inst", T0 // UNIT)) == f"B|{booked}"

@@ -38,7 +38,8 @@ def worker_settings(settings: Settings) -> Settings:
 
 async def open_stack(settings: Settings) -> Runtime:
     await asyncio.to_thread(migrate, settings)
-    pool = await asyncpg.connect(DATABASE_URL, server_settings={"search_path": settings.db_schema})
+    pool = await asyncpg.connect(settings.database_url,
+                                 server_settings={"search_path": settings.db_schema})
     try:
         await create_vendor(pool, "inst", confirmation_required=False)
     finally:
@@ -59,6 +60,10 @@ async def stack(worker_settings, redis):
 def worker_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
+        "SLOTGUARD_MAX_DELIVERIES": str(settings.max_deliveries),
+        "SLOTGUARD_DRAIN_RETRY_BASE_MS": str(settings.drain_retry_base_ms),
+        "SLOTGUARD_DRAIN_RETRY_MAX_MS": str(settings.drain_retry_max_ms),
+        "SLOTGUARD_PARTNER_MAX_LIVE_HOLDS": str(settings.partner_max_live_holds),
         "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url,
         "SLOTGUARD_KEY_PREFIX": settings.key_prefix, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
         "SLOTGUARD_SHARDS": str(settings.shards),
@@ -294,9 +299,10 @@ async def test_redis_restart_without_data_is_rehydrated_before_new_holds(worker_
         await drop_schema(settings.db_schema)
 
 
-async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, worker_settings):
+async def test_malformed_and_poison_entries_are_dead_lettered_alone(stack, worker_settings):
     """Read over the raw connection: a malformed entry is dead-lettered at once; one that
-    Postgres refuses every time is, after max_deliveries (through reclaim)."""
+    Postgres refuses (jsonb has no \\u0000) is found by bisecting its batch and
+    dead-lettered alone, at its first delivery; each gets a manual_review case."""
     from tests.test_db_events import event
 
     rt = stack
@@ -312,28 +318,250 @@ async def test_malformed_and_undeliverable_entries_are_dead_lettered(stack, work
         assert fields["toState"] == "TELEPORTED" and "unknown state" in fields["deadReason"]
         assert await streams_drained(rt)
 
-        # Valid to Python, refused by Postgres (jsonb has no \u0000): the batch fails.
+        # Valid to Python, refused by Postgres: the batch is bisected, the rest commits.
+        good = event("rsv_0_good", 1, "INTENT_CREATED", resource="inst")
         poison = event("rsv_0_poison", 1, "INTENT_CREATED", metadata='{"x": "\\u0000"}')
-        await rt.redis.xadd(stream, poison)
-        with pytest.raises(asyncpg.PostgresError):
-            await queue.drain_shard_once(0)
-        for _ in range(2):
-            await asyncio.sleep(0.15)
-            try:
-                await queue.reclaim_shard_once(0)
-            except asyncpg.PostgresError:
-                pass
+        for fields in (good, poison, event("rsv_0_good", 2, "HELD", resource="inst",
+                                           from_state="INTENT_CREATED")):
+            await rt.redis.xadd(stream, fields)
+        assert await queue.drain_shard_once(0) == 3
         assert await streams_drained(rt)
         assert [f["eventId"] for _, f in await rt.redis.xrange(dead)] == [
             "rsv_0_bad:1", "rsv_0_poison:1"]
         async with rt.pool.acquire() as conn:
-            rows = await conn.fetch("SELECT fields, deliveries FROM dead_letters ORDER BY id")
-            assert await conn.fetchval("SELECT count(*) FROM audit_log") == 0
+            rows = await conn.fetch("SELECT fields, deliveries, error FROM dead_letters "
+                                    "ORDER BY id")
+            audited = [r[0] for r in await conn.fetch(
+                "SELECT event_id FROM audit_log ORDER BY event_id")]
+            cases = await conn.fetch("SELECT kind, reservation_id, details FROM manual_review "
+                                     "ORDER BY id")
         assert [(r["fields"]["eventId"], r["deliveries"]) for r in rows] == [
-            ("rsv_0_bad:1", 1), ("rsv_0_poison:1", 3)]
+            ("rsv_0_bad:1", 1), ("rsv_0_poison:1", 1)]
+        assert "UntranslatableCharacter" in rows[1]["error"]
+        assert audited == ["rsv_0_good:1", "rsv_0_good:2"]
+        assert [(c["kind"], c["reservation_id"]) for c in cases] == [
+            ("dead_letter", "rsv_0_bad"), ("dead_letter", "rsv_0_poison")]
+        assert cases[1]["details"]["reason"] == rows[1]["error"]
         assert queue.stats.dead_lettered == 2
     finally:
         await queue.close()
+
+
+async def test_a_nul_byte_does_not_strand_another_partners_commit(stack, worker_settings):
+    """Issue 11, case 1: entries carrying a NUL byte (escaped in metadata, raw in a reason)
+    written straight into the stream next to another partner's commit: that commit reaches
+    COMMITTED with exactly one booking; only the poisoned entries are dead-lettered."""
+    rt = stack
+    other = await rt.reservations.create(partner_id="p2", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r2")
+    rid = other.reservation_id
+    shard = rt.keys.shard_of_id(rid)
+    stream = rt.keys.events(shard)
+    fake = rt.keys.new_reservation_id("inst")
+    base = {"reservationId": fake, "version": "2", "fromState": "INTENT_CREATED",
+            "toState": "AWAITING_VENDOR_CONFIRMATION", "path": "HELD,AWAITING_VENDOR_CONFIRMATION",
+            "triggeredBy": "partner", "timestamp": str(T0), "partnerId": "p1",
+            "vendorId": "inst", "resourceId": "inst", "requesterId": "r1",
+            "slotStart": str(T0 + 4 * UNIT), "slotEnd": str(T0 + 5 * UNIT),
+            "blockStart": str(T0 + 4 * UNIT), "blockEnd": str(T0 + 5 * UNIT),
+            "createdAt": str(T0)}
+    await rt.redis.xadd(stream, {**base, "metadata": '{"n": "a\\u0000b"}'})
+    await rt.reservations.act(rid, "commit", actor="partner")
+    fake2 = rt.keys.new_reservation_id("inst")
+    await rt.redis.xadd(stream, {**base, "reservationId": fake2, "reason": "a\x00b"})
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    try:
+        assert await queue.drain_shard_once(shard) == 4
+        assert (await rt.reservations.get(rid)).state == State.COMMITTED
+        await queue.drain_shard_once(shard)  # the COMMITTED entry
+        assert await streams_drained(rt)
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval(
+                "SELECT count(*) FROM bookings WHERE reservation_id = $1", rid) == 1
+            dead = await conn.fetch("SELECT fields->>'reservationId' FROM dead_letters")
+            assert sorted(r[0] for r in dead) == sorted([fake, fake2])
+            assert await conn.fetchval("SELECT count(*) FROM manual_review "
+                                       "WHERE kind = 'dead_letter'") == 2
+            assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE reservation_id "
+                                       "= ANY($1::text[])", [fake, fake2]) == 0
+        await assert_record_complete(rt, [rid])
+        assert len(await rt.redis.xrange(rt.keys.dead_letters(shard))) == 2
+    finally:
+        await queue.close()
+
+
+async def test_a_booking_landing_after_a_rehydration_keeps_its_markers(worker_settings,
+                                                                      private_redis):
+    """Issue 11, case 5: the booking insert is held back (a lock on the table) while Redis
+    loses its data and is rehydrated; once it lands, its slot never reads free, the
+    reservation ends COMMITTED in Postgres, and another partner cannot hold the slot."""
+    url, restart = private_redis
+    settings = worker_settings.replace(redis_url=url)
+    rt = await open_stack(settings)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings, "t")
+    blocker = await asyncpg.connect(settings.database_url,
+                                    server_settings={"search_path": settings.db_schema})
+    watcher = await asyncpg.connect(settings.database_url)
+    try:
+        await queue.ensure_groups()
+        [rid] = await commit_many(rt, 1)
+        shard = rt.keys.shard_of_id(rid)
+        units = [rt.keys.unit("inst", T0 // UNIT)]
+        entries = await queue.read_new(shard)
+        assert len(entries) == 2
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("LOCK TABLE bookings IN EXCLUSIVE MODE")
+        delivery = asyncio.create_task(queue.process(shard, entries))
+
+        async def insert_waits() -> bool:
+            return await watcher.fetchval(
+                """SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                   WHERE c.oid = to_regclass(quote_ident($1) || '.bookings')
+                     AND NOT l.granted""", settings.db_schema) > 0
+
+        await wait_for(insert_waits, 30, "the booking insert to wait on the lock")
+        try:
+            await rt.redis.shutdown(nosave=True)
+        except Exception:
+            pass  # the connection drops with the server
+        restart()  # every record, unit and flag is gone
+        rehydration = asyncio.create_task(rt.rehydrate_if_needed())
+
+        async def rehydration_settled() -> bool:
+            if rehydration.done():
+                return True
+            return await watcher.fetchval(  # waiting for the booking writer to finish
+                """SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                     AND classid::bigint = (hashtext($1)::bigint & 4294967295)
+                     AND objid = 1 AND objsubid = 2""", settings.db_schema) > 0
+
+        await wait_for(rehydration_settled, 30, "rehydration to run or wait")
+        # Whenever the booking row is visible, its unit must read booked: watched from
+        # the moment the insert may proceed until everything has settled.
+        violations = []
+
+        async def watch() -> None:
+            while True:
+                booked = await watcher.fetchval(
+                    f'SELECT count(*) FROM "{settings.db_schema}".bookings '
+                    "WHERE reservation_id = $1", rid)
+                values = [await rt.redis.get(u) for u in units]
+                if booked and values != [f"B|{rid}"]:
+                    violations.append(values)
+                await asyncio.sleep(0.005)
+
+        watching = asyncio.create_task(watch())
+        await lock.rollback()
+        await asyncio.wait_for(delivery, 60)
+        await asyncio.wait_for(rehydration, 60)
+        await asyncio.sleep(0.2)
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        assert violations == []
+        assert [await rt.redis.get(u) for u in units] == [f"B|{rid}"]
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM bookings WHERE reservation_id "
+                                       "= $1", rid) == 1
+            row = await conn.fetchrow("SELECT state, version FROM reservations WHERE id = $1",
+                                      rid)
+            actions = [r[0] for r in await conn.fetch(
+                "SELECT action FROM audit_log WHERE reservation_id = $1 ORDER BY id", rid)]
+        assert (row["state"], row["version"]) == ("COMMITTED", 9)
+        assert actions[-2:] == ["reservation.commit_in_progress", "reservation.committed"]
+        assert len(actions) == len(set(actions)) == 9
+        with pytest.raises(HoldConflict) as caught:
+            await rt.reservations.create(partner_id="p2", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r2")
+        assert caught.value.booked
+    finally:
+        await blocker.close()
+        await watcher.close()
+        await queue.close()
+        await rt.close()
+        await drop_schema(settings.db_schema)
+
+
+class PrivatePostgres:
+    """A Postgres of this test's own (slotguard/embedded.py), stopped and started again on
+    the same port; the shared one is never touched."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from slotguard import embedded
+
+        self.embedded = embedded
+        self.servers = embedded.EmbeddedServers(data_dir)
+        self.servers.data_dir.mkdir(parents=True, exist_ok=True)
+        self.url = self.servers._start_postgres()
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
+        self.args = list(self.servers._postgres.args)
+
+    def stop(self) -> None:
+        self.embedded._terminate(self.servers._postgres, signal.SIGINT)  # fast shutdown
+
+    def start(self) -> None:
+        e = self.embedded
+        proc = e._spawn(self.args, self.servers.postgres_log, cwd=self.servers.postgres_dir,
+                        user=self.servers._postgres_user(), death_signal=signal.SIGINT)
+        self.servers._postgres = proc
+        assert e._wait_until(lambda: e._postgres_answers(self.port), proc, 120)
+
+    def close(self) -> None:
+        if self.servers._postgres is not None:
+            self.embedded._terminate(self.servers._postgres, signal.SIGINT)
+
+
+@pytest.fixture
+def private_postgres():
+    # Not under pytest's basetemp: concurrent pytest sessions reset its root to 0700, and
+    # the postgres system user must reach the data dir.
+    import shutil
+    import tempfile
+
+    data_dir = Path(tempfile.mkdtemp(prefix="slotguard-pg-"))
+    pg = PrivatePostgres(data_dir)
+    yield pg
+    pg.close()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_a_postgres_outage_spends_no_delivery(worker_settings, private_postgres,
+                                                    tmp_path):
+    """Issue 11, case 2: Postgres stopped while a worker drains, for many times
+    max_deliveries x the reclaim interval, then started again: every accepted commit ends
+    COMMITTED with one booking, every transition is audited once, nothing is dead-lettered
+    and the worker never exits."""
+    pg = private_postgres
+    settings = worker_settings.replace(database_url=pg.url, max_deliveries=2,
+                                       reclaim_idle_ms=300, drain_retry_max_ms=400)
+    rt = await open_stack(settings)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        before = await commit_many(rt, 20)
+        await wait_for(lambda: _all_committed(rt, before), 60, "the first commits")
+        pg.stop()
+        during = await commit_many(rt, 20, offset=100)  # Redis accepts; Postgres is down
+        # Far longer than max_deliveries x the reclaim interval (2 x 0.3 s): every entry
+        # would have been dead-lettered had each retry counted as a delivery.
+        await asyncio.sleep(6)
+        assert worker.poll() is None, "the worker exited during the outage"
+        assert await states(rt, during) == [State.COMMIT_IN_PROGRESS] * 20
+        pg.start()
+        ids = before + during
+        await wait_for(lambda: _all_committed(rt, ids), 90, "every commit COMMITTED")
+        await wait_for(lambda: streams_drained(rt), 30, "streams drained")
+        await wait_for(lambda: _audit_complete(rt, ids), 30, "audit rows")
+        await assert_record_complete(rt, ids)
+        for shard in range(rt.keys.shards):
+            assert await rt.redis.xlen(rt.keys.dead_letters(shard)) == 0
+        async with rt.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+        assert worker.poll() is None, "the worker exited"
+        assert "unreachable" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop_worker(worker)
+        await rt.close()
 
 
 def test_the_worker_process_runs_on_uvloop():
@@ -342,3 +570,43 @@ def test_the_worker_process_runs_on_uvloop():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip().startswith("uvloop")
+
+
+async def test_one_entry_per_call_and_a_commit_drained_before_its_creation(stack,
+                                                                          worker_settings):
+    """An instant vendor's creation is ONE entry (its path), the commit another; the commit
+    entry carries no unchanging field. Drained in the wrong order (as two consumers may),
+    the commit finds them in the live Redis record; every transition is written once."""
+    rt = stack
+    moved = await rt.reservations.create(partner_id="p1", vendor_id="inst", resource_id=None,
+                                         start_ms=T0, end_ms=T0 + UNIT, requester_id="r1",
+                                         metadata={"note": "n"})
+    rid = moved.reservation_id
+    await rt.reservations.act(rid, "commit", actor="partner")
+    shard = rt.keys.shard_of_id(rid)
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    try:
+        entries = await queue.read_new(shard)
+        assert len(entries) == 2
+        fields = [dict(zip(f[0::2], f[1::2])) if isinstance(f, list) else f
+                  for _, f in entries]
+        assert fields[0]["path"].split(",")[-1] == "AUTHORIZED_BOTH"
+        assert "partnerId" in fields[0] and "partnerId" not in fields[1]
+        await queue.process(shard, [entries[1]])  # the commit first
+        await queue.process(shard, [entries[0]])
+        await queue.process(shard, entries)  # and everything redelivered
+        assert await queue.drain_shard_once(shard) == 1  # the worker's own COMMITTED entry
+        view = await rt.reservations.get(rid)
+        assert view.state == State.COMMITTED
+        assert [h["version"] for h in view.history] == list(range(1, 10))
+        await assert_record_complete(rt, [rid])
+        async with rt.pool.acquire() as conn:
+            # The snapshot keeps the creation's metadata although it was written last.
+            assert await conn.fetchval("SELECT metadata FROM reservations WHERE id = $1",
+                                       rid) == {"note": "n"}
+            versions = [r[0] for r in await conn.fetch(
+                "SELECT version FROM reservation_history ORDER BY version")]
+        assert versions == list(range(1, 10))
+    finally:
+        await queue.close()

@@ -1,19 +1,49 @@
--- Append one transition to the reservation's history and to the shard's commit-queue
--- stream, in the same script as the state change, so the event cannot be lost between
--- Redis and the queue. The event id (<reservation id>:<version>) makes every Postgres
--- write idempotent, although the stream delivers at least once.
-local function emit_transition(events_key, history_key, rec, from, to, version, actor,
-                               reason, metadata, ik, now, expires_at)
-  redis.call('XADD', events_key, '*',
-    'eventId', rec.id .. ':' .. version, 'reservationId', rec.id,
-    'fromState', from, 'toState', to, 'triggeredBy', actor, 'reason', reason,
-    'metadata', metadata, 'timestamp', now, 'idempotencyKey', ik, 'version', version,
-    'partnerId', rec.p, 'vendorId', rec.vd, 'resourceId', rec.rs, 'requesterId', rec.rq,
-    'slotStart', rec.s, 'slotEnd', rec.e, 'blockStart', rec.bs, 'blockEnd', rec.be,
-    'createdAt', rec.c, 'expiresAt', expires_at)
-  local entry = {f = from, t = to, by = actor, ts = now, v = version}
-  if reason ~= '' then entry.r = reason end
-  if metadata ~= '' and metadata ~= '{}' then entry.m = metadata end
-  if ik ~= '' then entry.ik = ik end
+-- Record one script call's move in the reservation's history and the shard's commit-queue
+-- stream, in the same script as the state change, so the event cannot be lost between Redis
+-- and the queue. ONE entry per call: `path` lists every state the call passed through, in
+-- order (waived steps included); its last state is `toState` and `version` is the version
+-- after it, so the call's transitions carry versions version-#path+1 .. version. The worker
+-- expands the path into one history and one audit row per transition, each keyed by
+-- <reservation id>:<its version>, so Postgres writes stay idempotent under redelivery.
+-- `creation` adds the fields that never change (partner, vendor, resource, requester, slot,
+-- block, created-at): they travel only on the creation event. Reason, metadata and
+-- idempotency key appear only when non-empty; expiresAt only while the reservation lives.
+local function emit_transition(events_key, history_key, rec, from, path, version, actor,
+                               reason, metadata, ik, now, expires_at, creation)
+  local to = path[#path]
+  local fields = {'reservationId', rec.id, 'version', version, 'fromState', from,
+    'toState', to, 'triggeredBy', actor, 'timestamp', now}
+  local n = #fields
+  local function add(name, value)
+    fields[n + 1] = name; fields[n + 2] = value; n = n + 2
+  end
+  local joined
+  if #path > 1 then
+    joined = table.concat(path, ',')
+    add('path', joined)
+    add('fromVersion', version - #path + 1)
+  end
+  if expires_at ~= '' then add('expiresAt', expires_at) end
+  if reason ~= '' then add('reason', reason) end
+  local has_md = metadata ~= '' and metadata ~= '{}'
+  if has_md then add('metadata', metadata) end
+  if ik ~= '' then add('idempotencyKey', ik) end
+  if creation then
+    add('partnerId', rec.p); add('vendorId', rec.vd); add('resourceId', rec.rs)
+    add('requesterId', rec.rq); add('slotStart', rec.s); add('slotEnd', rec.e)
+    add('blockStart', rec.bs); add('blockEnd', rec.be); add('createdAt', rec.c)
+  end
+  redis.call('XADD', events_key, '*', unpack(fields))
+  -- The history, compact: one JSON array per call, [version, from, to, actor, time, steps,
+  -- reason, metadata, idempotency key], trailing empty items left off. A call of several
+  -- steps only ever follows the main path (waived steps), so their number says it all; the
+  -- creation's metadata and key are the record's own ('md', 'ik'), not repeated here.
+  local entry = {version, from, to, actor, now}
+  local tail = {#path, reason, creation and '' or metadata, creation and '' or ik}
+  if tail[3] == '{}' then tail[3] = '' end
+  local last = 0
+  for i = 2, 4 do if tail[i] ~= '' then last = i end end
+  if last == 0 and #path > 1 then last = 1 end
+  for i = 1, last do entry[5 + i] = tail[i] end
   redis.call('RPUSH', history_key, cjson.encode(entry))
 end
