@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        rt = await Runtime.open(settings, observe=_observe_lua)
+        rt = await Runtime.open(settings, observe=_observe_lua, watch=True)
         try:
             # Booked markers back from Postgres before this process accepts any hold.
             await rt.rehydrate_if_needed()

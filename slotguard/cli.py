@@ -109,7 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.settings import Settings
 
-    Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    from engine.runtime import preflight_or_message
+
+    settings = Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     log_config = {**uvicorn.config.LOGGING_CONFIG}
     log_config["formatters"] = {**log_config["formatters"], "slotguard": {
         "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
