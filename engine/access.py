@@ -12,8 +12,9 @@ Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushe
 restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
 also caches it again, and every script is registered again in the background. The raw
 connection registers every script on each (re)connect, so a restarted Redis has them before
-the first call after it; reconnects back off (:mod:`engine.resp`). Scripts are idempotent per hold token, so a caller that retries after a
-connection error can never turn its own landed hold into a conflict.
+the first call after it; reconnects back off (:mod:`engine.resp`). Scripts are idempotent
+per hold token, so a caller that retries after a connection error can never turn its own
+landed hold into a conflict.
 """
 
 from __future__ import annotations

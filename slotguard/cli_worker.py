@@ -30,20 +30,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from jobs.metrics import WorkerMetrics
     from jobs.worker import run
 
+    settings = Settings.from_env()
+    refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO,
                         format='{"at":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","message":"%(message)s"}')
     # arq logs every cron run (the reaper runs every second) at INFO: keep its warnings only.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
     logging.getLogger("slotguard.worker").info("worker starting (pid %s)", os.getpid())
-    settings = Settings.from_env()
-    refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
-    if refusal is not None:
-        print(f"error: {refusal}", file=sys.stderr)
-        return 2
     if args.metrics_port:
         # Loopback by default: the exposition has no authentication.
-        start_http_server(args.metrics_port, addr=args.metrics_host or settings.worker_metrics_host,
+        start_http_server(args.metrics_port,
+                          addr=args.metrics_host or settings.worker_metrics_host,
                           registry=metrics.exposition_registry())
     run(settings, WorkerMetrics(partner_labels=settings.metrics_partner_labels))
     return 0

@@ -99,3 +99,17 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def clean_shared_redis(redis_url: str, prefix: str) -> None:
+    """What this test's processes wrote under its prefix on a shared Redis (arq's too)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for pattern in (f"{prefix}*", f"arq:*{prefix}*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.unlink(*keys)
+    finally:
+        client.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REDIS_URL
-from tests.faults.edge_servers import cli, env_for, free_port, spawn, stop
+from tests.faults.edge_servers import clean_shared_redis, cli, env_for, free_port, spawn, stop
 
 HEADER_TIMEOUT_MS = 1_500
 BODY_TIMEOUT_MS = 1_500
@@ -42,6 +42,7 @@ def server(settings, tmp_path):
         yield proc, port, admin_key
     finally:
         stop(proc)
+        clean_shared_redis(REDIS_URL, settings.key_prefix)
         subprocess.run(["psql", settings.database_url, "-qc",
                         f'DROP SCHEMA IF EXISTS "{settings.db_schema}" CASCADE'],
                        capture_output=True, check=False)
