@@ -127,3 +127,52 @@ def test_api_and_worker_ride_through_a_redis_kill_9(stack, settings):
     bookings, audit = asyncio.run(rows())
     assert sorted(bookings) == sorted(accepted)  # exactly one booking per accepted commit
     assert all(row["n"] == 1 for row in audit)  # every transition audited once
+
+
+async def test_script_connection_backs_off_and_registers_scripts_on_reconnect(tmp_path):
+    """The raw-RESP layer alone: calls fail (ConnectionError, never hang) while Redis is
+    down; after the restart the reconnect registers every script
+    (no NOSCRIPT round trip); a flushed script cache is refilled after one NOSCRIPT."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from engine.access import RedisAccess
+    from engine.keys import KeySpace
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    access = RedisAccess(client, backoff_max_s=30.0)  # a long backoff: no retry storm
+    keys = KeySpace("t:", 4)
+    rate = keys.partner_rate("p1")
+    try:
+        assert int((await access.call("rate_limit", [rate], [60, 10, 1]))[0]) == 1
+        assert access.wire.connects == 1
+        server.kill9()
+        for _ in range(50):
+            with pytest.raises(RedisConnectionError):
+                await access.call("rate_limit", [rate], [60, 10, 1])
+        assert access.wire.connects == 1
+        server.start()
+        access.wire.reset_backoff()  # what the Redis watch does when Redis answers
+        assert int((await access.call("rate_limit", [rate], [60, 10, 1]))[0]) == 1
+        assert access.wire.connects == 2
+        assert await access.scripts_loaded()  # registered by the reconnect itself
+
+        await client.script_flush()  # the private server's cache only
+        assert not await access.scripts_loaded()
+        assert int((await access.call("rate_limit", [rate], [60, 10, 1]))[0]) == 1
+
+        async def reloaded():
+            deadline = time.monotonic() + 30
+            while not await access.scripts_loaded():
+                assert time.monotonic() < deadline, "scripts were not registered again"
+                await asyncio.sleep(0.05)
+
+        await reloaded()
+    finally:
+        await access.close()
+        await client.aclose()
+        server.stop()
