@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.access import RedisAccess
 from engine.connection import (
@@ -200,14 +202,29 @@ class RedisWatch:
             await rt.rehydrate_if_needed()
 
 
+PREFLIGHT_WAIT_S = 30.0  # a process started before its Redis waits this long for it
+
+
 async def preflight(settings: Settings) -> None:
     """What refuses a process before it starts serving (the CLI turns it into one line):
-    an evicting Redis, a shard count other than the one the data was written with."""
+    an evicting Redis, a shard count other than the one the data was written with. A Redis
+    that does not answer yet (started alongside) is waited for, with a backoff."""
     redis = open_redis(settings)
+    deadline = time.monotonic() + PREFLIGHT_WAIT_S
+    backoff = 0.1
     try:
-        await check_eviction_policy(redis, settings)
-        await record_shard_count(redis, KeySpace(settings.key_prefix, settings.shards)
-                                 .shard_count(), settings)
+        while True:
+            try:
+                await check_eviction_policy(redis, settings)
+                await record_shard_count(redis, KeySpace(settings.key_prefix, settings.shards)
+                                         .shard_count(), settings)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("waiting for Redis: %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
     finally:
         await redis.aclose()
 

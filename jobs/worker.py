@@ -35,7 +35,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from arq.worker import Worker, get_kwargs
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
@@ -143,9 +143,10 @@ def worker_settings(settings: Settings, metrics=None) -> type:
     return WorkerSettings
 
 
-# What a restarting or unreachable Redis raises under arq's polling loop.
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError,
-               asyncio.TimeoutError)
+# What a restarting or unreachable Redis raises under arq's polling loop: connection errors,
+# and whatever a command caught mid-way reports (a WATCH whose connection dropped raises
+# WatchError, a Redis still loading its data BusyLoadingError): any Redis error there.
+_REDIS_DOWN = (RedisError, RedisConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 POLL_BACKOFF_MAX_S = 1.0
 
 
