@@ -128,13 +128,15 @@ class KeyResolver:
         self.failures = AuthFailures()
 
     def known(self, authorization: str | None) -> Principal | None:
-        """The principal of a header whose key is cached as valid (no I/O), else None."""
+        """The principal of a header whose key this process has seen valid (no I/O; the
+        entry may be stale: a revoked key is still refused by :meth:`principal`), else None.
+        An IP blocked for failed authentications may still use such a key."""
         token = _token(authorization)
         match = _KEY_RE.match(token) if token else None
         if match is None:
             return None
         cached = self._cache.get(match.group(1))
-        if cached is None or cached[1] is None or time.monotonic() - cached[0] >= self.cache_s:
+        if cached is None or cached[1] is None:
             return None
         row = cached[1]
         if row.revoked or not hmac.compare_digest(row.digest, digest(token)):
