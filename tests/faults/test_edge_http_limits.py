@@ -28,7 +28,8 @@ def server(settings, tmp_path):
     env = env_for(settings, REDIS_URL,
                   SLOTGUARD_HEADER_READ_TIMEOUT_MS=str(HEADER_TIMEOUT_MS),
                   SLOTGUARD_BODY_READ_TIMEOUT_MS=str(BODY_TIMEOUT_MS),
-                  SLOTGUARD_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES))
+                  SLOTGUARD_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
+                  SLOTGUARD_AUTH_FAILURE_BURST="2", SLOTGUARD_AUTH_FAILURE_RATE_PER_MINUTE="1")
     cli(env, "migrate")
     admin_key = cli(env, "keys", "create", "--role", "admin").strip().splitlines()[-1]
     port = free_port()
@@ -152,3 +153,21 @@ def test_too_many_headers_are_refused(server):
         reply = read_reply(sock, 30)
         assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
         assert b'"HEADERS_TOO_LARGE"' in reply
+
+
+def test_uvicorn_does_not_take_forwarded_for_from_loopback(server):
+    """uvicorn trusts X-Forwarded-For from loopback by default; ``serve`` turns that off, so
+    the failed-authentication limiter counts the real peer whatever the header says."""
+    import json
+
+    _, port, _ = server
+    replies = []
+    for spoofed in ("203.0.113.1", "203.0.113.2", "garbage"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /v1/ops/audit HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                         b"Authorization: Bearer sg_live_0123456789ab_" + b"A" * 43 +
+                         b"\r\nX-Forwarded-For: " + spoofed.encode() + b"\r\n\r\n")
+            replies.append(read_reply(sock, 30))
+    assert [r[9:12] for r in replies] == [b"401", b"401", b"429"], [r[:40] for r in replies]
+    body = json.loads(replies[2].split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["details"]["clientIp"] == "127.0.0.1"
