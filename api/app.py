@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from api import errors
 from api.auth import KeyResolver
 from api.context import Services
+from api.guard import EdgeGuard
 from api.middleware import RequestContextMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        rt = await Runtime.open(settings, observe=_observe_lua)
+        rt = await Runtime.open(settings, observe=_observe_lua, watch=True)
         try:
             # Booked markers back from Postgres before this process accepts any hold.
             await rt.rehydrate_if_needed()
@@ -91,7 +92,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
-                api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms),
+                api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms,
+                                     settings.api_key_negative_cache_ms),
                 reservations=ReservationService(engine, catalog, limits,
                                                 load_stored=_stored_loader(rt.pool),
                                                 rehydrate=rehydrate),
@@ -104,7 +106,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=routes(),
-        middleware=[Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
+        middleware=[Middleware(EdgeGuard, max_header_count=settings.max_header_count,
+                               max_header_bytes=settings.max_header_bytes,
+                               body_read_timeout_ms=settings.body_read_timeout_ms),
+                    Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

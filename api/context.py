@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from engine.idempotency import IdempotencyStore
 from engine.keys import KeySpace
 from engine.permissions import Principal
 from engine.service import ReservationService
-from engine.settings import Settings
+from engine.settings import Settings, trusted_networks
 
 
 @dataclass
@@ -42,25 +43,67 @@ def services(request: Request) -> Services:
 
 
 async def principal(request: Request) -> Principal:
-    """The caller behind ``Authorization: Bearer``; 401 when missing or invalid."""
+    """The caller behind ``Authorization: Bearer``; 401 when missing or invalid, 429 (with
+    Retry-After) once the client IP failed too often (``auth_failure_*`` settings)."""
+    svc = services(request)
+    authorization = request.headers.get("authorization")
+    ip = client_ip(request)
+    guard = svc.api_keys.failures
+    if ip is not None and svc.api_keys.known(authorization) is None:
+        guard.refuse_if_blocked(ip)  # no key lookup for an IP that keeps failing
     try:
-        return await services(request).api_keys.principal(request.headers.get("authorization"))
+        return await svc.api_keys.principal(authorization)
     except Exception as exc:
         if getattr(exc, "status", None) == 401:
             metrics.AUTH_FAILURES.labels(
-                reason="missing" if not request.headers.get("authorization") else "unknown_key",
-            ).inc()
+                reason="missing" if not authorization else "unknown_key").inc()
+            if ip is not None:
+                await guard.failed(svc.reservations.limits, ip)
         raise
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer's IP address, or None when the transport has none (a unix socket, a test
-    client). Proxies' forwarding headers are not trusted here."""
+    """The client's IP address, or None when the transport has none (a unix socket).
+
+    The peer's address, unless the peer is one of ``SLOTGUARD_TRUSTED_PROXIES``: then
+    ``X-Forwarded-For`` is read from the right, past every trusted proxy, and the first
+    address that is not one is the client. An entry that is not an address ends the walk at
+    the last trusted hop (garbage never hides the client behind "no address", which would
+    switch the per-IP limit off). Empty by default: the header is ignored.
+    """
     host = request.client.host if request.client else None
     try:
-        return ipaddress.ip_address(host).compressed if host else None
+        peer = ipaddress.ip_address(host) if host else None
     except ValueError:
         return None
+    if peer is None:
+        return None
+    trusted = _trusted(services(request).settings.trusted_proxies)
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer.compressed
+    hops = [part.strip() for value in request.headers.getlist("x-forwarded-for")
+            for part in value.split(",")]
+    client = peer
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            break
+        client = address
+        if not _is_trusted(address, trusted):
+            break
+    return client.compressed
+
+
+@functools.lru_cache(maxsize=8)
+def _trusted(spec: str) -> tuple:
+    return trusted_networks(spec)
+
+
+def _is_trusted(address, networks) -> bool:
+    if getattr(address, "ipv4_mapped", None) is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
 
 
 def request_id(request: Request) -> str:

@@ -18,6 +18,7 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -87,6 +88,8 @@ class RequestContextMiddleware:
         except BodyTooLarge:
             if not response_started:
                 await self._refuse_too_large(send_wrapper)
+        except ClientDisconnect:  # the client left (or api/guard.py timed its body out)
+            status = 499
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not response_started:

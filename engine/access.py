@@ -10,13 +10,17 @@ pipelines serve where that is not possible (unix sockets).
 
 Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushed, a
 restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
-also caches it again. Scripts are idempotent per hold token, so a caller that retries after a
-connection error can never turn its own landed hold into a conflict.
+also caches it again, and every script is registered again in the background. The raw
+connection registers every script on each (re)connect, so a restarted Redis has them before
+the first call after it; reconnects back off (:mod:`engine.resp`). Scripts are idempotent
+per hold token, so a caller that retries after a connection error can never turn its own
+landed hold into a conflict.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +28,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from engine.resp import RespError, ScriptConnection
+from engine.resp import BACKOFF_MIN_S, RespError, ScriptConnection
 from engine.scripts import Script, scripts
 
 Arg = str | bytes | int | float
+log = logging.getLogger("slotguard.redis")
 
 
 class RedisAccess:
@@ -39,6 +44,7 @@ class RedisAccess:
         max_inflight: int = 2,
         observe=None,
         raw: bool = True,
+        backoff_max_s: float = 1.0,
     ) -> None:
         self.redis = redis
         # The hot path: batches written straight in RESP on one pipelined connection
@@ -47,6 +53,10 @@ class RedisAccess:
         self.batch_max = batch_max
         self.max_inflight = max_inflight
         self.scripts = scripts()
+        if self.wire is not None:
+            self.wire.backoff_max_s = max(BACKOFF_MIN_S, backoff_max_s)
+            self.wire.setup = [("SCRIPT", "LOAD", s.source) for s in self.scripts.values()]
+        self._reloading: asyncio.Task | None = None
         self._pending: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future]] = []
         self._inflight = 0
         self._scheduled = False
@@ -79,6 +89,18 @@ class RedisAccess:
             pipe.script_load(script.source)
         await pipe.execute()
 
+    def reload_scripts_soon(self) -> None:
+        """Register every script again, once, in the background (after a NOSCRIPT)."""
+        if self._reloading is not None and not self._reloading.done():
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            await self.load_scripts()
+        except (RedisError, OSError) as exc:  # the watch, or the next NOSCRIPT, tries again
+            log.warning("could not register the scripts again: %r", exc)
+
     async def scripts_loaded(self) -> bool:
         shas = [s.sha for s in self.scripts.values()]
         return all(await self.redis.script_exists(*shas))
@@ -107,6 +129,7 @@ class RedisAccess:
                 else:
                     _settle(call[3], reply)
             if retry:
+                self.reload_scripts_soon()
                 replies = await self._execute(
                     [("EVAL", script.source, len(keys), *keys, *args)
                      for script, keys, args, _ in retry])
@@ -145,6 +168,8 @@ class RedisAccess:
             return [exc] * len(commands)
 
     async def close(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
         if self.wire is not None:
             await self.wire.close()
 

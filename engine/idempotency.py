@@ -11,9 +11,13 @@ with its fingerprint (sha256 of the canonical request):
 - the key was used for a different request: :class:`IdempotencyMismatch`;
 - the same request is still running: :class:`IdempotencyInProgress` with ``retry_after_ms``.
 
-Records are kept ``idempotency_ttl_ms`` (24 h by default) after completion. The decision is
-one Lua call per step on ``{sg:p:<partner>}:idem:<key>``, so concurrent duplicates cannot
-both proceed.
+Records are kept ``idempotency_ttl_ms`` (24 h by default) after completion. Records of
+refused requests (a 4xx: a conflict, a validation error) cost the client nothing to leave
+behind, so they are kept only ``idempotency_refused_ttl_ms`` (60 s by default; 0 keeps none)
+and at most ``idempotency_refused_max_per_partner`` of them per partner (the oldest go
+first). A retry after a refusal's record is gone runs again, and answers what is true then.
+The decision is one Lua call per step on ``{sg:p:<partner>}:idem:<key>``, so concurrent
+duplicates cannot both proceed.
 """
 
 from __future__ import annotations
@@ -126,9 +130,15 @@ class IdempotencyStore:
                 raise ValidationError("a stored response body must be UTF-8 text") from None
         if not isinstance(status, int) or not 100 <= status <= 599:
             raise ValidationError("status must be an HTTP status code")
+        refused = status >= 400
+        ttl_ms = (self.settings.idempotency_refused_ttl_ms if refused
+                  else self.settings.idempotency_ttl_ms)
+        if refused and self.settings.idempotency_ttl_ms:
+            ttl_ms = min(ttl_ms, self.settings.idempotency_ttl_ms)
         reply = await self.access.call(
-            "idempotency_complete", [redis_key],
-            [fingerprint, status, body, self.settings.idempotency_ttl_ms])
+            "idempotency_complete", [redis_key, self.keys.idempotency_refused(partner_id)],
+            [fingerprint, status, body, ttl_ms, 1 if refused else 0,
+             self.settings.idempotency_refused_max_per_partner])
         code = int(reply[0])
         if code == Outcome.OK:
             return int(reply[1]) == 1

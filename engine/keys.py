@@ -128,6 +128,19 @@ class KeySpace:
         """Run id of the Redis whose booked markers were last rehydrated from Postgres."""
         return f"{self.prefix}sg:rehydrated"
 
+    def shard_count(self) -> str:
+        """The SLOTGUARD_SHARDS the data was written with, set at first start; a process
+        started with another count refuses to start."""
+        return f"{self.prefix}sg:shards"
+
+    def idempotency_refused(self, partner_id: str) -> str:
+        """Sorted set: the partner's records of refused requests (full key) by expiry."""
+        return f"{self.partner_tag(partner_id)}:idem-refused"
+
+    def auth_failures(self, client_ip: str) -> str:
+        """GCRA of failed authentications from one client IP."""
+        return f"{self.ip_tag(client_ip)}:authfail"
+
     # ---- scan patterns (only the tag's own keys: a pattern never spans tags) -----------
     def unit_pattern(self, shard: int) -> str:
         """A SCAN pattern for the unit keys of one shard, and for nothing else: the tag is

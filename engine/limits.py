@@ -85,6 +85,13 @@ class Limits:
         return await self._gcra(self.keys.ip_rate(ip), self.settings.ip_rate_per_minute,
                                 self.settings.ip_rate_burst, cost, {"clientIp": ip})
 
+    async def check_auth_failures(self, client_ip: str) -> int | None:
+        """Count one failed authentication from a client IP; RateLimited when over."""
+        ip = normalize_ip(client_ip)
+        return await self._gcra(self.keys.auth_failures(ip),
+                                self.settings.auth_failure_rate_per_minute,
+                                self.settings.auth_failure_burst, 1, {"clientIp": ip})
+
     async def _gcra(self, key: str, rate_per_minute: int, burst: int, cost: int,
                     details: dict) -> int | None:
         if rate_per_minute == 0:  # unlimited: no round trip at all

@@ -9,13 +9,19 @@ redis-py.
 
 One connection carries any number of batches back to back (Redis answers in order). A lost
 connection fails every call in flight with ``ConnectionError`` (the caller may retry: the
-scripts are idempotent per hold token) and the next call reconnects.
+scripts are idempotent per hold token) and the next call reconnects. A failed reconnect
+starts a backoff (doubling from ``BACKOFF_MIN_S`` to ``backoff_max_s``) during which calls
+fail at once instead of each knocking on a dead server; :meth:`ScriptConnection.reset_backoff`
+ends it early (the Redis watch calls it when Redis answers again). Every (re)connect sends the
+``setup`` commands after the handshake (the access layer registers its scripts there, so a
+restarted Redis has them before the first call).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from urllib.parse import unquote, urlparse
@@ -23,6 +29,7 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 Arg = str | bytes | int | float
+BACKOFF_MIN_S = 0.05
 
 
 class RespError(Exception):
@@ -73,14 +80,22 @@ class ScriptConnection:
     def __init__(self, host: str = "127.0.0.1", port: int = 6379, *, db: int = 0,
                  username: str | None = None, password: str | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 connect_timeout_s: float = 5.0, name: str = "slotguard-scripts") -> None:
+                 connect_timeout_s: float = 5.0, name: str = "slotguard-scripts",
+                 backoff_max_s: float = 1.0) -> None:
         self.host, self.port, self.db = host, port, db
         self.name = name  # CLIENT SETNAME: ops can tell the hot-path connections apart
         self.username, self.password = username, password
         self.ssl = ssl_context
         self.connect_timeout_s = connect_timeout_s
+        self.backoff_max_s = max(BACKOFF_MIN_S, backoff_max_s)
+        # Commands sent after the handshake on every (re)connect; their errors fail it.
+        self.setup: Sequence[tuple[Arg, ...]] = ()
+        self.connects = 0  # successful connects (a reconnect after a restart counts)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+        self._last_error: BaseException | None = None
 
     @classmethod
     def from_url(cls, url: str) -> ScriptConnection:
@@ -120,8 +135,24 @@ class ScriptConnection:
         if self.db:
             handshake.append(("SELECT", self.db))
         handshake.append(("CLIENT", "SETNAME", self.name))
-        await asyncio.gather(*self._write(protocol, handshake))
+        handshake.extend(self.setup)
+        try:
+            await asyncio.gather(*self._write(protocol, handshake))
+        except BaseException:
+            protocol.transport.close()
+            raise
+        self.connects += 1
         return protocol
+
+    def reset_backoff(self) -> None:
+        """Let the next call try to connect at once (Redis is known to answer again)."""
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
+
+    def _failed(self, exc: BaseException) -> None:
+        self._backoff_s = min(self.backoff_max_s, max(BACKOFF_MIN_S, self._backoff_s * 2))
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._last_error = exc
 
     async def protocol(self) -> _Protocol:
         current = self._protocol
@@ -129,11 +160,22 @@ class ScriptConnection:
                 and not current.transport.is_closing():
             return current
         if self._connecting is None:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                raise ConnectionError(f"Redis unreachable ({self._last_error!r}); next "
+                                      f"connection attempt in {wait * 1000:.0f} ms")
             self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
         try:
-            self._protocol = await asyncio.shield(self._connecting)
+            self._protocol = await asyncio.shield(connecting)
+        except (OSError, asyncio.TimeoutError, RespError) as exc:
+            if self._connecting is connecting:
+                self._failed(exc)
+            raise ConnectionError(f"cannot connect to Redis: {exc!r}") from exc
         finally:
-            self._connecting = None
+            if self._connecting is connecting:
+                self._connecting = None
+        self.reset_backoff()
         return self._protocol
 
     @staticmethod

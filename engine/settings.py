@@ -72,6 +72,24 @@ class Settings:
     api_key_cache_ms: int = 5_000
     max_query_range_ms: int = 31 * 86_400_000
 
+    # Resilience and edge hardening (issue 11).
+    redis_watch_interval_ms: int = 250  # each process checks Redis (run id, scripts) this often
+    redis_reconnect_backoff_max_ms: int = 1_000  # reconnect backoff of the script connection
+    eviction_check_interval_ms: int = 1_000  # maxmemory-policy re-checked at run time
+    idempotency_refused_ttl_ms: int = 60_000  # records of refused requests (4xx) live this long
+    idempotency_refused_max_per_partner: int = 1_000  # refused records kept per partner
+    trusted_proxies: str = ""  # comma-separated IPs/CIDRs whose X-Forwarded-For is honoured
+    auth_failure_rate_per_minute: int = 10  # failed authentications per client IP (GCRA)
+    auth_failure_burst: int = 20  # failures that pass before 429
+    api_key_negative_cache_ms: int = 60_000  # an unknown key's digest is remembered this long
+    max_header_bytes: int = 16_384  # request line and headers together
+    max_header_count: int = 100
+    header_read_timeout_ms: int = 10_000  # from a request's first byte to its last header
+    body_read_timeout_ms: int = 10_000  # from the last header to the body's last byte
+    keep_alive_timeout_ms: int = 5_000  # an idle keep-alive connection is closed after this
+    worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
+    metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -101,6 +119,18 @@ class Settings:
                 raise SettingsError(f"{env_name(name)} must be >= 1")
         if not self.db_schema.replace("_", "").isalnum():
             raise SettingsError("SLOTGUARD_DB_SCHEMA must be letters, digits and underscores")
+        try:
+            trusted_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"SLOTGUARD_TRUSTED_PROXIES: {exc}") from None
+
+
+def trusted_networks(spec: str) -> tuple:
+    """``SLOTGUARD_TRUSTED_PROXIES`` parsed: IPs and CIDRs, comma-separated (empty: none)."""
+    import ipaddress
+
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in spec.split(",") if part.strip())
 
 
 def env_name(field_name: str) -> str:

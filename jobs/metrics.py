@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from engine import metrics as m
 
 _EXPIRY_STATES = {"EXPIRED", "FAILED_VENDOR_TIMEOUT"}
 
 
+def partner_label(partner_id: str, *, plain: bool) -> str:
+    """A partner's metric label: its id only when SLOTGUARD_METRICS_PARTNER_LABELS allows it,
+    else a stable digest (the exposition has no authentication)."""
+    if plain or partner_id == "_other":
+        return partner_id
+    return "p_" + hashlib.sha256(partner_id.encode()).hexdigest()[:12]
+
+
 class WorkerMetrics:
+    def __init__(self, *, partner_labels: bool = False) -> None:
+        self.partner_labels = partner_labels
+
     def observe_script(self, script: str, seconds: float, batch_size: int) -> None:
         m.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
 
@@ -42,4 +55,5 @@ class WorkerMetrics:
             m.RECONCILE_UNFIXED.labels(kind=kind).inc(n)
 
     def partner_reputation(self, counts: dict[str, tuple[int, int]]) -> None:
-        m.publish_partner_reputation(counts)
+        m.publish_partner_reputation(
+            {partner_label(p, plain=self.partner_labels): c for p, c in counts.items()})

@@ -12,6 +12,12 @@ background task (one blocking reader per shard). Cron jobs:
 
 Every job is idempotent: arq delivers at least once.
 
+Redis may restart under a running worker. arq's polling loop has no guard of its own (a
+``ConnectionError`` from its ``ZRANGEBYSCORE`` ends the worker), so :class:`ResilientWorker`
+catches connection errors around each poll iteration and waits with a capped backoff; the
+runtime's Redis watch (engine/runtime.py) registers the scripts and rehydrates when Redis is
+back, and the commit-queue readers retry by themselves.
+
 The process runs on uvloop when it is installed (it is, with uvicorn[standard]): arq's
 Worker takes the current event loop when it is built, so :func:`run` sets a uvloop loop
 first. The drain is CPU-bound in Python; uvloop's transports halve the cost of its socket
@@ -27,8 +33,11 @@ import socket
 
 from arq import cron
 from arq.connections import RedisSettings
-from arq.worker import run_worker
+from arq.worker import Worker, get_kwargs
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
+from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
 from engine.settings import Settings
 from jobs.commit_queue import CommitQueue
@@ -45,7 +54,8 @@ def consumer_name() -> str:
 async def startup(ctx: dict) -> None:
     settings: Settings = ctx["settings"]
     metrics = ctx.get("metrics")
-    rt = await Runtime.open(settings, observe=metrics.observe_script if metrics else None)
+    rt = await Runtime.open(settings, observe=metrics.observe_script if metrics else None,
+                            watch=True)
     ctx["rt"] = rt
     log.info("worker %s on %s", consumer_name(), type(asyncio.get_running_loop()).__module__)
     report = await rt.rehydrate_if_needed()
@@ -86,7 +96,11 @@ async def reconcile_job(ctx: dict) -> dict:
 
 async def watch_redis(ctx: dict) -> bool:
     """Rehydrate when Redis restarted (its run id changed) or lost a shard's flag."""
-    report = await ctx["rt"].rehydrate_if_needed()
+    try:
+        report = await ctx["rt"].rehydrate_if_needed()
+    except UnsafeRedis as exc:  # an evicting Redis: holds stay refused, the watch logs it
+        log.warning("not rehydrating: %s", exc.message)
+        return False
     if report is not None:
         log.warning("Redis changed (run id %s): rehydrated %s bookings", report.run_id,
                     report.bookings)
@@ -129,6 +143,46 @@ def worker_settings(settings: Settings, metrics=None) -> type:
     return WorkerSettings
 
 
+# What a restarting or unreachable Redis raises under arq's polling loop: connection errors,
+# and whatever a command caught mid-way reports (a WATCH whose connection dropped raises
+# WatchError, a Redis still loading its data BusyLoadingError): any Redis error there.
+_REDIS_DOWN = (RedisError, RedisConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
+POLL_BACKOFF_MAX_S = 1.0
+
+
+class ResilientWorker(Worker):
+    """arq's Worker whose polling loop outlives a Redis restart (see the module docstring)."""
+
+    _redis_down_since: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await super()._poll_iteration()
+            except _REDIS_DOWN as exc:
+                loop = asyncio.get_running_loop()
+                if self._redis_down_since is None:
+                    self._redis_down_since = loop.time()
+                    log.warning("Redis unreachable from the worker's poll loop: %r", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(POLL_BACKOFF_MAX_S, backoff * 2)
+                continue
+            if self._redis_down_since is not None:
+                log.warning("worker poll loop reaches Redis again after %.1f s",
+                            asyncio.get_running_loop().time() - self._redis_down_since)
+                self._redis_down_since = None
+            return
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        except _REDIS_DOWN as exc:  # shutting down while Redis is away: close what we own
+            log.warning("Redis unreachable at shutdown: %r", exc)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+
+
 def use_uvloop() -> bool:
     """Make a uvloop event loop this thread's current loop (what arq's Worker picks up).
 
@@ -146,4 +200,4 @@ def run(settings: Settings, metrics=None) -> None:
     """Run the worker in the foreground until SIGINT/SIGTERM."""
     if not use_uvloop():
         log.info("uvloop is not installed: the worker runs on the default asyncio loop")
-    run_worker(worker_settings(settings, metrics))
+    ResilientWorker(**get_kwargs(worker_settings(settings, metrics))).run()

@@ -109,7 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.settings import Settings
 
-    Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    from engine.runtime import preflight_or_message
+
+    settings = Settings.from_env()  # refuse bad settings here, before uvicorn forks workers
+    refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     log_config = {**uvicorn.config.LOGGING_CONFIG}
     log_config["formatters"] = {**log_config["formatters"], "slotguard": {
         "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
@@ -118,9 +124,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "stream": "ext://sys.stderr"}}
     log_config["loggers"] = {**log_config["loggers"], "slotguard": {
         "handlers": ["slotguard"], "level": args.log_level.upper(), "propagate": False}}
-    options = dict(host=args.host, port=args.port, loop="uvloop", http="httptools",
+    # Forwarded headers are ours to judge (SLOTGUARD_TRUSTED_PROXIES, api/context.py), never
+    # uvicorn's: by default it trusts X-Forwarded-For from loopback.
+    # The protocol bounds request heads and read times (api/guard.py); h11's own limit is
+    # set too, for whoever swaps the protocol.
+    options = dict(host=args.host, port=args.port, loop="uvloop",
+                   http="api.guard:GuardedHttpToolsProtocol",
                    log_level=args.log_level, access_log=not args.no_access_log,
-                   lifespan="on", log_config=log_config)
+                   lifespan="on", log_config=log_config, proxy_headers=False,
+                   forwarded_allow_ips="",
+                   timeout_keep_alive=settings.keep_alive_timeout_ms / 1000,
+                   h11_max_incomplete_event_size=settings.max_header_bytes)
     if args.workers > 1:
         # Each worker process builds its own app (its own Redis client and pool).
         uvicorn.run("api.app:app_from_env", factory=True, workers=args.workers, **options)

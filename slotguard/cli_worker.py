@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--metrics-port", type=int,
                         default=int(os.environ.get("SLOTGUARD_WORKER_METRICS_PORT", 0)) or None,
                         help="serve /metrics on this port (default: none)")
-    worker.add_argument("--metrics-host", default="0.0.0.0")
+    worker.add_argument("--metrics-host", default=None,
+                        help="address of the metrics server (default: "
+                             "SLOTGUARD_WORKER_METRICS_HOST, 127.0.0.1)")
     worker.set_defaults(func=cmd_worker)
 
 
@@ -22,19 +25,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
     from engine import metrics
+    from engine.runtime import preflight_or_message
     from engine.settings import Settings
     from jobs.metrics import WorkerMetrics
     from jobs.worker import run
 
+    settings = Settings.from_env()
+    refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO,
                         format='{"at":"%(asctime)s","level":"%(levelname)s",'
                                '"logger":"%(name)s","message":"%(message)s"}')
     # arq logs every cron run (the reaper runs every second) at INFO: keep its warnings only.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
     logging.getLogger("slotguard.worker").info("worker starting (pid %s)", os.getpid())
-    settings = Settings.from_env()
     if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_host,
+        # Loopback by default: the exposition has no authentication.
+        start_http_server(args.metrics_port,
+                          addr=args.metrics_host or settings.worker_metrics_host,
                           registry=metrics.exposition_registry())
-    run(settings, WorkerMetrics())
+    run(settings, WorkerMetrics(partner_labels=settings.metrics_partner_labels))
     return 0

@@ -115,7 +115,8 @@ async def test_rate_limit_and_cap_answer_429_with_retry_after(app, client, world
 async def test_readiness_follows_postgres(app, client):
     r = await client.get("/health/ready")
     assert r.status_code == 200 and r.json()["checks"] == {
-        "redis": True, "postgres": True, "scripts": True}
+        "redis": True, "postgres": True, "scripts": True, "rehydrated": True,
+        "evictionPolicy": True}
     pool = app.state.services.pool
     await pool.close()  # Postgres no longer answers this process
     r = await client.get("/health/ready")

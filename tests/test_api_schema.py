@@ -40,7 +40,8 @@ def world_and_app():
     settings = Settings.from_env(
         {}, redis_url=REDIS_URL, database_url=DATABASE_URL,
         key_prefix=f"t{uuid.uuid4().hex[:12]}:", db_schema=f"t_{uuid.uuid4().hex[:12]}",
-        shards=4, ip_rate_burst=100_000, ip_rate_per_minute=6_000_000)
+        shards=4, ip_rate_burst=100_000, ip_rate_per_minute=6_000_000,
+        auth_failure_burst=100_000, auth_failure_rate_per_minute=6_000_000)
     db.migrate(settings)
 
     async def setup():

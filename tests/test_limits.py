@@ -376,7 +376,7 @@ MY_SCRIPTS = {  # script -> the keys its caller passes, in KEYS order
     "cap_release": lambda k: [k.partner_holds("p1"), k.partner_reputation("p1")],
     "partner_usage": lambda k: [k.partner_holds("p1"), k.partner_reputation("p1")],
     "idempotency_begin": lambda k: [k.idempotency("p1", "a{b}c")],
-    "idempotency_complete": lambda k: [k.idempotency("p1", "a{b}c")],
+    "idempotency_complete": lambda k: [k.idempotency("p1", "a{b}c"), k.idempotency_refused("p1")],
     "idempotency_abandon": lambda k: [k.idempotency("p1", "a{b}c")],
 }
 

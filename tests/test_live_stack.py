@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from jobs.metrics import partner_label
 from tests.test_api_fixtures import create_body
 from tests.test_cli import CLI, cli_env, free_port, run  # noqa: F401  (fixture)
 
@@ -101,17 +102,20 @@ async def test_live_stack_metrics_and_request_id(cli_env, tmp_path):
             assert first["metadata"]["metadata"]["requestId"] == "req-live-42"
 
             api_scrape = (await client.get("/metrics")).text
-        # Partner reputation is published every 10 s by the worker.
+        # Partner reputation is published every 10 s by the worker, partner ids hashed
+        # (SLOTGUARD_METRICS_PARTNER_LABELS is off by default).
+        label = partner_label("acme", plain=False)
         deadline = time.monotonic() + 25
         while True:
             worker_scrape = httpx.get(f"http://127.0.0.1:{worker_port}/metrics").text
-            placed = 'slotguard_partner_holds{outcome="placed",partner="acme"}'
+            placed = f'slotguard_partner_holds{{outcome="placed",partner="{label}"}}'
             if value(worker_scrape, placed) >= 1 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert value(worker_scrape, placed) == 1
         assert value(worker_scrape,
-                     'slotguard_partner_holds{outcome="committed",partner="acme"}') == 1
+                     f'slotguard_partner_holds{{outcome="committed",partner="{label}"}}') == 1
+        assert '"acme"' not in worker_scrape
         for text in (api_scrape, worker_scrape):
             promtool_check(text, tmp_path)
             assert value(text, "slotguard_holds_placed_total") >= 1

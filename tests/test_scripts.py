@@ -40,7 +40,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "cap_release": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
         "partner_usage": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
         "idempotency_begin": [ks.idempotency("p1", "key-1")],
-        "idempotency_complete": [ks.idempotency("p1", "key-1")],
+        "idempotency_complete": [ks.idempotency("p1", "key-1"), ks.idempotency_refused("p1")],
         "idempotency_abandon": [ks.idempotency("p1", "key-1")],
     }
 

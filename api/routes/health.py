@@ -10,6 +10,8 @@ from starlette.responses import Response
 from api.errors import error_response
 from api.views import JSONResponse
 from engine import metrics
+from engine.connection import eviction_allowed, eviction_policy
+from engine.rehydration import is_rehydrated
 
 READY_TIMEOUT_S = 2.0
 
@@ -20,26 +22,35 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    """200 only when Redis and Postgres answer and every script is loaded; else 503."""
+    """200 only when Redis and Postgres answer, every script is loaded, the booked markers
+    of this Redis are rehydrated (``rehydrated``) and Redis does not evict
+    (``evictionPolicy``); else 503. The process's Redis watch (engine/runtime.py) brings
+    every check back after a Redis restart."""
     svc = getattr(request.app.state, "services", None)
-    checks = {"redis": False, "postgres": False, "scripts": False}
+    checks = {"redis": False, "postgres": False, "scripts": False, "rehydrated": False,
+              "evictionPolicy": False}
     if svc is not None:
-        checks["redis"], checks["scripts"] = await _redis(svc)
+        checks.update(await _redis(svc))
         checks["postgres"] = await _postgres(svc)
     if all(checks.values()):
-        holds_ready = await svc.reservations.engine.is_ready()
-        return JSONResponse({"status": "ready", "checks": checks, "holdsReady": holds_ready})
+        return JSONResponse({"status": "ready", "checks": checks, "holdsReady": True})
     return error_response(503, "NOT_READY", "a dependency is not ready",
                           details={"checks": checks}, retryable=True, retry_after_ms=1000)
 
 
-async def _redis(svc) -> tuple[bool, bool]:
+async def _redis(svc) -> dict[str, bool]:
+    checks = {}
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await svc.redis.ping()
-            return True, await svc.access.scripts_loaded()
+            checks["redis"] = True
+            checks["scripts"] = await svc.access.scripts_loaded()
+            checks["rehydrated"] = await is_rehydrated(svc.access, svc.keyspace)
+            checks["evictionPolicy"] = eviction_allowed(await eviction_policy(svc.redis),
+                                                        svc.settings)
     except Exception:
-        return False, False
+        pass
+    return checks
 
 
 async def _postgres(svc) -> bool:
