@@ -88,14 +88,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async def rehydrate() -> None:
                 await rt.rehydrate_if_needed()
 
+            idempotency = IdempotencyStore(rt.access, rt.keys, settings)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
                 api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms),
                 reservations=ReservationService(engine, catalog, limits,
                                                 load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate),
-                idempotency=IdempotencyStore(rt.access, rt.keys, settings))
+                                                rehydrate=rehydrate, idempotency=idempotency),
+                idempotency=idempotency)
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:

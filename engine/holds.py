@@ -14,21 +14,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.access import RedisAccess
-from engine.errors import (
-    ExtensionLimit,
-    HoldConflict,
-    HoldIdReused,
-    MaxHoldDuration,
-    NotFound,
-    NotOwner,
-    Outcome,
-    ValidationError,
-)
+from engine.errors import HoldConflict, NotFound, Outcome, ValidationError, error_for
 from engine.keys import KeySpace
+from engine.lifecycle import BOOKED_PREFIX
 from engine.resources import ResourceCatalog
 from engine.settings import Settings
 
-BOOKED_PREFIX = "B|"  # a unit whose value starts with this is a booked marker
+__all__ = ["BOOKED_PREFIX", "Hold", "HoldEngine", "call_with_retry", "conflict_from_reply"]
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, asyncio.TimeoutError)
 
 
@@ -46,17 +38,10 @@ class Hold:
 
 
 def conflict_from_reply(reply: list, resource_id: str) -> HoldConflict:
-    holder, unit = str(reply[1]), int(reply[2])
-    booked = holder.startswith(BOOKED_PREFIX)
-    holder_id = holder[len(BOOKED_PREFIX):] if booked else holder
-    return HoldConflict(
-        "the slot is already held" if not booked else "the slot is already booked",
-        holder=holder_id,
-        unit=unit,
-        booked=booked,
-        details={"resourceId": resource_id, "conflictingReservationId": holder_id,
-                 "conflictingUnit": unit, "booked": booked},
-    )
+    """A CONFLICT reply as its error (the one table in engine/errors.py decides)."""
+    error = error_for(reply, resource_id=resource_id)
+    assert isinstance(error, HoldConflict), reply
+    return error
 
 
 async def call_with_retry(access: RedisAccess, name: str, keys, args, attempts: int = 3):
@@ -102,15 +87,11 @@ class HoldEngine:
             [self.keys.unit_root(shard), self.keys.hold(hold_id), self.keys.fence(resource_id)],
             [hold_id, resource_id, first, last, ttl, self.settings.max_hold_units, owner],
         )
-        code = int(reply[0])
-        if code == Outcome.OK:
+        if int(reply[0]) == Outcome.OK:
             return Hold(hold_id, resource_id, first, last, int(reply[1]), int(reply[2]),
                         int(reply[3]), 0, owner)
-        if code == Outcome.CONFLICT:
-            raise conflict_from_reply(reply, resource_id)
-        if code == Outcome.HOLD_ID_REUSED:
-            raise HoldIdReused("hold id already names another hold", details={"holdId": hold_id})
-        raise ValidationError(str(reply[1]) if len(reply) > 1 else "invalid hold")
+        raise error_for(reply, subject="hold", resource_id=resource_id,
+                        details={"holdId": hold_id})
 
     async def read(self, hold_id: str) -> Hold | None:
         reply = await self.access.call("read_hold", [self._hold_key(hold_id)], [])
@@ -131,7 +112,7 @@ class HoldEngine:
             [hold_id, fence_token, ttl, self.settings.max_hold_total_ms,
              self.settings.max_extensions],
         )
-        self._raise_for(int(reply[0]), hold_id)
+        self._raise_for(reply, hold_id)
         hold = await self.read(hold_id)
         if hold is None:  # expired between the two calls
             raise NotFound("hold not found", details={"holdId": hold_id})
@@ -143,7 +124,7 @@ class HoldEngine:
             [self._unit_root_of(hold_id), self._hold_key(hold_id)],
             [hold_id, fence_token],
         )
-        self._raise_for(int(reply[0]), hold_id)
+        self._raise_for(reply, hold_id)
 
     # ---- helpers ----------------------------------------------------------------------
     def _hold_key(self, hold_id: str) -> str:
@@ -159,18 +140,6 @@ class HoldEngine:
             raise NotFound("hold not found", details={"holdId": hold_id}) from None
 
     @staticmethod
-    def _raise_for(code: int, hold_id: str) -> None:
-        details = {"holdId": hold_id}
-        if code == Outcome.OK:
-            return
-        if code == Outcome.NOT_FOUND:
-            raise NotFound("hold not found or expired", details=details)
-        if code == Outcome.NOT_OWNER:
-            raise NotOwner("the fencing token does not own this hold", details=details)
-        if code == Outcome.EXTENSION_LIMIT:
-            raise ExtensionLimit("the hold was extended the maximum number of times",
-                                 details=details)
-        if code == Outcome.MAX_DURATION:
-            raise MaxHoldDuration("the extension would exceed the maximum hold time",
-                                  details=details)
-        raise ValidationError("invalid hold request", details=details)
+    def _raise_for(reply: list, hold_id: str) -> None:
+        if int(reply[0]) != Outcome.OK:
+            raise error_for(reply, subject="hold", details={"holdId": hold_id})

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import principal, services, throttle
+from api.context import client_ip, principal, services, throttle
 from api.validation import (
     Field,
     check_fields,
@@ -17,7 +17,6 @@ from api.validation import (
     invalid,
     json_object,
     parse_int,
-    parse_range,
     parse_time,
     query_params,
 )
@@ -40,12 +39,10 @@ AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"
 
 async def release(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "ops.release")
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         RELEASE_FIELDS)
-    await throttle(request, caller)
     released = await services(request).reservations.release(
-        caller, request.path_params["reservationId"], body["reason"])
+        caller, request.path_params["reservationId"], body["reason"], client_ip(request))
     metrics.HOLDS_RELEASED.inc()
     return JSONResponse(reservation_view(released))
 
@@ -53,7 +50,6 @@ async def release(request: Request) -> Response:
 async def bulk_release(request: Request) -> Response:
     """Either ``reservationIds`` or ``resourceId`` + ``startTime`` + ``endTime``."""
     caller = await principal(request)
-    require(caller, "ops.bulk-release")
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         BULK_FIELDS)
     by_ids = "reservationIds" in body
@@ -61,7 +57,6 @@ async def bulk_release(request: Request) -> Response:
     if by_ids == by_range:
         raise invalid("INVALID_SELECTION", "give either reservationIds or resourceId, "
                       "startTime and endTime", "reservationIds")
-    await throttle(request, caller)
     svc = services(request).reservations
     if by_ids:
         ids = body["reservationIds"]
@@ -70,15 +65,16 @@ async def bulk_release(request: Request) -> Response:
             raise invalid("INVALID_FIELD", f"reservationIds must be 1..{MAX_BULK_IDS} ids",
                           "reservationIds")
         result = await svc.bulk_release(caller, body["reason"],
-                                        reservation_ids=list(dict.fromkeys(ids)))
+                                        reservation_ids=list(dict.fromkeys(ids)),
+                                        client_ip=client_ip(request))
     else:
         for name in ("resourceId", "startTime", "endTime"):
             if name not in body:
                 raise invalid("MISSING_FIELD", f"{name} is required", name)
-        await services(request).catalog.resource(body["resourceId"])  # 404 before 400
-        range_ms = parse_range(body["startTime"], body["endTime"], "startTime", "endTime")
         result = await svc.bulk_release(caller, body["reason"],
-                                        resource_id=body["resourceId"], range_ms=range_ms)
+                                        resource_id=body["resourceId"],
+                                        start=body["startTime"], end=body["endTime"],
+                                        client_ip=client_ip(request))
     metrics.HOLDS_RELEASED.inc(len(result["released"]))
     return JSONResponse(result)
 
