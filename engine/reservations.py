@@ -111,7 +111,7 @@ class ReservationEngine:
                      admission: Awaitable | None = None) -> Moved:
         """Hold the slot and walk the new reservation as far as the vendor allows: the
         engine's own entry point (workers, tests, benchmarks), which validates its input and
-        then :meth:`place`\ s it. The API goes through engine/service.py, which validates
+        then places it (:meth:`place`). The API goes through engine/service.py, which validates
         once and calls :meth:`place` directly.
 
         Raises HoldConflict when a unit (buffers included) is held or booked. Idempotent per
