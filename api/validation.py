@@ -50,11 +50,13 @@ MAX_JSON_DEPTH = 32  # every serializer on the path (orjson, Lua cjson, jsonb) h
 INT64 = (-(2**63), 2**63 - 1)
 
 
-def check_storable(value: Any, raw: bytes) -> None:
+def check_storable(value: Any, raw: bytes = b"") -> None:
     """Refuse what Postgres cannot store or a serializer on the path cannot carry: NUL in
-    any string (keys included), nesting deeper than :data:`MAX_JSON_DEPTH`, integers outside
-    the signed 64-bit range (they would come back as floats)."""
-    suspicious_float = False
+    any string (keys included), nesting deeper than :data:`MAX_JSON_DEPTH`, numbers outside
+    the signed 64-bit range (an integer beyond it comes back as a float, and Lua's cjson
+    reads every number as a double)."""
+    lo, hi = INT64
+    ambiguous = False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()
@@ -72,22 +74,26 @@ def check_storable(value: Any, raw: bytes) -> None:
             if depth > MAX_JSON_DEPTH:
                 raise _too_deep()
             stack.extend((v, depth + 1) for v in node)
-        elif isinstance(node, int) and not isinstance(node, bool):
-            if not INT64[0] <= node <= INT64[1]:
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            if not lo <= node <= hi:
                 raise _out_of_range()
-        elif isinstance(node, float) and abs(node) >= 2.0**63:
-            suspicious_float = True
-    if suspicious_float:
-        # orjson reads an integer beyond 64 bits as a float: find out what was written.
+            # orjson reads an integer beyond 64 bits as a float; just below -2**63 it rounds
+            # to the bound itself: only the text tells what was written.
+            ambiguous = ambiguous or (isinstance(node, float) and node == lo)
+    if ambiguous:
         import json
 
         def integer(text: str) -> int:
-            number = int(text)
-            if not INT64[0] <= number <= INT64[1]:
+            if not lo <= int(text) <= hi:
                 raise _out_of_range()
-            return number
+            return int(text)
 
         json.loads(raw, parse_int=integer)
+
+
+def _out_of_range() -> ApiError:
+    return invalid("NUMBER_OUT_OF_RANGE",
+                   "numbers must lie within the signed 64-bit integer range")
 
 
 def _too_deep() -> ApiError:
@@ -95,8 +101,6 @@ def _too_deep() -> ApiError:
                    maxDepth=MAX_JSON_DEPTH)
 
 
-def _out_of_range() -> ApiError:
-    return invalid("NUMBER_OUT_OF_RANGE", "integers must fit in a signed 64-bit integer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,42 +151,6 @@ __all__ = ["format_time", "parse_range", "parse_time"]
 
 
 # ---- query strings and headers ----------------------------------------------------------
-def query_params(params, allowed: set[str]) -> dict[str, str]:
-    """A flat dict of the query; unknown or repeated parameters are refused."""
-    out: dict[str, str] = {}
-    for name, value in params.multi_items():
-        if name not in allowed:
-            raise invalid("UNKNOWN_PARAMETER", f"unknown query parameter {name!r}", name,
-                          allowed=sorted(allowed))
-        if name in out:
-            raise invalid("REPEATED_PARAMETER", f"{name} is given more than once", name)
-        if "\x00" in value:
-            # Postgres refuses NUL in text: answer 400 here, not 500 there (the OpenAPI
-            # document says so with NO_NUL).
-            raise invalid("INVALID_PARAMETER", f"{name} contains a NUL character", name)
-        out[name] = value
-    return out
-
-
-def parse_bool(value: str, field: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise invalid("INVALID_PARAMETER", f"{field} must be true or false", field)
-
-
-def parse_int(value: str, field: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"[0-9]{1,12}", value):
-        raise invalid("INVALID_PARAMETER", f"{field} must be an integer", field)
-    number = int(value)
-    if not low <= number <= high:
-        raise invalid("INVALID_PARAMETER", f"{field} must be between {low} and {high}", field,
-                      minimum=low, maximum=high)
-    return number
-
-
 def parse_if_match(value: str | None) -> int | None:
     """``If-Match: <version>`` (an ETag-quoted ``"3"`` is accepted too)."""
     if value is None:

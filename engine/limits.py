@@ -240,7 +240,7 @@ async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: st
 
     A crash between any two steps leaves at worst a provisional slot that expires with the
     hold's ttl: the cap never leaks, and never undercounts a live hold.
-    ``holds`` is an :class:`engine.holds.HoldEngine`.
+    ``holds`` is a :class:`benchmarks.holds.HoldEngine` (or anything with its ``place``).
     """
     hold_id = holds.keys.new_hold_id(resource_id)
     ttl = holds.settings.hold_ttl_ms if ttl_ms is None else ttl_ms

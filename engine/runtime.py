@@ -16,7 +16,6 @@ from engine.access import RedisAccess
 from engine.connection import check_eviction_policy, open_redis
 from engine.db import create_pool
 from engine.directory import load_catalog
-from engine.holds import HoldEngine
 from engine.keys import KeySpace
 from engine.limits import Limits
 from engine.rehydration import ensure_rehydrated
@@ -33,7 +32,6 @@ class Runtime:
     keys: KeySpace
     pool: asyncpg.Pool
     catalog: ResourceCatalog
-    holds: HoldEngine
     limits: Limits
     reservations: ReservationEngine
 
@@ -57,8 +55,7 @@ class Runtime:
         # Every process that moves reservations keeps the partners' caps and reputation
         # counters right: the API creates and cancels, workers commit and expire.
         limits = Limits(access, keys, settings)
-        return cls(settings, redis, access, keys, pool, catalog,
-                   HoldEngine(access, keys, catalog, settings), limits,
+        return cls(settings, redis, access, keys, pool, catalog, limits,
                    ReservationEngine(access, keys, catalog, settings, limits=limits))
 
     async def refresh_catalog(self) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import unicodedata
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +56,14 @@ from engine.reservations import (
     ReservationEngine,
 )
 from engine.resources import MINUTE_MS, Resource, Vendor
-from engine.times import parse_range
+from engine.times import parse_range, parse_time
 
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 MIN_TTL_MS = 1_000
+MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
+AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
+                      "resourceId"}
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
 # Kept for callers that named the old constant: the partner scope of system-created
 # reservations (engine/lifecycle.py SYSTEM_SCOPE, which no partner id can equal).
 SYSTEM_PARTNER = SYSTEM_SCOPE
@@ -80,8 +84,13 @@ ACTIONS: dict[str, tuple[str, dict[str | None, str]]] = {
     "extend": ("reservation.extend", {None: "extend"}),
 }
 
-# Characters that draw nothing: a requester id made only of these names nobody.
-_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+# Characters that draw nothing (white space, C1 controls, format characters, combining
+# marks, fillers, variation selectors): a requester id made only of these names nobody. A
+# character class the OpenAPI document publishes as is (Python and ECMA-262 read it alike).
+INVISIBLE = ("\\s\\u0080-\\u00a0\\u00ad\\u0300-\\u036f\\u034f\\u061c\\u115f\\u1160"
+             "\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u2028-\\u202f\\u205f-\\u206f"
+             "\\u2800\\u3000\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0\\ufff0-\\ufff8")
+_VISIBLE_RE = re.compile(f"[^{INVISIBLE}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +103,10 @@ class CreateRequest:
     slot_end: str
     requester_id: str
     metadata: dict[str, Any] | None
-    idempotency_key: str | None
+    idempotency_key: str | None  # the body's idempotencyKey
     request_id: str = "-"
     fingerprint: str | None = None  # of the canonical request, when a key is given
+    idempotency_header: str | None = None  # the Idempotency-Key header
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +215,7 @@ class ReservationService:
                                            "maxUnits": self.settings.max_hold_units})
         check_requester(req.requester_id)
         check_metadata(req.metadata)
-        if req.idempotency_key is not None:
-            check_key(req.idempotency_key)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
         if vendor.payment_required and not self.engine.payments_enabled:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
@@ -220,7 +229,7 @@ class ReservationService:
         error) is stored for replay; a replay answers the stored bytes."""
         vendor, resource, start_ms, end_ms = await self.validate_create(principal, req)
         scope = self.scope_of(principal)
-        key = req.idempotency_key
+        key = idempotency_key(req.idempotency_header, req.idempotency_key)
         placement = self.engine.placement(
             partner_id=scope, vendor=vendor, resource=resource, start_ms=start_ms,
             end_ms=end_ms, requester_id=req.requester_id,
@@ -414,6 +423,70 @@ class ReservationService:
         return {"released": released, "failed": failed}
 
 
+    # ---- availability and audit ----------------------------------------------------------
+    async def availability(self, principal: Principal, vendor_id: str,
+                           pairs: list[tuple[str, str]], client_ip: str | None = None):
+        """Slots of a vendor's resource: who (403), what (404), then the query's rules."""
+        from engine import occupancy
+
+        require(principal, "availability.read")
+        if principal.role == VENDOR and principal.vendor_id != vendor_id:
+            raise NotFound(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
+                           details={"vendorId": vendor_id})
+        query = query_dict(pairs, AVAILABILITY_QUERY)
+        vendor = await self.catalog.vendor(vendor_id)
+        resource = await self.catalog.resource(query.get("resourceId")
+                                               or vendor.default_resource_id)
+        for name in ("startTime", "endTime"):
+            if name not in query:
+                raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
+                                      details={"field": name})
+        start_ms = parse_time(query["startTime"], "startTime")
+        end_ms = parse_time(query["endTime"], "endTime")
+        slot_minutes = parse_int(query.get("slotDuration", "60"), "slotDuration", 1,
+                                 MAX_SLOT_MINUTES)
+        include_confidence = parse_bool(query.get("includeConfidence", "false"),
+                                        "includeConfidence")
+        if resource.vendor_id and resource.vendor_id != vendor.id:
+            raise ValidationError("the resource does not belong to the vendor",
+                                  code="RESOURCE_VENDOR_MISMATCH",
+                                  details={"field": "resourceId"})
+        slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
+                                        self.settings.max_query_range_ms)
+        # A read writes nothing: the limiter and the units go in one round trip.
+        result, *limited = await asyncio.gather(
+            occupancy.availability(self.engine.access, self.keys, resource, start_ms, end_ms,
+                                   slot_ms),
+            *self._rate_checks(principal, client_ip), return_exceptions=True)
+        await _first_error(limited)
+        if isinstance(result, BaseException):
+            raise result
+        return result, include_confidence
+
+    async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
+                    client_ip: str | None = None) -> list:
+        """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
+        from engine import records
+
+        require(principal, "ops.audit")
+        query = query_dict(pairs, AUDIT_QUERY)
+        since = parse_time(query["since"], "since") if "since" in query else None
+        until = parse_time(query["until"], "until") if "until" in query else None
+        limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
+        for name in ("reservationId", "resourceId", "actor"):
+            if name in query and not 0 < len(query[name]) <= 128:
+                raise ValidationError(f"{name} must be 1..128 characters",
+                                      code="INVALID_PARAMETER", details={"field": name})
+        await self.throttle(principal, client_ip)
+        if since is not None and until is not None and until <= since:
+            return []  # since <= at < until: an empty range
+        async with pool.acquire() as conn:
+            return await records.query_audit(
+                conn, reservation_id=query.get("reservationId"),
+                resource_id=query.get("resourceId"), actor=query.get("actor"),
+                since=_datetime(since), until=_datetime(until), limit=limit)
+
+
 # ---- the rules of the request ----------------------------------------------------------------
 def check_reason(reason: Any) -> str:
     if reason is None:
@@ -424,18 +497,31 @@ def check_reason(reason: Any) -> str:
     return reason
 
 
+def idempotency_key(header: str | None, body_key: str | None) -> str | None:
+    """The key from the ``Idempotency-Key`` header or the body's ``idempotencyKey``; when
+    both are given they must agree."""
+    if header is not None and body_key is not None and header != body_key:
+        raise ValidationError("the Idempotency-Key header and body idempotencyKey differ",
+                              code="IDEMPOTENCY_KEY_CONFLICT",
+                              details={"field": "idempotencyKey"})
+    key = header if header is not None else body_key
+    if key is not None:
+        try:
+            check_key(key)
+        except ValidationError as exc:
+            raise ValidationError(exc.message, code="INVALID_IDEMPOTENCY_KEY",
+                                  details={"field": "Idempotency-Key"}) from None
+    return key
+
+
 def check_requester(requester_id: Any) -> str:
     """1..256 characters of which at least one is visible (not a space, a control or format
     character, or a letter that draws nothing)."""
     if (not isinstance(requester_id, str) or not 0 < len(requester_id) <= MAX_TEXT
-            or not any(_visible(ch) for ch in requester_id)):
+            or not _VISIBLE_RE.search(requester_id)):
         raise ValidationError(f"requesterId must be 1..{MAX_TEXT} characters, some visible",
                               code="INVALID_FIELD", details={"field": "requesterId"})
     return requester_id
-
-
-def _visible(ch: str) -> bool:
-    return unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LETTERS
 
 
 def check_metadata(metadata: Any) -> None:
@@ -480,6 +566,52 @@ async def _first_error(results: list) -> None:
             raise result
 
 
+def query_dict(pairs: list[tuple[str, str]], allowed: set[str]) -> dict[str, str]:
+    """A query string's (name, value) pairs as a flat dict; unknown or repeated parameters
+    are refused, and NUL (Postgres cannot store it: the OpenAPI document says NO_NUL)."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise ValidationError(f"unknown query parameter {name!r}", code="UNKNOWN_PARAMETER",
+                                  details={"field": name, "allowed": sorted(allowed)})
+        if name in out:
+            raise ValidationError(f"{name} is given more than once",
+                                  code="REPEATED_PARAMETER", details={"field": name})
+        if "\x00" in value:
+            raise ValidationError(f"{name} contains a NUL character", code="INVALID_PARAMETER",
+                                  details={"field": name})
+        out[name] = value
+    return out
+
+
+def parse_bool(value: str, field: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValidationError(f"{field} must be true or false", code="INVALID_PARAMETER",
+                          details={"field": field})
+
+
+def parse_int(value: str, field: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,12}", value):
+        raise ValidationError(f"{field} must be an integer", code="INVALID_PARAMETER",
+                              details={"field": field})
+    number = int(value)
+    if not low <= number <= high:
+        raise ValidationError(f"{field} must be between {low} and {high}",
+                              code="INVALID_PARAMETER",
+                              details={"field": field, "minimum": low, "maximum": high})
+    return number
+
+
+def _datetime(ms: int | None):
+    from datetime import UTC, datetime
+
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
 def _ms(moment) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -509,3 +641,79 @@ def from_record(stored) -> Reservation:
         confirmation_required=False, payment_required=False,
         booking_id=stored.booking_id, failure_reason=stored.failure_reason,
         metadata=stored.metadata or {}, history=history)
+
+
+class AdminService:
+    """Management (partners, vendors, resources, API keys): the permission table decides who,
+    engine/directory.py validates and writes. ``issue_key(conn, role, partner_id=,
+    vendor_id=)`` mints a key (api/auth.py owns the key format)."""
+
+    MAX_MINUTES = 1440
+
+    def __init__(self, pool, catalog: CatalogCache, issue_key) -> None:
+        self.pool = pool
+        self.catalog = catalog
+        self._issue_key = issue_key
+
+    def _minutes(self, **values: int | None) -> None:
+        for name, value in values.items():
+            if value is not None and not 0 <= value <= self.MAX_MINUTES:
+                raise ValidationError(f"{name} must be between 0 and {self.MAX_MINUTES}",
+                                      code="INVALID_FIELD", details={"field": name})
+
+    async def create_partner(self, principal: Principal, partner_id: str, name: str | None):
+        from engine import directory
+
+        require(principal, "admin.partners.create")
+        async with self.pool.acquire() as conn:
+            return await directory.create_partner(conn, partner_id, name or partner_id)
+
+    async def create_vendor(self, principal: Principal, vendor_id: str, *, unit_minutes=None,
+                            buffer_before_minutes=None, buffer_after_minutes=None,
+                            confirmation_required=None, payment_required=None, timezone=None):
+        from engine import directory
+
+        require(principal, "admin.vendors.create")
+        self._minutes(unitMinutes=unit_minutes, bufferBeforeMinutes=buffer_before_minutes,
+                      bufferAfterMinutes=buffer_after_minutes)
+        async with self.pool.acquire() as conn:
+            vendor = await directory.create_vendor(
+                conn, vendor_id, unit_minutes=15 if unit_minutes is None else unit_minutes,
+                buffer_before_minutes=buffer_before_minutes or 0,
+                buffer_after_minutes=buffer_after_minutes or 0,
+                confirmation_required=(True if confirmation_required is None
+                                       else confirmation_required),
+                payment_required=bool(payment_required), timezone=timezone or "UTC")
+        self.catalog.forget_miss("vendor", vendor.id)
+        self.catalog.forget_miss("resource", vendor.default_resource_id)
+        return vendor
+
+    async def create_resource(self, principal: Principal, resource_id: str, vendor_id: str, *,
+                              unit_minutes=None, buffer_before_minutes=None,
+                              buffer_after_minutes=None):
+        from engine import directory
+
+        require(principal, "admin.resources.create")
+        self._minutes(unitMinutes=unit_minutes, bufferBeforeMinutes=buffer_before_minutes,
+                      bufferAfterMinutes=buffer_after_minutes)
+        async with self.pool.acquire() as conn:
+            stored = await directory.create_resource(
+                conn, resource_id, vendor_id, unit_minutes=unit_minutes,
+                buffer_before_minutes=buffer_before_minutes,
+                buffer_after_minutes=buffer_after_minutes)
+        self.catalog.forget_miss("resource", stored.id)
+        return stored
+
+    async def create_key(self, principal: Principal, role: str, partner_id: str | None,
+                         vendor_id: str | None):
+        require(principal, "admin.keys.create")
+        async with self.pool.acquire() as conn:
+            return await self._issue_key(conn, role, partner_id=partner_id,
+                                         vendor_id=vendor_id)
+
+    async def revoke_key(self, principal: Principal, key_id: str):
+        from engine import directory
+
+        require(principal, "admin.keys.revoke")
+        async with self.pool.acquire() as conn:
+            return await directory.revoke_api_key(conn, key_id)

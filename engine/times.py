@@ -20,6 +20,10 @@ MAX_OFFSET = timedelta(hours=14)  # Pacific/Kiritimati; nothing real is further 
 # ISO 8601 date-time with an explicit offset (Z or ±hh:mm); no naive times, no week dates.
 _ISO_RE = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
+# What parse_time accepts, as one pattern (the OpenAPI document publishes it): fractions on
+# the millisecond grid (trailing zeros allowed), offsets of at most ±14:00.
+ISO_PATTERN = (r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,3}0{0,3})?)?"
+               r"(Z|z|[+-](0\d|1[0-3]):[0-5]\d|[+-]14:00)$")
 
 
 def _invalid(field: str, message: str) -> ValidationError:

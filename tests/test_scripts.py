@@ -122,7 +122,7 @@ async def test_pipeline_fallback_path_and_its_noscript_handling(redis, keys, cat
     same batches with the same per-call replies and NOSCRIPT fallback."""
     from engine.access import RedisAccess
     from engine.errors import HoldConflict
-    from engine.holds import HoldEngine
+    from benchmarks.holds import HoldEngine
 
     access = RedisAccess(redis, raw=False)
     assert access.wire is None

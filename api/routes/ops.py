@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import re
 
-from datetime import UTC, datetime
-
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import client_ip, principal, services, throttle
-from api.validation import (
-    Field,
-    check_fields,
-    format_time,
-    invalid,
-    json_object,
-    parse_int,
-    parse_time,
-    query_params,
-)
+from api.context import client_ip, principal, services
+from api.validation import Field, check_fields, format_time, invalid, json_object
 from api.views import JSONResponse, reservation_view
 from engine import metrics, records
-from engine.permissions import require
 
 RELEASE_FIELDS = [Field("reason", str, required=True)]
 BULK_FIELDS = [
@@ -34,7 +22,6 @@ BULK_FIELDS = [
 ]
 MAX_BULK_IDS = 200  # every valid body fits SLOTGUARD_MAX_BODY_BYTES (the OpenAPI says so)
 BULK_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")  # the OpenAPI pattern, with its semantics
-AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
 
 
 async def release(request: Request) -> Response:
@@ -81,27 +68,10 @@ async def bulk_release(request: Request) -> Response:
 
 async def audit_query(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "ops.audit")
-    query = query_params(request.query_params, AUDIT_QUERY)
-    since = parse_time(query["since"], "since") if "since" in query else None
-    until = parse_time(query["until"], "until") if "until" in query else None
-    limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
-    for name in ("reservationId", "resourceId", "actor"):
-        if name in query and not 0 < len(query[name]) <= 128:
-            raise invalid("INVALID_PARAMETER", f"{name} must be 1..128 characters", name)
-    await throttle(request, caller)
-    if since is not None and until is not None and until <= since:
-        return JSONResponse({"entries": []})  # since <= at < until: an empty range
-    async with services(request).pool.acquire() as conn:
-        rows = await records.query_audit(
-            conn, reservation_id=query.get("reservationId"),
-            resource_id=query.get("resourceId"), actor=query.get("actor"),
-            since=_datetime(since), until=_datetime(until), limit=limit)
+    rows = await services(request).reservations.audit(
+        caller, services(request).pool, request.query_params.multi_items(),
+        client_ip(request))
     return JSONResponse({"entries": [_audit_view(r) for r in rows]})
-
-
-def _datetime(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _audit_view(row: records.AuditEntry) -> dict:

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from api.context import client_ip, principal, request_id, services
 from api.errors import engine_error_response
-from api.idempotency import REPLAY_HEADER, key_of
+from api.idempotency import REPLAY_HEADER
 from api.validation import Field, check_fields, json_object, parse_if_match
 from api.views import JSONResponse, created_view, reservation_view
 from engine import metrics
@@ -44,16 +44,17 @@ async def create_reservation(request: Request) -> Response:
     caller = await principal(request)
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         CREATE_FIELDS)
-    key = key_of(request.headers.get("idempotency-key"), body)
+    header_key = request.headers.get("idempotency-key")
     req = CreateRequest(
         vendor_id=body["vendorId"], resource_id=body.get("resourceId"),
         slot_start=body["slotStartTime"], slot_end=body["slotEndTime"],
-        requester_id=body["requesterId"], metadata=body.get("metadata"), idempotency_key=key,
+        requester_id=body["requesterId"], metadata=body.get("metadata"),
+        idempotency_key=body.get("idempotencyKey"), idempotency_header=header_key,
         request_id=request_id(request),
         # The key itself is not part of what must match; where it was sent from does not.
-        fingerprint=None if key is None else fingerprint(
-            "POST", "/v1/reservations",
-            {k: v for k, v in body.items() if k != "idempotencyKey"}))
+        fingerprint=None if header_key is None and "idempotencyKey" not in body
+        else fingerprint("POST", "/v1/reservations",
+                         {k: v for k, v in body.items() if k != "idempotencyKey"}))
     answer = await svc.reservations.create(caller, req, client_ip=client_ip(request),
                                            render=_render_created,
                                            render_error=_render_error)
