@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
 
 class State(StrEnum):
@@ -171,6 +172,7 @@ def walk_auto_steps(path: list[State], confirmation_required: bool,
     return path
 
 
+@cache  # two booleans: four answers, asked on every creation
 def creation_stage(confirmation_required: bool, payment_required: bool) -> str:
     """The staged TTL a new reservation stops under ("hold", "confirmed" or "authorized")."""
     path = walk_auto_steps([S.INTENT_CREATED], confirmation_required, payment_required)

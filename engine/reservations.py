@@ -176,6 +176,10 @@ class ReservationEngine:
         stage = creation_stage(vendor.confirmation_required, vendor.payment_required)
         ttl = {"hold": s.hold_ttl_ms, "confirmed": s.confirmed_ttl_ms,
                "authorized": s.authorized_ttl_ms}[stage]
+        if not admission:
+            took = await self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
+                                                      ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
+            return await self._hold_or_give_back(p, took[1], argv)
         # One gather: every call is queued in the same event-loop turn, so one batch.
         took, *admitted = await asyncio.gather(
             self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
@@ -188,10 +192,13 @@ class ReservationEngine:
             raise refused
         if isinstance(took, BaseException):
             raise took
+        return await self._hold_or_give_back(p, took[1], argv)
+
+    async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
         try:
-            return await self._hold(p.reservation_id, resource.id, argv)
+            return await self._hold(p.reservation_id, p.resource.id, argv)
         except EngineError:  # a definite answer: nothing was held, give the slot back
-            if took[1]:
+            if cap_added:
                 self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
             raise
 

@@ -174,9 +174,11 @@ class ReservationService:
     # ---- abuse controls ---------------------------------------------------------------
     def _rate_checks(self, principal: Principal, client_ip: str | None) -> list[Awaitable]:
         checks: list[Awaitable] = []
-        if client_ip:
+        settings = self.limits.settings
+        # A limiter switched off (rate 0) costs no call and no task.
+        if client_ip and settings.ip_rate_per_minute:
             checks.append(self.limits.check_ip_rate(client_ip))
-        if principal.role != SYSTEM:
+        if principal.role != SYSTEM and settings.partner_rate_per_minute:
             checks.append(self.limits.check_partner_rate(principal.partner_id
                                                          or principal.key_id))
         return checks
@@ -184,8 +186,9 @@ class ReservationService:
     async def throttle(self, principal: Principal, client_ip: str | None) -> None:
         """Count the request against its client IP and its key (partner); 429 when over.
         Both limiters are asked in the same Redis round trip."""
-        await _first_error(await asyncio.gather(*self._rate_checks(principal, client_ip),
-                                                return_exceptions=True))
+        checks = self._rate_checks(principal, client_ip)
+        if checks:
+            await _first_error(await asyncio.gather(*checks, return_exceptions=True))
 
     # ---- creation ---------------------------------------------------------------------
     async def validate_create(self, principal: Principal,
