@@ -59,8 +59,9 @@ def fingerprint(method: str, path: str, body_obj: Any) -> str:
 
 def check_key(key: str) -> str:
     """Idempotency keys are 1..255 printable ASCII characters."""
+    # isascii() and isprintable(): exactly 0x20..0x7E, without a Python loop per character.
     if (not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH
-            or any(not 0x20 <= ord(ch) <= 0x7E for ch in key)):
+            or not key.isascii() or not key.isprintable()):
         raise ValidationError(
             f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable ASCII characters",
             details={"field": "Idempotency-Key"},
