@@ -147,7 +147,10 @@ SCHEMAS: dict[str, Any] = {
     "AuthorizationRequest": obj({"reason": TEXT, "metadata": METADATA,
                                  "outcome": {"type": "string",
                                              "enum": ["authorized", "failed"]}}),
-    "ExtendRequest": obj({"reason": TEXT, "metadata": METADATA,
+    "ExtendRequest": obj({"reason": TEXT,
+                          "metadata": {**METADATA, "description": METADATA["description"]
+                                       + " Stored on the extension's stateHistory entry and "
+                                         "audit row."},
                           "ttlMs": {"type": "integer", "minimum": 1000,
                                     "maximum": MAX_TTL_MS,
                                     "description": "beyond the maximum hold time: 409"}}),
