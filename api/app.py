@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from api import errors
-from api.auth import KeyResolver
+from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.guard import EdgeGuard
 from api.middleware import RequestContextMiddleware, install_request_id_logging
@@ -30,7 +30,7 @@ from engine import metrics, records
 from engine.catalog_cache import CatalogCache
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
-from engine.service import ACTIONS, ReservationService, from_record
+from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.api")
@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             async def rehydrate() -> None:
                 await rt.rehydrate_if_needed()
 
+            idempotency = IdempotencyStore(rt.access, rt.keys, settings)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -96,8 +97,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                      settings.api_key_negative_cache_ms),
                 reservations=ReservationService(engine, catalog, limits,
                                                 load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate),
-                idempotency=IdempotencyStore(rt.access, rt.keys, settings))
+                                                rehydrate=rehydrate, idempotency=idempotency),
+                idempotency=idempotency,
+                admin=AdminService(rt.pool, catalog, issue_key))
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:

@@ -18,7 +18,7 @@ from engine.errors import RateLimited
 from engine.idempotency import IdempotencyStore
 from engine.keys import KeySpace
 from engine.permissions import Principal
-from engine.service import ReservationService
+from engine.service import AdminService, ReservationService
 from engine.settings import Settings, trusted_networks
 
 
@@ -35,6 +35,7 @@ class Services:
     api_keys: KeyResolver
     reservations: ReservationService
     idempotency: IdempotencyStore
+    admin: AdminService | None = None
     extra: dict = field(default_factory=dict)
 
 

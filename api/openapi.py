@@ -9,29 +9,69 @@ documented 4xx codes.
 
 from __future__ import annotations
 
+import re
 import zoneinfo
 from functools import cache
 from typing import Any
 
+from api.validation import INT64, MAX_JSON_DEPTH
 from engine.keys import NAME_RE
-from engine.lifecycle import State
+from engine.lifecycle import ACTORS as ACTOR_SET
+from engine.lifecycle import RESERVED_PARTNER_IDS, State
 from engine.permissions import ROLES
-from engine.reservations import MAX_TEXT
-from engine.service import MAX_TTL_MS
+from engine.reservations import MAX_METADATA_BYTES, MAX_TEXT
+from engine.service import INVISIBLE, MAX_TTL_MS
+from engine.times import ISO_PATTERN
 
 NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
 NO_NUL = r"^[^\x00]*$"  # query strings: anything Postgres can store
 TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
         "pattern": r"^(?=.*\S)[^\x00-\x1f\x7f]*$",
         "description": "not all blank; no control characters"}
-TIME = {"type": "string", "format": "date-time",
-        "description": "ISO 8601 / RFC 3339 timestamp with an offset, e.g. 2030-01-01T09:00:00Z"}
+REQUESTER = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
+             "pattern": f"^(?=.*[^{INVISIBLE}])[^\\x00-\\x1f\\x7f]*$",
+             "description": "at least one visible character; no control characters"}
+TIME = {"type": "string", "format": "date-time", "pattern": ISO_PATTERN,
+        "description": "ISO 8601 / RFC 3339 timestamp with an offset of at most ±14:00, "
+                       "e.g. 2030-01-01T09:00:00Z; no precision below the millisecond"}
 NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
-METADATA = {"type": "object", "additionalProperties": True,
-            "description": "Free-form JSON object (at most 4096 bytes serialized)."}
+METADATA = {"$ref": "#/components/schemas/Metadata",
+            "description": f"Free-form JSON object: at most {MAX_METADATA_BYTES} bytes "
+                           "serialized (compact UTF-8, the server's requestId not counted), "
+                           f"nesting at most {MAX_JSON_DEPTH} levels counting the body, no NUL "
+                           "in any string, numbers within the signed 64-bit range."}
 STATE = {"type": "string", "enum": [s.value for s in State]}
-ACTORS = ["system", "vendor", "requester", "partner", "timeout", "ops", "admin"]
+ACTORS = sorted(ACTOR_SET)
 UNIT_MINUTES = [m for m in range(1, 1441) if 1440 % m == 0]
+
+
+def _case_blind(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+# A new partner's id: a name that is not a role or reserved word, in any case.
+PARTNER_ID = {"type": "string", "minLength": 1, "maxLength": 64,
+              "pattern": "^(?!(?:" + "|".join(_case_blind(w) for w in
+                                              sorted(RESERVED_PARTNER_IDS)) + ")$)"
+                         + NAME_RE.pattern[1:],
+              "description": "not a role name or reserved word (system, ops, admin, ...)"}
+
+
+def _json_values() -> dict[str, Any]:
+    """JSON values a body may carry: no NUL in strings or keys, numbers within the signed
+    64-bit range. The nesting limit (MAX_JSON_DEPTH) is stated in words: a schema that
+    counted levels would grow exponentially once its references are inlined."""
+    no_nul = {"pattern": NO_NUL}
+    value = {"anyOf": [
+        {"type": "string", **no_nul},
+        {"type": "number", "minimum": INT64[0], "maximum": INT64[1]},
+        {"type": "boolean"}, {"type": "null"},
+        {"type": "array", "items": ref("JsonValue")},
+        {"type": "object", "propertyNames": no_nul, "additionalProperties": ref("JsonValue")},
+    ]}
+    return {"JsonValue": value,
+            "Metadata": {"type": "object", "propertyNames": no_nul,
+                         "additionalProperties": ref("JsonValue")}}
 
 
 def ref(name: str) -> dict[str, str]:
@@ -61,7 +101,7 @@ SCHEMAS: dict[str, Any] = {
         "resourceId": NAME,
         "slotStartTime": TIME,
         "slotEndTime": TIME,
-        "requesterId": TEXT,
+        "requesterId": REQUESTER,
         "metadata": METADATA,
         "idempotencyKey": {"type": "string", "minLength": 1, "maxLength": 255,
                            "pattern": "^[\\x20-\\x7e]+$"},
@@ -107,7 +147,10 @@ SCHEMAS: dict[str, Any] = {
     "AuthorizationRequest": obj({"reason": TEXT, "metadata": METADATA,
                                  "outcome": {"type": "string",
                                              "enum": ["authorized", "failed"]}}),
-    "ExtendRequest": obj({"reason": TEXT, "metadata": METADATA,
+    "ExtendRequest": obj({"reason": TEXT,
+                          "metadata": {**METADATA, "description": METADATA["description"]
+                                       + " Stored on the extension's stateHistory entry and "
+                                         "audit row."},
                           "ttlMs": {"type": "integer", "minimum": 1000,
                                     "maximum": MAX_TTL_MS,
                                     "description": "beyond the maximum hold time: 409"}}),
@@ -169,7 +212,7 @@ SCHEMAS: dict[str, Any] = {
         "metadata": {"type": "object"},
     }, ["id", "eventId", "action", "actor", "at", "metadata"]),
     "AuditPage": obj({"entries": {"type": "array", "items": ref("AuditEntry")}}, ["entries"]),
-    "CreatePartnerRequest": obj({"partnerId": NAME, "name": TEXT}, ["partnerId"]),
+    "CreatePartnerRequest": obj({"partnerId": PARTNER_ID, "name": TEXT}, ["partnerId"]),
     "Partner": obj({"partnerId": {"type": "string"}, "name": {"type": "string"},
                     "active": {"type": "boolean"}}, ["partnerId", "name", "active"]),
     "CreateVendorRequest": obj({
@@ -433,7 +476,7 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": _paths(),
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **_json_values()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "sg_live_<prefix>_<secret>"}},
         },

@@ -9,19 +9,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from api.errors import ApiError
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MIN_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
-MAX_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
-# ISO 8601 date-time with an explicit offset (Z or ±hh:mm); no naive times, no week dates.
-_ISO_RE = re.compile(
-    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|z|[+-]\d{2}:\d{2})$")
 
 
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -50,7 +42,65 @@ def json_object(body: bytes, content_type: str | None, *, optional: bool = False
         raise invalid("MALFORMED_JSON", f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise invalid("INVALID_BODY", "the body must be a JSON object")
+    check_storable(value, body)
     return value
+
+
+MAX_JSON_DEPTH = 32  # every serializer on the path (orjson, Lua cjson, jsonb) handles far more
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_storable(value: Any, raw: bytes = b"") -> None:
+    """Refuse what Postgres cannot store or a serializer on the path cannot carry: NUL in
+    any string (keys included), nesting deeper than :data:`MAX_JSON_DEPTH`, numbers outside
+    the signed 64-bit range (an integer beyond it comes back as a float, and Lua's cjson
+    reads every number as a double)."""
+    lo, hi = INT64
+    ambiguous = False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                raise invalid("INVALID_CHARACTER", "strings must not contain NUL (\\u0000)")
+        elif isinstance(node, dict):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep()
+            for k, v in node.items():
+                if "\x00" in k:
+                    raise invalid("INVALID_CHARACTER", "keys must not contain NUL (\\u0000)")
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            if depth > MAX_JSON_DEPTH:
+                raise _too_deep()
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            if not lo <= node <= hi:
+                raise _out_of_range()
+            # orjson reads an integer beyond 64 bits as a float; just below -2**63 it rounds
+            # to the bound itself: only the text tells what was written.
+            ambiguous = ambiguous or (isinstance(node, float) and node == lo)
+    if ambiguous:
+        import json
+
+        def integer(text: str) -> int:
+            if not lo <= int(text) <= hi:
+                raise _out_of_range()
+            return int(text)
+
+        json.loads(raw, parse_int=integer)
+
+
+def _out_of_range() -> ApiError:
+    return invalid("NUMBER_OUT_OF_RANGE",
+                   "numbers must lie within the signed 64-bit integer range")
+
+
+def _too_deep() -> ApiError:
+    return invalid("NESTING_TOO_DEEP", f"JSON may nest at most {MAX_JSON_DEPTH} levels",
+                   maxDepth=MAX_JSON_DEPTH)
+
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,84 +144,13 @@ def _json_type(kind: type) -> str:
             type(None): "null", float: "number"}.get(kind, kind.__name__)
 
 
-# ---- times ----------------------------------------------------------------------------
-def parse_time(value: Any, field: str) -> int:
-    """An ISO 8601 timestamp with an offset, as ms since the epoch (whole ms only)."""
-    if not isinstance(value, str) or not _ISO_RE.match(value):
-        raise invalid("INVALID_TIMESTAMP",
-                      f"{field} must be an ISO 8601 timestamp with an offset "
-                      "(e.g. 2030-01-01T09:00:00Z)", field)
-    try:
-        moment = datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
-        raise invalid("INVALID_TIMESTAMP", f"{field} is not a valid date-time", field) from None
-    if moment.tzinfo is None or moment.utcoffset() is None:  # the regex already demands one
-        raise invalid("INVALID_TIMESTAMP", f"{field} needs a UTC offset", field)
-    try:
-        # Exact integer arithmetic (floats lose ms far from 1970); sub-ms digits are dropped.
-        delta = moment - EPOCH
-        ms = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
-    except (OverflowError, ValueError):  # an offset pushes it past year 1 or 9999
-        raise invalid("INVALID_TIMESTAMP", f"{field} is out of range", field) from None
-    if not MIN_MS <= ms <= MAX_MS:
-        raise invalid("INVALID_TIMESTAMP", f"{field} is out of range", field)
-    return ms
+# ---- times (engine/times.py: the service parses them too) ---------------------------------
+from engine.times import format_time, parse_range, parse_time  # noqa: E402
 
-
-def format_time(ms: int | None) -> str | None:
-    """ms since the epoch as ISO 8601 UTC with a ``Z`` (milliseconds only when non-zero)."""
-    if ms is None:
-        return None
-    moment = EPOCH + timedelta(milliseconds=ms)
-    spec = "milliseconds" if ms % 1000 else "seconds"
-    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
-
-
-def parse_range(start: Any, end: Any, start_field: str, end_field: str) -> tuple[int, int]:
-    start_ms, end_ms = parse_time(start, start_field), parse_time(end, end_field)
-    if end_ms <= start_ms:
-        raise invalid("INVALID_TIME_RANGE", f"{end_field} must be after {start_field}",
-                      end_field)
-    return start_ms, end_ms
+__all__ = ["format_time", "parse_range", "parse_time"]
 
 
 # ---- query strings and headers ----------------------------------------------------------
-def query_params(params, allowed: set[str]) -> dict[str, str]:
-    """A flat dict of the query; unknown or repeated parameters are refused."""
-    out: dict[str, str] = {}
-    for name, value in params.multi_items():
-        if name not in allowed:
-            raise invalid("UNKNOWN_PARAMETER", f"unknown query parameter {name!r}", name,
-                          allowed=sorted(allowed))
-        if name in out:
-            raise invalid("REPEATED_PARAMETER", f"{name} is given more than once", name)
-        if "\x00" in value:
-            # Postgres refuses NUL in text: answer 400 here, not 500 there (the OpenAPI
-            # document says so with NO_NUL).
-            raise invalid("INVALID_PARAMETER", f"{name} contains a NUL character", name)
-        out[name] = value
-    return out
-
-
-def parse_bool(value: str, field: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise invalid("INVALID_PARAMETER", f"{field} must be true or false", field)
-
-
-def parse_int(value: str, field: str, low: int, high: int) -> int:
-    if not re.fullmatch(r"[0-9]{1,12}", value):
-        raise invalid("INVALID_PARAMETER", f"{field} must be an integer", field)
-    number = int(value)
-    if not low <= number <= high:
-        raise invalid("INVALID_PARAMETER", f"{field} must be between {low} and {high}", field,
-                      minimum=low, maximum=high)
-    return number
-
-
 def parse_if_match(value: str | None) -> int | None:
     """``If-Match: <version>`` (an ETag-quoted ``"3"`` is accepted too)."""
     if value is None:

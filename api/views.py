@@ -18,6 +18,7 @@ class JSONResponse(Response):
     """orjson-rendered JSON (Starlette's own uses the slower stdlib encoder)."""
 
     media_type = "application/json"
+    encode = staticmethod(orjson.dumps)
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)

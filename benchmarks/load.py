@@ -132,7 +132,7 @@ class RedisHolds(Workload):
         import redis.asyncio as aioredis
 
         from engine.access import RedisAccess
-        from engine.holds import HoldEngine
+        from benchmarks.holds import HoldEngine
         from engine.keys import KeySpace
         from engine.resources import Resource, ResourceCatalog
 

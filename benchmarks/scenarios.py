@@ -481,7 +481,7 @@ class Run:
         import redis.asyncio as aioredis
 
         from engine.access import RedisAccess
-        from engine.holds import HoldEngine
+        from benchmarks.holds import HoldEngine
         from engine.keys import KeySpace
         from engine.resources import Resource, ResourceCatalog
 

@@ -17,10 +17,10 @@ import asyncpg
 from engine.db import columns
 from engine.errors import EngineError, NotFound, UnknownResource, ValidationError
 from engine.keys import NAME_RE
+from engine.lifecycle import RESERVED_PARTNER_IDS, ROLES
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog
 from engine.resources import Vendor as EngineVendor
 
-ROLES = ("partner", "vendor", "ops", "admin", "system")
 MIN_DIGEST_CHARS = 32  # mirrors the api_keys check: a digest, never a plaintext key
 
 
@@ -108,6 +108,11 @@ def default_resource_id(vendor_id: str) -> str:
 async def create_partner(conn: asyncpg.Connection, partner_id: str, name: str, *,
                          active: bool = True) -> Partner:
     _check_name("partnerId", partner_id)
+    if partner_id.lower() in RESERVED_PARTNER_IDS:
+        # A partner named like a role (``system``) must never be mistaken for it.
+        raise ValidationError(f"partnerId {partner_id!r} is a reserved word",
+                              code="RESERVED_PARTNER_ID",
+                              details={"field": "partnerId", "partnerId": partner_id})
     if not name.strip():
         raise ValidationError("partner name must not be empty", details={"field": "name"})
     try:

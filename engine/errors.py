@@ -1,12 +1,16 @@
 """Business outcomes of the Lua scripts and the engine's typed errors.
 
-Scripts answer business outcomes as negative integers; :class:`Outcome` is the one table
-that maps them (``error()`` in Lua is for bugs only). Every engine error carries a stable
-machine ``code`` that the API puts in its error envelope unchanged.
+Scripts answer business outcomes as negative integers; :class:`Outcome` names them, and
+:data:`ERRORS` (used through :func:`error_for`) is the one table from a script's reply to the
+engine error it means (``error()`` in Lua is for bugs only). The names reach the scripts
+generated (``--@include @outcomes`` expands to :func:`lua_outcomes`), so a script returns
+``{OUTCOME.CONFLICT, ...}``, never a bare number. Every engine error carries a stable machine
+``code`` that the API puts in its error envelope unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
@@ -154,3 +158,120 @@ class UnsafeRedis(EngineError):
     """Redis would evict keys under memory pressure: an evicted hold is a double booking."""
 
     code = "UNSAFE_REDIS_CONFIG"
+
+
+class NotDue(EngineError):
+    """The reaper asked to expire a reservation whose deadline has not passed."""
+
+    code = "NOT_DUE"
+
+
+# ---- the one table: script reply -> error ------------------------------------------------
+# Each entry builds the error from the reply (``reply[0]`` is the code, the rest is what the
+# script's header documents) and the caller's context: ``subject`` ("hold" or
+# "reservation"), ``details`` (the ids the caller knows) and, where a reply needs it,
+# ``resource_id``, ``op``, ``max_live``. Nothing else maps a code to an error.
+def _conflict(reply: list, ctx: dict) -> EngineError:
+    from engine.lifecycle import BOOKED_PREFIX
+
+    holder, unit = str(reply[1]), int(reply[2])
+    booked = holder.startswith(BOOKED_PREFIX)
+    holder_id = holder[len(BOOKED_PREFIX):] if booked else holder
+    return HoldConflict(
+        "the slot is already held" if not booked else "the slot is already booked",
+        holder=holder_id, unit=unit, booked=booked,
+        details={"resourceId": ctx.get("resource_id"), "conflictingReservationId": holder_id,
+                 "conflictingUnit": unit, "booked": booked})
+
+
+def _invalid_transition(reply: list, ctx: dict) -> EngineError:
+    state, op = str(reply[1]), ctx.get("op")
+    details = {**ctx["details"], "state": state, "action": op}
+    if state == "COMMIT_IN_PROGRESS" and op == "cancel":
+        return CommitInProgress("the commit is under way and cannot be cancelled",
+                                details=details)
+    return InvalidTransition(f"{op} is not allowed in state {state}", details=details)
+
+
+def _ended(cls: type[EngineError], message: str) -> Callable[[list, dict], EngineError]:
+    def build(reply: list, ctx: dict) -> EngineError:
+        return cls(message, details={**ctx["details"], "state": str(reply[1]),
+                                     "version": int(reply[2])})
+    return build
+
+
+def _plain(cls: type[EngineError], message: str) -> Callable[[list, dict], EngineError]:
+    return lambda reply, ctx: cls(message.format(subject=ctx.get("subject", "reservation")),
+                                  details=dict(ctx["details"]))
+
+
+def _retry_after(cls: type[EngineError], message: str, extra: Callable[[dict], dict]):
+    def build(reply: list, ctx: dict) -> EngineError:
+        retry_after_ms = int(reply[1])
+        return cls(message.format(**ctx), details={**ctx["details"], **extra(ctx),
+                                                   "retryAfterMs": retry_after_ms},
+                   retry_after_ms=retry_after_ms)
+    return build
+
+
+def _in_progress(reply: list, ctx: dict) -> EngineError:
+    pttl = int(reply[1])
+    return IdempotencyInProgress("a request with this idempotency key is still in progress",
+                                 details=dict(ctx["details"]),
+                                 retry_after_ms=pttl if pttl > 0 else None)
+
+
+ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
+    Outcome.CONFLICT: _conflict,
+    Outcome.INVALID: lambda reply, ctx: ValidationError(
+        str(reply[1]) if len(reply) > 1 else "invalid request", details=dict(ctx["details"])),
+    Outcome.HOLD_ID_REUSED: _plain(HoldIdReused, "{subject} id already names another {subject}"),
+    Outcome.NOT_FOUND: _plain(NotFound, "{subject} not found"),
+    Outcome.NOT_OWNER: _plain(NotOwner, "the fencing token does not own this {subject}"),
+    Outcome.EXTENSION_LIMIT: _plain(ExtensionLimit,
+                                    "the {subject} was extended the maximum number of times"),
+    Outcome.MAX_DURATION: _plain(MaxHoldDuration,
+                                 "the extension would exceed the maximum hold time"),
+    Outcome.INVALID_TRANSITION: _invalid_transition,
+    Outcome.VERSION_MISMATCH: lambda reply, ctx: VersionMismatch(
+        "the reservation changed since that version",
+        details={**ctx["details"], "currentVersion": int(reply[1])}),
+    Outcome.HOLD_LOST: _ended(HoldLost, "the hold no longer owns its slot; the reservation "
+                                        "failed"),
+    Outcome.TERMINAL: lambda reply, ctx: TerminalState(
+        f"the reservation is {reply[1]}, a terminal state",
+        details={**ctx["details"], "state": str(reply[1])}),
+    Outcome.RATE_LIMITED: _retry_after(RateLimited, "too many requests", lambda ctx: {}),
+    Outcome.CAP_EXCEEDED: _retry_after(
+        CapExceeded, "the partner already has {max_live} live holds",
+        lambda ctx: {"maxLiveHolds": ctx.get("max_live")}),
+    Outcome.IDEMPOTENCY_MISMATCH: _plain(
+        IdempotencyMismatch, "this idempotency key was already used for a different request"),
+    Outcome.IDEMPOTENCY_IN_PROGRESS: _in_progress,
+    Outcome.EXPIRED: _ended(ReservationExpired, "the reservation's deadline passed"),
+    Outcome.NOT_DUE: _plain(NotDue, "not due yet"),
+    Outcome.NOT_READY: lambda reply, ctx: NotReady(
+        "booked markers are being restored; try again shortly",
+        details=dict(ctx["details"]), retry_after_ms=1000),
+}
+
+
+def error_for(reply: list, *, details: dict[str, Any] | None = None,
+              **context: Any) -> EngineError:
+    """The engine error a script's non-OK ``reply`` means (see :data:`ERRORS`)."""
+    try:
+        code = Outcome(int(reply[0]))
+        build = ERRORS[code]
+    except (ValueError, KeyError):
+        return ValidationError(f"unexpected script reply {reply[:2]!r}",
+                               details=dict(details or {}))
+    return build(reply, {**context, "details": details or {}})
+
+
+def lua_outcomes() -> str:
+    """The outcome names as a Lua table, included by the scripts (``--@include @outcomes``)."""
+    lines = ["-- Generated from engine/errors.py Outcome; do not edit by hand.",
+             "local OUTCOME = {"]
+    lines += [f"  {o.name} = {o.value}," for o in Outcome]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

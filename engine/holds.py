@@ -1,62 +1,32 @@
-"""HoldEngine: capacity-1 holds on a resource's units, placed atomically in Lua.
+"""Hold primitives the reservation engine shares: the booked-marker prefix (its home is
+engine/lifecycle.py), a CONFLICT reply as its error, and script calls retried on transient
+connection errors (idempotent scripts only).
 
-A hold owns every unit of its buffered interval or none of them. Redis TTLs free the units
-when the hold expires; nothing has to run for that to happen. Every hold is issued a fencing
-token that strictly increases per resource; release and extend must present it.
+The plain capacity-1 ``HoldEngine`` that used to live here serves only tests and the
+benchmarks (its throughput is the baseline the API is measured against): it lives in
+``benchmarks/holds.py``. Production holds are reservations (engine/reservations.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.access import RedisAccess
-from engine.errors import (
-    ExtensionLimit,
-    HoldConflict,
-    HoldIdReused,
-    MaxHoldDuration,
-    NotFound,
-    NotOwner,
-    Outcome,
-    ValidationError,
-)
-from engine.keys import KeySpace
-from engine.resources import ResourceCatalog
-from engine.settings import Settings
+from engine.errors import HoldConflict, error_for
+from engine.lifecycle import BOOKED_PREFIX
 
-BOOKED_PREFIX = "B|"  # a unit whose value starts with this is a booked marker
+__all__ = ["BOOKED_PREFIX", "call_with_retry", "conflict_from_reply"]
 _TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, asyncio.TimeoutError)
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
-    hold_id: str
-    resource_id: str
-    first_unit: int
-    last_unit: int
-    expires_at_ms: int
-    fence_token: int
-    created_at_ms: int
-    extensions: int = 0
-    owner: str = ""
-
-
 def conflict_from_reply(reply: list, resource_id: str) -> HoldConflict:
-    holder, unit = str(reply[1]), int(reply[2])
-    booked = holder.startswith(BOOKED_PREFIX)
-    holder_id = holder[len(BOOKED_PREFIX):] if booked else holder
-    return HoldConflict(
-        "the slot is already held" if not booked else "the slot is already booked",
-        holder=holder_id,
-        unit=unit,
-        booked=booked,
-        details={"resourceId": resource_id, "conflictingReservationId": holder_id,
-                 "conflictingUnit": unit, "booked": booked},
-    )
+    """A CONFLICT reply as its error (the one table in engine/errors.py decides)."""
+    error = error_for(reply, resource_id=resource_id)
+    assert isinstance(error, HoldConflict), reply
+    return error
 
 
 async def call_with_retry(access: RedisAccess, name: str, keys, args, attempts: int = 3):
@@ -73,104 +43,3 @@ async def call_with_retry(access: RedisAccess, name: str, keys, args, attempts: 
                 raise
             await asyncio.sleep(0.01 * 2**attempt)
     raise AssertionError("unreachable")
-
-
-class HoldEngine:
-    def __init__(self, access: RedisAccess, keys: KeySpace, catalog: ResourceCatalog,
-                 settings: Settings) -> None:
-        self.access = access
-        self.keys = keys
-        self.catalog = catalog
-        self.settings = settings
-
-    async def place(self, resource_id: str, start_ms: int, end_ms: int, *, owner: str = "",
-                    ttl_ms: int | None = None, hold_id: str | None = None) -> Hold:
-        """Hold ``[start, end)`` (plus buffers) of a resource, or raise HoldConflict."""
-        resource = self.catalog.get(resource_id)
-        first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
-        ttl = self.settings.hold_ttl_ms if ttl_ms is None else ttl_ms
-        if ttl <= 0:
-            raise ValidationError("ttl must be positive")
-        if hold_id is None:
-            hold_id = self.keys.new_hold_id(resource_id)
-        elif self.keys.shard_of_id(hold_id) != self.keys.shard_of(resource_id):
-            raise ValidationError("hold id does not carry the resource's shard")
-        shard = self.keys.shard_of(resource_id)
-        reply = await call_with_retry(
-            self.access,
-            "place_hold",
-            [self.keys.unit_root(shard), self.keys.hold(hold_id), self.keys.fence(resource_id)],
-            [hold_id, resource_id, first, last, ttl, self.settings.max_hold_units, owner],
-        )
-        code = int(reply[0])
-        if code == Outcome.OK:
-            return Hold(hold_id, resource_id, first, last, int(reply[1]), int(reply[2]),
-                        int(reply[3]), 0, owner)
-        if code == Outcome.CONFLICT:
-            raise conflict_from_reply(reply, resource_id)
-        if code == Outcome.HOLD_ID_REUSED:
-            raise HoldIdReused("hold id already names another hold", details={"holdId": hold_id})
-        raise ValidationError(str(reply[1]) if len(reply) > 1 else "invalid hold")
-
-    async def read(self, hold_id: str) -> Hold | None:
-        reply = await self.access.call("read_hold", [self._hold_key(hold_id)], [])
-        if int(reply[0]) == Outcome.NOT_FOUND:
-            return None
-        _, resource, first, last, expires, created, ext, token, owner = reply
-        return Hold(hold_id, resource, int(first), int(last), int(expires), int(token),
-                    int(created), int(ext), owner or "")
-
-    async def extend(self, hold_id: str, fence_token: int, ttl_ms: int | None = None) -> Hold:
-        """Push the hold's expiry to now + ttl; bounded by count and total duration."""
-        ttl = self.settings.hold_ttl_ms if ttl_ms is None else ttl_ms
-        if ttl <= 0:
-            raise ValidationError("ttl must be positive")
-        reply = await self.access.call(
-            "extend_hold",
-            [self._unit_root_of(hold_id), self._hold_key(hold_id)],
-            [hold_id, fence_token, ttl, self.settings.max_hold_total_ms,
-             self.settings.max_extensions],
-        )
-        self._raise_for(int(reply[0]), hold_id)
-        hold = await self.read(hold_id)
-        if hold is None:  # expired between the two calls
-            raise NotFound("hold not found", details={"holdId": hold_id})
-        return hold
-
-    async def release(self, hold_id: str, fence_token: int) -> None:
-        reply = await self.access.call(
-            "release_hold",
-            [self._unit_root_of(hold_id), self._hold_key(hold_id)],
-            [hold_id, fence_token],
-        )
-        self._raise_for(int(reply[0]), hold_id)
-
-    # ---- helpers ----------------------------------------------------------------------
-    def _hold_key(self, hold_id: str) -> str:
-        try:
-            return self.keys.hold(hold_id)
-        except ValueError:
-            raise NotFound("hold not found", details={"holdId": hold_id}) from None
-
-    def _unit_root_of(self, hold_id: str) -> str:
-        try:
-            return self.keys.unit_root(self.keys.shard_of_id(hold_id))
-        except ValueError:
-            raise NotFound("hold not found", details={"holdId": hold_id}) from None
-
-    @staticmethod
-    def _raise_for(code: int, hold_id: str) -> None:
-        details = {"holdId": hold_id}
-        if code == Outcome.OK:
-            return
-        if code == Outcome.NOT_FOUND:
-            raise NotFound("hold not found or expired", details=details)
-        if code == Outcome.NOT_OWNER:
-            raise NotOwner("the fencing token does not own this hold", details=details)
-        if code == Outcome.EXTENSION_LIMIT:
-            raise ExtensionLimit("the hold was extended the maximum number of times",
-                                 details=details)
-        if code == Outcome.MAX_DURATION:
-            raise MaxHoldDuration("the extension would exceed the maximum hold time",
-                                  details=details)
-        raise ValidationError("invalid hold request", details=details)

@@ -22,23 +22,21 @@ duplicates cannot both proceed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from engine.access import RedisAccess
-from engine.errors import (
-    IdempotencyInProgress,
-    IdempotencyMismatch,
-    Outcome,
-    ValidationError,
-)
+from engine.errors import Outcome, ValidationError, error_for
 from engine.keys import KeySpace
 from engine.limits import check_partner_id
 from engine.settings import Settings
 
 MAX_KEY_LENGTH = 255
+log = logging.getLogger("slotguard.idempotency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +63,9 @@ def fingerprint(method: str, path: str, body_obj: Any) -> str:
 
 def check_key(key: str) -> str:
     """Idempotency keys are 1..255 printable ASCII characters."""
+    # isascii() and isprintable(): exactly 0x20..0x7E, without a Python loop per character.
     if (not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH
-            or any(not 0x20 <= ord(ch) <= 0x7E for ch in key)):
+            or not key.isascii() or not key.isprintable()):
         raise ValidationError(
             f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable ASCII characters",
             details={"field": "Idempotency-Key"},
@@ -97,24 +96,12 @@ class IdempotencyStore:
         redis_key = self._key(partner_id, key, fingerprint)
         reply = await self.access.call("idempotency_begin", [redis_key],
                                        [fingerprint, self.settings.idempotency_lock_ms])
-        code = int(reply[0])
-        details = {"idempotencyKey": key}
-        if code == Outcome.OK:
+        if int(reply[0]) == Outcome.OK:
             if _text(reply[1]) == "proceed":
                 return None
             body = reply[3]
             return StoredResponse(int(reply[2]), _text(body) if body is not None else "")
-        if code == Outcome.IDEMPOTENCY_MISMATCH:
-            raise IdempotencyMismatch(
-                "this idempotency key was already used for a different request",
-                details=details)
-        if code == Outcome.IDEMPOTENCY_IN_PROGRESS:
-            pttl = int(reply[1])
-            retry_after_ms = pttl if pttl > 0 else None
-            raise IdempotencyInProgress(
-                "a request with this idempotency key is still in progress",
-                details=details, retry_after_ms=retry_after_ms)
-        raise ValidationError(_text(reply[1]), details=details)
+        raise error_for(reply, details={"idempotencyKey": key})
 
     async def complete(self, partner_id: str, key: str, fingerprint: str, status: int,
                        body: bytes | str) -> bool:
@@ -122,6 +109,15 @@ class IdempotencyStore:
 
         Raises IdempotencyMismatch if the key now belongs to a different request.
         """
+        reply = await self.access.call(
+            "idempotency_complete", *self._complete_call(partner_id, key, fingerprint, status,
+                                                         body))
+        if int(reply[0]) == Outcome.OK:
+            return int(reply[1]) == 1
+        raise error_for(reply, details={"idempotencyKey": key})
+
+    def _complete_call(self, partner_id: str, key: str, fingerprint: str, status: int,
+                       body: bytes | str) -> tuple[list, list]:
         redis_key = self._key(partner_id, key, fingerprint)
         if isinstance(body, bytes):
             try:
@@ -135,24 +131,37 @@ class IdempotencyStore:
                   else self.settings.idempotency_ttl_ms)
         if refused and self.settings.idempotency_ttl_ms:
             ttl_ms = min(ttl_ms, self.settings.idempotency_ttl_ms)
-        reply = await self.access.call(
-            "idempotency_complete", [redis_key, self.keys.idempotency_refused(partner_id)],
-            [fingerprint, status, body, ttl_ms, 1 if refused else 0,
-             self.settings.idempotency_refused_max_per_partner])
-        code = int(reply[0])
-        if code == Outcome.OK:
-            return int(reply[1]) == 1
-        if code == Outcome.IDEMPOTENCY_MISMATCH:
-            raise IdempotencyMismatch(
-                "this idempotency key was already used for a different request",
-                details={"idempotencyKey": key})
-        raise ValidationError(_text(reply[1]))
+        return ([redis_key, self.keys.idempotency_refused(partner_id)],
+                [fingerprint, status, body, ttl_ms, 1 if refused else 0,
+                 self.settings.idempotency_refused_max_per_partner])
 
     async def abandon(self, partner_id: str, key: str, fingerprint: str) -> bool:
         """Release this request's in-progress claim so the key may be retried at once."""
         redis_key = self._key(partner_id, key, fingerprint)
         reply = await self.access.call("idempotency_abandon", [redis_key], [fingerprint])
         return int(reply[1]) == 1
+
+    # ---- the same, queued but not awaited -----------------------------------------------
+    # The call is on the access layer's queue when these return, so every later call of this
+    # process (a retry with the same key included) is ordered after it on the connection;
+    # the response that caused it does not wait another round trip.
+    def complete_soon(self, partner_id: str, key: str, fingerprint: str, status: int,
+                      body: bytes | str) -> asyncio.Future:
+        return _logged(self.access.call(
+            "idempotency_complete", *self._complete_call(partner_id, key, fingerprint, status,
+                                                         body)))
+
+    def abandon_soon(self, partner_id: str, key: str, fingerprint: str) -> asyncio.Future:
+        redis_key = self._key(partner_id, key, fingerprint)
+        return _logged(self.access.call("idempotency_abandon", [redis_key], [fingerprint]))
+
+
+def _logged(future: asyncio.Future) -> asyncio.Future:
+    def done(f: asyncio.Future) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("idempotency bookkeeping failed: %r", f.exception())
+    future.add_done_callback(done)
+    return future
 
 
 def _text(value: str | bytes) -> str:

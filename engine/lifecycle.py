@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
 
 class State(StrEnum):
@@ -44,6 +45,23 @@ class State(StrEnum):
     EXPIRED = "EXPIRED"
     CANCELLED = "CANCELLED"
 
+
+# ---- the rest of the vocabulary: who acts, which roles exist, what a unit key may hold ----
+# Roles of an API key (engine/permissions.py decides what each may do).
+ROLES = ("partner", "vendor", "ops", "admin", "system")
+PARTNER, VENDOR, OPS, ADMIN, SYSTEM = ROLES
+# Who a transition records as ``triggeredBy``: a role, the requester, or the reaper.
+ACTORS = frozenset({"system", "vendor", "requester", "partner", "timeout", "ops", "admin"})
+# A unit key whose value starts with this is a booked marker (committed), not a hold.
+BOOKED_PREFIX = "B|"
+# The partner scope of reservations created by system keys: their partner id, and the hash
+# tag of their cap and idempotency records. It starts with a character no partner id may
+# start with (engine/keys.py NAME_RE), so no partner can ever share it.
+SYSTEM_SCOPE = "_system"
+# Partner ids refused at creation: role names and words that read as the service itself.
+RESERVED_PARTNER_IDS = frozenset({*ROLES, "internal", "root", "slotguard", "service",
+                                  "anonymous", "public", "everyone", "all", "none", "null",
+                                  "requester", "timeout", "sg"})
 
 S = State
 MAIN_PATH = [
@@ -154,6 +172,7 @@ def walk_auto_steps(path: list[State], confirmation_required: bool,
     return path
 
 
+@cache  # two booleans: four answers, asked on every creation
 def creation_stage(confirmation_required: bool, payment_required: bool) -> str:
     """The staged TTL a new reservation stops under ("hold", "confirmed" or "authorized")."""
     path = walk_auto_steps([S.INTENT_CREATED], confirmation_required, payment_required)
@@ -170,6 +189,7 @@ def lua_table() -> str:
     for a, b in sorted(EDGES):
         edges.setdefault(a.value, set()).add(b.value)
     lines = ["-- Generated from engine/lifecycle.py; do not edit by hand."]
+    lines.append(f"local BOOKED_PREFIX = '{BOOKED_PREFIX}'")
     lines.append("local EDGES = {")
     for state, targets in sorted(edges.items()):
         lines.append(f"  ['{state}'] = {lua_set(targets)},")

@@ -18,13 +18,18 @@ calls with compensation (see its docstring).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 from dataclasses import dataclass
 
 from engine.access import RedisAccess
-from engine.errors import CapExceeded, EngineError, NotFound, Outcome, RateLimited, ValidationError
+from engine.errors import EngineError, Outcome, ValidationError, error_for
 from engine.keys import NAME_RE, KeySpace
+from engine.lifecycle import SYSTEM_SCOPE
 from engine.settings import Settings
+
+log = logging.getLogger("slotguard.limits")
 
 # A provisional cap entry (taken before its hold exists) outlives the hold's ttl by this much,
 # so a crash between placing the hold and moving the entry to the hold's real expiry cannot
@@ -47,6 +52,9 @@ class Reputation:
 
 
 def check_partner_id(partner_id: str) -> str:
+    """A partner id, or the system scope (which no partner id can equal)."""
+    if partner_id == SYSTEM_SCOPE:
+        return partner_id
     if not isinstance(partner_id, str) or not NAME_RE.match(partner_id):
         raise ValidationError("invalid partner id", details={"partnerId": str(partner_id)[:80]})
     return partner_id
@@ -101,15 +109,9 @@ class Limits:
         if not isinstance(cost, int) or cost < 1 or cost > burst:
             raise ValidationError("cost must be between 1 and the burst", details=details)
         reply = await self.access.call("rate_limit", [key], [rate_per_minute, burst, cost])
-        code = int(reply[0])
-        if code == Outcome.OK:
+        if int(reply[0]) == Outcome.OK:
             return int(reply[1])
-        if code == Outcome.RATE_LIMITED:
-            retry_after_ms = int(reply[1])
-            raise RateLimited("too many requests",
-                              details={**details, "retryAfterMs": retry_after_ms},
-                              retry_after_ms=retry_after_ms)
-        raise ValidationError(str(reply[1]), details=details)
+        raise error_for(reply, details=details)
 
     # ---- hold caps ----------------------------------------------------------------------
     async def acquire_cap(self, partner_id: str, hold_id: str, expires_at_ms: int | None = None,
@@ -122,6 +124,14 @@ class Limits:
         but the slot is still recorded so reputation counts and live-hold counts stay true.
         Returns the partner's live holds after the call.
         """
+        return (await self.acquire_cap_slot(partner_id, hold_id, expires_at_ms,
+                                            ttl_ms=ttl_ms))[0]
+
+    async def acquire_cap_slot(self, partner_id: str, hold_id: str,
+                               expires_at_ms: int | None = None, *,
+                               ttl_ms: int | None = None) -> tuple[int, bool]:
+        """:meth:`acquire_cap`, also telling whether this call added the slot (False: the id
+        already held one, so compensation must not take it away)."""
         check_partner_id(partner_id)
         if (expires_at_ms is None) == (ttl_ms is None):
             raise ValidationError("give exactly one of expires_at_ms and ttl_ms")
@@ -136,17 +146,10 @@ class Limits:
             [hold_id, expires_at_ms or 0, ttl_ms or 0, max_live],
         )
         code = int(reply[0])
-        details = {"partnerId": partner_id, "holdId": hold_id}
         if code == Outcome.OK:
-            return int(reply[1])
-        if code == Outcome.CAP_EXCEEDED:
-            retry_after_ms = int(reply[1])
-            raise CapExceeded(
-                f"the partner already has {max_live} live holds",
-                details={**details, "maxLiveHolds": max_live, "retryAfterMs": retry_after_ms},
-                retry_after_ms=retry_after_ms,
-            )
-        raise ValidationError(str(reply[1]), details=details)
+            return int(reply[1]), int(reply[2]) == 1
+        raise error_for(reply, max_live=max_live,
+                        details={"partnerId": partner_id, "holdId": hold_id})
 
     async def release_cap(self, partner_id: str, hold_id: str, committed: bool = False, *,
                           placed: bool = True) -> bool:
@@ -176,12 +179,28 @@ class Limits:
             raise ValidationError("expires_at_ms must be positive")
         reply = await self.access.call(
             "cap_touch", [self.keys.partner_holds(partner_id)], [hold_id, expires_at_ms])
-        code = int(reply[0])
-        if code == Outcome.NOT_FOUND:
-            raise NotFound("the hold holds no cap slot (released or expired)",
-                           details={"partnerId": partner_id, "holdId": hold_id})
-        if code != Outcome.OK:
-            raise ValidationError(str(reply[1]))
+        if int(reply[0]) != Outcome.OK:
+            raise error_for(reply, subject="cap slot",
+                            details={"partnerId": partner_id, "holdId": hold_id})
+
+    # ---- cap bookkeeping the caller does not wait for ----------------------------------
+    # Queued on the access layer at once (so every later call of this process is ordered
+    # after it on the same connection) but not awaited: the response that caused it does not
+    # wait a second round trip. A lost call heals by itself (cap entries expire).
+    def release_cap_soon(self, partner_id: str, hold_id: str, committed: bool = False, *,
+                         placed: bool = True) -> asyncio.Future:
+        check_partner_id(partner_id)
+        why = "committed" if committed else ("released" if placed else "not_placed")
+        return _logged(self.access.call(
+            "cap_release",
+            [self.keys.partner_holds(partner_id), self.keys.partner_reputation(partner_id)],
+            [hold_id, why]))
+
+    def touch_cap_soon(self, partner_id: str, hold_id: str,
+                       expires_at_ms: int) -> asyncio.Future:
+        check_partner_id(partner_id)
+        return _logged(self.access.call(
+            "cap_touch", [self.keys.partner_holds(partner_id)], [hold_id, expires_at_ms]))
 
     async def live_holds(self, partner_id: str) -> int:
         """Cap slots of the partner whose hold has not expired."""
@@ -202,6 +221,17 @@ class Limits:
         return int(reply[1]), int(reply[2]), int(reply[3])
 
 
+def _logged(future: asyncio.Future) -> asyncio.Future:
+    def done(f: asyncio.Future) -> None:
+        if f.cancelled():
+            return
+        exc = f.exception()
+        if exc is not None:
+            log.warning("cap bookkeeping failed (the entry expires by itself): %r", exc)
+    future.add_done_callback(done)
+    return future
+
+
 async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: str,
                          start_ms: int, end_ms: int, *, ttl_ms: int | None = None,
                          provisional_margin_ms: int = PROVISIONAL_MARGIN_MS):
@@ -217,7 +247,7 @@ async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: st
 
     A crash between any two steps leaves at worst a provisional slot that expires with the
     hold's ttl: the cap never leaks, and never undercounts a live hold.
-    ``holds`` is an :class:`engine.holds.HoldEngine`.
+    ``holds`` is a :class:`benchmarks.holds.HoldEngine` (or anything with its ``place``).
     """
     hold_id = holds.keys.new_hold_id(resource_id)
     ttl = holds.settings.hold_ttl_ms if ttl_ms is None else ttl_ms

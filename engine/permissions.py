@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import EngineError, NotFound
+from engine.lifecycle import ADMIN, OPS, PARTNER, ROLES, SYSTEM, SYSTEM_SCOPE, VENDOR
 
-ROLES = ("partner", "vendor", "ops", "admin", "system")
-
-PARTNER, VENDOR, OPS, ADMIN, SYSTEM = ROLES
+__all__ = ["ADMIN", "OPS", "PARTNER", "ROLES", "SYSTEM", "VENDOR", "Forbidden", "Principal",
+           "require", "can_see", "require_tenant", "require_vendor_scope"]
 
 PERMISSIONS: dict[str, frozenset[str]] = {
     # reservations

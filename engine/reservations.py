@@ -18,43 +18,36 @@ from typing import Any
 import orjson
 
 from engine.access import RedisAccess
-from engine.errors import (
-    CommitInProgress,
-    EngineError,
-    ExtensionLimit,
-    HoldIdReused,
-    HoldLost,
-    InvalidTransition,
-    MaxHoldDuration,
-    NotFound,
-    NotReady,
-    Outcome,
-    PaymentRequired,
-    ReservationExpired,
-    TerminalState,
-    ValidationError,
-    VersionMismatch,
-)
-from engine.holds import call_with_retry, conflict_from_reply
+from engine.errors import EngineError, NotDue, NotFound, Outcome, ValidationError, error_for
+from engine.holds import call_with_retry
 from engine.keys import NAME_RE, KeySpace
-from engine.lifecycle import ACTIONS, MAIN_PATH, TERMINAL, State, creation_stage
+from engine.lifecycle import (
+    ACTIONS,
+    ACTORS,
+    MAIN_PATH,
+    SYSTEM_SCOPE,
+    TERMINAL,
+    State,
+    creation_stage,
+)
 from engine.limits import PROVISIONAL_MARGIN_MS, Limits
-from engine.resources import ResourceCatalog
+from engine.resources import Resource, ResourceCatalog, Vendor
 from engine.settings import Settings
 
 MAX_METADATA_BYTES = 4096
 MAX_TEXT = 256
-ACTORS = frozenset({"system", "vendor", "requester", "partner", "timeout", "ops", "admin"})
 
 
 @dataclass(frozen=True, slots=True)
 class Moved:
-    """The outcome of a transition: where the reservation stopped."""
+    """The outcome of a transition: where the reservation stopped. ``reservation`` is the
+    record as the same script left it, when the caller asked for it."""
 
     reservation_id: str
     state: State
     version: int
     deadline_ms: int
+    reservation: Reservation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +75,27 @@ class Reservation:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A creation already validated (by the service, or by :meth:`ReservationEngine.create`):
+    the engine only executes it."""
+
+    reservation_id: str
+    partner_id: str
+    vendor: Vendor
+    resource: Resource
+    start_ms: int
+    end_ms: int
+    first_unit: int
+    last_unit: int
+    block_start_ms: int
+    block_end_ms: int
+    requester_id: str
+    metadata_text: str
+    idempotency_key: str
+    triggered_by: str
+
+
 class ReservationEngine:
     def __init__(self, access: RedisAccess, keys: KeySpace, catalog: ResourceCatalog,
                  settings: Settings, *, payments_enabled: bool = False,
@@ -103,7 +117,10 @@ class ReservationEngine:
                      metadata: dict[str, Any] | None = None, idempotency_key: str = "",
                      triggered_by: str = "partner", reservation_id: str | None = None,
                      admission: Awaitable | None = None) -> Moved:
-        """Hold the slot and walk the new reservation as far as the vendor allows.
+        """Hold the slot and walk the new reservation as far as the vendor allows: the
+        engine's own entry point (workers, tests, benchmarks), which validates its input and
+        then places it (:meth:`place`). The API goes through engine/service.py, which validates
+        once and calls :meth:`place` directly.
 
         Raises HoldConflict when a unit (buffers included) is held or booked. Idempotent per
         reservation id: a retried call that already landed answers as the first one did.
@@ -116,48 +133,81 @@ class ReservationEngine:
             raise ValidationError("resource does not belong to vendor",
                                   details={"resourceId": resource.id, "vendorId": vendor.id})
         if vendor.payment_required and not self.payments_enabled:
-            raise PaymentRequired("this vendor requires payment and no payment provider is "
-                                  "configured", details={"vendorId": vendor.id})
+            raise _payment_required(vendor.id)
         _check_name("partnerId", partner_id)
         _check_text("requesterId", requester_id)
+        placement = self.placement(
+            partner_id=partner_id, vendor=vendor, resource=resource, start_ms=start_ms,
+            end_ms=end_ms, requester_id=requester_id, metadata_text=metadata_text(metadata),
+            idempotency_key=idempotency_key, triggered_by=triggered_by,
+            reservation_id=reservation_id)
+        return await self.place(placement, [admission] if admission is not None else [])
+
+    def placement(self, *, partner_id: str, vendor: Vendor, resource: Resource,
+                  start_ms: int, end_ms: int, requester_id: str, metadata_text: str,
+                  idempotency_key: str, triggered_by: str,
+                  reservation_id: str | None = None) -> Placement:
+        """The unit arithmetic of a creation (ValidationError when the slot is off the grid
+        or too long)."""
         _check_actor(triggered_by)
         first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
         block_start, block_end = resource.unit_span_ms(first, last)
-        metadata_text = _metadata_text(metadata)
-        if reservation_id is None:
-            reservation_id = self.keys.new_reservation_id(resource.id)
+        return Placement(
+            reservation_id=reservation_id or self.keys.new_reservation_id(resource.id),
+            partner_id=partner_id, vendor=vendor, resource=resource, start_ms=start_ms,
+            end_ms=end_ms, first_unit=first, last_unit=last, block_start_ms=block_start,
+            block_end_ms=block_end, requester_id=requester_id, metadata_text=metadata_text,
+            idempotency_key=idempotency_key, triggered_by=triggered_by)
+
+    async def place(self, p: Placement, admission: list[Awaitable] | None = None) -> Moved:
+        """Execute a validated creation in at most two Redis round trips: (1) the partner's
+        cap slot together with ``admission`` (rate limits, the idempotency claim: anything
+        that must pass before the hold), (2) the hold. A refusal in (1) gives the cap slot
+        back; a definite failure of (2) gives it back without the caller waiting for it."""
+        admission = admission or []
         s = self.settings
-        argv = [reservation_id, partner_id, vendor.id, resource.id, requester_id, start_ms,
-                end_ms, first, last, block_start, block_end, int(vendor.confirmation_required),
-                int(vendor.payment_required), metadata_text, idempotency_key, triggered_by,
-                s.hold_ttl_ms, s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
+        vendor, resource = p.vendor, p.resource
+        argv = [p.reservation_id, p.partner_id, vendor.id, resource.id, p.requester_id,
+                p.start_ms, p.end_ms, p.first_unit, p.last_unit, p.block_start_ms,
+                p.block_end_ms, int(vendor.confirmation_required), int(vendor.payment_required),
+                p.metadata_text, p.idempotency_key, p.triggered_by, s.hold_ttl_ms,
+                s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
                 s.record_retention_ms]
         if self.limits is None:
-            if admission is not None:
-                await admission
-            return await self._hold(reservation_id, resource.id, argv)
+            for result in await asyncio.gather(*admission, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+            return await self._hold(p.reservation_id, resource.id, argv)
         # The cap entry expires with the deadline the new reservation will stop under (the
         # vendor's policy decides it), plus a margin for the clock between the two scripts:
         # no third call is needed to move it.
         stage = creation_stage(vendor.confirmation_required, vendor.payment_required)
         ttl = {"hold": s.hold_ttl_ms, "confirmed": s.confirmed_ttl_ms,
                "authorized": s.authorized_ttl_ms}[stage]
-        cap = self.limits.acquire_cap(partner_id, reservation_id,
-                                      ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
-        if admission is None:
-            await cap
-        else:
-            took, admitted = await asyncio.gather(cap, admission, return_exceptions=True)
-            if isinstance(admitted, BaseException):
-                if not isinstance(took, BaseException):
-                    await self.limits.release_cap(partner_id, reservation_id, placed=False)
-                raise admitted
-            if isinstance(took, BaseException):
-                raise took
+        if not admission:
+            took = await self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
+                                                      ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
+            return await self._hold_or_give_back(p, took[1], argv)
+        # One gather: every call is queued in the same event-loop turn, so one batch.
+        took, *admitted = await asyncio.gather(
+            self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
+                                         ttl_ms=ttl + PROVISIONAL_MARGIN_MS),
+            *admission, return_exceptions=True)
+        refused = next((a for a in admitted if isinstance(a, BaseException)), None)
+        if refused is not None:
+            if not isinstance(took, BaseException) and took[1]:
+                self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
+            raise refused
+        if isinstance(took, BaseException):
+            raise took
+        return await self._hold_or_give_back(p, took[1], argv)
+
+    async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
         try:
-            return await self._hold(reservation_id, resource.id, argv)
+            return await self._hold(p.reservation_id, p.resource.id, argv)
         except EngineError:  # a definite answer: nothing was held, give the slot back
-            await self.limits.release_cap(partner_id, reservation_id, placed=False)
+            if cap_added:
+                self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
             raise
 
     async def _hold(self, reservation_id: str, resource_id: str, argv: list) -> Moved:
@@ -170,18 +220,10 @@ class ReservationEngine:
              self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
             argv,
         )
-        code = int(reply[0])
-        if code == Outcome.OK:
+        if int(reply[0]) == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
-        if code == Outcome.CONFLICT:
-            raise conflict_from_reply(reply, resource_id)
-        if code == Outcome.HOLD_ID_REUSED:
-            raise HoldIdReused("reservation id already in use",
-                               details={"reservationId": reservation_id})
-        if code == Outcome.NOT_READY:
-            raise NotReady("booked markers are being restored; try again shortly",
-                           details={"shard": shard}, retry_after_ms=1000)
-        raise ValidationError(str(reply[1]))
+        raise error_for(reply, resource_id=resource_id,
+                        details={"reservationId": reservation_id, "shard": shard})
 
     async def mark_ready(self, shards: list[int] | None = None) -> None:
         """Open shards for new holds (after their booked markers are rehydrated)."""
@@ -206,60 +248,50 @@ class ReservationEngine:
         reply = await self.access.call("read_reservation", record_keys, [])
         if int(reply[0]) != Outcome.OK:
             return None
-        raw = reply[1]
-        rec = dict(zip(raw[::2], raw[1::2]))
-        return Reservation(
-            reservation_id=reservation_id,
-            state=State(rec["st"]),
-            version=int(rec["v"]),
-            partner_id=rec["p"],
-            vendor_id=rec["vd"],
-            resource_id=rec["rs"],
-            requester_id=rec["rq"],
-            slot_start_ms=int(rec["s"]),
-            slot_end_ms=int(rec["e"]),
-            block_start_ms=int(rec["bs"]),
-            block_end_ms=int(rec["be"]),
-            created_at_ms=int(rec["c"]),
-            deadline_ms=int(rec["dl"]),
-            confirmation_required=rec.get("cr") == "1",
-            payment_required=rec.get("pr") == "1",
-            extensions=int(rec.get("x") or 0),
-            booking_id=rec.get("bk") or None,
-            failure_reason=rec.get("fr") or None,
-            idempotency_key=rec.get("ik") or None,
-            metadata=orjson.loads(rec.get("md") or "{}"),
-            history=[step for e in reply[2]
-                     for step in _history_entries(reservation_id, e, rec)],
-        )
+        return reservation_from(reservation_id, reply[1], reply[2])
 
     # ---- transitions ------------------------------------------------------------------
     async def act(self, reservation_id: str, action: str, *, actor: str,
                   expected_version: int | None = None, reason: str = "",
                   metadata: dict[str, Any] | None = None, idempotency_key: str = "",
-                  booking_id: str = "") -> Moved:
-        """Apply a named action of the lifecycle table (see engine/lifecycle.py ACTIONS)."""
+                  booking_id: str = "", scope: tuple[str, str] = ("", ""),
+                  with_record: bool = False, wait_cap: bool = True) -> Moved:
+        """Apply a named action of the lifecycle table (see engine/lifecycle.py ACTIONS).
+
+        ``scope`` (partner, vendor; '' = any) makes another tenant's reservation NOT_FOUND
+        inside the script; ``with_record`` returns the record as the script left it (one
+        round trip answers the caller); ``wait_cap=False`` queues the cap bookkeeping
+        without waiting for it."""
         if action not in ACTIONS:
             raise ValidationError(f"unknown action {action!r}")
         return await self._transition(reservation_id, action, actor, expected_version, reason,
-                                      metadata, idempotency_key, booking_id=booking_id)
+                                      metadata_text(metadata), idempotency_key,
+                                      booking_id=booking_id, scope=scope,
+                                      with_record=with_record, wait_cap=wait_cap)
 
     async def extend(self, reservation_id: str, *, actor: str, ttl_ms: int | None = None,
-                     expected_version: int | None = None, reason: str = "") -> Moved:
-        """Push the deadline to now + ttl, bounded by count and total hold time."""
+                     expected_version: int | None = None, reason: str = "",
+                     metadata: dict[str, Any] | None = None,
+                     scope: tuple[str, str] = ("", ""), with_record: bool = False,
+                     wait_cap: bool = True) -> Moved:
+        """Push the deadline to now + ttl, bounded by count and total hold time. The
+        metadata is recorded on the extension's history entry and event."""
         ttl = self.settings.hold_ttl_ms if ttl_ms is None else ttl_ms
         if not isinstance(ttl, int) or ttl <= 0:
             raise ValidationError("ttl must be a positive number of milliseconds")
         return await self._transition(reservation_id, "extend", actor, expected_version,
-                                      reason, None, "", extend_ttl_ms=ttl)
+                                      reason, metadata_text(metadata), "", extend_ttl_ms=ttl,
+                                      scope=scope, with_record=with_record, wait_cap=wait_cap)
 
     async def expire(self, reservation_id: str) -> Moved | None:
         """Expire an overdue reservation; None if it is not due (extended meanwhile),
         already terminal, or committing. Safe to race: one caller applies, others see it."""
+        from engine.errors import InvalidTransition, TerminalState
+
         try:
             return await self._transition(reservation_id, "expire", "timeout", None, "",
-                                          None, "")
-        except (TerminalState, InvalidTransition, NotFound, _NotDue):
+                                          "{}", "")
+        except (TerminalState, InvalidTransition, NotFound, NotDue):
             return None
 
     async def due(self, shard: int, limit: int = 500, now_ms: int | None = None) -> list[str]:
@@ -277,16 +309,16 @@ class ReservationEngine:
         return moved
 
     async def _transition(self, reservation_id: str, op: str, actor: str,
-                          expected_version: int | None, reason: str,
-                          metadata: dict[str, Any] | None, idempotency_key: str, *,
-                          booking_id: str = "", extend_ttl_ms: int = 0) -> Moved:
+                          expected_version: int | None, reason: str, metadata: str,
+                          idempotency_key: str, *, booking_id: str = "",
+                          extend_ttl_ms: int = 0, scope: tuple[str, str] = ("", ""),
+                          with_record: bool = False, wait_cap: bool = True) -> Moved:
         _check_actor(actor)
         if expected_version is not None and (not isinstance(expected_version, int)
                                              or expected_version < 0):
             raise ValidationError("expected version must be a non-negative integer")
         if len(reason) > MAX_TEXT:
             raise ValidationError("reason is too long", details={"maxLength": MAX_TEXT})
-        metadata_text = _metadata_text(metadata)
         try:
             shard = self.keys.shard_of_id(reservation_id)
         except ValueError:
@@ -299,72 +331,76 @@ class ReservationEngine:
              self.keys.history(reservation_id), self.keys.events(shard),
              self.keys.deadlines(shard)],
             [reservation_id, op, actor, "" if expected_version is None else expected_version,
-             reason, metadata_text, idempotency_key, s.hold_ttl_ms, s.confirmed_ttl_ms,
+             reason, metadata, idempotency_key, s.hold_ttl_ms, s.confirmed_ttl_ms,
              s.authorized_ttl_ms, s.record_retention_ms, s.booked_marker_retention_ms,
-             booking_id, extend_ttl_ms, s.max_hold_total_ms, s.max_extensions],
+             booking_id, extend_ttl_ms, s.max_hold_total_ms, s.max_extensions,
+             scope[0], scope[1], "1" if with_record else ""],
         )
         code = int(reply[0])
         if code == Outcome.OK:
-            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
-            await self._settle_cap(reply[4], moved.reservation_id, moved.state,
-                                   moved.deadline_ms)
+            record = reservation_from(reservation_id, reply[5], reply[6]) if with_record \
+                else None
+            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record)
+            await self._settle_cap(reply[4], reservation_id, moved.state, moved.deadline_ms,
+                                   wait_cap)
             return moved
         if code in (Outcome.HOLD_LOST, Outcome.EXPIRED):  # it ended: free its cap slot
-            await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0)
-        raise _error_for(code, reply, reservation_id, op)
+            await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
+        raise error_for(reply, op=op, details={"reservationId": reservation_id})
 
     async def _settle_cap(self, partner_id: str, reservation_id: str, state: State,
-                          deadline_ms: int) -> None:
+                          deadline_ms: int, wait: bool) -> None:
+        """Keep the partner's cap slot in step with the state the transition left. Queued
+        at once; awaited only when the caller asks (the API does not wait: every later call
+        of this process is ordered after it on the access layer's connection)."""
         if self.limits is None:
             return
         if state in TERMINAL:
-            await self.limits.release_cap(partner_id, reservation_id,
-                                          committed=state == State.COMMITTED)
-            return
-        try:
-            await self.limits.touch_cap(partner_id, reservation_id, deadline_ms)
-        except NotFound:
-            pass  # its slot expired already; it leaves the cap by itself
+            done = self.limits.release_cap_soon(partner_id, reservation_id,
+                                                committed=state == State.COMMITTED)
+        else:
+            done = self.limits.touch_cap_soon(partner_id, reservation_id, deadline_ms)
+        if wait:
+            try:
+                await done
+            except NotFound:
+                pass  # its slot expired already; it leaves the cap by itself
 
 
-class _NotDue(EngineError):
-    code = "NOT_DUE"
+def _payment_required(vendor_id: str) -> EngineError:
+    from engine.errors import PaymentRequired
+
+    return PaymentRequired("this vendor requires payment and no payment provider is "
+                           "configured", details={"vendorId": vendor_id})
 
 
-def _error_for(code: int, reply: list, reservation_id: str, op: str) -> EngineError:
-    details: dict[str, Any] = {"reservationId": reservation_id}
-    if code == Outcome.NOT_FOUND:
-        return NotFound("reservation not found", details=details)
-    if code == Outcome.VERSION_MISMATCH:
-        details["currentVersion"] = int(reply[1])
-        return VersionMismatch("the reservation changed since that version", details=details)
-    if code == Outcome.TERMINAL:
-        details["state"] = reply[1]
-        return TerminalState(f"the reservation is {reply[1]}, a terminal state",
-                             details=details)
-    if code == Outcome.INVALID_TRANSITION:
-        details.update(state=reply[1], action=op)
-        if reply[1] == State.COMMIT_IN_PROGRESS and op == "cancel":
-            return CommitInProgress("the commit is under way and cannot be cancelled",
-                                    details=details)
-        return InvalidTransition(f"{op} is not allowed in state {reply[1]}", details=details)
-    if code == Outcome.HOLD_LOST:
-        details.update(state=reply[1], version=int(reply[2]))
-        return HoldLost("the hold no longer owns its slot; the reservation failed",
-                        details=details)
-    if code == Outcome.EXPIRED:
-        details.update(state=reply[1], version=int(reply[2]))
-        return ReservationExpired("the reservation's deadline passed", details=details)
-    if code == Outcome.EXTENSION_LIMIT:
-        return ExtensionLimit("the reservation was extended the maximum number of times",
-                              details=details)
-    if code == Outcome.MAX_DURATION:
-        return MaxHoldDuration("the extension would exceed the maximum hold time",
-                               details=details)
-    if code == Outcome.NOT_DUE:
-        return _NotDue("not due yet", details=details)
-    return ValidationError(str(reply[1]) if len(reply) > 1 else "invalid request",
-                           details=details)
+def reservation_from(reservation_id: str, raw: list, history: list) -> Reservation:
+    """The record (HGETALL's flat list) and history (JSON entries) as a Reservation."""
+    rec = dict(zip(raw[::2], raw[1::2]))
+    return Reservation(
+        reservation_id=reservation_id,
+        state=State(rec["st"]),
+        version=int(rec["v"]),
+        partner_id=rec["p"],
+        vendor_id=rec["vd"],
+        resource_id=rec["rs"],
+        requester_id=rec["rq"],
+        slot_start_ms=int(rec["s"]),
+        slot_end_ms=int(rec["e"]),
+        block_start_ms=int(rec["bs"]),
+        block_end_ms=int(rec["be"]),
+        created_at_ms=int(rec["c"]),
+        deadline_ms=int(rec["dl"]),
+        confirmation_required=rec.get("cr") == "1",
+        payment_required=rec.get("pr") == "1",
+        extensions=int(rec.get("x") or 0),
+        booking_id=rec.get("bk") or None,
+        failure_reason=rec.get("fr") or None,
+        idempotency_key=rec.get("ik") or None,
+        metadata=orjson.loads(rec.get("md") or "{}"),
+        history=[step for e in history
+                 for step in _history_entries(reservation_id, e, rec)],
+    )
 
 
 def _history_entries(reservation_id: str, raw: str, record: dict[str, str]
@@ -408,7 +444,9 @@ def _history_entries(reservation_id: str, raw: str, record: dict[str, str]
     return out
 
 
-def _metadata_text(metadata: dict[str, Any] | None) -> str:
+def metadata_text(metadata: dict[str, Any] | None) -> str:
+    """Metadata as the JSON text the scripts store (the engine's own check: callers outside
+    the API; the service validates the client's metadata more strictly first)."""
     if metadata is None:
         return "{}"
     if not isinstance(metadata, dict):
@@ -417,13 +455,15 @@ def _metadata_text(metadata: dict[str, Any] | None) -> str:
         text = orjson.dumps(metadata).decode()
     except TypeError as exc:
         raise ValidationError(f"metadata is not JSON-serialisable: {exc}") from None
-    if len(text) > MAX_METADATA_BYTES:
+    if len(text) > MAX_METADATA_BYTES + 512:  # room for the server's own requestId
         raise ValidationError("metadata is too large",
                               details={"field": "metadata", "maxBytes": MAX_METADATA_BYTES})
     return text
 
 
 def _check_name(field_name: str, value: str) -> None:
+    if value == SYSTEM_SCOPE:
+        return
     if not isinstance(value, str) or not NAME_RE.match(value):
         raise ValidationError(f"{field_name} is not a valid id", details={"field": field_name})
 

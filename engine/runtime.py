@@ -38,7 +38,6 @@ from engine.connection import (
 from engine.errors import UnsafeRedis
 from engine.db import create_pool
 from engine.directory import load_catalog
-from engine.holds import HoldEngine
 from engine.keys import KeySpace
 from engine.limits import Limits
 from engine.rehydration import ensure_rehydrated, is_rehydrated, redis_run_id
@@ -57,7 +56,6 @@ class Runtime:
     keys: KeySpace
     pool: asyncpg.Pool
     catalog: ResourceCatalog
-    holds: HoldEngine
     limits: Limits
     reservations: ReservationEngine
     watch: RedisWatch | None = field(default=None, repr=False)
@@ -84,8 +82,7 @@ class Runtime:
         # Every process that moves reservations keeps the partners' caps and reputation
         # counters right: the API creates and cancels, workers commit and expire.
         limits = Limits(access, keys, settings)
-        rt = cls(settings, redis, access, keys, pool, catalog,
-                 HoldEngine(access, keys, catalog, settings), limits,
+        rt = cls(settings, redis, access, keys, pool, catalog, limits,
                  ReservationEngine(access, keys, catalog, settings, limits=limits))
         if watch:
             rt.watch = RedisWatch(rt)

@@ -50,6 +50,10 @@ def _generated(name: str) -> str:
         from engine.lifecycle import lua_table
 
         return lua_table()
+    if name == "@outcomes":
+        from engine.errors import lua_outcomes
+
+        return lua_outcomes()
     raise ScriptError(f"no generated include {name}")
 
 

@@ -1,16 +1,30 @@
 """The reservation service: what the API may ask of the engine, and who may ask it.
 
-Every operation checks the permission table (engine/permissions.py) first, then tenancy,
-then validates its input completely, and only then writes. Creation composes the partner's
-hold cap (partner hash slot) with the reservation (resource shard) as two script calls with
-compensation (in the engine): take the cap, create, give the cap back if the creation
-definitely failed.
+The one place that decides permissions (engine/permissions.py's table), tenancy, catalog
+lookups and every 4xx, each once, before the first write; the engine
+(engine/reservations.py) then executes already-validated input. Routes parse and render.
+
+Order of refusals: who (403), then what (404: vendor, resource, reservation), then the finer
+rules of the request (400), then business rules (409); rate limits (429) are asked after
+validation, so a refused request has written nothing.
+
+Round trips (the access layer coalesces the calls of one event-loop turn into one batch):
+
+- create: (1) IP and partner rate limits, the partner's cap slot and the Idempotency-Key
+  claim in one batch; (2) the hold. The stored response (and, on a definite failure, the
+  cap slot's release) is queued, not awaited.
+- transition: (1) the rate limits; (2) the transition, whose reply carries the record as the
+  transition left it (what the response shows), tenancy checked inside the script. The cap
+  bookkeeping is queued, not awaited. With rate limits off: one round trip.
+- read: one (rate limits and the record in one batch; a read writes nothing, so it can go
+  with the limiter).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +32,10 @@ from typing import Any
 import orjson
 from ulid import ULID
 
+from engine import metrics
 from engine.catalog_cache import CatalogCache
 from engine.errors import (
+    CapExceeded,
     EngineError,
     HoldConflict,
     NotFound,
@@ -28,16 +44,10 @@ from engine.errors import (
     TerminalState,
     ValidationError,
 )
-from engine.idempotency import check_key
-from engine.lifecycle import TERMINAL, State
+from engine.idempotency import IdempotencyStore, StoredResponse, check_key
+from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, VENDOR, State
 from engine.limits import Limits
-from engine.permissions import (
-    OPS,
-    PARTNER,
-    Principal,
-    require,
-    require_tenant,
-)
+from engine.permissions import Principal, can_see, require
 from engine.reservations import (
     MAX_METADATA_BYTES,
     MAX_TEXT,
@@ -46,9 +56,17 @@ from engine.reservations import (
     ReservationEngine,
 )
 from engine.resources import MINUTE_MS, Resource, Vendor
+from engine.times import parse_range, parse_time
 
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
-SYSTEM_PARTNER = "system"  # the partner id recorded when a system key creates a reservation
+MIN_TTL_MS = 1_000
+MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
+AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
+                      "resourceId"}
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
+# Kept for callers that named the old constant: the partner scope of system-created
+# reservations (engine/lifecycle.py SYSTEM_SCOPE, which no partner id can equal).
+SYSTEM_PARTNER = SYSTEM_SCOPE
 
 # Route action -> (permission, engine action per outcome). Authorization endpoints take an
 # outcome; the others have one engine action.
@@ -66,16 +84,29 @@ ACTIONS: dict[str, tuple[str, dict[str | None, str]]] = {
     "extend": ("reservation.extend", {None: "extend"}),
 }
 
+# Characters that draw nothing (white space, C1 controls, format characters, combining
+# marks, fillers, variation selectors): a requester id made only of these names nobody. A
+# character class the OpenAPI document publishes as is (Python and ECMA-262 read it alike).
+INVISIBLE = ("\\s\\u0080-\\u00a0\\u00ad\\u0300-\\u036f\\u034f\\u061c\\u115f\\u1160"
+             "\\u17b4\\u17b5\\u180b-\\u180f\\u200b-\\u200f\\u2028-\\u202f\\u205f-\\u206f"
+             "\\u2800\\u3000\\u3164\\ufe00-\\ufe0f\\ufeff\\uffa0\\ufff0-\\ufff8")
+_VISIBLE_RE = re.compile(f"[^{INVISIBLE}]")
+
 
 @dataclass(frozen=True, slots=True)
 class CreateRequest:
+    """A parsed creation body (types checked by the route; every rule checked here)."""
+
     vendor_id: str
     resource_id: str | None
-    start_ms: int
-    end_ms: int
+    slot_start: str
+    slot_end: str
     requester_id: str
     metadata: dict[str, Any] | None
-    idempotency_key: str | None
+    idempotency_key: str | None  # the body's idempotencyKey
+    request_id: str = "-"
+    fingerprint: str | None = None  # of the canonical request, when a key is given
+    idempotency_header: str | None = None  # the Idempotency-Key header
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,206 +115,382 @@ class Created:
     vendor: Vendor
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a create answers: a fresh result, a stored error, or a replay."""
+
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
+# render(created) -> (status, body); render_error(error) -> (status, body): the API's views.
+Render = Callable[[Created], tuple[int, bytes]]
+RenderError = Callable[[EngineError], tuple[int, bytes]]
+
+
+class _Replay(Exception):
+    def __init__(self, stored: StoredResponse) -> None:
+        self.stored = stored
+
+
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
-                 *, load_stored=None, rehydrate=None) -> None:
+                 *, load_stored=None, rehydrate=None,
+                 idempotency: IdempotencyStore | None = None) -> None:
         self.engine = engine
         self.catalog = catalog
         self.limits = limits
         self.keys = engine.keys
         self.settings = engine.settings
+        self.idempotency = idempotency or IdempotencyStore(engine.access, engine.keys,
+                                                           engine.settings)
         # async (reservation_id) -> Reservation | None: the Postgres record of a reservation
         # whose Redis record is gone (terminal and past retention).
         self._load_stored = load_stored
         # async () -> None: restore booked markers when Redis reports it lost them.
         self._rehydrate = rehydrate
 
+    # ---- who is asking ------------------------------------------------------------------
+    @staticmethod
+    def scope_of(principal: Principal) -> str:
+        """The partner scope a principal creates under: its partner id, or for system keys
+        :data:`SYSTEM_SCOPE` (never derived from a partner id)."""
+        if principal.role == PARTNER and principal.partner_id:
+            return principal.partner_id
+        if principal.role == SYSTEM:
+            return SYSTEM_SCOPE
+        raise ValidationError("this key creates no reservations")
+
+    @staticmethod
+    def _tenancy(principal: Principal) -> tuple[str, str]:
+        """(partner, vendor) the transition script must match ('' = any)."""
+        if principal.role == PARTNER:
+            return principal.partner_id or "\x00", ""
+        if principal.role == VENDOR:
+            return "", principal.vendor_id or "\x00"
+        return "", ""
+
     # ---- abuse controls ---------------------------------------------------------------
+    def _rate_checks(self, principal: Principal, client_ip: str | None) -> list[Awaitable]:
+        checks: list[Awaitable] = []
+        settings = self.limits.settings
+        # A limiter switched off (rate 0) costs no call and no task.
+        if client_ip and settings.ip_rate_per_minute:
+            checks.append(self.limits.check_ip_rate(client_ip))
+        if principal.role != SYSTEM and settings.partner_rate_per_minute:
+            checks.append(self.limits.check_partner_rate(principal.partner_id
+                                                         or principal.key_id))
+        return checks
+
     async def throttle(self, principal: Principal, client_ip: str | None) -> None:
         """Count the request against its client IP and its key (partner); 429 when over.
         Both limiters are asked in the same Redis round trip."""
-        checks = []
-        if client_ip:
-            checks.append(self.limits.check_ip_rate(client_ip))
-        if principal.role != "system":
-            checks.append(self.limits.check_partner_rate(principal.partner_id
-                                                         or principal.key_id))
-        for result in await asyncio.gather(*checks, return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+        checks = self._rate_checks(principal, client_ip)
+        if checks:
+            await _first_error(await asyncio.gather(*checks, return_exceptions=True))
 
     # ---- creation ---------------------------------------------------------------------
     async def validate_create(self, principal: Principal,
-                              req: CreateRequest) -> tuple[Vendor, Resource]:
-        """Everything creation checks before its first write."""
+                              req: CreateRequest) -> tuple[Vendor, Resource, int, int]:
+        """Everything creation checks before its first write, in the order of refusals."""
         require(principal, "reservation.create")
         vendor = await self.catalog.vendor(req.vendor_id)
         resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
+        start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
+                                       "slotEndTime")
         if resource.vendor_id and resource.vendor_id != vendor.id:
             raise ValidationError("the resource does not belong to the vendor",
                                   code="RESOURCE_VENDOR_MISMATCH",
                                   details={"field": "resourceId", "resourceId": resource.id,
                                            "vendorId": vendor.id})
-        if req.start_ms % resource.unit_ms or req.end_ms % resource.unit_ms:
+        if start_ms % resource.unit_ms or end_ms % resource.unit_ms:
             raise ValidationError("slotStartTime and slotEndTime must sit on the vendor's "
                                   "unit grid", code="SLOT_NOT_ALIGNED",
                                   details={"field": "slotStartTime",
                                            "unitMinutes": resource.unit_ms / MINUTE_MS})
-        units = ((req.end_ms + resource.buffer_after_ms)
-                 - (req.start_ms - resource.buffer_before_ms)) // resource.unit_ms
+        units = ((end_ms + resource.buffer_after_ms)
+                 - (start_ms - resource.buffer_before_ms)) // resource.unit_ms
         if units > self.settings.max_hold_units:
             raise ValidationError("the slot is longer than one hold may be",
                                   code="SLOT_TOO_LONG",
                                   details={"field": "slotEndTime", "units": units,
                                            "maxUnits": self.settings.max_hold_units})
-        if len(req.requester_id) > MAX_TEXT or not req.requester_id.strip():
-            raise ValidationError("requesterId must be 1..256 characters",
-                                  details={"field": "requesterId"})
-        if req.metadata is not None:
-            size = len(orjson.dumps(req.metadata))
-            if size > MAX_METADATA_BYTES:
-                raise ValidationError("metadata is too large", code="METADATA_TOO_LARGE",
-                                      details={"field": "metadata",
-                                               "maxBytes": MAX_METADATA_BYTES})
-        if req.idempotency_key is not None:
-            check_key(req.idempotency_key)
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
         if vendor.payment_required and not self.engine.payments_enabled:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
-        return vendor, resource
+        return vendor, resource, start_ms, end_ms
 
-    async def create(self, principal: Principal, req: CreateRequest,
-                     admission: Callable[[], Awaitable[None]] | None = None) -> Created:
-        """Hold the slot. The engine takes the partner's cap slot first and gives it back
-        when the hold definitely did not land (engine/reservations.py). ``admission`` (the
-        rate limits) is asked in the same round trip as the cap."""
-        vendor, resource = await self.validate_create(principal, req)
-        partner_id = principal.partner_id if principal.role == PARTNER else SYSTEM_PARTNER
-        reservation_id = self._reservation_id(partner_id, resource.id, req.idempotency_key)
-        for attempt in (1, 2):
-            try:
-                moved = await self.engine.create(
-                    partner_id=partner_id, vendor_id=vendor.id, resource_id=resource.id,
-                    start_ms=req.start_ms, end_ms=req.end_ms, requester_id=req.requester_id,
-                    metadata=req.metadata, idempotency_key=req.idempotency_key or "",
-                    triggered_by=principal.actor, reservation_id=reservation_id,
-                    admission=admission() if admission is not None and attempt == 1 else None)
-                return Created(moved, vendor)
-            except HoldConflict as exc:
-                raise self._conflict_for(principal, exc) from None
-            except NotReady:
-                # Redis lost its data (restart): restore the booked markers, then retry once.
-                if attempt == 2 or self._rehydrate is None:
-                    raise
-                await self._rehydrate()
-        raise AssertionError("unreachable")
+    async def create(self, principal: Principal, req: CreateRequest, *,
+                     client_ip: str | None, render: Render,
+                     render_error: RenderError) -> Answer:
+        """Validate once, then hold the slot in two Redis round trips (see the module
+        docstring). With an Idempotency-Key the answer (a success or a definite client
+        error) is stored for replay; a replay answers the stored bytes."""
+        vendor, resource, start_ms, end_ms = await self.validate_create(principal, req)
+        scope = self.scope_of(principal)
+        key = idempotency_key(req.idempotency_header, req.idempotency_key)
+        placement = self.engine.placement(
+            partner_id=scope, vendor=vendor, resource=resource, start_ms=start_ms,
+            end_ms=end_ms, requester_id=req.requester_id,
+            metadata_text=orjson.dumps(_with_request_id(req.metadata, req.request_id)).decode(),
+            idempotency_key=key or "", triggered_by=principal.actor,
+            reservation_id=self._reservation_id(scope, resource.id, key))
+        claimed = False
 
-    def _reservation_id(self, partner_id: str, resource_id: str, key: str | None) -> str:
+        async def claim() -> None:
+            nonlocal claimed
+            stored = await self.idempotency.begin(scope, key, req.fingerprint)
+            if stored is not None:
+                raise _Replay(stored)
+            claimed = True
+
+        admission = self._rate_checks(principal, client_ip)
+        if key is not None:
+            admission.append(claim())
+        try:
+            moved = await self._place(placement, admission)
+        except _Replay as replay:
+            metrics.IDEMPOTENT_REPLAYS.inc()
+            return Answer(replay.stored.status, replay.stored.body_bytes, replayed=True)
+        except EngineError as exc:
+            if isinstance(exc, HoldConflict):
+                metrics.HOLDS_CONFLICTED.inc()
+                exc = _conflict_for(principal, exc)
+            elif isinstance(exc, CapExceeded):
+                metrics.CAP_REJECTIONS.labels(scope="partner").inc()
+            if not claimed:
+                raise exc from None
+            status, body = render_error(exc)
+            if status >= 500 or status == 429:  # the client should simply retry
+                self.idempotency.abandon_soon(scope, key, req.fingerprint)
+                raise exc from None
+            self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
+            return Answer(status, body)
+        except BaseException:
+            if claimed:
+                self.idempotency.abandon_soon(scope, key, req.fingerprint)
+            raise
+        metrics.HOLDS_PLACED.inc()
+        status, body = render(Created(moved, vendor))
+        if claimed:
+            self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
+        return Answer(status, body)
+
+    async def _place(self, placement, admission: list[Awaitable]) -> Moved:
+        try:
+            return await self.engine.place(placement, admission)
+        except NotReady:
+            # Redis lost its data (restart): restore the booked markers, then retry once
+            # (the admission already passed; the cap slot is taken again idempotently).
+            if self._rehydrate is None:
+                raise
+            await self._rehydrate()
+            return await self.engine.place(placement)
+
+    def _reservation_id(self, scope: str, resource_id: str, key: str | None) -> str:
         """With an idempotency key the id is derived from it, so a retry after a crash
         between the hold and the stored response lands on the same reservation."""
         if key is None:
             return self.keys.new_reservation_id(resource_id)
-        raw = hashlib.sha256(f"{partner_id}\n{key}".encode()).digest()[:16]
+        raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
         return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
 
-    @staticmethod
-    def _conflict_for(principal: Principal, exc: HoldConflict) -> HoldConflict:
-        """Partners and vendors learn what collides, not another tenant's reservation id."""
-        if principal.role in (OPS, "admin", "system"):
-            return exc
-        details = {k: v for k, v in exc.details.items() if k != "conflictingReservationId"}
-        return HoldConflict(exc.message, holder=exc.holder, unit=exc.unit, booked=exc.booked,
-                            details=details)
-
     # ---- reads ------------------------------------------------------------------------
-    async def read(self, principal: Principal, reservation_id: str) -> Reservation:
+    async def read(self, principal: Principal, reservation_id: str,
+                   client_ip: str | None = None) -> Reservation:
+        """One round trip: the rate limits and the record in one batch (a read writes
+        nothing, so reading before the limiter answers changes nothing)."""
         require(principal, "reservation.read")
-        current = await self._find(reservation_id)
-        require_tenant(principal, current.partner_id, current.vendor_id, reservation_id)
-        return current
+        self._known_id(reservation_id)
+        found, *limited = await asyncio.gather(self.engine.get(reservation_id),
+                                               *self._rate_checks(principal, client_ip),
+                                               return_exceptions=True)
+        await _first_error(limited)
+        if isinstance(found, BaseException):
+            raise found
+        if found is None and self._load_stored is not None:
+            found = await self._load_stored(reservation_id)
+        if found is None or not can_see(principal, found.partner_id, found.vendor_id):
+            raise _not_found(reservation_id)
+        return found
 
-    async def _find(self, reservation_id: str) -> Reservation:
+    def _known_id(self, reservation_id: str) -> None:
         try:
             self.keys.shard_of_id(reservation_id)
         except ValueError:  # not one of our ids: no lookup anywhere
-            raise NotFound("reservation not found",
-                           details={"reservationId": reservation_id}) from None
-        current = await self.engine.get(reservation_id)
-        if current is None and self._load_stored is not None:
-            current = await self._load_stored(reservation_id)
-        if current is None:
-            raise NotFound("reservation not found", details={"reservationId": reservation_id})
-        return current
+            raise _not_found(reservation_id) from None
 
     # ---- transitions ------------------------------------------------------------------
     async def act(self, principal: Principal, reservation_id: str, action: str, *,
                   outcome: str | None = None, expected_version: int | None = None,
-                  reason: str = "", metadata: dict[str, Any] | None = None,
-                  ttl_ms: int | None = None) -> Reservation:
+                  reason: str | None = None, metadata: dict[str, Any] | None = None,
+                  ttl_ms: int | None = None, client_ip: str | None = None,
+                  request_id: str = "-") -> Reservation:
+        """One lifecycle step, compare-and-set on ``expected_version`` when given. Answers
+        the record as the step's own script left it (never a later state read back)."""
         permission, engine_actions = ACTIONS[action]
         require(principal, permission)
+        if action.endswith("-authorization") and outcome is None:
+            outcome = "authorized"
         if outcome not in engine_actions:
             raise ValidationError("outcome must be 'authorized' or 'failed'"
                                   if outcome is not None or None not in engine_actions
                                   else "this action takes no outcome",
                                   code="INVALID_OUTCOME", details={"field": "outcome"})
-        current = await self._find(reservation_id)
-        require_tenant(principal, current.partner_id, current.vendor_id, reservation_id)
-        return await self._apply(principal.actor, current, engine_actions[outcome],
-                                 expected_version, reason, metadata, ttl_ms)
+        reason = check_reason(reason)
+        if ttl_ms is not None and not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
+            raise ValidationError(f"ttlMs must be between {MIN_TTL_MS} and {MAX_TTL_MS}",
+                                  code="INVALID_FIELD",
+                                  details={"field": "ttlMs", "maximum": MAX_TTL_MS})
+        check_metadata(metadata)
+        self._known_id(reservation_id)
+        await self.throttle(principal, client_ip)
+        return await self._apply(principal, reservation_id, engine_actions[outcome],
+                                 expected_version, reason,
+                                 _with_request_id(metadata, request_id), ttl_ms,
+                                 self._tenancy(principal))
 
-    async def _apply(self, actor: str, current: Reservation, engine_action: str,
+    async def _apply(self, principal: Principal, rid: str, engine_action: str,
                      expected_version: int | None, reason: str,
-                     metadata: dict[str, Any] | None, ttl_ms: int | None) -> Reservation:
-        rid = current.reservation_id
-        if current.state in TERMINAL and await self.engine.get(rid) is None:
-            # Only the Postgres record is left: nothing can move it any more.
-            raise TerminalState(f"the reservation is {current.state}, a terminal state",
-                                details={"reservationId": rid, "state": current.state})
-        if engine_action == "extend":
-            await self.engine.extend(rid, actor=actor, ttl_ms=ttl_ms,
-                                     expected_version=expected_version, reason=reason)
-        else:
-            await self.engine.act(rid, engine_action, actor=actor,
-                                  expected_version=expected_version, reason=reason,
-                                  metadata=metadata)
-        return await self._find(rid)
+                     metadata: dict[str, Any] | None, ttl_ms: int | None,
+                     scope: tuple[str, str]) -> Reservation:
+        try:
+            if engine_action == "extend":
+                moved = await self.engine.extend(
+                    rid, actor=principal.actor, ttl_ms=ttl_ms,
+                    expected_version=expected_version, reason=reason, metadata=metadata,
+                    scope=scope, with_record=True, wait_cap=False)
+            else:
+                moved = await self.engine.act(
+                    rid, engine_action, actor=principal.actor,
+                    expected_version=expected_version, reason=reason, metadata=metadata,
+                    scope=scope, with_record=True, wait_cap=False)
+        except NotFound:
+            # Gone from Redis: only the Postgres record of a terminal reservation may be
+            # left, and nothing can move it any more.
+            stored = await self._load_stored(rid) if self._load_stored is not None else None
+            if stored is None or not can_see(principal, stored.partner_id, stored.vendor_id):
+                raise _not_found(rid) from None
+            raise TerminalState(f"the reservation is {stored.state}, a terminal state",
+                                details={"reservationId": rid,
+                                         "state": stored.state}) from None
+        assert moved.reservation is not None
+        return moved.reservation
 
     # ---- operations -------------------------------------------------------------------
-    async def release(self, principal: Principal, reservation_id: str,
-                      reason: str) -> Reservation:
+    async def release(self, principal: Principal, reservation_id: str, reason: Any,
+                      client_ip: str | None = None) -> Reservation:
         """Manual release: cancel as ops/admin with a reason, through the normal event path."""
         require(principal, "ops.release")
-        current = await self._find(reservation_id)
-        return await self._apply(principal.actor, current, "cancel", None, reason, None, None)
+        reason = check_reason(reason)
+        self._known_id(reservation_id)
+        await self.throttle(principal, client_ip)
+        return await self._apply(principal, reservation_id, "cancel", None, reason, None,
+                                 None, ("", ""))
 
-    async def bulk_release(self, principal: Principal, reason: str, *,
+    async def bulk_release(self, principal: Principal, reason: Any, *,
                            reservation_ids: list[str] | None = None,
-                           resource_id: str | None = None,
-                           range_ms: tuple[int, int] | None = None) -> dict[str, Any]:
+                           resource_id: str | None = None, start: str | None = None,
+                           end: str | None = None,
+                           client_ip: str | None = None) -> dict[str, Any]:
         require(principal, "ops.bulk-release")
+        reason = check_reason(reason)
+        resource = None
         if reservation_ids is None:
-            from engine.occupancy import held_by
-
-            resource = await self.catalog.resource(resource_id or "")
-            start, end = range_ms or (0, 0)
-            if end - start > self.settings.max_query_range_ms:
+            resource = await self.catalog.resource(resource_id or "")  # 404 before 400
+            start_ms, end_ms = parse_range(start, end, "startTime", "endTime")
+            if end_ms - start_ms > self.settings.max_query_range_ms:
                 raise ValidationError("the range is too long", code="RANGE_TOO_LARGE",
                                       details={"field": "endTime",
                                                "maxRangeMs": self.settings.max_query_range_ms})
+        await self.throttle(principal, client_ip)
+        if resource is not None:
+            from engine.occupancy import held_by
+
             reservation_ids = [h for h in await held_by(self.engine.access, self.keys,
-                                                        resource, start, end)
+                                                        resource, start_ms, end_ms)
                                if h.startswith("rsv_")]
         released, failed = [], []
-        for rid in reservation_ids:
+        for rid in reservation_ids or []:
             try:
-                moved = await self.release(principal, rid, reason)
+                self._known_id(rid)
+                moved = await self._apply(principal, rid, "cancel", None, reason, None, None,
+                                          ("", ""))
                 released.append({"reservationId": rid, "state": moved.state.value})
             except EngineError as exc:
                 failed.append({"reservationId": rid, "code": exc.code, "message": exc.message})
         return {"released": released, "failed": failed}
 
 
+    # ---- availability and audit ----------------------------------------------------------
+    async def availability(self, principal: Principal, vendor_id: str,
+                           pairs: list[tuple[str, str]], client_ip: str | None = None):
+        """Slots of a vendor's resource: who (403), what (404), then the query's rules."""
+        from engine import occupancy
+
+        require(principal, "availability.read")
+        if principal.role == VENDOR and principal.vendor_id != vendor_id:
+            raise NotFound(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
+                           details={"vendorId": vendor_id})
+        query = query_dict(pairs, AVAILABILITY_QUERY)
+        vendor = await self.catalog.vendor(vendor_id)
+        resource = await self.catalog.resource(query.get("resourceId")
+                                               or vendor.default_resource_id)
+        for name in ("startTime", "endTime"):
+            if name not in query:
+                raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
+                                      details={"field": name})
+        start_ms = parse_time(query["startTime"], "startTime")
+        end_ms = parse_time(query["endTime"], "endTime")
+        slot_minutes = parse_int(query.get("slotDuration", "60"), "slotDuration", 1,
+                                 MAX_SLOT_MINUTES)
+        include_confidence = parse_bool(query.get("includeConfidence", "false"),
+                                        "includeConfidence")
+        if resource.vendor_id and resource.vendor_id != vendor.id:
+            raise ValidationError("the resource does not belong to the vendor",
+                                  code="RESOURCE_VENDOR_MISMATCH",
+                                  details={"field": "resourceId"})
+        slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
+                                        self.settings.max_query_range_ms)
+        # A read writes nothing: the limiter and the units go in one round trip.
+        result, *limited = await asyncio.gather(
+            occupancy.availability(self.engine.access, self.keys, resource, start_ms, end_ms,
+                                   slot_ms),
+            *self._rate_checks(principal, client_ip), return_exceptions=True)
+        await _first_error(limited)
+        if isinstance(result, BaseException):
+            raise result
+        return result, include_confidence
+
+    async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
+                    client_ip: str | None = None) -> list:
+        """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
+        from engine import records
+
+        require(principal, "ops.audit")
+        query = query_dict(pairs, AUDIT_QUERY)
+        since = parse_time(query["since"], "since") if "since" in query else None
+        until = parse_time(query["until"], "until") if "until" in query else None
+        limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
+        for name in ("reservationId", "resourceId", "actor"):
+            if name in query and not 0 < len(query[name]) <= 128:
+                raise ValidationError(f"{name} must be 1..128 characters",
+                                      code="INVALID_PARAMETER", details={"field": name})
+        await self.throttle(principal, client_ip)
+        if since is not None and until is not None and until <= since:
+            return []  # since <= at < until: an empty range
+        async with pool.acquire() as conn:
+            return await records.query_audit(
+                conn, reservation_id=query.get("reservationId"),
+                resource_id=query.get("resourceId"), actor=query.get("actor"),
+                since=_datetime(since), until=_datetime(until), limit=limit)
+
+
+# ---- the rules of the request ----------------------------------------------------------------
 def check_reason(reason: Any) -> str:
     if reason is None:
         return ""
@@ -291,6 +498,121 @@ def check_reason(reason: Any) -> str:
         raise ValidationError(f"reason must be at most {MAX_TEXT} characters",
                               details={"field": "reason"})
     return reason
+
+
+def idempotency_key(header: str | None, body_key: str | None) -> str | None:
+    """The key from the ``Idempotency-Key`` header or the body's ``idempotencyKey``; when
+    both are given they must agree."""
+    if header is not None and body_key is not None and header != body_key:
+        raise ValidationError("the Idempotency-Key header and body idempotencyKey differ",
+                              code="IDEMPOTENCY_KEY_CONFLICT",
+                              details={"field": "idempotencyKey"})
+    key = header if header is not None else body_key
+    if key is not None:
+        try:
+            check_key(key)
+        except ValidationError as exc:
+            raise ValidationError(exc.message, code="INVALID_IDEMPOTENCY_KEY",
+                                  details={"field": "Idempotency-Key"}) from None
+    return key
+
+
+def check_requester(requester_id: Any) -> str:
+    """1..256 characters of which at least one is visible (not a space, a control or format
+    character, or a letter that draws nothing)."""
+    if (not isinstance(requester_id, str) or not 0 < len(requester_id) <= MAX_TEXT
+            or not _VISIBLE_RE.search(requester_id)):
+        raise ValidationError(f"requesterId must be 1..{MAX_TEXT} characters, some visible",
+                              code="INVALID_FIELD", details={"field": "requesterId"})
+    return requester_id
+
+
+def check_metadata(metadata: Any) -> None:
+    """The client's metadata: a JSON object of at most 4,096 bytes (compact UTF-8 JSON), as
+    documented; the server's ``requestId`` is added after this check."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ValidationError("metadata must be a JSON object", code="INVALID_FIELD_TYPE",
+                              details={"field": "metadata"})
+    try:
+        size = len(orjson.dumps(metadata))
+    except TypeError:  # nesting beyond what orjson writes; the API refuses it earlier
+        raise ValidationError("metadata nests too deeply", code="NESTING_TOO_DEEP",
+                              details={"field": "metadata"}) from None
+    if size > MAX_METADATA_BYTES:
+        raise ValidationError("metadata is too large", code="METADATA_TOO_LARGE",
+                              details={"field": "metadata", "maxBytes": MAX_METADATA_BYTES})
+
+
+def _with_request_id(metadata: dict[str, Any] | None, request_id: str) -> dict[str, Any]:
+    """Stored metadata carries the request id (the client's own fields win)."""
+    return {"requestId": request_id, **(metadata or {})}
+
+
+def _not_found(reservation_id: str) -> NotFound:
+    return NotFound("reservation not found", details={"reservationId": reservation_id})
+
+
+def _conflict_for(principal: Principal, exc: HoldConflict) -> HoldConflict:
+    """Partners and vendors learn what collides, not another tenant's reservation id."""
+    if principal.role in (OPS, ADMIN, SYSTEM):
+        return exc
+    details = {k: v for k, v in exc.details.items() if k != "conflictingReservationId"}
+    return HoldConflict(exc.message, holder=exc.holder, unit=exc.unit, booked=exc.booked,
+                        details=details)
+
+
+async def _first_error(results: list) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def query_dict(pairs: list[tuple[str, str]], allowed: set[str]) -> dict[str, str]:
+    """A query string's (name, value) pairs as a flat dict; unknown or repeated parameters
+    are refused, and NUL (Postgres cannot store it: the OpenAPI document says NO_NUL)."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise ValidationError(f"unknown query parameter {name!r}", code="UNKNOWN_PARAMETER",
+                                  details={"field": name, "allowed": sorted(allowed)})
+        if name in out:
+            raise ValidationError(f"{name} is given more than once",
+                                  code="REPEATED_PARAMETER", details={"field": name})
+        if "\x00" in value:
+            raise ValidationError(f"{name} contains a NUL character", code="INVALID_PARAMETER",
+                                  details={"field": name})
+        out[name] = value
+    return out
+
+
+def parse_bool(value: str, field: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise ValidationError(f"{field} must be true or false", code="INVALID_PARAMETER",
+                          details={"field": field})
+
+
+def parse_int(value: str, field: str, low: int, high: int) -> int:
+    if not re.fullmatch(r"[0-9]{1,12}", value):
+        raise ValidationError(f"{field} must be an integer", code="INVALID_PARAMETER",
+                              details={"field": field})
+    number = int(value)
+    if not low <= number <= high:
+        raise ValidationError(f"{field} must be between {low} and {high}",
+                              code="INVALID_PARAMETER",
+                              details={"field": field, "minimum": low, "maximum": high})
+    return number
+
+
+def _datetime(ms: int | None):
+    from datetime import UTC, datetime
+
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _ms(moment) -> int:
@@ -322,3 +644,79 @@ def from_record(stored) -> Reservation:
         confirmation_required=False, payment_required=False,
         booking_id=stored.booking_id, failure_reason=stored.failure_reason,
         metadata=stored.metadata or {}, history=history)
+
+
+class AdminService:
+    """Management (partners, vendors, resources, API keys): the permission table decides who,
+    engine/directory.py validates and writes. ``issue_key(conn, role, partner_id=,
+    vendor_id=)`` mints a key (api/auth.py owns the key format)."""
+
+    MAX_MINUTES = 1440
+
+    def __init__(self, pool, catalog: CatalogCache, issue_key) -> None:
+        self.pool = pool
+        self.catalog = catalog
+        self._issue_key = issue_key
+
+    def _minutes(self, **values: int | None) -> None:
+        for name, value in values.items():
+            if value is not None and not 0 <= value <= self.MAX_MINUTES:
+                raise ValidationError(f"{name} must be between 0 and {self.MAX_MINUTES}",
+                                      code="INVALID_FIELD", details={"field": name})
+
+    async def create_partner(self, principal: Principal, partner_id: str, name: str | None):
+        from engine import directory
+
+        require(principal, "admin.partners.create")
+        async with self.pool.acquire() as conn:
+            return await directory.create_partner(conn, partner_id, name or partner_id)
+
+    async def create_vendor(self, principal: Principal, vendor_id: str, *, unit_minutes=None,
+                            buffer_before_minutes=None, buffer_after_minutes=None,
+                            confirmation_required=None, payment_required=None, timezone=None):
+        from engine import directory
+
+        require(principal, "admin.vendors.create")
+        self._minutes(unitMinutes=unit_minutes, bufferBeforeMinutes=buffer_before_minutes,
+                      bufferAfterMinutes=buffer_after_minutes)
+        async with self.pool.acquire() as conn:
+            vendor = await directory.create_vendor(
+                conn, vendor_id, unit_minutes=15 if unit_minutes is None else unit_minutes,
+                buffer_before_minutes=buffer_before_minutes or 0,
+                buffer_after_minutes=buffer_after_minutes or 0,
+                confirmation_required=(True if confirmation_required is None
+                                       else confirmation_required),
+                payment_required=bool(payment_required), timezone=timezone or "UTC")
+        self.catalog.forget_miss("vendor", vendor.id)
+        self.catalog.forget_miss("resource", vendor.default_resource_id)
+        return vendor
+
+    async def create_resource(self, principal: Principal, resource_id: str, vendor_id: str, *,
+                              unit_minutes=None, buffer_before_minutes=None,
+                              buffer_after_minutes=None):
+        from engine import directory
+
+        require(principal, "admin.resources.create")
+        self._minutes(unitMinutes=unit_minutes, bufferBeforeMinutes=buffer_before_minutes,
+                      bufferAfterMinutes=buffer_after_minutes)
+        async with self.pool.acquire() as conn:
+            stored = await directory.create_resource(
+                conn, resource_id, vendor_id, unit_minutes=unit_minutes,
+                buffer_before_minutes=buffer_before_minutes,
+                buffer_after_minutes=buffer_after_minutes)
+        self.catalog.forget_miss("resource", stored.id)
+        return stored
+
+    async def create_key(self, principal: Principal, role: str, partner_id: str | None,
+                         vendor_id: str | None):
+        require(principal, "admin.keys.create")
+        async with self.pool.acquire() as conn:
+            return await self._issue_key(conn, role, partner_id=partner_id,
+                                         vendor_id=vendor_id)
+
+    async def revoke_key(self, principal: Principal, key_id: str):
+        from engine import directory
+
+        require(principal, "admin.keys.revoke")
+        async with self.pool.acquire() as conn:
+            return await directory.revoke_api_key(conn, key_id)

@@ -10,6 +10,7 @@
   Errors (negative integers): -13 CAP_EXCEEDED (+ retry_after_ms until the earliest entry
            expires), -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/now_ms.lua
 --@include lib/cap_prune.lua
 --@include lib/cap_keep_until_last.lua
@@ -18,16 +19,16 @@ local holds_key, rep_key = KEYS[1], KEYS[2]
 local hold_id = ARGV[1]
 local expires_at, ttl, max = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 
-if not hold_id or hold_id == '' then return {-2, 'empty hold id'} end
-if not expires_at or not ttl or not max then return {-2, 'non-numeric argument'} end
-if max < 0 then return {-2, 'negative cap'} end
+if not hold_id or hold_id == '' then return {OUTCOME.INVALID, 'empty hold id'} end
+if not expires_at or not ttl or not max then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if max < 0 then return {OUTCOME.INVALID, 'negative cap'} end
 
 local now = now_ms()
 if expires_at == 0 then
-  if ttl <= 0 then return {-2, 'ttl must be positive'} end
+  if ttl <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end
   expires_at = now + ttl
 end
-if expires_at < now then return {-2, 'expiry in the past'} end
+if expires_at < now then return {OUTCOME.INVALID, 'expiry in the past'} end
 
 cap_prune(holds_key, now)
 local known = redis.call('ZSCORE', holds_key, hold_id)
@@ -35,7 +36,7 @@ if not known and max > 0 then
   local live = redis.call('ZCARD', holds_key)
   if live >= max then
     local earliest = redis.call('ZRANGE', holds_key, 0, 0, 'WITHSCORES')
-    return {-13, tonumber(earliest[2]) - now + 1}
+    return {OUTCOME.CAP_EXCEEDED, tonumber(earliest[2]) - now + 1}
   end
 end
 
@@ -44,4 +45,4 @@ cap_keep_until_last(holds_key)
 if not known then
   redis.call('HINCRBY', rep_key, 'placed', 1)
 end
-return {1, redis.call('ZCARD', holds_key), known and 0 or 1}
+return {OUTCOME.OK, redis.call('ZCARD', holds_key), known and 0 or 1}

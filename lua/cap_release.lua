@@ -9,12 +9,13 @@
            retried release never counts twice
   Errors (negative integers): -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/cap_keep_until_last.lua
 
 local holds_key, rep_key = KEYS[1], KEYS[2]
 local hold_id, why = ARGV[1], ARGV[2]
 if why ~= 'released' and why ~= 'committed' and why ~= 'not_placed' then
-  return {-2, 'unknown release reason'}
+  return {OUTCOME.INVALID, 'unknown release reason'}
 end
 
 local removed = redis.call('ZREM', holds_key, hold_id)
@@ -26,4 +27,4 @@ if removed == 1 then
   end
   cap_keep_until_last(holds_key)
 end
-return {1, removed}
+return {OUTCOME.OK, removed}

@@ -6,18 +6,19 @@
   Errors (negative integers): -4 NOT_FOUND (the id holds no live slot: released or expired;
            touch never re-adds one, so it cannot bypass the cap), -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/now_ms.lua
 --@include lib/cap_prune.lua
 --@include lib/cap_keep_until_last.lua
 
 local holds_key = KEYS[1]
 local hold_id, expires_at = ARGV[1], tonumber(ARGV[2])
-if not expires_at or expires_at <= 0 then return {-2, 'bad expiry'} end
+if not expires_at or expires_at <= 0 then return {OUTCOME.INVALID, 'bad expiry'} end
 
 local now = now_ms()
 cap_prune(holds_key, now)
-if not redis.call('ZSCORE', holds_key, hold_id) then return {-4} end
+if not redis.call('ZSCORE', holds_key, hold_id) then return {OUTCOME.NOT_FOUND} end
 redis.call('ZADD', holds_key, 'XX', expires_at, hold_id)
 cap_prune(holds_key, now)
 cap_keep_until_last(holds_key)
-return {1, expires_at}
+return {OUTCOME.OK, expires_at}

@@ -34,6 +34,7 @@
   Errors (negative integers): -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason),
            -3 HOLD_ID_REUSED, -18 NOT_READY (booked markers not rehydrated since Redis lost data)
 ]]
+--@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
 --@include lib/first_conflict.lua
@@ -51,30 +52,30 @@ local ttl = {hold = tonumber(ARGV[17]), confirmed = tonumber(ARGV[18]),
 local max_units, retention = tonumber(ARGV[20]), tonumber(ARGV[21])
 
 -- Validate everything before the first write: Redis has no rollback.
-if not first or not last or not max_units or not retention then return {-2, 'non-numeric argument'} end
-if last < first then return {-2, 'empty interval'} end
-if last - first + 1 > max_units then return {-2, 'too many units'} end
-for _, v in pairs(ttl) do if not v or v <= 0 then return {-2, 'ttl must be positive'} end end
+if not first or not last or not max_units or not retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if last < first then return {OUTCOME.INVALID, 'empty interval'} end
+if last - first + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
+for _, v in pairs(ttl) do if not v or v <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end end
 if not tonumber(ARGV[6]) or not tonumber(ARGV[7]) or not tonumber(ARGV[10]) or not tonumber(ARGV[11]) then
-  return {-2, 'non-numeric time'}
+  return {OUTCOME.INVALID, 'non-numeric time'}
 end
 local ok_md = pcall(cjson.decode, ARGV[14])
-if not ok_md then return {-2, 'metadata is not JSON'} end
+if not ok_md then return {OUTCOME.INVALID, 'metadata is not JSON'} end
 
 -- A Redis that lost its data lost the booked markers too: no hold until they are back.
-if redis.call('EXISTS', ready_key) == 0 then return {-18} end
+if redis.call('EXISTS', ready_key) == 0 then return {OUTCOME.NOT_READY} end
 
 local existing = load_reservation(record_key, id)
 if existing then
   if existing.rs == resource and existing.f == first and existing.l == last and existing.p == ARGV[2] then
     local t = redis.call('HGET', record_key, 't')
-    return {1, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
+    return {OUTCOME.OK, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
   end
-  return {-3, 'reservation id names another reservation'}
+  return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
 end
 
 local holder, at = first_conflict(unit_root, resource, first, last, id)
-if holder then return {-1, holder, at} end
+if holder then return {OUTCOME.CONFLICT, holder, at} end
 
 local now = now_ms()
 local cr, pr = ARGV[12] == '1', ARGV[13] == '1'
@@ -97,4 +98,4 @@ local steps = {unpack(path, 2)}
 emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[16], '', ARGV[14],
   ARGV[15], now, deadline, true)
 settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
-return {1, final, version, deadline, token, now}
+return {OUTCOME.OK, final, version, deadline, token, now}

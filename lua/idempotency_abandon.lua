@@ -5,11 +5,12 @@
   Returns: {1, removed (1 | 0)}; a completed record or another request's claim is never removed
   Errors (negative integers): none
 ]]
+--@include @outcomes
 
 local key = KEYS[1]
 local rec = redis.call('HMGET', key, 's', 'fp')
 if rec[1] == 'p' and rec[2] == ARGV[1] then
   redis.call('DEL', key)
-  return {1, 1}
+  return {OUTCOME.OK, 1}
 end
-return {1, 0}
+return {OUTCOME.OK, 0}

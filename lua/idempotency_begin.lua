@@ -8,18 +8,19 @@
            -15 IDEMPOTENCY_IN_PROGRESS (+ retry_after_ms, -1 when the claim has no expiry),
            -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 
 local key = KEYS[1]
 local fp, lock_ms = ARGV[1], tonumber(ARGV[2])
-if not fp or fp == '' then return {-2, 'empty fingerprint'} end
-if not lock_ms or lock_ms < 0 then return {-2, 'bad lock ms'} end
+if not fp or fp == '' then return {OUTCOME.INVALID, 'empty fingerprint'} end
+if not lock_ms or lock_ms < 0 then return {OUTCOME.INVALID, 'bad lock ms'} end
 
 local rec = redis.call('HMGET', key, 's', 'fp', 'st', 'b')
 if not rec[1] then
   redis.call('HSET', key, 's', 'p', 'fp', fp)
   if lock_ms > 0 then redis.call('PEXPIRE', key, lock_ms) end
-  return {1, 'proceed'}
+  return {OUTCOME.OK, 'proceed'}
 end
-if rec[2] ~= fp then return {-14} end
-if rec[1] == 'd' then return {1, 'replay', tonumber(rec[3]), rec[4]} end
-return {-15, redis.call('PTTL', key)}
+if rec[2] ~= fp then return {OUTCOME.IDEMPOTENCY_MISMATCH} end
+if rec[1] == 'd' then return {OUTCOME.OK, 'replay', tonumber(rec[3]), rec[4]} end
+return {OUTCOME.IDEMPOTENCY_IN_PROGRESS, redis.call('PTTL', key)}

@@ -13,6 +13,7 @@
   Errors (negative integers): -14 IDEMPOTENCY_MISMATCH (the key now belongs to another
            request), -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/now_ms.lua
 
 -- Refused requests (a 409 conflict, a 422) cost the client nothing, so a partner could leave
@@ -22,20 +23,20 @@
 local key, index = KEYS[1], KEYS[2]
 local fp, status, body, ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local refused, cap = ARGV[5] == '1', tonumber(ARGV[6] or '0')
-if not fp or fp == '' then return {-2, 'empty fingerprint'} end
-if not status or status ~= math.floor(status) then return {-2, 'bad status'} end
-if not body then return {-2, 'missing body'} end
-if not ttl_ms or ttl_ms < 0 then return {-2, 'bad ttl ms'} end
-if not cap or cap < 0 then return {-2, 'bad cap'} end
+if not fp or fp == '' then return {OUTCOME.INVALID, 'empty fingerprint'} end
+if not status or status ~= math.floor(status) then return {OUTCOME.INVALID, 'bad status'} end
+if not body then return {OUTCOME.INVALID, 'missing body'} end
+if not ttl_ms or ttl_ms < 0 then return {OUTCOME.INVALID, 'bad ttl ms'} end
+if not cap or cap < 0 then return {OUTCOME.INVALID, 'bad cap'} end
 
 local rec = redis.call('HMGET', key, 's', 'fp')
-if rec[1] and rec[2] ~= fp then return {-14} end
-if rec[1] == 'd' then return {1, 0} end
+if rec[1] and rec[2] ~= fp then return {OUTCOME.IDEMPOTENCY_MISMATCH} end
+if rec[1] == 'd' then return {OUTCOME.OK, 0} end
 
 if refused then
   if ttl_ms == 0 then
     redis.call('DEL', key)
-    return {1, 1}
+    return {OUTCOME.OK, 1}
   end
   local now = now_ms()
   redis.call('HSET', key, 's', 'd', 'fp', fp, 'st', status, 'b', body)
@@ -52,7 +53,7 @@ if refused then
     end
   end
   redis.call('PEXPIRE', index, ttl_ms)
-  return {1, 1}
+  return {OUTCOME.OK, 1}
 end
 
 redis.call('HSET', key, 's', 'd', 'fp', fp, 'st', status, 'b', body)
@@ -61,4 +62,4 @@ if ttl_ms > 0 then
 else
   redis.call('PERSIST', key)
 end
-return {1, 1}
+return {OUTCOME.OK, 1}

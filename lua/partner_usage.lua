@@ -4,8 +4,9 @@
   Returns: {1, live_holds, placed, committed}
   Errors (negative integers): none
 ]]
+--@include @outcomes
 --@include lib/now_ms.lua
 
 local live = redis.call('ZCOUNT', KEYS[1], now_ms(), '+inf')
 local rep = redis.call('HMGET', KEYS[2], 'placed', 'committed')
-return {1, live, tonumber(rep[1] or '0'), tonumber(rep[2] or '0')}
+return {OUTCOME.OK, live, tonumber(rep[1] or '0'), tonumber(rep[2] or '0')}

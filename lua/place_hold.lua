@@ -14,6 +14,7 @@
   Errors (negative integers): -1 CONFLICT (+ holder id, + unit index), -2 INVALID (+ reason),
            -3 HOLD_ID_REUSED (the id names a hold on other units)
 ]]
+--@include @outcomes
 --@include lib/now_ms.lua
 --@include lib/first_conflict.lua
 --@include lib/set_units.lua
@@ -25,22 +26,22 @@ local ttl, max_units = tonumber(ARGV[5]), tonumber(ARGV[6])
 local owner = ARGV[7] or ''
 
 -- Validate everything before the first write: Redis has no rollback.
-if not first or not last or not ttl or not max_units then return {-2, 'non-numeric argument'} end
-if first ~= math.floor(first) or last ~= math.floor(last) then return {-2, 'unit index not integral'} end
-if last < first then return {-2, 'empty interval'} end
-if last - first + 1 > max_units then return {-2, 'too many units'} end
-if ttl <= 0 then return {-2, 'ttl must be positive'} end
+if not first or not last or not ttl or not max_units then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if first ~= math.floor(first) or last ~= math.floor(last) then return {OUTCOME.INVALID, 'unit index not integral'} end
+if last < first then return {OUTCOME.INVALID, 'empty interval'} end
+if last - first + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
+if ttl <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end
 
 local existing = redis.call('HMGET', record_key, 'r', 'f', 'l', 'x', 't', 'c')
 if existing[1] then
   if existing[1] == resource and tonumber(existing[2]) == first and tonumber(existing[3]) == last then
-    return {1, tonumber(existing[4]), tonumber(existing[5]), tonumber(existing[6])}
+    return {OUTCOME.OK, tonumber(existing[4]), tonumber(existing[5]), tonumber(existing[6])}
   end
-  return {-3, 'hold id names another hold'}
+  return {OUTCOME.HOLD_ID_REUSED, 'hold id names another hold'}
 end
 
 local holder, at = first_conflict(unit_root, resource, first, last, hold_id)
-if holder then return {-1, holder, at} end
+if holder then return {OUTCOME.CONFLICT, holder, at} end
 
 local now = now_ms()
 local expires_at = now + ttl
@@ -49,4 +50,4 @@ set_units(unit_root, resource, first, last, hold_id, expires_at)
 redis.call('HSET', record_key, 'r', resource, 'f', first, 'l', last, 'x', expires_at,
   'c', now, 'n', 0, 't', token, 'o', owner)
 redis.call('PEXPIREAT', record_key, expires_at)
-return {1, expires_at, token, now}
+return {OUTCOME.OK, expires_at, token, now}

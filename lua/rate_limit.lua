@@ -7,6 +7,7 @@
   Errors (negative integers): -12 RATE_LIMITED (+ retry_after_ms: the wait until this request
            would pass, rounded up), -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/now_us.lua
 
 -- GCRA (generic cell rate algorithm, as in rwz/redis-gcra and go-redis/redis_rate) kept in
@@ -17,11 +18,11 @@ local key = KEYS[1]
 local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
 local cost = tonumber(ARGV[3] or '1')
 
-if not rate or not burst or not cost then return {-2, 'non-numeric argument'} end
-if rate < 1 or rate ~= math.floor(rate) then return {-2, 'rate must be a positive integer'} end
-if burst < 1 or burst ~= math.floor(burst) then return {-2, 'burst must be a positive integer'} end
-if cost < 1 or cost ~= math.floor(cost) then return {-2, 'cost must be a positive integer'} end
-if cost > burst then return {-2, 'cost exceeds burst: it could never pass'} end
+if not rate or not burst or not cost then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if rate < 1 or rate ~= math.floor(rate) then return {OUTCOME.INVALID, 'rate must be a positive integer'} end
+if burst < 1 or burst ~= math.floor(burst) then return {OUTCOME.INVALID, 'burst must be a positive integer'} end
+if cost < 1 or cost ~= math.floor(cost) then return {OUTCOME.INVALID, 'cost must be a positive integer'} end
+if cost > burst then return {OUTCOME.INVALID, 'cost exceeds burst: it could never pass'} end
 
 local interval = math.max(1, math.floor(60000000 / rate + 0.5))
 local burst_offset = interval * burst
@@ -33,10 +34,10 @@ if tat < now then tat = now end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - burst_offset
 if now < allow_at then
-  return {-12, math.ceil((allow_at - now) / 1000)}
+  return {OUTCOME.RATE_LIMITED, math.ceil((allow_at - now) / 1000)}
 end
 
 -- After new_tat the limiter is fully rested again, so the key may vanish then.
 local recovery_ms = math.max(1, math.ceil((new_tat - now) / 1000))
 redis.call('SET', key, string.format('%d', new_tat), 'PX', recovery_ms)
-return {1, math.floor((burst_offset - (new_tat - now)) / interval)}
+return {OUTCOME.OK, math.floor((burst_offset - (new_tat - now)) / interval)}

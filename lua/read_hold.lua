@@ -4,7 +4,8 @@
             fence_token, owner}
   Errors (negative integers): -4 NOT_FOUND
 ]]
+--@include @outcomes
 local h = redis.call('HMGET', KEYS[1], 'r', 'f', 'l', 'x', 'c', 'n', 't', 'o')
-if not h[1] then return {-4} end
-return {1, h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]),
+if not h[1] then return {OUTCOME.NOT_FOUND} end
+return {OUTCOME.OK, h[1], tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), tonumber(h[5]),
   tonumber(h[6]), tonumber(h[7]), h[8]}

@@ -4,6 +4,7 @@
   Returns: {1, {field, value, ...}, {history entry JSON, ...}}
   Errors (negative integers): -4 NOT_FOUND
 ]]
+--@include @outcomes
 local fields = redis.call('HGETALL', KEYS[1])
-if #fields == 0 then return {-4} end
-return {1, fields, redis.call('LRANGE', KEYS[2], 0, -1)}
+if #fields == 0 then return {OUTCOME.NOT_FOUND} end
+return {OUTCOME.OK, fields, redis.call('LRANGE', KEYS[2], 0, -1)}

@@ -9,13 +9,14 @@
            holders lists each distinct holder of a held unit once, in order of first unit
   Errors (negative integers): -2 INVALID (+ reason)
 ]]
+--@include @outcomes
 --@include lib/unit_key.lua
 
 local unit_root, resource = KEYS[1], ARGV[1]
 local first, last, max_units = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if not first or not last or not max_units then return {-2, 'non-numeric argument'} end
-if last < first then return {-2, 'empty interval'} end
-if last - first + 1 > max_units then return {-2, 'too many units'} end
+if not first or not last or not max_units then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if last < first then return {OUTCOME.INVALID, 'empty interval'} end
+if last - first + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
 
 local out, holders, seen = {}, {}, {}
 for i = first, last do
@@ -32,4 +33,4 @@ for i = first, last do
     end
   end
 end
-return {1, table.concat(out), holders}
+return {OUTCOME.OK, table.concat(out), holders}

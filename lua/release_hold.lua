@@ -6,15 +6,16 @@
   Returns: {1}
   Errors (negative integers): -4 NOT_FOUND (no such live hold), -5 NOT_OWNER (wrong token)
 ]]
+--@include @outcomes
 --@include lib/free_units.lua
 
 local unit_root, record_key = KEYS[1], KEYS[2]
 local hold_id, token = ARGV[1], ARGV[2]
 
 local h = redis.call('HMGET', record_key, 'r', 'f', 'l', 't')
-if not h[1] then return {-4} end
-if h[4] ~= token then return {-5} end
+if not h[1] then return {OUTCOME.NOT_FOUND} end
+if h[4] ~= token then return {OUTCOME.NOT_OWNER} end
 
 free_units(unit_root, h[1], tonumber(h[2]), tonumber(h[3]), hold_id)
 redis.call('DEL', record_key)
-return {1}
+return {OUTCOME.OK}

@@ -3,8 +3,9 @@
   ARGV[1] expected owner (hold id, reservation id, or 'B|<reservation id>' for a marker)
   Returns: {1, 1} freed, {1, 0} the owner had changed (nothing done)
 ]]
+--@include @outcomes
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return {1, 1}
+  return {OUTCOME.OK, 1}
 end
-return {1, 0}
+return {OUTCOME.OK, 0}

@@ -9,11 +9,12 @@
            the booking is the record; that hold fails its next revalidation)
   Errors (negative integers): -2 INVALID
 ]]
+--@include @outcomes
 --@include lib/unit_key.lua
 
 local unit_root, resource = KEYS[1], ARGV[1]
 local first, last, expires_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
-if not first or not last or not expires_at or last < first then return {-2} end
+if not first or not last or not expires_at or last < first then return {OUTCOME.INVALID} end
 local marker = 'B|' .. ARGV[4]
 local written, overwritten = 0, 0
 for i = first, last do
@@ -25,4 +26,4 @@ for i = first, last do
     written = written + 1
   end
 end
-return {1, written, overwritten}
+return {OUTCOME.OK, written, overwritten}

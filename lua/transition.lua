@@ -24,13 +24,17 @@
   ARGV[14] extension ttl ms (extend only)
   ARGV[15] max total hold time ms from creation (extend only)
   ARGV[16] max number of extensions (extend only)
-  Returns: {1, state, version, deadline_ms, partner id}
+  ARGV[17] tenancy: the caller's partner scope ('' = any); another partner's id is NOT_FOUND
+  ARGV[18] tenancy: the caller's vendor ('' = any); another vendor's id is NOT_FOUND
+  ARGV[19] '1': the reply also carries the record and history as they are after the call
+  Returns: {1, state, version, deadline_ms, partner id[, {field, value, ...}, {history JSON, ...}]}
   Errors (negative integers): -2 INVALID (+ reason), -4 NOT_FOUND, -6 EXTENSION_LIMIT,
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
            (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
            -17 NOT_DUE (expire before the deadline: + deadline)
 ]]
+--@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
 --@include lib/owns_all.lua
@@ -47,15 +51,27 @@ local ttl = {hold = tonumber(ARGV[8]), confirmed = tonumber(ARGV[9]),
   authorized = tonumber(ARGV[10])}
 local retention, marker_retention = tonumber(ARGV[11]), tonumber(ARGV[12])
 
-if not retention or not marker_retention then return {-2, 'non-numeric argument'} end
-for _, v in pairs(ttl) do if not v or v <= 0 then return {-2, 'ttl must be positive'} end end
-if op ~= 'expire' and op ~= 'extend' and not ACTIONS[op] then return {-2, 'unknown operation'} end
-if not pcall(cjson.decode, metadata) then return {-2, 'metadata is not JSON'} end
+-- The reply of a successful call: what the caller's response shows, as this call left it.
+local function answer(state, version, deadline, partner)
+  if ARGV[19] ~= '1' then return {OUTCOME.OK, state, version, deadline, partner} end
+  return {OUTCOME.OK, state, version, deadline, partner, redis.call('HGETALL', record_key),
+    redis.call('LRANGE', history_key, 0, -1)}
+end
+
+if not retention or not marker_retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
+for _, v in pairs(ttl) do if not v or v <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end end
+if op ~= 'expire' and op ~= 'extend' and not ACTIONS[op] then return {OUTCOME.INVALID, 'unknown operation'} end
+if not pcall(cjson.decode, metadata) then return {OUTCOME.INVALID, 'metadata is not JSON'} end
 
 local rec = load_reservation(record_key, id)
-if not rec then return {-4} end
-if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= rec.v then return {-9, rec.v} end
-if TERMINAL[rec.st] then return {-11, rec.st} end
+if not rec then return {OUTCOME.NOT_FOUND} end
+-- Another tenant's reservation is not found, exactly as a missing one (no probing of ids).
+if (ARGV[17] and ARGV[17] ~= '' and rec.p ~= ARGV[17])
+    or (ARGV[18] and ARGV[18] ~= '' and rec.vd ~= ARGV[18]) then
+  return {OUTCOME.NOT_FOUND}
+end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) ~= rec.v then return {OUTCOME.VERSION_MISMATCH, rec.v} end
+if TERMINAL[rec.st] then return {OUTCOME.TERMINAL, rec.st} end
 
 local now = now_ms()
 local state = rec.st
@@ -91,25 +107,25 @@ local function apply(path, why, code)
   settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention,
     marker_retention, now)
   if code then return {code, final, v, rec.p} end
-  return {1, final, v, deadline, rec.p}
+  return answer(final, v, deadline, rec.p)
 end
 
 if op == 'expire' then
-  if state == 'COMMIT_IN_PROGRESS' then return {-8, state} end
-  if rec.dl > now then return {-17, rec.dl} end
+  if state == 'COMMIT_IN_PROGRESS' then return {OUTCOME.INVALID_TRANSITION, state} end
+  if rec.dl > now then return {OUTCOME.NOT_DUE, rec.dl} end
   return apply({EXPIRES_AS[state]}, 'deadline passed')
 end
 
 if op == 'extend' then
-  if not PRE_COMMIT[state] then return {-8, state} end
-  if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', -16) end
+  if not PRE_COMMIT[state] then return {OUTCOME.INVALID_TRANSITION, state} end
+  if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', OUTCOME.EXPIRED) end
   local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
-  if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {-2, 'bad extension'} end
-  if rec.x >= max_ext then return {-6} end
+  if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {OUTCOME.INVALID, 'bad extension'} end
+  if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
   local deadline = math.max(rec.dl, now + ext_ttl)
-  if deadline - tonumber(rec.c) > max_total then return {-7} end
+  if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
   if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
-    return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', -10)
+    return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
   end
   local v = rec.v + 1
   emit_transition(events_key, history_key, rec, state, {state}, v, actor,
@@ -118,25 +134,25 @@ if op == 'extend' then
   rec.dl = deadline
   settle(unit_root, record_key, history_key, deadlines_key, rec, state, deadline, retention,
     marker_retention, now)
-  return {1, state, v, deadline, rec.p}
+  return answer(state, v, deadline, rec.p)
 end
 
 local action = ACTIONS[op]
 if action.from then
-  if action.from ~= state then return {-8, state} end
+  if action.from ~= state then return {OUTCOME.INVALID_TRANSITION, state} end
 elseif not PRE_COMMIT[state] and not (op ~= 'cancel' and state == 'COMMIT_IN_PROGRESS') then
-  return {-8, state}
+  return {OUTCOME.INVALID_TRANSITION, state}
 end
 
 if overdue then
   -- Expired in fact: record it (idempotent with the reaper) and refuse the action.
-  return apply({EXPIRES_AS[state]}, 'deadline passed', -16)
+  return apply({EXPIRES_AS[state]}, 'deadline passed', OUTCOME.EXPIRED)
 end
 
 local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
 if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
   -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
-  return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', -10)
+  return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
 end
 
 local path = walk_auto_steps({action.to}, rec.cr == '1', rec.pr == '1')

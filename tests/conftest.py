@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.access import RedisAccess
-from engine.holds import HoldEngine
+from benchmarks.holds import HoldEngine
 from engine.keys import KeySpace
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog
 from engine.settings import Settings

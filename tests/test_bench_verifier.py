@@ -13,7 +13,7 @@ from benchmarks import history as h
 from benchmarks.env import BASELINE_DDL
 from benchmarks.verifier import check_history, PostgresState, RedisState, verify
 from engine.db import migrate
-from engine.holds import HoldEngine
+from benchmarks.holds import HoldEngine
 from tests.conftest import DATABASE_URL
 from tests.test_db import drop_schema
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from engine.access import RedisAccess
 from engine.errors import HoldConflict
-from engine.holds import BOOKED_PREFIX, HoldEngine
+from benchmarks.holds import BOOKED_PREFIX, HoldEngine
 from engine.keys import KeySpace
 from engine.reservations import ReservationEngine
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog, Vendor

@@ -15,7 +15,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
 from engine.access import RedisAccess
 from engine.errors import ExtensionLimit, HoldConflict, NotFound, NotOwner
-from engine.holds import HoldEngine
+from benchmarks.holds import HoldEngine
 from engine.keys import KeySpace
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog
 from engine.settings import Settings

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.access import RedisAccess
-from engine.holds import HoldEngine
+from benchmarks.holds import HoldEngine
 from engine.resp import RespError, ScriptConnection
 from tests.conftest import REDIS_URL
 

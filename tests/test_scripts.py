@@ -98,11 +98,48 @@ def test_generated_lifecycle_is_included():
     assert "@include" not in scripts()["transition"].source
 
 
-async def test_noscript_fallback_after_script_flush(holds, redis):
+@pytest.fixture
+async def own_redis(tmp_path):
+    """A Redis of this test's own: flushing the script cache of the shared one would fail
+    every other process's readiness that uses it."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis.asyncio as aioredis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+                             str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", decode_responses=True)
+        yield client
+        await client.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_noscript_fallback_after_script_flush(own_redis, keys, catalog, settings):
     """A flushed script cache (restart, failover) costs one EVAL per call, never an error."""
+    from benchmarks.holds import HoldEngine
+    from engine.access import RedisAccess
+
+    redis = own_redis
+    holds = HoldEngine(RedisAccess(redis), keys, catalog, settings)
     await holds.access.load_scripts()
     sha = holds.access.scripts["place_hold"].sha
-    assert await redis.script_exists(sha) == [True]  # the fallback cached it again
+    assert await redis.script_exists(sha) == [True]
     t0 = 1_893_456_000_000
     first = await holds.place("room-a", t0, t0 + 900_000)
     await redis.script_flush()
@@ -115,15 +152,18 @@ async def test_noscript_fallback_after_script_flush(holds, redis):
     assert await holds.read(first.hold_id) == first
     sha = holds.access.scripts["place_hold"].sha
     assert await redis.script_exists(sha) == [True]  # the fallback cached it again
+    await holds.access.close()
 
 
-async def test_pipeline_fallback_path_and_its_noscript_handling(redis, keys, catalog, settings):
+async def test_pipeline_fallback_path_and_its_noscript_handling(own_redis, keys, catalog,
+                                                               settings):
     """Where the raw connection cannot be used (unix sockets), redis-py pipelines carry the
     same batches with the same per-call replies and NOSCRIPT fallback."""
     from engine.access import RedisAccess
     from engine.errors import HoldConflict
-    from engine.holds import HoldEngine
+    from benchmarks.holds import HoldEngine
 
+    redis = own_redis
     access = RedisAccess(redis, raw=False)
     assert access.wire is None
     engine = HoldEngine(access, keys, catalog, settings)
@@ -135,3 +175,21 @@ async def test_pipeline_fallback_path_and_its_noscript_handling(redis, keys, cat
     assert len(winners) == 1
     assert all(isinstance(r, HoldConflict) for r in results if isinstance(r, Exception))
     assert await engine.read(winners[0].hold_id) == winners[0]
+
+
+def test_scripts_name_their_result_codes():
+    """Every reply code is a name from engine/errors.py (``@outcomes``), never a number."""
+    from pathlib import Path
+
+    bare = re.compile(r"return\s*\{\s*-?\d")
+    for path in sorted((Path(__file__).parents[1] / "lua").glob("*.lua")):
+        body = path.read_text().split("]]", 1)[1]
+        assert not bare.search(body), path
+    assert "local OUTCOME = {" in scripts()["transition"].source
+    assert "CONFLICT = -1," in scripts()["create_reservation"].source
+
+
+def test_every_outcome_has_its_error():
+    from engine.errors import ERRORS, Outcome
+
+    assert set(ERRORS) == set(Outcome) - {Outcome.OK}

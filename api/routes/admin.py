@@ -10,12 +10,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.auth import issue_key
 from api.context import principal, services
-from api.validation import Field, check_fields, invalid, json_object
+from api.validation import Field, check_fields, json_object
 from api.views import JSONResponse
 from engine import directory
-from engine.permissions import require
 
 PARTNER_FIELDS = [Field("partnerId", str, required=True, max_length=64), Field("name", str)]
 VENDOR_FIELDS = [
@@ -39,77 +37,55 @@ KEY_FIELDS = [
     Field("partnerId", str, max_length=64),
     Field("vendorId", str, max_length=64),
 ]
-MAX_MINUTES = 1440
 
 
 async def _body(request: Request, fields: list[Field]) -> dict:
-    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
+    return check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         fields)
-    for name, value in body.items():
-        if name.endswith("Minutes") and not 0 <= value <= MAX_MINUTES:
-            raise invalid("INVALID_FIELD", f"{name} must be between 0 and {MAX_MINUTES}",
-                          name)
-    return body
 
 
 async def create_partner(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "admin.partners.create")
     body = await _body(request, PARTNER_FIELDS)
-    async with services(request).pool.acquire() as conn:
-        partner = await directory.create_partner(conn, body["partnerId"],
-                                                 body.get("name") or body["partnerId"])
+    partner = await services(request).admin.create_partner(caller, body["partnerId"],
+                                                           body.get("name"))
     return JSONResponse({"partnerId": partner.id, "name": partner.name,
                          "active": partner.active}, status_code=201)
 
 
 async def create_vendor(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "admin.vendors.create")
     body = await _body(request, VENDOR_FIELDS)
-    svc = services(request)
-    async with svc.pool.acquire() as conn:
-        vendor = await directory.create_vendor(
-            conn, body["vendorId"], unit_minutes=body.get("unitMinutes", 15),
-            buffer_before_minutes=body.get("bufferBeforeMinutes", 0),
-            buffer_after_minutes=body.get("bufferAfterMinutes", 0),
-            confirmation_required=body.get("confirmationRequired", True),
-            payment_required=body.get("paymentRequired", False),
-            timezone=body.get("timezone", "UTC"))
-    svc.catalog.forget_miss("vendor", vendor.id)
-    svc.catalog.forget_miss("resource", vendor.default_resource_id)
+    vendor = await services(request).admin.create_vendor(
+        caller, body["vendorId"], unit_minutes=body.get("unitMinutes"),
+        buffer_before_minutes=body.get("bufferBeforeMinutes"),
+        buffer_after_minutes=body.get("bufferAfterMinutes"),
+        confirmation_required=body.get("confirmationRequired"),
+        payment_required=body.get("paymentRequired"), timezone=body.get("timezone"))
     return JSONResponse(vendor_view(vendor), status_code=201)
 
 
 async def create_resource(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "admin.resources.create")
     body = await _body(request, RESOURCE_FIELDS)
-    svc = services(request)
-    async with svc.pool.acquire() as conn:
-        stored = await directory.create_resource(
-            conn, body["resourceId"], body["vendorId"], unit_minutes=body.get("unitMinutes"),
-            buffer_before_minutes=body.get("bufferBeforeMinutes"),
-            buffer_after_minutes=body.get("bufferAfterMinutes"))
-    svc.catalog.forget_miss("resource", stored.id)
+    stored = await services(request).admin.create_resource(
+        caller, body["resourceId"], body["vendorId"], unit_minutes=body.get("unitMinutes"),
+        buffer_before_minutes=body.get("bufferBeforeMinutes"),
+        buffer_after_minutes=body.get("bufferAfterMinutes"))
     return JSONResponse(resource_view(stored), status_code=201)
 
 
 async def create_key(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "admin.keys.create")
     body = await _body(request, KEY_FIELDS)
-    async with services(request).pool.acquire() as conn:
-        issued, stored = await issue_key(conn, body["role"], partner_id=body.get("partnerId"),
-                                         vendor_id=body.get("vendorId"))
+    issued, stored = await services(request).admin.create_key(
+        caller, body["role"], body.get("partnerId"), body.get("vendorId"))
     return JSONResponse({**key_view(stored), "key": issued.key}, status_code=201)
 
 
 async def revoke_key(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "admin.keys.revoke")
-    async with services(request).pool.acquire() as conn:
-        stored = await directory.revoke_api_key(conn, request.path_params["keyId"])
+    stored = await services(request).admin.revoke_key(caller, request.path_params["keyId"])
     return JSONResponse(key_view(stored))
 
 

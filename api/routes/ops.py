@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import re
 
-from datetime import UTC, datetime
-
 from starlette.requests import Request
 from starlette.responses import Response
 
-from api.context import principal, services, throttle
-from api.validation import (
-    Field,
-    check_fields,
-    format_time,
-    invalid,
-    json_object,
-    parse_int,
-    parse_range,
-    parse_time,
-    query_params,
-)
+from api.context import client_ip, principal, services
+from api.validation import Field, check_fields, format_time, invalid, json_object
 from api.views import JSONResponse, reservation_view
 from engine import metrics, records
-from engine.permissions import require
 
 RELEASE_FIELDS = [Field("reason", str, required=True)]
 BULK_FIELDS = [
@@ -35,17 +22,14 @@ BULK_FIELDS = [
 ]
 MAX_BULK_IDS = 200  # every valid body fits SLOTGUARD_MAX_BODY_BYTES (the OpenAPI says so)
 BULK_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")  # the OpenAPI pattern, with its semantics
-AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
 
 
 async def release(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "ops.release")
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         RELEASE_FIELDS)
-    await throttle(request, caller)
     released = await services(request).reservations.release(
-        caller, request.path_params["reservationId"], body["reason"])
+        caller, request.path_params["reservationId"], body["reason"], client_ip(request))
     metrics.HOLDS_RELEASED.inc()
     return JSONResponse(reservation_view(released))
 
@@ -53,7 +37,6 @@ async def release(request: Request) -> Response:
 async def bulk_release(request: Request) -> Response:
     """Either ``reservationIds`` or ``resourceId`` + ``startTime`` + ``endTime``."""
     caller = await principal(request)
-    require(caller, "ops.bulk-release")
     body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
                         BULK_FIELDS)
     by_ids = "reservationIds" in body
@@ -61,7 +44,6 @@ async def bulk_release(request: Request) -> Response:
     if by_ids == by_range:
         raise invalid("INVALID_SELECTION", "give either reservationIds or resourceId, "
                       "startTime and endTime", "reservationIds")
-    await throttle(request, caller)
     svc = services(request).reservations
     if by_ids:
         ids = body["reservationIds"]
@@ -70,42 +52,26 @@ async def bulk_release(request: Request) -> Response:
             raise invalid("INVALID_FIELD", f"reservationIds must be 1..{MAX_BULK_IDS} ids",
                           "reservationIds")
         result = await svc.bulk_release(caller, body["reason"],
-                                        reservation_ids=list(dict.fromkeys(ids)))
+                                        reservation_ids=list(dict.fromkeys(ids)),
+                                        client_ip=client_ip(request))
     else:
         for name in ("resourceId", "startTime", "endTime"):
             if name not in body:
                 raise invalid("MISSING_FIELD", f"{name} is required", name)
-        await services(request).catalog.resource(body["resourceId"])  # 404 before 400
-        range_ms = parse_range(body["startTime"], body["endTime"], "startTime", "endTime")
         result = await svc.bulk_release(caller, body["reason"],
-                                        resource_id=body["resourceId"], range_ms=range_ms)
+                                        resource_id=body["resourceId"],
+                                        start=body["startTime"], end=body["endTime"],
+                                        client_ip=client_ip(request))
     metrics.HOLDS_RELEASED.inc(len(result["released"]))
     return JSONResponse(result)
 
 
 async def audit_query(request: Request) -> Response:
     caller = await principal(request)
-    require(caller, "ops.audit")
-    query = query_params(request.query_params, AUDIT_QUERY)
-    since = parse_time(query["since"], "since") if "since" in query else None
-    until = parse_time(query["until"], "until") if "until" in query else None
-    limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
-    for name in ("reservationId", "resourceId", "actor"):
-        if name in query and not 0 < len(query[name]) <= 128:
-            raise invalid("INVALID_PARAMETER", f"{name} must be 1..128 characters", name)
-    await throttle(request, caller)
-    if since is not None and until is not None and until <= since:
-        return JSONResponse({"entries": []})  # since <= at < until: an empty range
-    async with services(request).pool.acquire() as conn:
-        rows = await records.query_audit(
-            conn, reservation_id=query.get("reservationId"),
-            resource_id=query.get("resourceId"), actor=query.get("actor"),
-            since=_datetime(since), until=_datetime(until), limit=limit)
+    rows = await services(request).reservations.audit(
+        caller, services(request).pool, request.query_params.multi_items(),
+        client_ip(request))
     return JSONResponse({"entries": [_audit_view(r) for r in rows]})
-
-
-def _datetime(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _audit_view(row: records.AuditEntry) -> dict:

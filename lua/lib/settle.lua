@@ -8,7 +8,7 @@ local function settle(unit_root, record_key, history_key, deadlines_key, rec, st
                       deadline, retention, marker_retention, now)
   local f, l = rec.f, rec.l
   if state == 'COMMITTED' then
-    set_units(unit_root, rec.rs, f, l, 'B|' .. rec.id,
+    set_units(unit_root, rec.rs, f, l, BOOKED_PREFIX .. rec.id,
       math.max(tonumber(rec.be) + marker_retention, now + marker_retention))
   elseif state == 'COMMIT_IN_PROGRESS' then
     set_units(unit_root, rec.rs, f, l, rec.id, 0)
