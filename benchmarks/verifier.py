@@ -32,7 +32,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from benchmarks import history as h
-from engine.holds import BOOKED_PREFIX
+from engine.lifecycle import BOOKED_PREFIX
 from engine.keys import KeySpace
 from engine.lifecycle import TERMINAL
 

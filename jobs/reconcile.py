@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from redis.exceptions import ResponseError
 
 from engine.errors import EngineError
-from engine.holds import BOOKED_PREFIX
+from engine.lifecycle import BOOKED_PREFIX
 from engine.rehydration import restore_booked_markers
 from engine.runtime import Runtime
 from engine.store.queries import bookings_to_rehydrate

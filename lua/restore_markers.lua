@@ -10,18 +10,19 @@
   Errors (negative integers): -2 INVALID
 ]]
 --@include @outcomes
+--@include @lifecycle
 --@include lib/unit_key.lua
 
 local unit_root, resource = KEYS[1], ARGV[1]
 local first, last, expires_at = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
 if not first or not last or not expires_at or last < first then return {OUTCOME.INVALID} end
-local marker = 'B|' .. ARGV[4]
+local marker = BOOKED_PREFIX .. ARGV[4]
 local written, overwritten = 0, 0
 for i = first, last do
   local key = unit_key(unit_root, resource, i)
   local current = redis.call('GET', key)
   if current ~= marker then
-    if current and current:sub(1, 2) ~= 'B|' then overwritten = overwritten + 1 end
+    if current and current:sub(1, #BOOKED_PREFIX) ~= BOOKED_PREFIX then overwritten = overwritten + 1 end
     redis.call('SET', key, marker, 'PXAT', expires_at)
     written = written + 1
   end

@@ -17,13 +17,12 @@ from typing import Any
 
 import orjson
 
-from engine.lifecycle import State
+from engine.lifecycle import ACTORS, State
 
 STATES = frozenset(s.value for s in State)
 # States whose reason is the reason the reservation did not (or no longer does) go ahead.
 ENDED_STATES = frozenset(s for s in STATES if s.startswith("FAILED_")) | {"EXPIRED", "CANCELLED"}
 # The actors a transition may name (engine/reservations.py checks callers against the same).
-ACTORS = frozenset(("system", "vendor", "requester", "partner", "timeout", "ops", "admin"))
 COMMIT_STATE = "COMMIT_IN_PROGRESS"
 # A later snapshot in one of these states still stands behind the booking.
 BOOKING_STATES = ("COMMIT_IN_PROGRESS", "COMMITTED")
