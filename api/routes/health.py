@@ -45,6 +45,11 @@ async def _redis(svc) -> dict[str, bool]:
             await svc.redis.ping()
             checks["redis"] = True
             checks["scripts"] = await svc.access.scripts_loaded()
+            if not checks["scripts"]:
+                # A flushed script cache (SCRIPT FLUSH, a failover) heals here too, not only
+                # when a request happens to meet NOSCRIPT.
+                await svc.access.load_scripts()
+                checks["scripts"] = await svc.access.scripts_loaded()
             checks["rehydrated"] = await is_rehydrated(svc.access, svc.keyspace)
             checks["evictionPolicy"] = eviction_allowed(await eviction_policy(svc.redis),
                                                         svc.settings)

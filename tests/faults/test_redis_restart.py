@@ -55,6 +55,12 @@ def wait_until(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _script_shas() -> list[str]:
+    from engine.scripts import scripts
+
+    return [script.sha for script in scripts().values()]
+
+
 def ready(client: httpx.Client) -> bool:
     try:
         return client.get("/health/ready").status_code == 200
@@ -106,6 +112,14 @@ def test_api_and_worker_ride_through_a_redis_kill_9(stack, settings):
 
         assert worker.poll() is None, "the worker exited on the Redis restart"
         assert api.poll() is None
+        # A flushed script cache (the private server's) heals at the next readiness probe,
+        # before any request happens to meet NOSCRIPT.
+        import redis as redis_py
+
+        with redis_py.Redis(port=redis.port) as direct:
+            direct.script_flush()
+            assert not all(direct.script_exists(*_script_shas()))
+        wait_until(lambda: ready(client), 30, "readiness after a SCRIPT FLUSH")
         # Holds and commits work again, and a slot booked before the restart stays booked.
         accepted += [create_and_commit(client, auth, slot) for slot in range(100, 104)]
         r = client.post("/v1/reservations", headers=auth, json={
