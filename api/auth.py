@@ -15,13 +15,12 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 import asyncpg
 
 from api.errors import ApiError
-from engine import directory
+from engine import clock, directory
 from engine.permissions import ROLES, Principal
 
 KEY_PREFIX = "sg_live_"
@@ -95,7 +94,7 @@ class KeyResolver:
         return Principal(row.id, row.role, row.partner_id, row.vendor_id)
 
     async def _row(self, prefix: str) -> directory.ApiKey | None:
-        now = time.monotonic()
+        now = clock.monotonic()
         cached = self._cache.get(prefix)
         if cached is not None and now - cached[0] < self.cache_s:
             return cached[1]

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from engine import clock
 from engine.errors import EngineError
 from engine.holds import BOOKED_PREFIX
 from engine.records import bookings_to_rehydrate, record_manual_review
@@ -135,7 +136,7 @@ async def _scan_units(rt: Runtime, report: ReconciliationReport, booked: dict[st
 
 async def _stuck_commits(rt: Runtime, report: ReconciliationReport,
                          booked: dict[str, str]) -> None:
-    now = int(time.time() * 1000)
+    now = clock.now_ms()
     for shard in range(rt.keys.shards):
         for reservation_id in await rt.redis.zrangebyscore(rt.keys.deadlines(shard), "-inf",
                                                            now):
