@@ -109,20 +109,24 @@ async def test_expiry_frees_units(holds, redis, keys):
 
 async def test_extend_moves_every_unit_and_is_capped(holds, redis, keys, settings):
     engine = holds
-    engine.settings = settings.replace(max_extensions=2, max_hold_total_ms=10_000)
-    hold = await engine.place("room-a", T0, T0 + 30 * M, ttl_ms=3_000)
+    # Times chosen so that no verdict depends on how fast the client is: the first ttl
+    # outlasts the second's start, an over-long extension is over the cap from any instant,
+    # and the last allowed one fits unless 15 s pass between placing and extending.
+    engine.settings = settings.replace(max_extensions=2, max_hold_total_ms=60_000)
+    hold = await engine.place("room-a", T0, T0 + 30 * M, ttl_ms=30_000)
     async with around(redis) as w:
-        extended = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=5_000)
+        extended = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=40_000)
     assert extended.expires_at_ms > hold.expires_at_ms
-    assert w.before_ms + 5_000 <= extended.expires_at_ms <= w.after_ms + 5_000
+    assert w.before_ms + 40_000 <= extended.expires_at_ms <= w.after_ms + 40_000
     assert extended.extensions == 1
     for i in range(hold.first_unit, hold.last_unit + 1):
         assert await redis.pexpiretime(keys.unit("room-a", i)) == extended.expires_at_ms
     with pytest.raises(MaxHoldDuration):
-        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=20_000)
-    await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=6_000)
+        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=120_000)
+    again = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=45_000)
+    assert again.expires_at_ms >= extended.expires_at_ms and again.extensions == 2
     with pytest.raises(ExtensionLimit):
-        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=6_000)
+        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=45_000)
 
 
 async def test_only_the_owner_may_release_or_extend(holds):
