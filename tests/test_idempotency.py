@@ -52,13 +52,19 @@ async def test_same_key_different_request_is_a_mismatch(access, keys, settings, 
     assert await snapshot(redis, prefix) == before
 
 
-async def test_same_request_while_running_is_in_progress(access, keys, settings):
-    store = make_store(access, keys, settings, idempotency_lock_ms=5_000)
-    await store.begin("p1", "key-1", CREATE)
-    with pytest.raises(IdempotencyInProgress) as caught:
+async def test_same_request_while_running_is_in_progress(access, keys, settings, redis):
+    store = make_store(access, keys, settings, idempotency_lock_ms=60_000)
+    async with around(redis) as w:
         await store.begin("p1", "key-1", CREATE)
+    locked_until = await redis.pexpiretime(keys.idempotency("p1", "key-1"))
+    assert w.before_ms + 60_000 <= locked_until <= w.after_ms + 60_000
+    async with around(redis) as w:
+        with pytest.raises(IdempotencyInProgress) as caught:
+            await store.begin("p1", "key-1", CREATE)
     assert caught.value.retryable
-    assert 4_900 < caught.value.retry_after_ms <= 5_000
+    # The wait is what is left of the lock at the instant the script ran.
+    assert locked_until - w.after_ms <= caught.value.retry_after_ms \
+        <= locked_until - w.before_ms
 
 
 async def test_keys_are_per_partner(access, keys, settings):
