@@ -177,6 +177,12 @@ async def reach(rsv, state: State, slot: int) -> str:
 
 
 async def test_every_allowed_transition_and_sweep_of_refused(rsv, redis, keys, prefix):
+    # "Refused: nothing changed" compares every key under the prefix, so nothing may expire
+    # by itself while the sweep runs, however long a loaded machine makes it: stage ttls of
+    # an hour (a 10 s ttl expired mid-sweep under load and failed the comparison).
+    hour = 3_600_000
+    rsv.settings = rsv.settings.replace(hold_ttl_ms=hour, confirmed_ttl_ms=hour,
+                                        authorized_ttl_ms=hour)
     seen: set[tuple[str, str]] = set()
     slot = 0
     for state in sorted(resting_states()):
@@ -198,7 +204,6 @@ async def test_every_allowed_transition_and_sweep_of_refused(rsv, redis, keys, p
         if state in PRE_COMMIT:
             slot += 1
             rid = await reach(rsv, state, slot)
-            rsv.settings = rsv.settings.replace(hold_ttl_ms=10_000)
             await redis.hset(keys.reservation(rid), "dl", 1)  # overdue now
             moved = await rsv.expire(rid)
             assert moved.state == (S.FAILED_VENDOR_TIMEOUT

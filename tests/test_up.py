@@ -35,7 +35,7 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     log = (server_dir / "up.log").open("w+")
     proc = subprocess.Popen([str(venv / "bin" / "slotguard"), "up", "--port", "0",
                              "--data-dir", str(data_dir)], cwd=server_dir, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180  # generous: initdb on a loaded machine
         text = ""
@@ -66,10 +66,13 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
-            code = proc.wait(timeout=60)
+            # Generous: `up` itself gives each child 20 s and each server 30 s to stop.
+            code = proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole tree: API, worker, servers
+            proc.wait()
+            raise AssertionError("slotguard up did not stop:\n"
+                                 + Path(log.name).read_text()[-4000:]) from None
     assert code == 0, Path(log.name).read_text()[-4000:]
     assert "slotguard: stopping" in Path(log.name).read_text()
     # The embedded servers are gone too (waited for, with a generous bound).
