@@ -23,6 +23,10 @@ def _processes_mentioning(text: str) -> list[str]:
     return [line for line in out.splitlines() if text in line and "ps -eo" not in line]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     venv = server_dir / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -35,7 +39,12 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     log = (server_dir / "up.log").open("w+")
     proc = subprocess.Popen([str(venv / "bin" / "slotguard"), "up", "--port", "0",
                              "--data-dir", str(data_dir)], cwd=server_dir, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            # Ctrl-C on a terminal reaches a process whose SIGINT is at its
+                            # default; a harness that runs the suite in the background
+                            # without job control has it ignored, and a Python child would
+                            # inherit that and never see the SIGINT below.
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 180  # generous: initdb on a loaded machine
         text = ""
