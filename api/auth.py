@@ -22,13 +22,12 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 import asyncpg
 
 from api.errors import ApiError
-from engine import directory
+from engine import clock, directory
 from engine.errors import RateLimited
 from engine.permissions import ROLES, Principal
 
@@ -90,7 +89,7 @@ class AuthFailures:
         until = self._blocked.get(ip)
         if until is None:
             return
-        wait_s = until - time.monotonic()
+        wait_s = until - clock.monotonic()
         if wait_s <= 0:
             del self._blocked[ip]
             return
@@ -103,7 +102,7 @@ class AuthFailures:
         except RateLimited as exc:
             if len(self._blocked) >= MAX_CACHED_KEYS:
                 self._blocked.clear()
-            self._blocked[ip] = time.monotonic() + (exc.retry_after_ms or 1000) / 1000
+            self._blocked[ip] = clock.monotonic() + (exc.retry_after_ms or 1000) / 1000
             raise _too_many_failures(ip, exc.retry_after_ms or 1000) from None
 
 
@@ -155,19 +154,19 @@ class KeyResolver:
         token_digest = digest(token)
         remembered = self._failed.get(token_digest)
         if remembered is not None:
-            if time.monotonic() - remembered < self.negative_cache_s:
+            if clock.monotonic() - remembered < self.negative_cache_s:
                 raise unauthenticated("invalid or revoked API key")
             del self._failed[token_digest]
         row = await self._row(match.group(1))
         if row is None or row.revoked or not hmac.compare_digest(row.digest, token_digest):
             if len(self._failed) >= MAX_CACHED_KEYS:
                 self._failed.clear()
-            self._failed[token_digest] = time.monotonic()
+            self._failed[token_digest] = clock.monotonic()
             raise unauthenticated("invalid or revoked API key")
         return Principal(row.id, row.role, row.partner_id, row.vendor_id)
 
     async def _row(self, prefix: str) -> directory.ApiKey | None:
-        now = time.monotonic()
+        now = clock.monotonic()
         cached = self._cache.get(prefix)
         if cached is not None and now - cached[0] < self.cache_s:
             return cached[1]

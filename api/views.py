@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 
 from api.validation import format_time
+from engine import clock
 from engine.occupancy import CONFIDENCE_THRESHOLD, Availability
 from engine.reservations import Reservation
 from engine.service import Created
@@ -34,7 +34,7 @@ def created_view(created: Created) -> dict[str, Any]:
         "vendorConfirmationRequired": vendor.confirmation_required,
         # The vendor has until the hold's deadline; an instant-book vendor has confirmed.
         "estimatedConfirmationTime": (expires_at if vendor.confirmation_required
-                                      else format_time(int(time.time() * 1000))),
+                                      else format_time(clock.now_ms())),
     }
 
 

@@ -9,11 +9,9 @@ elsewhere becomes visible within ``negative_ttl_s``.
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
 
-from engine import directory
+from engine import clock, directory
 from engine.errors import UnknownResource
 from engine.keys import NAME_RE
 from engine.resources import Resource, ResourceCatalog, Vendor
@@ -77,13 +75,13 @@ class CatalogCache:
     def _remember_miss(self, kind: str, item_id: str) -> None:
         if len(self._missing) >= MAX_MISSES:
             self._missing.clear()
-        self._missing[(kind, item_id)] = time.monotonic()
+        self._missing[(kind, item_id)] = clock.monotonic()
 
     def _recently_missing(self, kind: str, item_id: str) -> bool:
         at = self._missing.get((kind, item_id))
         if at is None:
             return False
-        if time.monotonic() - at < self.negative_ttl_s:
+        if clock.monotonic() - at < self.negative_ttl_s:
             return True
         del self._missing[(kind, item_id)]
         return False

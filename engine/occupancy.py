@@ -17,6 +17,7 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from engine import clock
 from engine.access import RedisAccess
 from engine.errors import Outcome, ValidationError
 from engine.keys import KeySpace
@@ -99,7 +100,7 @@ async def availability(access: RedisAccess, keys: KeySpace, resource: Resource,
     if int(reply[0]) != Outcome.OK:
         raise ValidationError(str(reply[1]))
     occupancy: str = reply[1]
-    computed_at = int(time.time() * 1000)
+    computed_at = clock.now_ms()
     slots = []
     before, after = resource.buffer_before_ms // unit, resource.buffer_after_ms // unit
     start = start_ms

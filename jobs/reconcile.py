@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 from redis.exceptions import ResponseError
 
+from engine import clock
 from engine.errors import EngineError
 from engine.lifecycle import BOOKED_PREFIX
 from engine.rehydration import restore_booked_markers
@@ -151,7 +152,7 @@ async def _unit_keys(rt: Runtime):
 
 async def _stuck_commits(rt: Runtime, report: ReconciliationReport,
                          booked: dict[str, str]) -> None:
-    now = int(time.time() * 1000)
+    now = clock.now_ms()
     for shard in range(rt.keys.shards):
         for reservation_id in await rt.redis.zrangebyscore(rt.keys.deadlines(shard), "-inf",
                                                            now):

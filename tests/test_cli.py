@@ -4,6 +4,7 @@ loopback. The server learns of a vendor created after it started (catalog miss p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -14,7 +15,6 @@ import asyncpg
 import httpx
 import pytest
 
-from engine.catalog_cache import NEGATIVE_TTL_S
 from engine.keys import KeySpace
 from slotguard.cli import SUBCOMMAND_MODULES, build_parser
 from tests.conftest import DATABASE_URL, REDIS_URL
@@ -44,7 +44,7 @@ def cli_env(settings):
 
 
 def run(env, *args: str) -> str:
-    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -96,8 +96,8 @@ async def test_cli_and_uvicorn_end_to_end(cli_env, settings, redis):
                               env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-            deadline = time.monotonic() + 20
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            deadline = time.monotonic() + 120  # generous: a loaded machine is normal here
             while True:
                 try:
                     if (await client.get("/health/ready")).status_code == 200:
@@ -106,7 +106,7 @@ async def test_cli_and_uvicorn_end_to_end(cli_env, settings, redis):
                     pass
                 assert time.monotonic() < deadline, "server did not become ready"
                 assert server.poll() is None, server.stdout.read().decode()
-                time.sleep(0.1)
+                await asyncio.sleep(0.1)
             auth = {"Authorization": f"Bearer {partner_key}"}
             r = await client.post("/v1/reservations", json=create_body("dentist"), headers=auth)
             assert r.status_code == 201, r.text
@@ -118,14 +118,21 @@ async def test_cli_and_uvicorn_end_to_end(cli_env, settings, redis):
                                   headers={"Authorization": f"Bearer {vendor_key}"})
             assert r.status_code == 200 and r.json()["state"] == "AUTHORIZED_BOTH"
             # A vendor created by another process after the server started: the miss is
-            # remembered only briefly.
+            # remembered only briefly (how briefly is test_clock's business, on a manual
+            # clock), then the server finds it. Until then the answer stays a clean 404.
             r = await client.post("/v1/reservations", json=create_body("late-vendor"),
                                   headers=auth)
             assert r.status_code == 404 and r.json()["error"]["code"] == "UNKNOWN_VENDOR"
             run(cli_env, "vendors", "create", "--id", "late-vendor", "--free", "--instant")
-            time.sleep(NEGATIVE_TTL_S)
-            r = await client.post("/v1/reservations", json=create_body("late-vendor"),
-                                  headers=auth)
+            deadline = time.monotonic() + 60
+            while True:
+                r = await client.post("/v1/reservations", json=create_body("late-vendor"),
+                                      headers=auth)
+                if r.status_code != 404:
+                    break
+                assert r.json()["error"]["code"] == "UNKNOWN_VENDOR"
+                assert time.monotonic() < deadline, "the server never saw the new vendor"
+                await asyncio.sleep(0.1)
             assert r.status_code == 201, r.text
             r = await client.get("/v1/vendors/dentist/availability",
                                  params={"startTime": at(0), "endTime": at(60)}, headers=auth)
@@ -136,4 +143,4 @@ async def test_cli_and_uvicorn_end_to_end(cli_env, settings, redis):
                    'route="/v1/reservations",status="201"}' in metrics
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        server.wait(timeout=60)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
-import time
 from collections import defaultdict
 
 import redis.asyncio as aioredis
@@ -36,7 +35,7 @@ def contention_catalog() -> ResourceCatalog:
     )
 
 
-def _worker(prefix: str, seed: int, attempts: int, start_at: float, identical: bool, out):
+def _worker(prefix: str, seed: int, attempts: int, start, identical: bool, out):
     async def run():
         settings = Settings.from_env({}, redis_url=REDIS_URL, key_prefix=prefix, shards=8)
         client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
@@ -72,8 +71,9 @@ def _worker(prefix: str, seed: int, attempts: int, start_at: float, identical: b
             except HoldConflict as exc:
                 return ("conflict", exc.holder, resource, exc.unit, None, None)
 
-        while time.time() < start_at:
-            await asyncio.sleep(0.005)
+        # Every process is connected and ready before any attempts: they start together on
+        # a barrier, not at a wall-clock instant a slow spawn could miss.
+        start.wait(120)
         results = await asyncio.gather(*(attempt(i) for i in range(attempts)))
         await client.aclose()
         return results
@@ -84,16 +84,16 @@ def _worker(prefix: str, seed: int, attempts: int, start_at: float, identical: b
 def run_processes(prefix: str, attempts: int, identical: bool) -> list[tuple]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    start_at = time.time() + 3.0
-    procs = [ctx.Process(target=_worker, args=(prefix, seed, attempts, start_at, identical,
+    start = ctx.Barrier(PROCESSES)
+    procs = [ctx.Process(target=_worker, args=(prefix, seed, attempts, start, identical,
                                                 queue)) for seed in range(PROCESSES)]
     for p in procs:
         p.start()
     results = []
     for _ in procs:
-        results.extend(queue.get(timeout=120))
+        results.extend(queue.get(timeout=300))
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=60)
         assert p.exitcode == 0
     return results
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -27,6 +29,20 @@ from slotguard.embedded import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def server_dir():
+    """A fresh directory for embedded servers, outside pytest's ``/tmp/pytest-of-<user>``.
+
+    Under root, Postgres runs as an unprivileged user who needs the search bit on every
+    parent of its data dir; but every pytest session that starts on the machine (another
+    checkout, a parallel CI job) resets ``/tmp/pytest-of-<user>`` to 0700, which made initdb
+    fail with "Permission denied" whenever a session started beside this one.
+    """
+    path = Path(tempfile.mkdtemp(prefix="slotguard-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["system", "packaged"])
@@ -58,15 +74,15 @@ def processes_in(directory: Path) -> list[tuple[int, str]]:
     return found
 
 
-def wait_for_no_processes_in(directory: Path, timeout_s: float = 15.0) -> list[tuple[int, str]]:
+def wait_for_no_processes_in(directory: Path, timeout_s: float = 60.0) -> list[tuple[int, str]]:
     deadline = time.monotonic() + timeout_s
     while (left := processes_in(directory)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
 
-def test_start_answers_safely_stop_leaves_nothing_and_data_survives(tmp_path, binaries):
-    data_dir = tmp_path / "sg"
+def test_start_answers_safely_stop_leaves_nothing_and_data_survives(server_dir, binaries):
+    data_dir = server_dir / "sg"
     servers = EmbeddedServers(data_dir, binaries=binaries)
     redis_url, database_url = servers.start()
     try:
@@ -117,25 +133,25 @@ def test_start_answers_safely_stop_leaves_nothing_and_data_survives(tmp_path, bi
     assert processes_in(data_dir) == []
 
 
-def test_a_second_owner_of_the_data_dir_is_refused(tmp_path, binaries):
-    with EmbeddedServers(tmp_path, binaries=binaries) as first:
+def test_a_second_owner_of_the_data_dir_is_refused(server_dir, binaries):
+    with EmbeddedServers(server_dir, binaries=binaries) as first:
         with pytest.raises(EmbeddedServerError, match="in use"):
-            EmbeddedServers(tmp_path, binaries=binaries).start()
+            EmbeddedServers(server_dir, binaries=binaries).start()
         assert redis.Redis.from_url(first.redis_url).ping()  # the refusal touched nothing
-    assert processes_in(tmp_path) == []
+    assert processes_in(server_dir) == []
 
 
-def test_an_exception_in_the_body_still_stops_both_servers(tmp_path, binaries):
+def test_an_exception_in_the_body_still_stops_both_servers(server_dir, binaries):
     with pytest.raises(ZeroDivisionError):
-        with EmbeddedServers(tmp_path, binaries=binaries) as servers:
+        with EmbeddedServers(server_dir, binaries=binaries) as servers:
             assert len(servers.pids) == 2
             1 / 0
-    assert processes_in(tmp_path) == []
+    assert processes_in(server_dir) == []
 
 
-def test_missing_binaries_fail_with_a_clear_message(tmp_path):
+def test_missing_binaries_fail_with_a_clear_message(server_dir):
     with pytest.raises(EmbeddedServerError, match="cannot find"):
-        EmbeddedServers(tmp_path, binaries=ServerBinaries()).start()
+        EmbeddedServers(server_dir, binaries=ServerBinaries()).start()
 
 
 OWNER = textwrap.dedent("""
@@ -169,10 +185,10 @@ def kill_owner_after_start(data_dir: Path, source: str, thread: str) -> None:
 
 
 @pytest.fixture
-def reaped(tmp_path):
-    """Whatever a failed test leaves running under tmp_path is stopped (by pid) afterwards."""
-    yield tmp_path
-    for pid, _ in processes_in(tmp_path):
+def reaped(server_dir):
+    """Whatever a failed test leaves running under server_dir is stopped (by pid) afterwards."""
+    yield server_dir
+    for pid, _ in processes_in(server_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -16,6 +16,7 @@ from engine.errors import (
     ValidationError,
 )
 from tests.conftest import snapshot
+from tests.timing import around, until_server_ms
 
 T0 = 1_893_456_000_000  # 2030-01-01T00:00Z, on every unit grid
 M = 60_000
@@ -93,10 +94,14 @@ async def test_bad_input_rejected_before_any_write(holds, redis, prefix, resourc
 
 
 async def test_expiry_frees_units(holds, redis, keys):
-    hold = await holds.place("room-a", T0, T0 + 30 * M, ttl_ms=80)
-    ttl = await redis.pttl(keys.unit("room-a", hold.first_unit))
-    assert 0 < ttl <= 80
-    await asyncio.sleep(0.15)
+    async with around(redis) as w:
+        hold = await holds.place("room-a", T0, T0 + 30 * M, ttl_ms=80)
+    assert w.before_ms + 80 <= hold.expires_at_ms <= w.after_ms + 80
+    # Every unit key (and the record) expires at the instant the call returned.
+    for unit in range(hold.first_unit, hold.last_unit + 1):
+        assert await redis.pexpiretime(keys.unit("room-a", unit)) == hold.expires_at_ms
+    assert await redis.pexpiretime(keys.hold(hold.hold_id)) == hold.expires_at_ms
+    await until_server_ms(redis, hold.expires_at_ms + 1)  # Redis expires a key once past it
     assert await holds.read(hold.hold_id) is None
     assert await redis.get(keys.unit("room-a", hold.first_unit)) is None
     await holds.place("room-a", T0, T0 + 30 * M)
@@ -104,18 +109,24 @@ async def test_expiry_frees_units(holds, redis, keys):
 
 async def test_extend_moves_every_unit_and_is_capped(holds, redis, keys, settings):
     engine = holds
-    engine.settings = settings.replace(max_extensions=2, max_hold_total_ms=10_000)
-    hold = await engine.place("room-a", T0, T0 + 30 * M, ttl_ms=1_000)
-    extended = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=5_000)
+    # Times chosen so that no verdict depends on how fast the client is: the first ttl
+    # outlasts the second's start, an over-long extension is over the cap from any instant,
+    # and the last allowed one fits unless 15 s pass between placing and extending.
+    engine.settings = settings.replace(max_extensions=2, max_hold_total_ms=60_000)
+    hold = await engine.place("room-a", T0, T0 + 30 * M, ttl_ms=30_000)
+    async with around(redis) as w:
+        extended = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=40_000)
     assert extended.expires_at_ms > hold.expires_at_ms
+    assert w.before_ms + 40_000 <= extended.expires_at_ms <= w.after_ms + 40_000
     assert extended.extensions == 1
     for i in range(hold.first_unit, hold.last_unit + 1):
-        assert 4_000 < await redis.pttl(keys.unit("room-a", i)) <= 5_000
+        assert await redis.pexpiretime(keys.unit("room-a", i)) == extended.expires_at_ms
     with pytest.raises(MaxHoldDuration):
-        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=20_000)
-    await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=6_000)
+        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=120_000)
+    again = await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=45_000)
+    assert again.expires_at_ms >= extended.expires_at_ms and again.extensions == 2
     with pytest.raises(ExtensionLimit):
-        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=6_000)
+        await engine.extend(hold.hold_id, hold.fence_token, ttl_ms=45_000)
 
 
 async def test_only_the_owner_may_release_or_extend(holds):

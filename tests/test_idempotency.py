@@ -9,6 +9,7 @@ import pytest
 from engine.errors import IdempotencyInProgress, IdempotencyMismatch, ValidationError
 from engine.idempotency import IdempotencyStore, StoredResponse, fingerprint
 from tests.conftest import snapshot
+from tests.timing import around, until_server_ms
 
 CREATE = fingerprint("POST", "/v1/reservations", {"resourceId": "room-a", "start": 1})
 OTHER = fingerprint("POST", "/v1/reservations", {"resourceId": "room-a", "start": 2})
@@ -22,13 +23,14 @@ def make_store(access, keys, settings, **changes) -> IdempotencyStore:
 async def test_first_request_proceeds_then_same_request_replays(access, keys, settings, redis):
     store = make_store(access, keys, settings)
     assert await store.begin("p1", "key-1", CREATE) is None
-    assert await store.complete("p1", "key-1", CREATE, 201, BODY.encode()) is True
+    async with around(redis) as w:
+        assert await store.complete("p1", "key-1", CREATE, 201, BODY.encode()) is True
     replay = await store.begin("p1", "key-1", CREATE)
     assert replay == StoredResponse(201, BODY)
     assert replay.body_bytes == BODY.encode()
-    # Kept for idempotency_ttl_ms (24 h by default).
-    pttl = await redis.pttl(keys.idempotency("p1", "key-1"))
-    assert 86_390_000 < pttl <= 86_400_000
+    # Kept for idempotency_ttl_ms (24 h by default) from the instant it completed.
+    expires_at = await redis.pexpiretime(keys.idempotency("p1", "key-1"))
+    assert w.before_ms + 86_400_000 <= expires_at <= w.after_ms + 86_400_000
     # A second completion (a retried write) never changes what is replayed.
     assert await store.complete("p1", "key-1", CREATE, 500, "oops") is False
     assert await store.begin("p1", "key-1", CREATE) == StoredResponse(201, BODY)
@@ -50,13 +52,19 @@ async def test_same_key_different_request_is_a_mismatch(access, keys, settings, 
     assert await snapshot(redis, prefix) == before
 
 
-async def test_same_request_while_running_is_in_progress(access, keys, settings):
-    store = make_store(access, keys, settings, idempotency_lock_ms=5_000)
-    await store.begin("p1", "key-1", CREATE)
-    with pytest.raises(IdempotencyInProgress) as caught:
+async def test_same_request_while_running_is_in_progress(access, keys, settings, redis):
+    store = make_store(access, keys, settings, idempotency_lock_ms=60_000)
+    async with around(redis) as w:
         await store.begin("p1", "key-1", CREATE)
+    locked_until = await redis.pexpiretime(keys.idempotency("p1", "key-1"))
+    assert w.before_ms + 60_000 <= locked_until <= w.after_ms + 60_000
+    async with around(redis) as w:
+        with pytest.raises(IdempotencyInProgress) as caught:
+            await store.begin("p1", "key-1", CREATE)
     assert caught.value.retryable
-    assert 4_900 < caught.value.retry_after_ms <= 5_000
+    # The wait is what is left of the lock at the instant the script ran.
+    assert locked_until - w.after_ms <= caught.value.retry_after_ms \
+        <= locked_until - w.before_ms
 
 
 async def test_keys_are_per_partner(access, keys, settings):
@@ -95,30 +103,53 @@ async def test_abandon_frees_the_key_for_a_retry(access, keys, settings):
     assert await store.begin("p1", "key-1", CREATE) == StoredResponse(201, BODY)
 
 
-async def test_a_crashed_request_blocks_only_for_the_lock(access, keys, settings):
+async def test_a_crashed_request_blocks_only_for_the_lock(access, keys, settings, redis):
+    # While the lock lives (a minute here, so no check races its end) a retry is told to
+    # wait for exactly what is left of it.
+    store = make_store(access, keys, settings, idempotency_lock_ms=60_000)
+    async with around(redis) as w:
+        await store.begin("p1", "key-1", CREATE)  # ... and never completes
+    locked_until = await redis.pexpiretime(keys.idempotency("p1", "key-1"))
+    assert w.before_ms + 60_000 <= locked_until <= w.after_ms + 60_000
+    async with around(redis) as w:
+        with pytest.raises(IdempotencyInProgress) as busy:
+            await store.begin("p1", "key-1", CREATE)
+    assert locked_until - w.after_ms <= busy.value.retry_after_ms \
+        <= locked_until - w.before_ms
+    # Once the lock's expiry is past on the server's clock, the key is free again.
     store = make_store(access, keys, settings, idempotency_lock_ms=100)
-    await store.begin("p1", "key-1", CREATE)  # ... and never completes
-    with pytest.raises(IdempotencyInProgress):
-        await store.begin("p1", "key-1", CREATE)
-    await asyncio.sleep(0.15)
-    assert await store.begin("p1", "key-1", CREATE) is None
+    await store.begin("p1", "key-2", CREATE)  # ... and never completes
+    locked_until = await redis.pexpiretime(keys.idempotency("p1", "key-2"))
+    await until_server_ms(redis, locked_until + 1)
+    assert await store.begin("p1", "key-2", CREATE) is None
 
 
 async def test_records_expire_after_the_configured_ttl(access, keys, settings, redis):
-    store = make_store(access, keys, settings, idempotency_ttl_ms=150)
+    store = make_store(access, keys, settings, idempotency_ttl_ms=1_000)
     await store.begin("p1", "key-1", CREATE)
-    await store.complete("p1", "key-1", CREATE, 201, BODY)
-    assert await store.begin("p1", "key-1", CREATE) == StoredResponse(201, BODY)
-    await asyncio.sleep(0.2)
+    async with around(redis) as w:
+        await store.complete("p1", "key-1", CREATE, 201, BODY)
+    expires_at = await redis.pexpiretime(keys.idempotency("p1", "key-1"))
+    assert w.before_ms + 1_000 <= expires_at <= w.after_ms + 1_000
+    async with around(redis) as w:
+        replay = await store.begin("p1", "key-1", CREATE)
+    # Replayed while it lives (Redis keeps a key until its clock is past the expiry); only
+    # a client stalled past that instant may find it gone.
+    if w.after_ms <= expires_at:
+        assert replay == StoredResponse(201, BODY)
+    else:
+        assert replay in (StoredResponse(201, BODY), None)
+    await until_server_ms(redis, expires_at + 1)
     assert await redis.exists(keys.idempotency("p1", "key-1")) == 0
     # The key is free again: even a different request may use it now.
     assert await store.begin("p1", "key-1", OTHER) is None
 
 
-async def test_completion_after_the_lock_expired_is_still_stored(access, keys, settings):
+async def test_completion_after_the_lock_expired_is_still_stored(access, keys, settings,
+                                                                  redis):
     store = make_store(access, keys, settings, idempotency_lock_ms=50)
     await store.begin("p1", "key-1", CREATE)
-    await asyncio.sleep(0.1)
+    await until_server_ms(redis, await redis.pexpiretime(keys.idempotency("p1", "key-1")) + 1)
     assert await store.complete("p1", "key-1", CREATE, 201, BODY) is True
     assert await store.begin("p1", "key-1", CREATE) == StoredResponse(201, BODY)
 

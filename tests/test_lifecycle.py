@@ -25,6 +25,7 @@ from engine.store.events import expand_entry
 from engine.reservations import ReservationEngine
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog, Vendor
 from tests.conftest import snapshot
+from tests.timing import around, until_server_ms
 
 T0 = 1_893_456_000_000
 M = MINUTE_MS
@@ -120,11 +121,14 @@ async def test_confirmation_path_to_commit(rsv, redis, keys):
 
 
 async def test_instant_free_vendor_commits_at_once(rsv, redis):
-    moved = await create(rsv, vendor="v-instant")
+    async with around(redis) as w:
+        moved = await create(rsv, vendor="v-instant")
     assert moved.state == S.AUTHORIZED_BOTH and moved.version == 7
     r = await rsv.get(moved.reservation_id)
-    # It stops in AUTHORIZED_BOTH, so it takes that stage's deadline (15 s here).
-    assert 14_000 < r.deadline_ms - r.created_at_ms <= 15_000
+    # It stops in AUTHORIZED_BOTH, so it takes that stage's deadline (15 s here), counted
+    # from the one instant the script read.
+    assert w.before_ms <= r.created_at_ms <= w.after_ms
+    assert r.deadline_ms - r.created_at_ms == 15_000 and moved.deadline_ms == r.deadline_ms
     assert (await rsv.act(moved.reservation_id, "commit", actor="partner")).state == \
         S.COMMIT_IN_PROGRESS
 
@@ -134,18 +138,28 @@ async def test_staged_ttls_on_every_unit_key(rsv, redis, keys):
     r = await rsv.get(moved.reservation_id)
     units = [keys.unit(r.resource_id, i) for i in range(T0 // (15 * M), T0 // (15 * M) + 3)]
 
-    async def ttls():
-        return [await redis.pttl(u) for u in units]
+    async def expiries():
+        return {await redis.pexpiretime(u) for u in units}
 
-    assert all(9_000 < t <= 10_000 for t in await ttls())
-    await rsv.act(moved.reservation_id, "vendor-confirmation", actor="vendor")
-    assert all(29_000 < t <= 30_000 for t in await ttls())  # +30 min stage (30 s here)
-    await rsv.act(moved.reservation_id, "vendor-authorization", actor="vendor")
-    assert all(28_000 < t <= 30_000 for t in await ttls())  # keeps the confirmed stage
-    await rsv.act(moved.reservation_id, "requester-authorization", actor="requester")
-    assert all(14_000 < t <= 15_000 for t in await ttls())  # +15 min stage (15 s here)
-    record_ttl = await redis.pttl(keys.reservation(moved.reservation_id))
-    assert record_ttl > 15_000  # the record outlives the hold
+    # Every unit key expires at the deadline the call returned (one instant for all), and
+    # that deadline is the stage's ttl from the instant the script ran.
+    assert r.deadline_ms - r.created_at_ms == 10_000
+    assert moved.deadline_ms == r.deadline_ms
+    assert await expiries() == {r.deadline_ms}
+    async with around(redis) as w:
+        confirmed = await rsv.act(moved.reservation_id, "vendor-confirmation", actor="vendor")
+    assert await expiries() == {confirmed.deadline_ms}  # +30 min stage (30 s here)
+    assert w.before_ms + 30_000 <= confirmed.deadline_ms <= w.after_ms + 30_000
+    authorized = await rsv.act(moved.reservation_id, "vendor-authorization", actor="vendor")
+    assert authorized.deadline_ms == confirmed.deadline_ms  # keeps the confirmed stage
+    assert await expiries() == {confirmed.deadline_ms}
+    async with around(redis) as w:
+        both = await rsv.act(moved.reservation_id, "requester-authorization",
+                             actor="requester")
+    assert await expiries() == {both.deadline_ms}  # +15 min stage (15 s here)
+    assert w.before_ms + 15_000 <= both.deadline_ms <= w.after_ms + 15_000
+    # The record outlives the hold.
+    assert await redis.pexpiretime(keys.reservation(moved.reservation_id)) > both.deadline_ms
 
 
 def resting_states() -> set[State]:
@@ -172,6 +186,12 @@ async def reach(rsv, state: State, slot: int) -> str:
 
 
 async def test_every_allowed_transition_and_sweep_of_refused(rsv, redis, keys, prefix):
+    # "Refused: nothing changed" compares every key under the prefix, so nothing may expire
+    # by itself while the sweep runs, however long a loaded machine makes it: stage ttls of
+    # an hour (a 10 s ttl expired mid-sweep under load and failed the comparison).
+    hour = 3_600_000
+    rsv.settings = rsv.settings.replace(hold_ttl_ms=hour, confirmed_ttl_ms=hour,
+                                        authorized_ttl_ms=hour)
     seen: set[tuple[str, str]] = set()
     slot = 0
     for state in sorted(resting_states()):
@@ -193,7 +213,6 @@ async def test_every_allowed_transition_and_sweep_of_refused(rsv, redis, keys, p
         if state in PRE_COMMIT:
             slot += 1
             rid = await reach(rsv, state, slot)
-            rsv.settings = rsv.settings.replace(hold_ttl_ms=10_000)
             await redis.hset(keys.reservation(rid), "dl", 1)  # overdue now
             moved = await rsv.expire(rid)
             assert moved.state == (S.FAILED_VENDOR_TIMEOUT
@@ -259,8 +278,9 @@ async def test_concurrent_identical_transitions_one_applies(rsv, redis, keys):
 
 async def test_racing_reapers_emit_one_event(rsv, redis, keys):
     rsv.settings = rsv.settings.replace(hold_ttl_ms=50)
-    ids = [(await create(rsv, slot=i)).reservation_id for i in range(10)]
-    await asyncio.sleep(0.1)
+    made = [await create(rsv, slot=i) for i in range(10)]
+    ids = [m.reservation_id for m in made]
+    await until_server_ms(redis, max(m.deadline_ms for m in made))  # all overdue now
     shard_results = await asyncio.gather(
         *(rsv.reap(shard) for shard in range(keys.shards) for _ in range(5)))
     reaped = [m.reservation_id for batch in shard_results for m in batch]
@@ -272,12 +292,26 @@ async def test_racing_reapers_emit_one_event(rsv, redis, keys):
         assert (await rsv.get(rid)).state == S.FAILED_VENDOR_TIMEOUT
 
 
-async def test_extended_reservation_is_not_expired(rsv):
-    rsv.settings = rsv.settings.replace(hold_ttl_ms=300)
-    moved = await create(rsv)
-    extended = await rsv.extend(moved.reservation_id, actor="partner", ttl_ms=20_000)
+async def test_extended_reservation_is_not_expired(rsv, redis, keys):
+    rsv.settings = rsv.settings.replace(hold_ttl_ms=1_000)
+    for slot in range(5):
+        moved = await create(rsv, slot=slot)
+        try:
+            async with around(redis) as w:
+                extended = await rsv.extend(moved.reservation_id, actor="partner",
+                                            ttl_ms=20_000)
+            break
+        except ReservationExpired:
+            # The machine stalled past the 1 s deadline before the extension landed: that
+            # reservation rightly expired. Try again with a fresh one.
+            assert (await rsv.get(moved.reservation_id)).state == S.FAILED_VENDOR_TIMEOUT
+    else:
+        pytest.fail("five extensions in a row landed after a 1 s deadline")
     assert extended.deadline_ms > moved.deadline_ms
-    await asyncio.sleep(0.4)
+    assert w.before_ms + 20_000 <= extended.deadline_ms <= w.after_ms + 20_000
+    assert await redis.zscore(keys.deadlines(keys.shard_of_id(moved.reservation_id)),
+                              moved.reservation_id) == extended.deadline_ms
+    await until_server_ms(redis, moved.deadline_ms + 1)  # past the original deadline
     assert await rsv.expire(moved.reservation_id) is None
     assert await rsv.reap(rsv.keys.shard_of_id(moved.reservation_id)) == []
     assert (await rsv.get(moved.reservation_id)).state == S.AWAITING_VENDOR_CONFIRMATION
@@ -286,7 +320,7 @@ async def test_extended_reservation_is_not_expired(rsv):
 async def test_overdue_action_records_expiry_and_refuses(rsv, redis, keys):
     rsv.settings = rsv.settings.replace(hold_ttl_ms=50)
     moved = await create(rsv)
-    await asyncio.sleep(0.1)
+    await until_server_ms(redis, moved.deadline_ms)  # due at its deadline
     with pytest.raises(ReservationExpired):
         await rsv.act(moved.reservation_id, "vendor-confirmation", actor="vendor")
     assert (await rsv.get(moved.reservation_id)).state == S.FAILED_VENDOR_TIMEOUT

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import time
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +13,7 @@ from engine.errors import CapExceeded, HoldConflict, NotFound, RateLimited, Vali
 from engine.keys import KeySpace
 from engine.limits import Limits, place_with_cap
 from tests.conftest import REDIS_URL, snapshot
+from tests.timing import around, server_ms, server_us, until_server_ms
 
 T0 = 1_893_456_000_000  # 2030-01-01T00:00Z, on every unit grid
 M = 60_000
@@ -21,11 +21,6 @@ M = 60_000
 
 def make_limits(access, keys, settings, **changes) -> Limits:
     return Limits(access, keys, settings.replace(**changes))
-
-
-async def server_ms(redis) -> int:
-    sec, usec = await redis.time()
-    return sec * 1000 + usec // 1000
 
 
 async def outcome(coro):
@@ -37,81 +32,171 @@ async def outcome(coro):
         return refused
 
 
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# A check that needs the client to act before a deadline runs in rounds on fresh keys: a
+# round is abandoned only when the server's clock shows the client stalled past that
+# deadline (so the other answer would have been right), never because a check failed.
+ROUNDS = 5
+STALLED = "the client stalled past the deadline in every round"
+
+
 # ---- GCRA ------------------------------------------------------------------------------
 
-async def test_burst_passes_at_once_then_refused_for_one_interval(access, keys, settings):
-    # 600/min: one request per 100 ms once the burst of 5 is spent.
-    limits = make_limits(access, keys, settings, partner_rate_per_minute=600,
-                         partner_rate_burst=5)
-    started = time.monotonic()
-    results = await asyncio.gather(*(outcome(limits.check_partner_rate("p1"))
-                                     for _ in range(6)))
-    elapsed_ms = (time.monotonic() - started) * 1000
-    assert results[:5] == ["ok"] * 5  # one pipelined batch: the script runs in call order
-    refused = results[5]
-    assert isinstance(refused, RateLimited)
-    assert refused.retry_after_ms <= 100
-    assert refused.retry_after_ms >= 100 - elapsed_ms - 1
-    assert refused.details["retryAfterMs"] == refused.retry_after_ms
+class Gcra:
+    """GCRA itself, holding each reply of one limiter to the instant the script ran at.
 
-    # Still refused just before the wait is over, admitted right after it.
-    await asyncio.sleep(max(0, refused.retry_after_ms - 60) / 1000)
-    with pytest.raises(RateLimited) as early:
-        await limits.check_partner_rate("p1")
-    assert early.value.retry_after_ms <= 60
-    await asyncio.sleep(early.value.retry_after_ms / 1000)
-    assert await limits.check_partner_rate("p1") == 0
-    with pytest.raises(RateLimited) as again:
-        await limits.check_partner_rate("p1")
-    # A whole interval again (less whatever the loop took between the two calls).
-    assert 50 <= again.value.retry_after_ms <= 100
+    The script reads Redis TIME; the test only knows that instant lies in the window of two
+    TIME reads around the call, and reads the limiter's theoretical arrival time (the key,
+    integer microseconds) before and after. Every reply must be what GCRA gives for some
+    instant of the window, and where the whole window lies on one side of the edge the
+    verdict is forced: a slow client widens a range, it never fails the check.
+    """
+
+    def __init__(self, redis, limits: Limits, partner: str, rate_per_minute: int,
+                 burst: int) -> None:
+        self.redis, self.limits, self.partner = redis, limits, partner
+        self.key = limits.keys.partner_rate(partner)
+        self.interval = (2 * 60_000_000 + rate_per_minute) // (2 * rate_per_minute)  # us
+        self.burst_offset = self.interval * burst
+        self.admitted = self.refused = 0
+        self.forced = {"admitted": 0, "refused": 0}  # verdicts the window alone decided
+
+    async def tat(self) -> int | None:
+        value = await self.redis.get(self.key)
+        return None if value is None else int(value)
+
+    async def call(self, cost: int = 1):
+        tat0 = await self.tat()
+        async with around(self.redis) as w:
+            try:
+                result = await self.limits.check_partner_rate(self.partner, cost)
+            except RateLimited as refused:
+                result = refused
+        tat1 = await self.tat()
+        b, a = w.before_us, w.after_us
+        step = self.interval * cost
+        # Admitted at `now` iff now >= max(tat0, now) + step - burst_offset.
+        allow_at = None if tat0 is None else tat0 + step - self.burst_offset
+        if isinstance(result, RateLimited):
+            self.refused += 1
+            assert allow_at is not None and allow_at > b, "refused a request it had to admit"
+            if a < allow_at:
+                self.forced["refused"] += 1
+            latest = min(a, allow_at - 1)  # it ran before allow_at
+            assert ceil_div(allow_at - latest, 1000) <= result.retry_after_ms \
+                <= ceil_div(allow_at - b, 1000), (result.retry_after_ms, allow_at, b, a)
+            assert result.details["retryAfterMs"] == result.retry_after_ms
+            assert tat1 in (tat0, None)  # a refusal writes nothing (the key may expire)
+            return result
+        self.admitted += 1
+        assert allow_at is None or allow_at <= a, "admitted a request it had to refuse"
+        if allow_at is None or allow_at <= b:
+            self.forced["admitted"] += 1
+        # remaining = floor((burst_offset - step - max(tat0 - now, 0)) / interval)
+        lag_hi = 0 if tat0 is None else max(tat0 - b, 0)
+        lag_lo = 0 if tat0 is None else max(tat0 - a, 0)
+        assert (self.burst_offset - step - lag_hi) // self.interval <= result \
+            <= (self.burst_offset - step - lag_lo) // self.interval, (result, tat0, b, a)
+        if tat1 is not None:  # (a stalled test may find it already expired: fully rested)
+            base = tat1 - step  # = max(tat0, now)
+            assert max(tat0 or b, b) <= base <= max(tat0 or a, a), (tat0, tat1, b, a)
+        return result
+
+
+async def test_burst_passes_at_once_then_refused_for_one_interval(access, keys, settings,
+                                                                  redis):
+    # 60/min: one request per second once the burst of 5 is spent. Each round runs on a
+    # fresh limiter; a round is repeated only if the machine stalled so long (a whole
+    # second) that the server's clock alone could not force each verdict, never because
+    # a check failed.
+    limits = make_limits(access, keys, settings, partner_rate_per_minute=60,
+                         partner_rate_burst=5)
+    for round_ in range(5):
+        partner = f"p{round_}"
+        async with around(redis) as w:
+            results = await asyncio.gather(*(outcome(limits.check_partner_rate(partner))
+                                             for _ in range(6)))
+        assert results[:5] == ["ok"] * 5  # a rested limiter passes its burst, always
+        sixth = results[5]
+        # The sixth may only pass if a whole interval (1 s) went by within the batch.
+        assert isinstance(sixth, RateLimited) or w.after_us - w.before_us >= 1_000_000
+        if isinstance(sixth, RateLimited):
+            # It waits for the first request's interval to end: one interval at most, and
+            # shorter only by as much as the server's clock moved during the batch.
+            assert ceil_div(1_000_000 - (w.after_us - w.before_us), 1000) \
+                <= sixth.retry_after_ms <= 1_000
+            assert sixth.details["retryAfterMs"] == sixth.retry_after_ms
+
+        # From here every reply is held to GCRA for the instant it ran at.
+        gcra = Gcra(redis, limits, partner, 60, 5)
+        tat = await gcra.tat()
+        early = await gcra.call()  # still inside the interval: refused
+        edge_ms = ceil_div(tat - 4 * gcra.interval, 1000)  # when one request may pass again
+        await until_server_ms(redis, edge_ms + 1)
+        assert await gcra.call() == 0  # right after the interval: admitted, no room left
+        again = await gcra.call()  # and the next one waits a whole interval again
+        if isinstance(sixth, RateLimited) and gcra.forced == {"admitted": 1, "refused": 2}:
+            break
+    else:
+        pytest.fail("no round in which the server's clock forced every verdict")
+    assert isinstance(early, RateLimited) and isinstance(again, RateLimited)
+    assert again.retry_after_ms <= 1_000
 
 
 async def test_remaining_counts_down_and_key_lives_until_full_recovery(access, keys, settings,
                                                                         redis):
     limits = make_limits(access, keys, settings, partner_rate_per_minute=60,
                          partner_rate_burst=4)  # 1 s per request
-    remaining = await asyncio.gather(*(limits.check_partner_rate("p1") for _ in range(4)))
-    assert remaining == [3, 2, 1, 0]
-    # Fully rested again 4 s later: the key must not outlive that, nor vanish before it.
-    pttl = await redis.pttl(keys.partner_rate("p1"))
-    assert 3_900 < pttl <= 4_000
+    async with around(redis) as w:
+        remaining = await asyncio.gather(*(limits.check_partner_rate("p1")
+                                           for _ in range(4)))
+    assert remaining[0] == 3
+    # Exactly [3, 2, 1, 0] unless a whole interval passed within the batch.
+    assert remaining == [3, 2, 1, 0] or w.after_us - w.before_us >= 1_000_000
+    # Fully rested again 4 s after the first request: the key must not outlive that, nor
+    # vanish before it. Its expiry (absolute, server clock) is the TAT rounded up to a ms.
+    tat_us = int(await redis.get(keys.partner_rate("p1")))
+    assert w.before_us + 4_000_000 <= tat_us <= w.after_us + 4_000_000
+    expires_at = await redis.pexpiretime(keys.partner_rate("p1"))
+    assert ceil_div(tat_us, 1000) - 2 <= expires_at <= ceil_div(tat_us, 1000) + 1
 
 
 async def test_sustained_rate_is_the_configured_rate(access, keys, settings, redis):
-    # 6000/min = one per 10 ms after a burst of 3. The burst is also the jitter tolerance:
-    # a request that polls a little late does not lose its turn, so hammering for ~0.4 s
-    # lets through 3 + elapsed / 10, the elapsed time read on the server's clock (which the
-    # script uses); a little slack for the first and last call's time on the wire.
-    limits = make_limits(access, keys, settings, partner_rate_per_minute=6_000,
+    # 600/min = one per 100 ms after a burst of 3. The client calls as fast as it can for
+    # at least a second of the server's clock (the one the script uses); each reply is held
+    # to GCRA for its instant, and the total to the configured rate.
+    limits = make_limits(access, keys, settings, partner_rate_per_minute=600,
                          partner_rate_burst=3)
     await access.load_scripts()
-    passed = 0
-    server_started = await server_ms(redis)
-    started = time.monotonic()
-    while time.monotonic() - started < 0.4:
-        try:
-            await limits.check_partner_rate("p1")
-            passed += 1
-        except RateLimited as refused:
-            assert 1 <= refused.retry_after_ms <= 10
-    expected = 3 + (await server_ms(redis) - server_started) // 10
-    # Never more than the configured rate allows (exact). Never far fewer either; but a
-    # client stalled longer than the burst's 30 ms (a loaded 2-core CI machine) loses
-    # turns it did not ask for, so the lower bound has room for such stalls.
-    assert expected // 2 <= passed <= expected
+    gcra = Gcra(redis, limits, "p1", 600, 3)
+    started = await server_us(redis)
+    while (await server_us(redis) - started < 1_000_000
+           or gcra.admitted <= 3 or gcra.refused == 0):
+        assert await server_us(redis) - started < 30_000_000, "never hit the limit"
+        await gcra.call()
+    ended = await server_us(redis)
+    # Never more than the configured rate allows, exactly: the burst, plus one request per
+    # whole interval of server time. Never fewer: every refusal was checked to be due.
+    assert gcra.admitted <= 3 + (ended - started) // gcra.interval
 
 
-async def test_concurrent_tasks_exactly_burst_pass(access, keys, settings):
+async def test_concurrent_tasks_exactly_burst_pass(access, keys, settings, redis):
     # 1/min: nothing refills during the test, so exactly the burst may pass.
     limits = make_limits(access, keys, settings, partner_rate_per_minute=1,
                          partner_rate_burst=37)
-    results = await asyncio.gather(*(outcome(limits.check_partner_rate("p1"))
-                                     for _ in range(300)))
+    async with around(redis) as w:
+        results = await asyncio.gather(*(outcome(limits.check_partner_rate("p1"))
+                                         for _ in range(300)))
     assert results.count("ok") == 37
     refusals = [r for r in results if r != "ok"]
     assert all(isinstance(r, RateLimited) for r in refusals)
-    assert all(55_000 < r.retry_after_ms <= 60_000 for r in refusals)
+    # Each waits for the first request's minute to end, less what the server's clock moved
+    # during the calls.
+    shortest = ceil_div(60_000_000 - (w.after_us - w.before_us), 1000)
+    assert all(shortest <= r.retry_after_ms <= 60_000 for r in refusals)
 
 
 def _hammer(prefix: str, partner: str, tasks: int, out) -> None:
@@ -138,9 +223,9 @@ async def test_several_processes_exactly_burst_pass(prefix):
     for proc in procs:
         proc.start()
     for proc in procs:
-        await asyncio.to_thread(proc.join, 60)
+        await asyncio.to_thread(proc.join, 300)  # generous: spawn + imports, loaded machine
         assert proc.exitcode == 0
-    passed = [out.get(timeout=5) for _ in procs]
+    passed = [out.get(timeout=60) for _ in procs]
     assert sum(passed) == 50
 
 
@@ -201,10 +286,12 @@ async def test_cap_refuses_past_max_until_the_earliest_expiry(access, keys, sett
     await limits.acquire_cap("p1", "h1", now + 20_000)
     await limits.acquire_cap("p1", "h2", now + 5_000)
     assert await limits.acquire_cap("p1", "h3", ttl_ms=30_000) == 3
-    with pytest.raises(CapExceeded) as refused:
-        await limits.acquire_cap("p1", "h4", ttl_ms=30_000)
-    # The earliest entry (h2) leaves 5 s after `now`.
-    assert 4_900 <= refused.value.retry_after_ms <= 5_001
+    async with around(redis) as w:
+        with pytest.raises(CapExceeded) as refused:
+            await limits.acquire_cap("p1", "h4", ttl_ms=30_000)
+    # The earliest entry (h2) leaves at now + 5 s: the wait runs until just past it, from
+    # the instant the script ran.
+    assert now + 5_001 - w.after_ms <= refused.value.retry_after_ms <= now + 5_001 - w.before_ms
     assert refused.value.details["maxLiveHolds"] == 3
     assert await limits.live_holds("p1") == 3
     # Re-acquiring an id that holds a slot is not a new hold: never refused, counted once.
@@ -214,19 +301,35 @@ async def test_cap_refuses_past_max_until_the_earliest_expiry(access, keys, sett
 
 async def test_cap_recovers_when_holds_expire(access, keys, settings, redis):
     limits = make_limits(access, keys, settings, partner_max_live_holds=2)
-    await limits.acquire_cap("p1", "h1", ttl_ms=150)
-    await limits.acquire_cap("p1", "h2", ttl_ms=150)
-    with pytest.raises(CapExceeded) as refused:
-        await limits.acquire_cap("p1", "h3", ttl_ms=150)
-    assert 100 <= refused.value.retry_after_ms <= 151
-    await asyncio.sleep(refused.value.retry_after_ms / 1000)
-    await limits.acquire_cap("p1", "h3", ttl_ms=150)
-    await limits.acquire_cap("p1", "h4", ttl_ms=150)
-    assert await limits.live_holds("p1") == 2
-    # Once every entry has expired the set itself is gone (nothing left for an idle partner).
-    await asyncio.sleep(0.2)
-    assert await limits.live_holds("p1") == 0
-    assert await redis.exists(keys.partner_holds("p1")) == 0
+    for round_ in range(ROUNDS):
+        partner = f"p{round_}"
+        holds_key = keys.partner_holds(partner)
+        async with around(redis) as taken:
+            await limits.acquire_cap(partner, "h1", ttl_ms=1_000)
+            await limits.acquire_cap(partner, "h2", ttl_ms=1_000)
+        h1 = int(await redis.zscore(holds_key, "h1"))
+        assert taken.before_ms + 1_000 <= h1 <= taken.after_ms + 1_000  # expiry = now + ttl
+        async with around(redis) as w:
+            third = await outcome(limits.acquire_cap(partner, "h3", ttl_ms=1_000))
+        if w.after_ms > h1:
+            continue  # stalled past h1's expiry: a free slot would be right; another round
+        assert isinstance(third, CapExceeded)
+        # A slot frees just after h1's expiry (h1 was taken first: the earliest).
+        assert h1 + 1 - w.after_ms <= third.retry_after_ms <= h1 + 1 - w.before_ms
+        break
+    else:
+        pytest.fail(STALLED)
+    # Both are pruned once the server's clock is past their expiry.
+    await until_server_ms(redis, int(await redis.zscore(holds_key, "h2")) + 1)
+    assert await limits.acquire_cap(partner, "h3", ttl_ms=1_000) == 1  # live after the call
+    assert await limits.acquire_cap(partner, "h4", ttl_ms=1_000) == 2
+    # Once every entry has expired the set itself is gone (nothing left for an idle partner):
+    # it lives until just after its last entry.
+    last = int(await redis.zscore(holds_key, "h4"))
+    assert await redis.pexpiretime(holds_key) == last + 1
+    await until_server_ms(redis, last + 2)
+    assert await limits.live_holds(partner) == 0
+    assert await redis.exists(holds_key) == 0
 
 
 async def test_release_frees_a_slot_once(access, keys, settings):
@@ -244,11 +347,28 @@ async def test_release_frees_a_slot_once(access, keys, settings):
 
 async def test_touch_moves_expiry_and_never_re_adds(access, keys, settings, redis, prefix):
     limits = make_limits(access, keys, settings, partner_max_live_holds=5)
-    await limits.acquire_cap("p1", "h1", ttl_ms=100)
-    await limits.touch_cap("p1", "h1", await server_ms(redis) + 60_000)
-    await asyncio.sleep(0.15)
+    holds_key = keys.partner_holds("p1")
+    for round_ in range(ROUNDS):
+        await limits.acquire_cap("p1", "h1", ttl_ms=1_000)
+        await limits.acquire_cap("p1", "h2", ttl_ms=1_000)
+        first_expiry = int(await redis.zscore(holds_key, "h1"))
+        moved_to = await server_ms(redis) + 60_000
+        try:
+            await limits.touch_cap("p1", "h1", moved_to)
+            break
+        except NotFound:  # only right if the client stalled past h1's expiry
+            assert await server_ms(redis) > first_expiry
+    else:
+        pytest.fail(STALLED)
+    assert await redis.zscore(holds_key, "h1") == moved_to
+    assert await redis.pexpiretime(holds_key) == moved_to + 1  # set lives as long as h1
+    # Past h1's first expiry (and h2's): h1 still counts, h2 is gone and cannot come back.
+    await until_server_ms(redis, max(first_expiry, int(await redis.zscore(holds_key, "h2")))
+                          + 1)
     assert await limits.live_holds("p1") == 1
-    assert await redis.pttl(keys.partner_holds("p1")) > 59_000  # set lives as long as h1
+    with pytest.raises(NotFound):
+        await limits.touch_cap("p1", "h2", moved_to)
+    assert await limits.live_holds("p1") == 1
     await limits.release_cap("p1", "h1")
     before = await snapshot(redis, prefix)
     with pytest.raises(NotFound):
@@ -328,15 +448,29 @@ async def test_cap_applies_across_resources_and_frees_on_release(access, keys, s
     assert await limits.live_holds("p1") == 2
 
 
-async def test_cap_slot_expires_with_its_hold(access, keys, settings, holds):
+async def test_cap_slot_expires_with_its_hold(access, keys, settings, holds, redis):
     limits = make_limits(access, keys, settings, partner_max_live_holds=1)
-    hold = await place_with_cap(limits, holds, "p1", "room-a", T0, T0 + 30 * M, ttl_ms=150)
-    with pytest.raises(CapExceeded) as refused:
-        await place_with_cap(limits, holds, "p1", "room-a", T0 + 60 * M, T0 + 90 * M)
-    assert refused.value.retry_after_ms <= 151  # the real expiry, not the provisional one
-    await asyncio.sleep(0.2)
+    for round_ in range(ROUNDS):
+        partner, at = f"p{round_}", T0 + round_ * 240 * M
+        hold = await place_with_cap(limits, holds, partner, "room-a", at, at + 30 * M,
+                                    ttl_ms=1_000)
+        # The slot carries the hold's real expiry, not the provisional one.
+        assert await redis.zscore(keys.partner_holds(partner), hold.hold_id) == \
+            hold.expires_at_ms
+        async with around(redis) as w:
+            second = await outcome(place_with_cap(limits, holds, partner, "room-a",
+                                                  at + 60 * M, at + 90 * M))
+        if w.after_ms > hold.expires_at_ms:
+            continue  # stalled past the hold's expiry: a free slot would be right
+        assert isinstance(second, CapExceeded)
+        assert hold.expires_at_ms + 1 - w.after_ms <= second.retry_after_ms \
+            <= hold.expires_at_ms + 1 - w.before_ms
+        break
+    else:
+        pytest.fail(STALLED)
+    await until_server_ms(redis, hold.expires_at_ms + 1)
     assert await holds.read(hold.hold_id) is None
-    await place_with_cap(limits, holds, "p1", "room-a", T0, T0 + 30 * M)
+    await place_with_cap(limits, holds, partner, "room-a", at, at + 30 * M)
 
 
 class _LostConnection:
@@ -353,18 +487,32 @@ class _LostConnection:
 
 
 async def test_unknown_outcome_keeps_the_provisional_slot_until_it_expires(access, keys,
-                                                                            settings, holds):
+                                                                            settings, holds,
+                                                                            redis):
     limits = make_limits(access, keys, settings, partner_max_live_holds=1)
-    with pytest.raises(ConnectionError):
-        await place_with_cap(limits, _LostConnection(holds), "p1", "room-a", T0, T0 + 30 * M,
-                             ttl_ms=100, provisional_margin_ms=100)
-    # The hold did land: its slot must still count, or the cap would be bypassed.
-    with pytest.raises(CapExceeded) as refused:
-        await limits.acquire_cap("p1", "other", ttl_ms=1_000)
-    assert 150 <= refused.value.retry_after_ms <= 201
-    await asyncio.sleep((refused.value.retry_after_ms + 20) / 1000)
-    assert await limits.live_holds("p1") == 0
-    await limits.acquire_cap("p1", "other", ttl_ms=1_000)
+    for round_ in range(ROUNDS):
+        partner, at = f"p{round_}", T0 + round_ * 240 * M
+        async with around(redis) as placed:
+            with pytest.raises(ConnectionError):
+                await place_with_cap(limits, _LostConnection(holds), partner, "room-a", at,
+                                     at + 30 * M, ttl_ms=1_000, provisional_margin_ms=500)
+        # The hold did land: its slot must still count, or the cap would be bypassed. The
+        # slot is still the provisional one: ttl + margin from the instant it was taken.
+        [(hold_id, score)] = await redis.zrange(keys.partner_holds(partner), 0, -1,
+                                                withscores=True)
+        assert placed.before_ms + 1_500 <= score <= placed.after_ms + 1_500
+        async with around(redis) as w:
+            other = await outcome(limits.acquire_cap(partner, "other", ttl_ms=1_000))
+        if w.after_ms > score:
+            continue  # stalled past the provisional expiry: a free slot would be right
+        assert isinstance(other, CapExceeded)
+        assert score + 1 - w.after_ms <= other.retry_after_ms <= score + 1 - w.before_ms
+        break
+    else:
+        pytest.fail(STALLED)
+    await until_server_ms(redis, int(score) + 1)
+    assert await limits.live_holds(partner) == 0
+    await limits.acquire_cap(partner, "other", ttl_ms=1_000)
 
 
 # ---- script headers -----------------------------------------------------------------------

@@ -10,7 +10,9 @@ import pytest
 from engine.errors import CapExceeded, HoldConflict
 from engine.limits import Limits
 from engine.reservations import ReservationEngine
+from engine.limits import PROVISIONAL_MARGIN_MS
 from engine.resources import MINUTE_MS, Resource, ResourceCatalog, Vendor
+from tests.timing import around, until_server_ms
 
 T0 = 1_893_456_000_000
 M = MINUTE_MS
@@ -57,11 +59,11 @@ async def test_conflicts_never_leak_a_cap_slot(capped):
     assert (await limits.reputation("p1"))["placed"] == 1
 
 
-async def test_expiry_and_commit_free_the_slot(capped):
+async def test_expiry_and_commit_free_the_slot(capped, redis):
     engine, limits = capped
     engine.settings = engine.settings.replace(hold_ttl_ms=50)
     doomed = await create(engine, 0)
-    await asyncio.sleep(0.1)
+    await until_server_ms(redis, doomed.deadline_ms)  # due at its deadline
     assert [m.reservation_id for m in
             await engine.reap(engine.keys.shard_of_id(doomed.reservation_id))] == \
         [doomed.reservation_id]
@@ -94,6 +96,14 @@ async def test_a_refused_admission_gives_the_cap_slot_back(capped, redis, prefix
 
 async def test_the_cap_entry_expires_with_the_stage_the_reservation_stops_in(capped, redis):
     engine, limits = capped
-    moved = await create(engine, 0)  # confirmation required: the hold stage (10 s here)
+    async with around(redis) as w:
+        moved = await create(engine, 0)  # confirmation required: the hold stage (10 s here)
     score = await redis.zscore(engine.keys.partner_holds("p1"), moved.reservation_id)
-    assert 0 <= score - moved.deadline_ms <= 2_500  # the deadline plus the clock margin
+    # Both scripts count the stage's ttl from their own instant; the cap's, taken first,
+    # adds the margin for the clock between the two.
+    assert w.before_ms + 10_000 <= moved.deadline_ms <= w.after_ms + 10_000
+    assert w.before_ms + 10_000 + PROVISIONAL_MARGIN_MS <= score \
+        <= w.after_ms + 10_000 + PROVISIONAL_MARGIN_MS
+    # The entry outlives the deadline by the margin, less the time between the two scripts.
+    assert PROVISIONAL_MARGIN_MS - (w.after_ms - w.before_ms) <= score - moved.deadline_ms \
+        <= PROVISIONAL_MARGIN_MS

@@ -57,11 +57,14 @@ def evicting_redis():
                              "--appendonly", "no", "--maxmemory-policy", "allkeys-lru"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
+        deadline = time.monotonic() + 60  # generous: a loaded machine is normal here
+        while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
+                assert proc.poll() is None, "redis-server exited"
+                assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
