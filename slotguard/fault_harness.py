@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -231,6 +232,46 @@ class FaultStack:
 
     def resume(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGCONT)
+
+    def consumer(self, name: str) -> str:
+        """The commit-queue consumer name of a worker process (jobs.worker.consumer_name)."""
+        return f"{socket.gethostname()}-{self.procs[name].pid}"
+
+    async def pending_of(self, name: str) -> int:
+        """Commit-queue entries delivered to this worker and not yet acknowledged."""
+        import redis.asyncio as aioredis
+
+        from engine.keys import KeySpace
+        from jobs.commit_queue import GROUP
+
+        keys = KeySpace(self.settings.key_prefix, self.settings.shards)
+        client = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        try:
+            pending = 0
+            for shard in range(keys.shards):
+                try:
+                    pending += len(await client.xpending_range(
+                        keys.events(shard), GROUP, min="-", max="+", count=1000,
+                        consumername=self.consumer(name)))
+                except aioredis.ResponseError:  # no group yet
+                    pass
+            return pending
+        finally:
+            await client.aclose()
+
+    async def pause_mid_drain(self, name: str, timeout_s: float = WAIT_BOUND_S) -> int:
+        """SIGSTOP the worker at a moment it holds delivered, unacknowledged entries (it is
+        left paused; answers how many). Pause, look, resume and look again until so: no
+        race to win, a paused process cannot acknowledge. 0 if the bound passed first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.pause(name)
+            pending = await self.pending_of(name)
+            if pending:
+                return pending
+            self.resume(name)
+            await asyncio.sleep(0.02)
+        return 0
 
     def exited(self) -> dict[str, int]:
         """Processes that exited without the fault asking them to: name -> return code."""

@@ -135,14 +135,14 @@ async def _settle(calls, settings, keys, redis, bound_s, quiet_s
     stores, last_change, fingerprint = None, started, None
     while True:
         try:
-            stores = await _read(calls, settings, keys, redis)
+            stores, fresh = await _read(calls, settings, keys, redis), True
         except (OSError, asyncpg.PostgresError, aioredis.RedisError, asyncio.TimeoutError):
-            pass  # a server is still coming back: read again
+            fresh = False  # a server is still coming back: read again
         now = time.monotonic()
-        if stores is not None:
-            if _settled(stores):
-                return stores, now - started
+        if fresh:
             seen = _fingerprint(stores)
+            if _settled(stores) and seen == fingerprint:  # settled, twice in a row
+                return stores, now - started
             if seen != fingerprint or stores.stream_backlog:
                 fingerprint, last_change = seen, now
             elif now - last_change > quiet_s:
@@ -175,6 +175,9 @@ async def _read(calls, settings: Settings, keys: KeySpace, redis) -> Stores:
     conn = await asyncpg.connect(settings.database_url, timeout=5,
                                  server_settings={"search_path": settings.db_schema})
     try:
+        # One snapshot of every table: a worker committing between two reads would
+        # otherwise show a reservation row older than its audit rows.
+        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         pg_rows = {r["id"]: dict(r) for r in await conn.fetch(
             "SELECT id, state, version, booking_id FROM reservations")}
         bookings = [dict(r) for r in await conn.fetch(
@@ -191,6 +194,7 @@ async def _read(calls, settings: Settings, keys: KeySpace, redis) -> Stores:
         unit_ms = {r["id"]: r["unit_minutes"] * 60_000
                    for r in await conn.fetch("SELECT id, unit_minutes FROM resources")}
         dead_pg = await conn.fetchval("SELECT count(*) FROM dead_letters")
+        await conn.execute("COMMIT")
     finally:
         await conn.close()
     rids = {c.rid for c in calls if c.rid} | set(pg_rows)

@@ -16,13 +16,8 @@ while Postgres is away), SLOTGUARD_SHARDS and the rate-limit/cap switches.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
-import redis.asyncio as aioredis
-
-from jobs.commit_queue import GROUP
-from engine.keys import KeySpace
 from slotguard.fault_invariants import check
 from slotguard.fault_traffic import Traffic
 
@@ -98,29 +93,13 @@ async def test_redis_kill_9_and_restart_under_traffic(fault_stack):
 
 async def test_worker_kill_9_mid_drain(fault_stack):
     stack = await fault_stack(workers=2)
-    keys = KeySpace(stack.settings.key_prefix, stack.settings.shards)
-    redis = aioredis.Redis.from_url(stack.settings.redis_url, decode_responses=True)
     traffic = Traffic(stack.api_url, stack.keys.partners, stack.keys.vendor)
     traffic.start()
     try:
         assert await traffic.wait_commits(5, COMMITS_BOUND_S), "no commits before the kill"
-        victim = stack.procs["worker-0"]
-        consumer = f"{socket.gethostname()}-{victim.pid}"
-        # Catch the worker with entries delivered and not yet acknowledged: pause it, look
-        # at what it owns, kill -9 if anything, else let it run and look again.
-        caught = 0
-        deadline = time.monotonic() + COMMITS_BOUND_S
-        while not caught and time.monotonic() < deadline:
-            stack.pause("worker-0")
-            for shard in range(keys.shards):
-                caught += len(await redis.xpending_range(
-                    keys.events(shard), GROUP, min="-", max="+", count=100,
-                    consumername=consumer))
-            if caught:
-                stack.kill("worker-0")
-            else:
-                stack.resume("worker-0")
-                await asyncio.sleep(0.02)
+        # Caught with entries delivered and not yet acknowledged, then killed.
+        caught = await stack.pause_mid_drain("worker-0", COMMITS_BOUND_S)
+        stack.kill("worker-0")
         assert caught, "never caught the worker mid-drain"
         # The other worker reclaims the dead one's entries; partners keep committing.
         after = await traffic.wait_commits(10, COMMITS_BOUND_S)
@@ -128,7 +107,6 @@ async def test_worker_kill_9_mid_drain(fault_stack):
         again = await traffic.wait_commits(5, COMMITS_BOUND_S)
     finally:
         await traffic.stop()
-        await redis.aclose()
     assert after and again, "commits stopped being accepted after the kill"
     report = await check(traffic.history, stack.settings)
     found = problems_after(stack, report, ready_s=0.0)
