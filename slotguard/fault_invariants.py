@@ -40,6 +40,7 @@ LIVE = {"INTENT_CREATED", "HELD", "AWAITING_VENDOR_CONFIRMATION", "CONFIRMED_BY_
         "AWAITING_VENDOR_AUTH", "VENDOR_AUTHORIZED", "AWAITING_REQUESTER_AUTH",
         "AUTHORIZED_BOTH", "COMMIT_IN_PROGRESS"}
 TIMED_OUT = {"EXPIRED", "FAILED_VENDOR_TIMEOUT"}
+DEADLINE_MARGIN_MS = 5_000
 
 
 @dataclass
@@ -287,12 +288,12 @@ def _check_overlaps(calls: list[Call], s: Stores, settings: Settings) -> list[st
         start = c.t1  # surely held once the 201 arrived
         if state == "COMMITTED":
             end = float("inf")
-        elif state in TIMED_OUT:
+        elif state in LIVE or state in TIMED_OUT:
+            # Surely held until released, and never past the shortest stage TTL (after
+            # that its units may have expired while the reaper had not moved it yet).
             end = min(released.get(rid, float("inf")), c.t0 + min_ttl_s)
         elif state == "CANCELLED":
             end = released.get(rid, start)  # cancelled by someone else: no sure span
-        elif state in LIVE:
-            end = released.get(rid, float("inf"))
         else:
             end = start
         if end > start:
@@ -312,10 +313,14 @@ async def _check_units(s: Stores, keys: KeySpace, redis) -> list[str]:
     expect: dict[str, str | None] = {}  # unit key -> owner it must have (None: not this rid)
     leaks: dict[str, str] = {}  # unit key -> finished reservation that must not own it
     booked = {b["reservation_id"]: b for b in s.bookings}
+    seconds, micros = await redis.time()
+    soon_ms = seconds * 1000 + micros // 1000 + DEADLINE_MARGIN_MS
     for rid, red in s.redis.items():
         state = red.get("st")
         if not state or not red.get("rs"):
             continue
+        if state in LIVE and state != "COMMIT_IN_PROGRESS" and int(red.get("dl") or 0) < soon_ms:
+            continue  # its units expire (or expired) by TTL before the reaper moves it
         resource, unit = red["rs"], s.unit_ms.get(red["rs"])
         if unit is None:
             continue
