@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "slotguard.cli_worker",  # worker (jobs/, feat/worker)
     "slotguard.cli_up",  # up (embedded servers + api + worker)
     "slotguard.cli_bench",  # bench (benchmarks/)
+    "slotguard.chaos",  # chaos (the fault suite's long forms, issue 11)
 ]
 
 
