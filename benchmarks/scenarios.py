@@ -155,6 +155,10 @@ class Run:
             summary["server_cpu_s"] = round(server.cpu_s() - server_cpu0, 3)
             summary["server_cpu_per_second"] = round(
                 summary["server_cpu_s"] / summary["seconds"], 3) if summary["seconds"] else 0
+            # The HTTP server's CPU per request (all its worker processes; requests counted
+            # as the phase's timed operations, a hot slot's releases ride along unrated).
+            summary["server_cpu_us_per_op"] = round(
+                summary["server_cpu_s"] / placements * 1e6, 1) if placements else None
         if result.server_cpu_s is not None:
             summary["postgres_cpu_s"] = round(result.server_cpu_s, 3)
             summary["postgres_cpu_us_per_op"] = round(result.server_cpu_s / placements * 1e6, 1) \
@@ -195,7 +199,9 @@ class Run:
     async def verify(self, entries: list[h.Entry], *, drained: bool = True) -> verifier.Report:
         async with self.env.pool.acquire() as conn:
             return await verifier.verify(self.env.redis, self.env.keys, conn, entries,
-                                         tables=BASELINE_TABLES, drained=drained)
+                                         tables=(*BASELINE_TABLES,
+                                                 self.env.pg_endpoint_table),
+                                         drained=drained)
 
     # ---- baselines (measured once per run, reused by every scenario that needs one) --------
     async def baseline(self, name: str) -> dict[str, Any]:
@@ -221,6 +227,19 @@ class Run:
             summary = await self.phase(f"baseline {name}", "pg_exclusion",
                                        Pattern("distinct", resources), entries,
                                        pg_table="bench_pg_excl")
+        elif name in ("pg_endpoint_hot", "pg_endpoint_distinct"):
+            port = await self.baseline_port()
+            http = {"port": port, "pg_table": self.env.pg_endpoint_table}
+            if name == "pg_endpoint_hot":
+                resources = tuple(ResourceSpec(f"{name}-{i}", UNIT, UNIT, UNIT)
+                                  for i in range(2))
+                pattern = Pattern("hot", resources, hot_slots=c.hot_slots)
+            else:
+                pattern = Pattern("distinct", tuple(ResourceSpec(f"pgep-{i}")
+                                                    for i in range(64)))
+            summary = await self.phase(f"baseline {name}", "http_pg_endpoint", pattern,
+                                       entries, release=name == "pg_endpoint_hot", http=http,
+                                       server=self.baseline_app[0])
         elif name == "http_hello":
             port = await self.baseline_port()
             summary = await self.phase("baseline hello", "http_hello",
@@ -267,7 +286,9 @@ class Run:
             notes.append("the HTTP API (api/) is not in this build: end-to-end phase skipped")
         phases["pg_exclusion"] = await self.baseline("pg_exclusion_hot")
         phases["pg_lock"] = await self.baseline("pg_lock_hot")
-        entries += self._take_baseline_history("pg_exclusion_hot", "pg_lock_hot")
+        phases["pg_endpoint"] = await self.baseline("pg_endpoint_hot")
+        entries += self._take_baseline_history("pg_exclusion_hot", "pg_lock_hot",
+                                               "pg_endpoint_hot")
         top = phases.get("api") or phases["engine"]
         pg = phases["pg_exclusion"]
         result = {
@@ -278,8 +299,12 @@ class Run:
             "ratio_to_baseline": _ratio(top, pg),
             "ratios": {"engine_to_pg_exclusion": _ratio(phases["engine"], pg),
                        "api_to_pg_exclusion": _ratio(phases.get("api"), pg),
-                       "api_to_pg_lock": _ratio(phases.get("api"), phases["pg_lock"])},
-            "targets": [_target("end-to-end >= 1.5x the Postgres path (hot slot)",
+                       "api_to_pg_lock": _ratio(phases.get("api"), phases["pg_lock"]),
+                       "api_to_pg_endpoint": _ratio(phases.get("api"),
+                                                    phases["pg_endpoint"])},
+            "targets": [_target("POST /v1/reservations >= 1.5x pg_endpoint (hot slot)",
+                                _ratio(phases.get("api"), phases["pg_endpoint"]), 1.5),
+                        _target("end-to-end >= 1.5x the Postgres path (hot slot)",
                                 _ratio(phases.get("api"), pg), 1.5)],
             "notes": notes,
         }
@@ -330,8 +355,9 @@ class Run:
             notes.append("the HTTP API (api/) is not in this build: HTTP phases skipped")
         entries += self._take_baseline_history(*[n for n in ("bare_single_call", "http_bare_hold")
                                                  if n in self.baselines])
+        phases["pg_endpoint"] = await self.baseline("pg_endpoint_distinct")
         pg = await self.baseline("pg_exclusion_distinct")
-        entries += self._take_baseline_history("pg_exclusion_distinct")
+        entries += self._take_baseline_history("pg_exclusion_distinct", "pg_endpoint_distinct")
         memory = await self.memory_per_hold()
         redis_cpu = phases["engine"].get("redis_cpu_us_per_op")
         pg_cpu = pg.get("postgres_cpu_us_per_op")
@@ -348,7 +374,8 @@ class Run:
             else _ratio(phases["engine"], phases["bare_single_call"]),
             "ratios": {"engine_to_bare_single_call": _ratio(phases["engine"],
                                                             phases["bare_single_call"]),
-                       "api_to_minimal_endpoint": _ratio(api, phases.get("minimal_endpoint"))},
+                       "api_to_minimal_endpoint": _ratio(api, phases.get("minimal_endpoint")),
+                       "api_to_pg_endpoint": _ratio(api, phases["pg_endpoint"])},
             "redis_memory": memory,
             "cpu": {"redis_cpu_us_per_hold": redis_cpu, "postgres_cpu_us_per_insert": pg_cpu,
                     "redis_to_postgres": cpu_ratio,
@@ -359,6 +386,8 @@ class Run:
                         _ratio(phases["engine"], phases["bare_single_call"]), 1.5),
                 _target("POST /v1/reservations >= 1.0x the minimal endpoint",
                         _ratio(api, phases.get("minimal_endpoint")), 1.0),
+                _target("POST /v1/reservations >= 1.0x pg_endpoint (distinct slots)",
+                        _ratio(api, phases["pg_endpoint"]), 1.0),
                 _target(f"POST /v1/reservations p99 <= 25 ms at "
                         f"{c.processes * c.concurrency} connections",
                         api["latency_ms"]["p99"] if api else None, 25.0, higher=False),
@@ -452,7 +481,7 @@ class Run:
 
     async def baselines_scenario(self) -> dict[str, Any]:
         names = ["bare_single_call_1p", "bare_single_call", "pg_exclusion_hot", "pg_lock_hot",
-                 "pg_exclusion_distinct"]
+                 "pg_exclusion_distinct", "pg_endpoint_hot", "pg_endpoint_distinct"]
         if api_available():
             names += ["http_hello", "http_bare_hold"]
         phases = {name: await self.baseline(name) for name in names}
