@@ -33,8 +33,7 @@ from benchmarks.servers import Managed, start_api
 UNIT = 15 * 60_000
 # Commands the bench itself sends to the private Redis (never part of a request's cost).
 OWN_COMMANDS = frozenset({"info", "slowlog", "config", "ping", "script", "client", "hello",
-                          "select", "dbsize", "memory", "xtrim", "scan", "hgetall", "mget",
-                          "xlen", "command"})
+                          "select", "command"})
 
 
 class PrivateStack:
@@ -241,8 +240,14 @@ async def redis_cost(run) -> dict[str, Any]:
         await client.config_set("slowlog-log-slower-than", 0)
         try:
             for name, (workload, pattern, http) in kinds.items():
+                # What the idle servers read meanwhile (the API's background tasks), per s.
+                idle0 = await counters(client, pid)
+                await asyncio.sleep(1.0)
+                idle1 = await counters(client, pid)
+                idle_reads_per_s = max(0.0, (idle1["reads"] - idle0["reads"] - 1) / 1.0)
                 await client.slowlog_reset()
                 before = await counters(client, pid)
+                t0 = time.monotonic()
                 summary = await run.phase(
                     f"redis cost: {name} (one at a time)", workload, pattern, entries,
                     http=stack.http() if http else None, settings=stack.settings,
@@ -250,13 +255,18 @@ async def redis_cost(run) -> dict[str, Any]:
                     concurrency=1, inline=True, max_ops=c.cost_sequential_ops,
                     seconds=max(10.0, c.seconds * 4))
                 after = await counters(client, pid)
+                window = time.monotonic() - t0
                 log = await client.slowlog_get(-1)
                 ops = _counted_ops(name, summary)
                 d = deltas(before, after, ops)
+                background = idle_reads_per_s * window / ops if ops else 0.0
                 split[name] = {
                     "requests": summary["operations"], "counted": ops,
                     "outcomes": summary["outcomes"],
-                    "round_trips_per_request": d.get("read_events_per_op"),
+                    "round_trips_per_request": round(
+                        (d.get("read_events_per_op") or 0) - background, 3),
+                    "read_events_per_request_raw": d.get("read_events_per_op"),
+                    "background_reads_per_s": idle_reads_per_s,
                     "commands_per_request_incl_inside_scripts": d.get(
                         "commands_per_op_incl_inside_scripts"),
                     "by_script": split_by_script(log, ops, names),
@@ -354,6 +364,42 @@ async def trim_streams(client, keys) -> int:
     return trimmed
 
 
+async def memory_by_kind(client, prefix: str, per: int) -> dict[str, Any]:
+    """MEMORY USAGE of every key of the prefix, summed by kind (the part of the key name
+    after the hash tag: ``r`` record, ``rh`` history, ``u`` unit, ``deadlines``, ...), in
+    bytes per live reservation (``per``); pipelined, read-only."""
+    by_kind: dict[str, list[int]] = {}
+    batch: list[str] = []
+
+    async def flush() -> None:
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.memory_usage(key, samples=0)
+        for key, used in zip(batch, await pipe.execute()):
+            rest = key.partition("}:")[2]
+            kind = rest.partition(":")[0] if rest else key.removeprefix(prefix).split(":")[0]
+            slot = by_kind.setdefault(kind, [0, 0])
+            slot[0] += 1
+            slot[1] += int(used or 0)
+        batch.clear()
+
+    async for key in client.scan_iter(match=f"{prefix}*", count=10_000):
+        batch.append(key)
+        if len(batch) >= 5_000:
+            await flush()
+    if batch:
+        await flush()
+    # Records of reservations the phases cancelled stay for their retention time: count
+    # per reservation record present, live or not.
+    records = by_kind.get("r", [0, 0])[0] or per
+    return {"reservation_records": records,
+            "by_kind": {kind: {"keys": n, "bytes_per_key": round(used / n, 1) if n else None,
+                               "bytes_per_record": round(used / records, 1) if records
+                               else None}
+                        for kind, (n, used) in sorted(by_kind.items(),
+                                                      key=lambda kv: -kv[1][1])}}
+
+
 async def prefill_bookings(pool, schema: str, have: int, want: int, progress=None) -> float:
     """``want - have`` past, uncancelled bookings (every index and the exclusion constraint
     hold them; rehydration skips them, they have ended) by COPY; answers rows per second."""
@@ -428,6 +474,9 @@ async def scale(run) -> dict[str, Any]:
                     (after["cpu_s"] - before["cpu_s"]) / add * 1e6, 2) if add else None,
                 "stream_entries_trimmed": trimmed,
             }
+            if n == sizes[-1]:  # where the bytes go, by key kind (largest set only)
+                point["memory_usage_by_kind"] = await memory_by_kind(
+                    client, stack.settings.key_prefix, n)
             engine_res = tuple(ResourceSpec(f"scale{n}-engine-{i}") for i in range(64))
             # Each phase gives back what it places (release / cancel at once, not rated), so
             # the live set stays at its size from one point to the next.
