@@ -175,6 +175,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         ratio = scenario.get("ratio_to_baseline")
         lines.append(f"{name}: {verdict}"
                      + (f"; ratio to {scenario.get('baseline')} {ratio}" if ratio else ""))
+        ratios = {k: v for k, v in (scenario.get("ratios") or {}).items() if v is not None}
+        if ratios:
+            lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
         for target in scenario.get("targets", []):
             mark = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
             lines.append(f"  target {target['target']}: {target['value']} "
