@@ -288,6 +288,19 @@ async def redis_cost(run) -> dict[str, Any]:
               "conflict_to_engine_place": _div(conflict, engine)}
     from benchmarks.scenarios import _target
 
+    for kind in kinds:
+        per = phases[kind]["per_request"]
+        seq = split.get(kind, {})
+        scripts = ", ".join(f"{k.split(' ', 1)[1]} {v['us_per_op']}"
+                            for k, v in seq.get("by_script", {}).items()
+                            if k.startswith("eval"))
+        notes.append(
+            f"{kind}: Redis CPU {per.get('redis_cpu_us_per_op')} µs per {_counted_as(kind)} "
+            f"under load (script time {per.get('script_usec_per_op')} µs in "
+            f"{per.get('script_calls_per_op')} calls); one at a time, µs by script: {scripts}; "
+            f"round trips {seq.get('round_trips_per_request')}"
+            + (f"; HTTP server CPU {phases[kind].get('server_cpu_us_per_op')} µs per request"
+               if phases[kind].get("server_cpu_us_per_op") else ""))
     return {
         "description": "Redis CPU per request by script, API worker CPU per request, round "
                        "trips per request; private Redis, API instance of its own",
@@ -528,6 +541,14 @@ async def scale(run) -> dict[str, Any]:
     # The largest build amortises what a first reservation pays once (new hash tables).
     max_bytes = last.get("bytes_per_live_reservation")
     big_drain = drains[-1] if drains else {}
+    for p in points:
+        notes.append(f"{p['live_reservations']:,} live: {p['bytes_per_live_reservation']} B "
+                     f"each, HoldEngine {p['engine_per_s']}/s, API {p.get('api_per_s')}/s "
+                     f"(built at {p['build_creates_per_s']}/s)")
+    for d in drains:
+        notes.append(f"drain with {d['bookings_in_table_before']:,} bookings in the table: "
+                     f"{d['bookings_with_audit_per_s']}/s with audit rows "
+                     f"(backlog {d['backlog']:,}, complete {d['audit_rows_complete']})")
     result = {
         "description": "engine and API throughput and Redis bytes per live reservation as "
                        "the live set grows (private Redis); drain rate with bookings "
