@@ -236,15 +236,16 @@ async def redis_cost(run) -> dict[str, Any]:
         kinds["engine_place"] = ("hold", Pattern("distinct", tuple(
             ResourceSpec(f"cost-engine-seq-{i}") for i in range(64))), False)
         names = script_names()
+        # What the idle servers read meanwhile (the API's background tasks), per second.
+        idle_s = 1.0 if c.cost_sequential_ops >= 200 else 0.5
+        idle0 = await counters(client, pid)
+        await asyncio.sleep(idle_s)
+        idle1 = await counters(client, pid)
+        idle_reads_per_s = max(0.0, (idle1["reads"] - idle0["reads"] - 1) / idle_s)
         await client.config_set("slowlog-max-len", 1_000_000)
         await client.config_set("slowlog-log-slower-than", 0)
         try:
             for name, (workload, pattern, http) in kinds.items():
-                # What the idle servers read meanwhile (the API's background tasks), per s.
-                idle0 = await counters(client, pid)
-                await asyncio.sleep(1.0)
-                idle1 = await counters(client, pid)
-                idle_reads_per_s = max(0.0, (idle1["reads"] - idle0["reads"] - 1) / 1.0)
                 await client.slowlog_reset()
                 before = await counters(client, pid)
                 t0 = time.monotonic()

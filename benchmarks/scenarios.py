@@ -63,10 +63,10 @@ class BenchConfig:
     scale_bookings: tuple[int, ...] = (10_000, 1_000_000)  # bookings in the table, drains
 
 
-QUICK = BenchConfig(seconds=0.8, processes=2, concurrency=16, http_workers=1, queue_workers=1,
+QUICK = BenchConfig(seconds=0.7, processes=2, concurrency=16, http_workers=1, queue_workers=1,
                     storm_resources=8, drain_backlog=1_000, memory_holds=500, max_ops=100_000,
-                    start_delay_s=0.4, background_window_s=0.1, cost_seconds=0.8, cost_sequential_ops=60,
-                    scale_sizes=(500, 2_000), scale_seconds=0.8, scale_bookings=(5_000,))
+                    start_delay_s=0.3, background_window_s=0.1, cost_seconds=0.7, cost_sequential_ops=60,
+                    scale_sizes=(500, 2_000), scale_seconds=0.7, scale_bookings=(5_000,))
 FULL = BenchConfig()
 
 
