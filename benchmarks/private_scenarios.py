@@ -84,9 +84,10 @@ async def private_stack(run) -> PrivateStack:
     """The run's private Redis and API (one for redis_cost and scale, started once)."""
     if getattr(run, "private", None) is None:
         sizes = run.config.scale_sizes if "scale" in getattr(run, "names", ("scale",)) else ()
-        # ~2-3 KiB per live reservation today, plus the phases' own writes; noeviction.
+        # ~2 KiB per live reservation today, its stream entries until the next trim, the
+        # phases' own writes; noeviction (a full Redis fails the scenario, never evicts).
         run.private = await PrivateStack(
-            run, maxmemory_mb=max(512, max(sizes, default=0) * 3 // 1024 + 512)).start()
+            run, maxmemory_mb=max(512, max(sizes, default=0) * 4 // 1024 + 1024)).start()
     return run.private
 
 
@@ -358,9 +359,11 @@ def _div(a, b):
 
 # ---- scale ------------------------------------------------------------------------------
 async def build_live_set(runtime, vendor_id: str, resources: list[ResourceSpec], start: int,
-                         count: int, progress=None, window: int = 2000) -> float:
+                         count: int, progress=None, window: int = 2000,
+                         between=None) -> float:
     """``count`` live reservations through ``Runtime.reservations.create`` (coalesced into
-    pipelined batches); answers creates per second."""
+    pipelined batches); answers creates per second. ``between()`` is awaited every 50,000
+    creates (the streams' trim: 7 entries a creation would take ~2 KiB more each)."""
     started = time.monotonic()
     done = 0
 
@@ -377,6 +380,8 @@ async def build_live_set(runtime, vendor_id: str, resources: list[ResourceSpec],
         done += min(window, start + count - chunk)
         if progress:
             progress(done / count)
+        if between is not None and done % 50_000 < window:
+            await between()
     took = time.monotonic() - started
     return round(count / took, 1) if took else 0.0
 
@@ -486,9 +491,15 @@ async def scale(run) -> dict[str, Any]:
             before = await counters(client, pid)
             tick = (lambda f, n=n: run.progress(f"scale: building {n:,} live", f)) \
                 if run.progress else None
+            trimmed = 0
+
+            async def trim() -> None:
+                nonlocal trimmed
+                trimmed += await trim_streams(client, keys)
+
             rate = await build_live_set(runtime, resources[0].vendor_id, resources, live, add,
-                                        tick)
-            trimmed = await trim_streams(client, keys)
+                                        tick, between=trim)
+            await trim()
             after = await counters(client, pid)
             live = n
             point: dict[str, Any] = {
