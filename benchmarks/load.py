@@ -236,9 +236,11 @@ class PostgresBookings(Workload):
 
         self.table = spec.pg_table
         self.release = spec.release_winners
-        self.pool = await create_pool(spec.settings, min_size=spec.concurrency,
-                                      max_size=spec.concurrency)
-        conns = [await self.pool.acquire() for _ in range(spec.concurrency)]
+        # At most 16 connections per load process (tasks queue for one): the Postgres is
+        # often shared, and 64 backends on two cores serve no faster than 32.
+        size = min(spec.concurrency, 16)
+        self.pool = await create_pool(spec.settings, min_size=size, max_size=size)
+        conns = [await self.pool.acquire() for _ in range(size)]
         self.backend_pids = [await c.fetchval("SELECT pg_backend_pid()") for c in conns]
         for c in conns:
             await self.pool.release(c)
