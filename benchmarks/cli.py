@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-workers", type=int, help="uvicorn workers (API and baseline)")
     parser.add_argument("--queue-workers", type=int, help="commit-queue worker processes")
     parser.add_argument("--drain-backlog", type=int, help="reservations in the drain backlog")
+    parser.add_argument("--scale-sizes", type=_sizes, metavar="N,N,...",
+                        help="live reservations of the scale scenario (default "
+                             "1000,10000,100000,1000000; --quick 500,2000)")
+    parser.add_argument("--scale-bookings", type=_sizes, metavar="N,N,...",
+                        help="bookings already in the table for the scale scenario's drains "
+                             "(default 10000,1000000; --quick 5000)")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--schema", default=None,
                         help="Postgres schema to use (kept afterwards); default a fresh "
@@ -41,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep keys, schema and logs for inspection")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(float(part)) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of sizes: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive: {text!r}")
+    return sizes
 
 
 def parse_scenarios(values: list[str] | None) -> list[str]:
@@ -62,7 +78,8 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     changes: dict[str, Any] = {}
     for arg, field in (("seconds", "seconds"), ("processes", "processes"),
                        ("connections", "concurrency"), ("http_workers", "http_workers"),
-                       ("queue_workers", "queue_workers"), ("drain_backlog", "drain_backlog")):
+                       ("queue_workers", "queue_workers"), ("drain_backlog", "drain_backlog"),
+                       ("scale_sizes", "scale_sizes"), ("scale_bookings", "scale_bookings")):
         value = getattr(args, arg, None)
         if value is not None:
             changes[field] = value
@@ -78,11 +95,13 @@ def main(args: argparse.Namespace) -> int:
     names = parse_scenarios(args.scenarios)
     config = build_config(args)
     results = asyncio.run(_run(args, names, config, console))
-    from benchmarks.report import console_table, summary_lines, write_json, write_report
+    from benchmarks.report import (console_table, summary_lines, targets_table, write_json,
+                                   write_report)
 
     console.print(console_table(results))
     for line in summary_lines(results):
         console.print(line, markup=False, highlight=False)
+    console.print(targets_table(results))
     if args.json:
         write_json(results, args.json)
         console.print(f"results: {args.json}")
@@ -128,10 +147,16 @@ async def _run(args, names: list[str], config: BenchConfig, console) -> dict[str
         with progress:
             results["scenarios"] = await run_scenarios(run, names)
     finally:
+        from benchmarks.private_scenarios import close_private_stack
+
+        await close_private_stack(run)  # a scenario that failed midway may leave it
         await asyncio.to_thread(run.stop_all)
         results["cleanup"] = await env.close()
         await asyncio.to_thread(env.stop_servers)
     results["machine_end"] = machine()
+    from benchmarks.report import issue_targets
+
+    results["targets"] = issue_targets(results)
     results["violations"] = sum(s.get("violations", 0) for s in results["scenarios"].values())
     results["exit_code"] = exit_code(results)
     results["seconds"] = round(time.monotonic() - started, 1)

@@ -126,12 +126,23 @@ class BenchEnv:
         env.server_source = source
         return env
 
+    @property
+    def pg_endpoint_table(self) -> str:
+        from benchmarks.baseline_app import pg_endpoint_table
+
+        return pg_endpoint_table(self.settings)
+
     async def prepare(self) -> None:
+        from benchmarks.baseline_app import PG_ENDPOINT_DDL, pg_endpoint_schema
+
         await asyncio.to_thread(migrate, self.settings)
         self.redis = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self.pool = await create_pool(self.settings, max_size=4)
         async with self.pool.acquire() as conn:
             await conn.execute(BASELINE_DDL)
+            # The pg_endpoint baseline's own schema (a user's table, nothing of ours in it).
+            await conn.execute(PG_ENDPOINT_DDL.format(schema=pg_endpoint_schema(
+                self.settings)))
             await directory.create_partner(conn, PARTNER, "slotguard bench")
             if api_available():
                 from api.auth import issue_key
@@ -182,11 +193,19 @@ class BenchEnv:
             await self.redis.aclose()
         if self.pool is not None:
             await self.pool.close()
-        if self.drop_schema:
+        if self.drop_schema or not getattr(self, "keep", False):
+            from benchmarks.baseline_app import pg_endpoint_schema
+
             conn = await asyncpg.connect(_libpq(self.settings.database_url))
             try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{self.settings.db_schema}" CASCADE')
-                removed["schema_dropped"] = 1
+                if not getattr(self, "keep", False):  # the pg_endpoint schema is always ours
+                    await conn.execute(f'DROP SCHEMA IF EXISTS '
+                                       f'"{pg_endpoint_schema(self.settings)}" CASCADE')
+                    removed["pg_endpoint_schema_dropped"] = 1
+                if self.drop_schema:
+                    await conn.execute(
+                        f'DROP SCHEMA IF EXISTS "{self.settings.db_schema}" CASCADE')
+                    removed["schema_dropped"] = 1
             finally:
                 await conn.close()
         return removed

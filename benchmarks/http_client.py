@@ -7,7 +7,9 @@ CPU (``client_cpu_per_process`` in the results; near 1.0 means the client was th
 Kinds: ``create`` (POST /v1/reservations, then cancel a win when ``release_winners``),
 ``walk`` (create, vendor-confirmation, commit: the lifecycle through the API),
 ``hello`` (GET /hello on the baseline app: the HTTP ceiling) and ``bare_hold``
-(POST /holds on the baseline app: one bare EVALSHA per request).
+(POST /holds on the baseline app: one bare EVALSHA per request), ``pg_endpoint`` (POST
+/pg/bookings on the baseline app: one asyncpg INSERT ... ON CONFLICT DO NOTHING against an
+exclusion constraint per request; a win is released at once when ``release_winners``).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def build_request(method: str, path: str, host: str, body: bytes = b"",
 
 class HttpWorkload(Workload):
     def __init__(self, kind: str) -> None:
-        if kind not in ("create", "walk", "hello", "bare_hold"):
+        if kind not in ("create", "walk", "hello", "bare_hold", "pg_endpoint"):
             raise ValueError(f"unknown HTTP workload {kind!r}")
         self.kind = kind
 
@@ -95,6 +97,7 @@ class HttpWorkload(Workload):
         for conn in conns:
             self.free.put_nowait(conn)
         self.hello = build_request("GET", "/hello", self.hostname)
+        self.pg_table = http.get("pg_table", "")
 
     async def close(self) -> None:
         while not self.free.empty():
@@ -120,6 +123,9 @@ class HttpWorkload(Workload):
             return
         if self.kind == "bare_hold":
             await self._bare_hold(resource, start, end, rec, out)
+            return
+        if self.kind == "pg_endpoint":
+            await self._pg_endpoint(resource, start, end, rec, out)
             return
         reservation_id = await self._create(resource, start, end, rec, out)
         if reservation_id is None:
@@ -213,6 +219,35 @@ class HttpWorkload(Workload):
         else:
             rec.record(h.ERROR, sent, answered)
             out.append(h.Entry(h.PLACE, h.ERROR, "", resource.id, first, last, sent, answered))
+
+
+    async def _pg_endpoint(self, resource, start, end, rec, out) -> None:
+        first, last = resource.units(start, end)
+        body = orjson.dumps({"resourceId": resource.id, "start": iso(first * resource.unit_ms),
+                             "end": iso((last + 1) * resource.unit_ms)})
+        raw = build_request("POST", "/pg/bookings", self.hostname, body)
+        status, payload, sent, answered = await self._timed(raw)
+        if status == 201:
+            row_id = orjson.loads(payload)["id"]
+            rec.record(h.OK, sent, answered)
+            out.append(h.Entry(h.PG_INSERT, h.OK, row_id, resource.id, first, last, sent,
+                               answered, table=self.pg_table))
+            if self.release:
+                release = build_request("POST", "/pg/bookings/release", self.hostname,
+                                        orjson.dumps({"id": row_id}))
+                status, _, sent, answered = await self._timed(release)
+                out.append(h.Entry(h.RELEASE, h.OK if status == 200 else h.ERROR, row_id,
+                                   resource.id, first, last, sent, answered,
+                                   table=self.pg_table))
+        elif status == 409:
+            rec.record(h.CONFLICT, sent, answered)
+            out.append(h.Entry(h.PG_INSERT, h.CONFLICT, "", resource.id, first, last, sent,
+                               answered, table=self.pg_table))
+        else:
+            rec.record(h.ERROR, sent, answered)
+            out.append(h.Entry(h.PG_INSERT, h.ERROR, "", resource.id, first, last, sent,
+                               answered, holder=f"status {status}: {payload[:200]!r}",
+                               table=self.pg_table))
 
 
 def _details(payload: bytes) -> dict:

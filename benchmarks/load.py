@@ -236,9 +236,11 @@ class PostgresBookings(Workload):
 
         self.table = spec.pg_table
         self.release = spec.release_winners
-        self.pool = await create_pool(spec.settings, min_size=spec.concurrency,
-                                      max_size=spec.concurrency)
-        conns = [await self.pool.acquire() for _ in range(spec.concurrency)]
+        # At most 16 connections per load process (tasks queue for one): the Postgres is
+        # often shared, and 64 backends on two cores serve no faster than 32.
+        size = min(spec.concurrency, 16)
+        self.pool = await create_pool(spec.settings, min_size=size, max_size=size)
+        conns = [await self.pool.acquire() for _ in range(size)]
         self.backend_pids = [await c.fetchval("SELECT pg_backend_pid()") for c in conns]
         for c in conns:
             await self.pool.release(c)
@@ -385,6 +387,25 @@ def _process_main(spec: LoadSpec, index: int, start_at: float, results) -> None:
         raise
 
 
+_CTX = None
+
+
+def _context():
+    """Load processes fork from a server that imported the workloads once (a phase starts
+    in milliseconds, not the second a fresh interpreter takes); spawn where there is no
+    forkserver. Neither inherits this process's event loop or connections."""
+    global _CTX
+    if _CTX is None:
+        try:
+            _CTX = multiprocessing.get_context("forkserver")
+            _CTX.set_forkserver_preload(["benchmarks.load", "benchmarks.http_client",
+                                         "engine.holds", "engine.access", "engine.db",
+                                         "redis.asyncio", "asyncpg", "uvloop"])
+        except ValueError:
+            _CTX = multiprocessing.get_context("spawn")
+    return _CTX
+
+
 @dataclass
 class PhaseResult:
     summary: dict[str, Any]
@@ -394,8 +415,8 @@ class PhaseResult:
 
 
 def run_phase(spec: LoadSpec, on_tick=None) -> PhaseResult:
-    """Run one phase in ``spec.processes`` spawned processes; bounded by its deadline."""
-    ctx = multiprocessing.get_context("spawn")
+    """Run one phase in ``spec.processes`` processes; bounded by its deadline."""
+    ctx = _context()
     results = ctx.Queue()
     start_at = time.time() + spec.start_delay_s
     procs = [ctx.Process(target=_process_main, args=(spec, i, start_at, results), daemon=True)
@@ -430,3 +451,14 @@ def run_phase(spec: LoadSpec, on_tick=None) -> PhaseResult:
     cpu = [r["server_cpu_s"] for r in good]
     summary = merge([r["recorder"] for r in good]) if good else {}
     return PhaseResult(summary, entries, sum(cpu) if cpu and None not in cpu else None, errors)
+
+
+async def run_inline(spec: LoadSpec) -> PhaseResult:
+    """One phase in this process and event loop (no spawn): for short sequential phases
+    (``concurrency`` 1) where start-up would cost more than the phase."""
+    try:
+        result = await _run_process(spec, 0, time.time())
+    except Exception as exc:
+        return PhaseResult({}, [], None, [repr(exc)])
+    summary = merge([result["recorder"]])
+    return PhaseResult(summary, result["history"], result["server_cpu_s"], [])

@@ -31,6 +31,12 @@ from benchmarks.load import LoadSpec, Pattern, ResourceSpec, run_phase
 from benchmarks.servers import start_api, start_baseline_app
 
 
+def _py_spy() -> str:
+    """py-spy on PATH, else beside this interpreter (a venv's bin/ not on PATH)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else "py-spy")
+
+
 def summarise(raw: Path, top: int = 25) -> str:
     """Inclusive and self sample shares per function from py-spy's collapsed stacks."""
     inclusive: collections.Counter[str] = collections.Counter()
@@ -55,7 +61,7 @@ def summarise(raw: Path, top: int = 25) -> str:
 
 
 def record(pid: int, seconds: float, out: Path, *, idle: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--format", "raw",
+    return subprocess.Popen([_py_spy(), "record", "--format", "raw",
                              "--rate", "200", "--duration", str(int(seconds)), "--pid",
                              str(pid), "--output", str(out), "--nonblocking"]
                             + (["--idle"] if idle else []),
@@ -125,8 +131,12 @@ async def profile(target: str, seconds: float, processes: int, connections: int,
         thread.start()
         time.sleep(spec.start_delay_s + 1.0)  # load running and warm
         if managed is not None:
+            from benchmarks.cpu import process_cpu_s
+
+            # The busiest process of the server's tree: a worker, not the master or
+            # multiprocessing's resource tracker.
             pids = [p for p in managed.tree() if p != managed.pid] or [managed.pid]
-            pid = pids[-1]
+            pid = max(pids, key=lambda p: process_cpu_s(p) or 0.0)
         else:
             pid = _load_process_pid()
         raw = out_dir / f"{target}.txt"

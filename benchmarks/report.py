@@ -52,6 +52,121 @@ def console_table(results: dict[str, Any]):
     return table
 
 
+def _get(tree: Any, *path: Any) -> Any:
+    for step in path:
+        if isinstance(tree, dict):
+            tree = tree.get(step)
+        elif isinstance(tree, list) and isinstance(step, int) and -len(tree) <= step < len(tree):
+            tree = tree[step]
+        else:
+            return None
+    return tree
+
+
+def _row(target: str, value: Any, bound: float, *, higher: bool = True, measured: str = "",
+         source: str = "") -> dict[str, Any]:
+    met = None if value is None else (value >= bound if higher else value <= bound)
+    return {"target": target, "value": value, "bound": bound,
+            "direction": ">=" if higher else "<=",
+            "ratio_to_bound": round(value / bound, 3) if value is not None and bound else None,
+            "met": met, "measured": measured, "source": source}
+
+
+def _rate(phase: dict | None) -> str:
+    return f"{phase['throughput_per_s']:,.0f}/s" if phase and "throughput_per_s" in phase \
+        else "?"
+
+
+def issue_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue 10 ("Targets"), measured in this run (None: not measured)."""
+    sc = results.get("scenarios", {})
+    hot, eva = sc.get("hot_slot", {}), sc.get("engine_vs_api", {})
+    cost, scale = sc.get("redis_cost", {}), sc.get("scale", {})
+    life = sc.get("lifecycle", {})
+    cfg = results.get("config", {})
+    rows = []
+    api, minimal = _get(eva, "phases", "api"), _get(eva, "phases", "minimal_endpoint")
+    rows.append(_row("POST /v1/reservations >= 1.0x minimal_endpoint (distinct slots)",
+                     _get(eva, "ratios", "api_to_minimal_endpoint"), 1.0,
+                     measured=f"{_rate(api)} vs {_rate(minimal)}", source="engine_vs_api"))
+    hot_api, hot_pg = _get(hot, "phases", "api"), _get(hot, "phases", "pg_endpoint")
+    rows.append(_row("POST /v1/reservations >= 1.5x pg_endpoint (hot slot)",
+                     _get(hot, "ratios", "api_to_pg_endpoint"), 1.5,
+                     measured=f"{_rate(hot_api)} vs {_rate(hot_pg)} decisions",
+                     source="hot_slot"))
+    pg = _get(eva, "phases", "pg_endpoint")
+    rows.append(_row("POST /v1/reservations >= 1.0x pg_endpoint (distinct slots)",
+                     _get(eva, "ratios", "api_to_pg_endpoint"), 1.0,
+                     measured=f"{_rate(api)} vs {_rate(pg)}", source="engine_vs_api"))
+    cpu = cost.get("redis_cpu_us") or {}
+    rows.append(_row("Redis CPU per successful create <= 3x the engine's per placed hold",
+                     _get(cost, "ratios", "create_to_engine_place"), 3.0, higher=False,
+                     measured=f"{cpu.get('create')} vs {cpu.get('engine_place')} µs",
+                     source="redis_cost"))
+    rows.append(_row("Redis CPU per conflicting create <= 1.5x the engine's per placed hold",
+                     _get(cost, "ratios", "conflict_to_engine_place"), 1.5, higher=False,
+                     measured=f"{cpu.get('conflict')} vs {cpu.get('engine_place')} µs",
+                     source="redis_cost"))
+    connections = (cfg.get("processes") or 0) * (cfg.get("concurrency") or 0)
+    rows.append(_row(f"p99 of a create <= 25 ms at 64 connections (this run: {connections})",
+                     _get(api, "latency_ms", "p99"), 25.0, higher=False,
+                     measured=f"{_get(api, 'latency_ms', 'p99')} ms", source="engine_vs_api"))
+    drain = _get(life, "phases", "drain") or {}
+    rows.append(_row("commit-queue drain >= 5,000 bookings/s with complete audit rows "
+                     "(20,000 backlog, 2 workers)",
+                     (drain.get("bookings_with_audit_per_s") if drain.get("audit_rows_complete")
+                      else 0) if drain else None, 5000,
+                     measured=f"{drain.get('bookings_with_audit_per_s')}/s, backlog "
+                              f"{drain.get('backlog')}, {drain.get('workers')} workers, audit "
+                              f"complete {drain.get('audit_rows_complete')}",
+                     source="lifecycle"))
+    big = _get(scale, "drains", -1) or {}
+    rows.append(_row("drain >= 3,000 bookings/s with 10^6 bookings already in the table "
+                     f"(this run: {big.get('bookings_in_table_before')})",
+                     (big.get("bookings_with_audit_per_s") if big.get("audit_rows_complete")
+                      else 0) if big else None, 3000,
+                     measured=f"{big.get('bookings_with_audit_per_s')}/s, backlog "
+                              f"{big.get('backlog')}", source="scale"))
+    points = scale.get("points") or []
+    last = points[-1] if points else {}
+    rows.append(_row("<= 1 KiB of Redis per live reservation (record, history, units, cap)",
+                     last.get("bytes_per_live_reservation"), 1024, higher=False,
+                     measured=", ".join(f"{p['bytes_per_live_reservation']} B at "
+                                        f"{p['live_reservations']:,}" for p in points),
+                     source="scale"))
+    first = points[0] if points else {}
+    for kind, key in (("API", "api_per_s"), ("engine", "engine_per_s")):
+        value = round(last[key] / first[key], 3) if len(points) > 1 and last.get(key) \
+            and first.get(key) else None
+        rows.append(_row(f"{kind} throughput at 10^6 live holds within 20 % of that at 10^3 "
+                         f"(this run: {last.get('live_reservations')} vs "
+                         f"{first.get('live_reservations')})", value, 0.8,
+                         measured=f"{last.get(key)} vs {first.get(key)}/s", source="scale"))
+    return rows
+
+
+def targets_table(results: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title="issue 10 targets", show_lines=False)
+    for column in ("target", "measured", "value", "bound", "met"):
+        table.add_column(column, justify="left" if column in ("target", "measured")
+                         else "right")
+    for row in results.get("targets", []):
+        table.add_row(row["target"], row["measured"], _fmt(row["value"]),
+                      f"{row['direction']} {row['bound']:g}", _mark(row["met"]))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:,.3f}".rstrip("0").rstrip(".") \
+        if isinstance(value, float) else f"{value:,}"
+
+
+def _mark(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "not measured"}[met]
+
+
 def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = []
     for name, scenario in results["scenarios"].items():
@@ -60,6 +175,9 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         ratio = scenario.get("ratio_to_baseline")
         lines.append(f"{name}: {verdict}"
                      + (f"; ratio to {scenario.get('baseline')} {ratio}" if ratio else ""))
+        ratios = {k: v for k, v in (scenario.get("ratios") or {}).items() if v is not None}
+        if ratios:
+            lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
         for target in scenario.get("targets", []):
             mark = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
             lines.append(f"  target {target['target']}: {target['value']} "
@@ -113,10 +231,63 @@ def write_report(results: dict[str, Any], directory: Path) -> Path:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         plots.append((name, "latency CDF", path.name))
+    plots += scale_plots(results, directory, plt)
     markdown = render_markdown(results, plots)
     (directory / "report.md").write_text(markdown)
     (directory / "report.html").write_text(render_html(results, plots))
     return directory / "report.md"
+
+
+def scale_plots(results: dict[str, Any], directory: Path, plt) -> list[tuple[str, str, str]]:
+    """The scale scenario: throughput and bytes per live reservation against the live set,
+    drain rate against the bookings already in the table."""
+    scale = results["scenarios"].get("scale") or {}
+    points, drains = scale.get("points") or [], scale.get("drains") or []
+    plots = []
+    if points:
+        xs = [p["live_reservations"] for p in points]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for key, label in (("engine_per_s", "HoldEngine placements/s"),
+                           ("api_per_s", "POST /v1/reservations/s")):
+            if all(p.get(key) for p in points):
+                ax.plot(xs, [p[key] for p in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("live reservations in Redis")
+        ax.set_ylabel("operations / s")
+        ax.set_title("scale: throughput against the live set")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(directory / "scale-throughput.png", dpi=100)
+        plt.close(fig)
+        plots.append(("scale", "throughput against the live set", "scale-throughput.png"))
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(xs, [p["bytes_per_live_reservation"] for p in points], marker="o")
+        ax.axhline(1024, linestyle="--", color="grey", label="1 KiB target")
+        ax.set_xscale("log")
+        ax.set_xlabel("live reservations in Redis")
+        ax.set_ylabel("bytes / live reservation")
+        ax.set_title("scale: Redis memory per live reservation")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(directory / "scale-memory.png", dpi=100)
+        plt.close(fig)
+        plots.append(("scale", "Redis memory per live reservation", "scale-memory.png"))
+    if drains:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot([d["bookings_in_table_before"] for d in drains],
+                [d["bookings_with_audit_per_s"] or 0 for d in drains], marker="o")
+        ax.axhline(3000, linestyle="--", color="grey", label="3,000/s target")
+        ax.set_xscale("log")
+        ax.set_xlabel("bookings already in the table")
+        ax.set_ylabel("bookings / s (audit rows complete)")
+        ax.set_title("scale: commit-queue drain against the table size")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(directory / "scale-drain.png", dpi=100)
+        plt.close(fig)
+        plots.append(("scale", "drain rate against the table size", "scale-drain.png"))
+    return plots
 
 
 def render_markdown(results: dict[str, Any], plots) -> str:
@@ -134,6 +305,11 @@ def render_markdown(results: dict[str, Any], plots) -> str:
                    f"{lat['p95']:.2f} | {lat['p99']:.2f} | {lat['p99_9']:.2f} | "
                    f"{s['conflict_rate']:.1%} | {s['error_rate']:.1%} | "
                    f"{s['client_cpu_per_process']:.2f} |")
+    out += ["", "## Issue 10 targets", "", "| target | measured | value | bound | met |",
+            "|---|---|---:|---:|---|"]
+    for row in results.get("targets", []):
+        out.append(f"| {row['target']} | {row['measured']} | {_fmt(row['value'])} | "
+                   f"{row['direction']} {row['bound']:g} | {_mark(row['met'])} |")
     out += ["", "## Scenarios, ratios and targets", ""]
     out += [f"- {line}" if not line.startswith("  ") else f"  - {line.strip()}"
             for line in summary_lines(results)]

@@ -12,7 +12,10 @@
    the bare single-call script and the minimal Starlette endpoint calling it; Redis memory
    and Redis CPU per live hold.
 5. ``baselines``: the bare script one call at a time (1 and N processes), the hello route,
-   the minimal endpoint, and the Postgres-only paths, all in this run.
+   the minimal endpoint, the pg_endpoint (Starlette + one asyncpg INSERT ... ON CONFLICT DO
+   NOTHING) and the Postgres-only paths, all in this run.
+6. ``redis_cost`` and 7. ``scale``: against a private redis-server (benchmarks/
+   private_scenarios.py).
 
 Every scenario ends with the verifier (benchmarks/verifier.py) over Redis, Postgres and the
 scenario's client history; its violations are the scenario's ``violations``.
@@ -23,16 +26,19 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from benchmarks import history as h
-from benchmarks import verifier
+from benchmarks import private_scenarios, verifier
 from benchmarks.cpu import process_cpu_s, redis_server_pid
 from benchmarks.env import BASELINE_TABLES, BenchEnv, api_available
-from benchmarks.load import LONG_TTL_MS, T0, LoadSpec, Pattern, ResourceSpec, run_phase
+from benchmarks.load import (LONG_TTL_MS, T0, LoadSpec, Pattern, ResourceSpec, run_inline,
+                             run_phase)
 from benchmarks.servers import Managed, start_api, start_baseline_app, start_worker
 
-SCENARIOS = ("hot_slot", "overlap_storm", "lifecycle", "engine_vs_api", "baselines")
+SCENARIOS = ("hot_slot", "overlap_storm", "lifecycle", "engine_vs_api", "baselines",
+             "redis_cost", "scale")
 UNIT = 15 * 60_000
 
 
@@ -48,12 +54,19 @@ class BenchConfig:
     drain_backlog: int = 20_000
     memory_holds: int = 5_000
     max_ops: int = 2_000_000  # per phase, over all client processes
-    start_delay_s: float = 1.5
+    start_delay_s: float = 1.0  # load processes fork from a preloaded server: ample
+    background_window_s: float = 0.3  # shared Redis's idle CPU, sampled before each phase
+    cost_seconds: float = 5.0  # redis_cost load phases
+    cost_sequential_ops: int = 400  # redis_cost one-at-a-time phases (slow log at 0 µs)
+    scale_sizes: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)  # live reservations
+    scale_seconds: float = 5.0  # per scale phase
+    scale_bookings: tuple[int, ...] = (10_000, 1_000_000)  # bookings in the table, drains
 
 
-QUICK = BenchConfig(seconds=1.0, processes=2, concurrency=16, http_workers=1, queue_workers=1,
+QUICK = BenchConfig(seconds=0.7, processes=2, concurrency=16, http_workers=1, queue_workers=1,
                     storm_resources=8, drain_backlog=1_000, memory_holds=500, max_ops=100_000,
-                    start_delay_s=1.0)
+                    start_delay_s=0.3, background_window_s=0.1, cost_seconds=0.7, cost_sequential_ops=60,
+                    scale_sizes=(500, 2_000), scale_seconds=0.7, scale_bookings=(5_000,))
 FULL = BenchConfig()
 
 
@@ -70,6 +83,8 @@ class Run:
         self.workers: list[Managed] = []
         self.redis_pid: int | None = None
         self._vendor_seq = 0
+        self.private = None  # benchmarks.private_scenarios.PrivateStack, when started
+        self.names: tuple[str, ...] = SCENARIOS
 
     # ---- servers -------------------------------------------------------------------------
     async def api_port(self) -> int | None:
@@ -113,23 +128,41 @@ class Run:
     async def phase(self, label: str, workload: str, pattern: Pattern, entries: list,
                     *, release: bool = False, http: dict | None = None, pg_table: str = "",
                     processes: int | None = None, seconds: float | None = None,
-                    server: Managed | None = None) -> dict[str, Any]:
+                    server: Managed | None = None, settings=None, redis=None,
+                    redis_pid: int | None = None, concurrency: int | None = None,
+                    max_ops: int | None = None, inline: bool = False) -> dict[str, Any]:
+        """One load phase. ``settings``/``redis``/``redis_pid`` point it at another Redis
+        (the private one of redis_cost and scale); ``inline`` runs it in this process
+        (one load process, no spawn: short sequential phases)."""
         c = self.config
-        spec = LoadSpec(workload=workload, pattern=pattern, settings=self.env.settings,
-                        processes=processes or c.processes, concurrency=c.concurrency,
-                        seconds=seconds or c.seconds, max_ops=c.max_ops,
+        spec = LoadSpec(workload=workload, pattern=pattern,
+                        settings=settings or self.env.settings,
+                        processes=1 if inline else (processes or c.processes),
+                        concurrency=concurrency or c.concurrency,
+                        seconds=seconds or c.seconds, max_ops=max_ops or c.max_ops,
                         # One seed for every phase: both sides of a comparison get the same
                         # sequence of intervals (on resources of their own).
                         release_winners=release, seed=1, http=http or {},
-                        pg_table=pg_table, start_delay_s=c.start_delay_s)
+                        pg_table=pg_table, start_delay_s=0.0 if inline else c.start_delay_s)
+        phase_started = time.monotonic()
         if pg_table:
             await self.env.register_resources(list(pattern.resources))
-        evalsha0 = await self._evalsha_stats()
-        background = await self._redis_background() if self.redis_pid else None
-        redis_cpu0 = process_cpu_s(self.redis_pid) if self.redis_pid else None
+        stats_client = redis or self.env.redis
+        redis_pid = redis_pid or self.redis_pid
+        evalsha0 = await self._evalsha_stats(stats_client)
+        # A private Redis moves for this run only: nothing to take off.
+        background = (0.0 if redis is not None else await self._redis_background(
+            c.background_window_s)) \
+            if redis_pid else None
+        redis_cpu0 = process_cpu_s(redis_pid) if redis_pid else None
         server_cpu0 = server.cpu_s() if server else None
         tick = (lambda f: self.progress(label, f)) if self.progress else None
-        result = await asyncio.to_thread(run_phase, spec, tick)
+        load_started = time.monotonic()
+        if inline:
+            result = await run_inline(spec)
+        else:
+            result = await asyncio.to_thread(run_phase, spec, tick)
+        load_s = time.monotonic() - load_started
         if self.progress:
             self.progress(label, 1.0)
         if result.errors:
@@ -142,7 +175,7 @@ class Run:
         ok = summary["outcomes"].get("ok", 0)
         placements = summary["operations"]
         if redis_cpu0 is not None:
-            redis_cpu = process_cpu_s(self.redis_pid) - redis_cpu0
+            redis_cpu = process_cpu_s(redis_pid) - redis_cpu0
             # The Redis may be shared: take off what it burnt per second while idle for us.
             own = max(0.0, redis_cpu - background * summary["seconds"])
             summary["redis_cpu_s"] = round(redis_cpu, 3)
@@ -155,11 +188,15 @@ class Run:
             summary["server_cpu_s"] = round(server.cpu_s() - server_cpu0, 3)
             summary["server_cpu_per_second"] = round(
                 summary["server_cpu_s"] / summary["seconds"], 3) if summary["seconds"] else 0
+            # The HTTP server's CPU per request (all its worker processes; requests counted
+            # as the phase's timed operations, a hot slot's releases ride along unrated).
+            summary["server_cpu_us_per_op"] = round(
+                summary["server_cpu_s"] / placements * 1e6, 1) if placements else None
         if result.server_cpu_s is not None:
             summary["postgres_cpu_s"] = round(result.server_cpu_s, 3)
             summary["postgres_cpu_us_per_op"] = round(result.server_cpu_s / placements * 1e6, 1) \
                 if placements else None
-        evalsha1 = await self._evalsha_stats()
+        evalsha1 = await self._evalsha_stats(stats_client)
         calls = evalsha1[0] - evalsha0[0]
         if calls > 0:
             # Time inside the scripts (Redis's own accounting, whole server: others' EVALSHAs
@@ -173,12 +210,14 @@ class Run:
                 reason = (e.holder or "unknown")[:120]
                 reasons[reason] = reasons.get(reason, 0) + 1
         summary["error_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+        summary["phase_wall_s"] = {"load": round(load_s, 3),
+                                   "total": round(time.monotonic() - phase_started, 3)}
         entries.extend(result.history)
         return summary
 
-    async def _evalsha_stats(self) -> tuple[int, int]:
+    async def _evalsha_stats(self, client=None) -> tuple[int, int]:
         """(calls, usec) of EVALSHA and EVAL from INFO commandstats (read-only)."""
-        stats = await self.env.redis.info("commandstats")
+        stats = await (client or self.env.redis).info("commandstats")
         calls = usec = 0
         for name in ("cmdstat_evalsha", "cmdstat_eval"):
             if name in stats:
@@ -192,10 +231,13 @@ class Run:
         await asyncio.sleep(window_s)
         return max(0.0, (process_cpu_s(self.redis_pid) - before) / window_s)
 
-    async def verify(self, entries: list[h.Entry], *, drained: bool = True) -> verifier.Report:
+    async def verify(self, entries: list[h.Entry], *, drained: bool = True,
+                     redis=None) -> verifier.Report:
         async with self.env.pool.acquire() as conn:
-            return await verifier.verify(self.env.redis, self.env.keys, conn, entries,
-                                         tables=BASELINE_TABLES, drained=drained)
+            return await verifier.verify(redis or self.env.redis, self.env.keys, conn, entries,
+                                         tables=(*BASELINE_TABLES,
+                                                 self.env.pg_endpoint_table),
+                                         drained=drained)
 
     # ---- baselines (measured once per run, reused by every scenario that needs one) --------
     async def baseline(self, name: str) -> dict[str, Any]:
@@ -221,6 +263,19 @@ class Run:
             summary = await self.phase(f"baseline {name}", "pg_exclusion",
                                        Pattern("distinct", resources), entries,
                                        pg_table="bench_pg_excl")
+        elif name in ("pg_endpoint_hot", "pg_endpoint_distinct"):
+            port = await self.baseline_port()
+            http = {"port": port, "pg_table": self.env.pg_endpoint_table}
+            if name == "pg_endpoint_hot":
+                resources = tuple(ResourceSpec(f"{name}-{i}", UNIT, UNIT, UNIT)
+                                  for i in range(2))
+                pattern = Pattern("hot", resources, hot_slots=c.hot_slots)
+            else:
+                pattern = Pattern("distinct", tuple(ResourceSpec(f"pgep-{i}")
+                                                    for i in range(64)))
+            summary = await self.phase(f"baseline {name}", "http_pg_endpoint", pattern,
+                                       entries, release=name == "pg_endpoint_hot", http=http,
+                                       server=self.baseline_app[0])
         elif name == "http_hello":
             port = await self.baseline_port()
             summary = await self.phase("baseline hello", "http_hello",
@@ -267,7 +322,9 @@ class Run:
             notes.append("the HTTP API (api/) is not in this build: end-to-end phase skipped")
         phases["pg_exclusion"] = await self.baseline("pg_exclusion_hot")
         phases["pg_lock"] = await self.baseline("pg_lock_hot")
-        entries += self._take_baseline_history("pg_exclusion_hot", "pg_lock_hot")
+        phases["pg_endpoint"] = await self.baseline("pg_endpoint_hot")
+        entries += self._take_baseline_history("pg_exclusion_hot", "pg_lock_hot",
+                                               "pg_endpoint_hot")
         top = phases.get("api") or phases["engine"]
         pg = phases["pg_exclusion"]
         result = {
@@ -278,8 +335,12 @@ class Run:
             "ratio_to_baseline": _ratio(top, pg),
             "ratios": {"engine_to_pg_exclusion": _ratio(phases["engine"], pg),
                        "api_to_pg_exclusion": _ratio(phases.get("api"), pg),
-                       "api_to_pg_lock": _ratio(phases.get("api"), phases["pg_lock"])},
-            "targets": [_target("end-to-end >= 1.5x the Postgres path (hot slot)",
+                       "api_to_pg_lock": _ratio(phases.get("api"), phases["pg_lock"]),
+                       "api_to_pg_endpoint": _ratio(phases.get("api"),
+                                                    phases["pg_endpoint"])},
+            "targets": [_target("POST /v1/reservations >= 1.5x pg_endpoint (hot slot)",
+                                _ratio(phases.get("api"), phases["pg_endpoint"]), 1.5),
+                        _target("end-to-end >= 1.5x the Postgres path (hot slot)",
                                 _ratio(phases.get("api"), pg), 1.5)],
             "notes": notes,
         }
@@ -330,8 +391,9 @@ class Run:
             notes.append("the HTTP API (api/) is not in this build: HTTP phases skipped")
         entries += self._take_baseline_history(*[n for n in ("bare_single_call", "http_bare_hold")
                                                  if n in self.baselines])
+        phases["pg_endpoint"] = await self.baseline("pg_endpoint_distinct")
         pg = await self.baseline("pg_exclusion_distinct")
-        entries += self._take_baseline_history("pg_exclusion_distinct")
+        entries += self._take_baseline_history("pg_exclusion_distinct", "pg_endpoint_distinct")
         memory = await self.memory_per_hold()
         redis_cpu = phases["engine"].get("redis_cpu_us_per_op")
         pg_cpu = pg.get("postgres_cpu_us_per_op")
@@ -348,7 +410,8 @@ class Run:
             else _ratio(phases["engine"], phases["bare_single_call"]),
             "ratios": {"engine_to_bare_single_call": _ratio(phases["engine"],
                                                             phases["bare_single_call"]),
-                       "api_to_minimal_endpoint": _ratio(api, phases.get("minimal_endpoint"))},
+                       "api_to_minimal_endpoint": _ratio(api, phases.get("minimal_endpoint")),
+                       "api_to_pg_endpoint": _ratio(api, phases["pg_endpoint"])},
             "redis_memory": memory,
             "cpu": {"redis_cpu_us_per_hold": redis_cpu, "postgres_cpu_us_per_insert": pg_cpu,
                     "redis_to_postgres": cpu_ratio,
@@ -359,6 +422,8 @@ class Run:
                         _ratio(phases["engine"], phases["bare_single_call"]), 1.5),
                 _target("POST /v1/reservations >= 1.0x the minimal endpoint",
                         _ratio(api, phases.get("minimal_endpoint")), 1.0),
+                _target("POST /v1/reservations >= 1.0x pg_endpoint (distinct slots)",
+                        _ratio(api, phases["pg_endpoint"]), 1.0),
                 _target(f"POST /v1/reservations p99 <= 25 ms at "
                         f"{c.processes * c.concurrency} connections",
                         api["latency_ms"]["p99"] if api else None, 25.0, higher=False),
@@ -452,7 +517,7 @@ class Run:
 
     async def baselines_scenario(self) -> dict[str, Any]:
         names = ["bare_single_call_1p", "bare_single_call", "pg_exclusion_hot", "pg_lock_hot",
-                 "pg_exclusion_distinct"]
+                 "pg_exclusion_distinct", "pg_endpoint_hot", "pg_endpoint_distinct"]
         if api_available():
             names += ["http_hello", "http_bare_hold"]
         phases = {name: await self.baseline(name) for name in names}
@@ -549,7 +614,13 @@ class Run:
         for start in range(0, c.drain_backlog, 1000):
             ids += await asyncio.gather(*(one(i) for i in range(
                 start, min(c.drain_backlog, start + 1000))))
+        # The backlog's bookings are the only ones of their vendor from T0 on: counted
+        # through the live-end index (never a scan of a table that may hold 10^6 rows).
+        since = datetime.fromtimestamp(T0 / 1000, UTC)
+        count_sql = ("SELECT count(*) FROM bookings WHERE block_end >= $2 AND "
+                     "cancelled_at IS NULL AND vendor_id = $1")
         started = time.monotonic()
+        redis_cpu0 = process_cpu_s(self.redis_pid) if self.redis_pid else None
         self.start_workers(c.queue_workers)
         first_seen = None
         booked = 0
@@ -557,15 +628,21 @@ class Run:
             deadline = started + max(60.0, c.drain_backlog / 500)
             while time.monotonic() < deadline:
                 async with self.env.pool.acquire() as conn:
-                    booked = await conn.fetchval(
-                        "SELECT count(*) FROM bookings WHERE vendor_id = $1", vendor_id)
+                    if first_seen is None:  # 20 ms resolution for the start, cheaply
+                        booked = 1 if await conn.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM bookings WHERE block_end >= $2 AND "
+                            "cancelled_at IS NULL AND vendor_id = $1)", vendor_id, since) \
+                            else 0
+                    else:
+                        booked = await conn.fetchval(count_sql, vendor_id, since)
                 if booked and first_seen is None:
                     first_seen = time.monotonic()
+                    continue
                 if self.progress:
                     self.progress("lifecycle: draining the backlog", booked / len(ids))
                 if booked >= len(ids):
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02 if first_seen is None else 0.05)
             all_booked = time.monotonic()
             committed = await self._wait_committed(ids, timeout_s=60)
             finalized = time.monotonic()
@@ -581,8 +658,11 @@ class Run:
                         ids)
                 if audit >= versions:
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
             audited = time.monotonic()
+            worker_cpu = sum(w.cpu_s() for w in self.workers)
+            redis_cpu = process_cpu_s(self.redis_pid) - redis_cpu0 \
+                if redis_cpu0 is not None else None
         finally:
             codes = self.stop_workers()
             await _close_access(access)
@@ -601,8 +681,13 @@ class Run:
             "events_per_s": round(versions / (audited - (first_seen or started)), 1),
             "audit_rows": audit, "audit_rows_expected": versions,
             "audit_rows_complete": audit == versions and booked == len(ids),
-            "note": "polled every 20 ms from the first booking seen; *_including_start "
-                    "counts from worker start (process start-up included)",
+            # CPU from worker start to the last audit row (start-up included), per booking.
+            "worker_cpu_us_per_booking": round(worker_cpu / booked * 1e6, 1) if booked else None,
+            "redis_cpu_us_per_booking_raw": round(redis_cpu / booked * 1e6, 1)
+            if booked and redis_cpu is not None else None,
+            "note": "first booking polled every 20 ms, then the count every 50 ms (through "
+                    "the live-end index); *_including_start counts from worker start "
+                    "(process start-up included)",
         }
 
     async def _versions(self, ids: list[str]) -> int:
@@ -691,17 +776,24 @@ class Run:
 
 async def run_scenarios(run: Run, names: list[str]) -> dict[str, Any]:
     run.redis_pid = await redis_server_pid(run.env.redis)
+    run.names = tuple(names)
     results: dict[str, Any] = {}
     handlers = {"hot_slot": run.hot_slot, "overlap_storm": run.overlap_storm,
                 "lifecycle": run.lifecycle, "engine_vs_api": run.engine_vs_api,
-                "baselines": run.baselines_scenario}
+                "baselines": run.baselines_scenario,
+                "redis_cost": lambda: private_scenarios.redis_cost(run),
+                "scale": lambda: private_scenarios.scale(run)}
     for name in names:
         started = time.monotonic()
         try:
             results[name] = await handlers[name]()
         except Exception as exc:  # a broken scenario is reported, not hidden
-            results[name] = {"error": repr(exc), "violations": 0, "phases": {}}
+            import traceback
+
+            results[name] = {"error": repr(exc), "violations": 0, "phases": {},
+                             "traceback": traceback.format_exc()[-3000:]}
         results[name]["seconds"] = round(time.monotonic() - started, 2)
+    await private_scenarios.close_private_stack(run)
     return results
 
 
