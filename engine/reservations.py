@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from engine import clock
 from engine.access import RedisAccess
 from engine.errors import EngineError, NotDue, NotFound, Outcome, ValidationError, error_for
 from engine.holds import call_with_retry
@@ -295,7 +296,7 @@ class ReservationEngine:
             return None
 
     async def due(self, shard: int, limit: int = 500, now_ms: int | None = None) -> list[str]:
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         return await self.access.redis.zrangebyscore(self.keys.deadlines(shard), "-inf", now,
                                                      start=0, num=limit)
 

@@ -145,7 +145,10 @@ async def test_terminal_reservation_readable_from_postgres(app, client, world, r
     assert r.status_code == 409 and r.json()["error"]["code"] == "RESERVATION_TERMINAL"
 
 
-async def test_expired_hold_answers_reservation_expired(app, client, world):
+async def test_expired_hold_answers_reservation_expired(app, client, world, redis):
+    from engine.times import parse_time
+    from tests.timing import until_server_ms
+
     svc = app.state.services
     svc.reservations.engine.settings = svc.settings.replace(authorized_ttl_ms=200)
     try:
@@ -154,7 +157,8 @@ async def test_expired_hold_answers_reservation_expired(app, client, world):
     finally:
         svc.reservations.engine.settings = svc.settings
     rid = r.json()["reservationId"]
-    await asyncio.sleep(0.4)
+    # Past the deadline the server returned, by the server's clock (not a guessed sleep).
+    await until_server_ms(redis, parse_time(r.json()["expiresAt"], "expiresAt") + 1)
     r = await client.post(f"/v1/reservations/{rid}/commit", headers=world.auth("p1"))
     assert r.status_code == 409, r.text
     assert r.json()["error"]["code"] in ("RESERVATION_EXPIRED", "HOLD_LOST")

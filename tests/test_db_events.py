@@ -14,6 +14,7 @@ from engine.errors import ValidationError
 from engine.keys import KeySpace
 from engine.store import commit, events, queries, review
 from engine.store.commit import apply_events
+from tests.timing import eventually
 from engine.store.events import EventResult, booking_id_for
 from tests.test_db import count, db, conn  # noqa: F401  (fixtures)
 
@@ -411,8 +412,15 @@ async def test_a_concurrent_delivery_of_the_same_batch_writes_it_once(db, vendor
         tx = first.transaction()
         await tx.start()
         mine = await apply_events(first, batch)
+        second_pid = await second.fetchval("SELECT pg_backend_pid()")
         theirs = asyncio.create_task(apply_events(second, batch))
-        await asyncio.sleep(0.3)
+
+        async def second_waits_on_a_lock() -> bool:
+            return await first.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                second_pid) is True
+
+        await eventually(second_waits_on_a_lock, what="the second writer to wait on the first")
         assert not theirs.done()  # waiting on the first writer's rows
         await tx.commit()
         theirs = await theirs
