@@ -11,75 +11,51 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import principal, services
-from api.validation import Field, check_fields, json_object
+from api import schemas
+from api.validation import given, parse_body
 from api.views import JSONResponse
 from engine import directory
 
-PARTNER_FIELDS = [Field("partnerId", str, required=True, max_length=64), Field("name", str)]
-VENDOR_FIELDS = [
-    Field("vendorId", str, required=True, max_length=64),
-    Field("unitMinutes", int),
-    Field("bufferBeforeMinutes", int),
-    Field("bufferAfterMinutes", int),
-    Field("confirmationRequired", bool),
-    Field("paymentRequired", bool),
-    Field("timezone", str, max_length=64),
-]
-RESOURCE_FIELDS = [
-    Field("resourceId", str, required=True, max_length=64),
-    Field("vendorId", str, required=True, max_length=64),
-    Field("unitMinutes", int),
-    Field("bufferBeforeMinutes", int),
-    Field("bufferAfterMinutes", int),
-]
-KEY_FIELDS = [
-    Field("role", str, required=True, max_length=16),
-    Field("partnerId", str, max_length=64),
-    Field("vendorId", str, max_length=64),
-]
-
-
-async def _body(request: Request, fields: list[Field]) -> dict:
-    return check_fields(json_object(await request.body(), request.headers.get("content-type")),
-                        fields)
+async def _body(request: Request, shape):
+    return parse_body(await request.body(), request.headers.get("content-type"), shape)
 
 
 async def create_partner(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, PARTNER_FIELDS)
-    partner = await services(request).admin.create_partner(caller, body["partnerId"],
-                                                           body.get("name"))
+    body = await _body(request, schemas.CreatePartnerRequest)
+    partner = await services(request).admin.create_partner(caller, body.partner_id,
+                                                           given(body.name))
     return JSONResponse({"partnerId": partner.id, "name": partner.name,
                          "active": partner.active}, status_code=201)
 
 
 async def create_vendor(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, VENDOR_FIELDS)
+    body = await _body(request, schemas.CreateVendorRequest)
     vendor = await services(request).admin.create_vendor(
-        caller, body["vendorId"], unit_minutes=body.get("unitMinutes"),
-        buffer_before_minutes=body.get("bufferBeforeMinutes"),
-        buffer_after_minutes=body.get("bufferAfterMinutes"),
-        confirmation_required=body.get("confirmationRequired"),
-        payment_required=body.get("paymentRequired"), timezone=body.get("timezone"))
+        caller, body.vendor_id, unit_minutes=given(body.unit_minutes),
+        buffer_before_minutes=given(body.buffer_before_minutes),
+        buffer_after_minutes=given(body.buffer_after_minutes),
+        confirmation_required=given(body.confirmation_required),
+        payment_required=given(body.payment_required), timezone=given(body.timezone))
     return JSONResponse(vendor_view(vendor), status_code=201)
 
 
 async def create_resource(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, RESOURCE_FIELDS)
+    body = await _body(request, schemas.CreateResourceRequest)
     stored = await services(request).admin.create_resource(
-        caller, body["resourceId"], body["vendorId"], unit_minutes=body.get("unitMinutes"),
-        buffer_before_minutes=body.get("bufferBeforeMinutes"),
-        buffer_after_minutes=body.get("bufferAfterMinutes"))
+        caller, body.resource_id, body.vendor_id, unit_minutes=given(body.unit_minutes),
+        buffer_before_minutes=given(body.buffer_before_minutes),
+        buffer_after_minutes=given(body.buffer_after_minutes))
     return JSONResponse(resource_view(stored), status_code=201)
 
 
 async def create_key(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, KEY_FIELDS)
+    body = await _body(request, schemas.CreateKeyRequest)
     issued, stored = await services(request).admin.create_key(
-        caller, body["role"], body.get("partnerId"), body.get("vendorId"))
+        caller, body.role, given(body.partner_id), given(body.vendor_id))
     return JSONResponse({**key_view(stored), "key": issued.key}, status_code=201)
 
 
