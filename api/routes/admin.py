@@ -7,6 +7,7 @@ write limiter state for requests the directory then refuses.
 
 from __future__ import annotations
 
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,8 +26,8 @@ async def create_partner(request: Request) -> Response:
     body = await _body(request, schemas.CreatePartnerRequest)
     partner = await services(request).admin.create_partner(caller, body.partner_id,
                                                            given(body.name))
-    return JSONResponse({"partnerId": partner.id, "name": partner.name,
-                         "active": partner.active}, status_code=201)
+    return JSONResponse(schemas.Partner(partner_id=partner.id, name=partner.name,
+                                        active=partner.active), status_code=201)
 
 
 async def create_vendor(request: Request) -> Response:
@@ -56,7 +57,7 @@ async def create_key(request: Request) -> Response:
     body = await _body(request, schemas.CreateKeyRequest)
     issued, stored = await services(request).admin.create_key(
         caller, body.role, given(body.partner_id), given(body.vendor_id))
-    return JSONResponse({**key_view(stored), "key": issued.key}, status_code=201)
+    return JSONResponse(key_view(stored, issued.key), status_code=201)
 
 
 async def revoke_key(request: Request) -> Response:
@@ -65,21 +66,24 @@ async def revoke_key(request: Request) -> Response:
     return JSONResponse(key_view(stored))
 
 
-def vendor_view(v: directory.Vendor) -> dict:
-    return {"vendorId": v.id, "unitMinutes": v.unit_minutes,
-            "bufferBeforeMinutes": v.buffer_before_minutes,
-            "bufferAfterMinutes": v.buffer_after_minutes,
-            "confirmationRequired": v.confirmation_required,
-            "paymentRequired": v.payment_required, "timezone": v.timezone,
-            "defaultResourceId": v.default_resource_id}
+def vendor_view(v: directory.Vendor) -> schemas.Vendor:
+    return schemas.Vendor(vendor_id=v.id, unit_minutes=v.unit_minutes,
+                          buffer_before_minutes=v.buffer_before_minutes,
+                          buffer_after_minutes=v.buffer_after_minutes,
+                          confirmation_required=v.confirmation_required,
+                          payment_required=v.payment_required, timezone=v.timezone,
+                          default_resource_id=v.default_resource_id)
 
 
-def resource_view(r: directory.StoredResource) -> dict:
-    return {"resourceId": r.id, "vendorId": r.vendor_id, "unitMinutes": r.unit_minutes,
-            "bufferBeforeMinutes": r.buffer_before_minutes,
-            "bufferAfterMinutes": r.buffer_after_minutes}
+def resource_view(r: directory.StoredResource) -> schemas.Resource:
+    return schemas.Resource(resource_id=r.id, vendor_id=r.vendor_id,
+                            unit_minutes=r.unit_minutes,
+                            buffer_before_minutes=r.buffer_before_minutes,
+                            buffer_after_minutes=r.buffer_after_minutes)
 
 
-def key_view(k: directory.ApiKey) -> dict:
-    return {"keyId": k.id, "prefix": k.prefix, "role": k.role, "partnerId": k.partner_id,
-            "vendorId": k.vendor_id, "revoked": k.revoked}
+def key_view(k: directory.ApiKey, plaintext: str | None = None) -> schemas.ApiKey:
+    """A key's record; ``plaintext`` only in the answer that issues it."""
+    return schemas.ApiKey(key_id=k.id, prefix=k.prefix, role=k.role, partner_id=k.partner_id,
+                          vendor_id=k.vendor_id, revoked=k.revoked,
+                          key=UNSET if plaintext is None else plaintext)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import client_ip, principal, services
-from api.schemas import BulkReleaseRequest, ReleaseRequest
+from api.schemas import AuditEntry, AuditPage, BulkReleaseRequest, ReleaseRequest
 from api.validation import format_time, given, invalid, parse_body
 from api.views import JSONResponse, reservation_view
 from engine import metrics, records
@@ -67,11 +67,11 @@ async def audit_query(request: Request) -> Response:
     rows = await services(request).reservations.audit(
         caller, services(request).pool, request.query_params.multi_items(),
         client_ip(request))
-    return JSONResponse({"entries": [_audit_view(r) for r in rows]})
+    return JSONResponse(AuditPage(entries=[_audit_view(r) for r in rows]))
 
 
-def _audit_view(row: records.AuditEntry) -> dict:
-    return {"id": row.id, "eventId": row.event_id, "tenantId": row.tenant_id,
-            "reservationId": row.reservation_id, "resourceId": row.resource_id,
-            "action": row.action, "actor": row.actor,
-            "at": format_time(int(row.at.timestamp() * 1000)), "metadata": row.metadata}
+def _audit_view(row: records.AuditEntry) -> AuditEntry:
+    return AuditEntry(id=row.id, event_id=row.event_id, tenant_id=row.tenant_id,
+                      reservation_id=row.reservation_id, resource_id=row.resource_id,
+                      action=row.action, actor=row.actor,
+                      at=format_time(int(row.at.timestamp() * 1000)), metadata=row.metadata)
