@@ -21,8 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from api import errors
 from api.auth import KeyResolver, issue_key
 from api.context import Services
-from api.guard import EdgeGuard
-from api.middleware import RequestContextMiddleware, install_request_id_logging
+from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
 from api.views import JSONResponse
@@ -108,10 +107,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     return Starlette(
         routes=routes(),
-        middleware=[Middleware(EdgeGuard, max_header_count=settings.max_header_count,
+        middleware=[Middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
+                               max_header_count=settings.max_header_count,
                                max_header_bytes=settings.max_header_bytes,
-                               body_read_timeout_ms=settings.body_read_timeout_ms),
-                    Middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)],
+                               body_read_timeout_ms=settings.body_read_timeout_ms)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

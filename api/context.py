@@ -63,6 +63,17 @@ async def principal(request: Request) -> Principal:
         raise
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer(host: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+                              str | None]:
+    """A peer's address parsed once per address (the same few peers send every request)."""
+    try:
+        peer = ipaddress.ip_address(host)
+    except ValueError:
+        return None, None
+    return peer, peer.compressed
+
+
 def client_ip(request: Request) -> str | None:
     """The client's IP address, or None when the transport has none (a unix socket).
 
@@ -73,15 +84,12 @@ def client_ip(request: Request) -> str | None:
     switch the per-IP limit off). Empty by default: the header is ignored.
     """
     host = request.client.host if request.client else None
-    try:
-        peer = ipaddress.ip_address(host) if host else None
-    except ValueError:
-        return None
+    peer, compressed = _peer(host) if host else (None, None)
     if peer is None:
         return None
     trusted = _trusted(services(request).settings.trusted_proxies)
     if not trusted or not _is_trusted(peer, trusted):
-        return peer.compressed
+        return compressed
     hops = [part.strip() for value in request.headers.getlist("x-forwarded-for")
             for part in value.split(",")]
     client = peer

@@ -10,7 +10,8 @@ Two layers, each bounding what the other cannot see:
   (``body_read_timeout_ms``): 408 and closed. httptools has no head limit and uvicorn no
   read timeout of its own; idle keep-alive connections are uvicorn's ``timeout_keep_alive``
   (``keep_alive_timeout_ms``).
-- :class:`EdgeGuard`, pure ASGI (any server, the in-process test client too): at most
+- the ASGI half (any server, the in-process test client too), in the one pure-ASGI layer
+  :class:`api.middleware.EdgeMiddleware` (with :func:`answer_edge` here): at most
   ``max_header_count`` headers and ``max_header_bytes`` of them (431), and the body read
   within ``body_read_timeout_ms`` of the app's start (408, ``connection: close``; the app
   then reads a disconnect).
@@ -23,7 +24,7 @@ import functools
 import json
 import logging
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from engine.settings import Settings
@@ -39,66 +40,7 @@ def _envelope(status: int, message: str) -> bytes:
                                  "retryable": False, "retryAfter": None}}).encode()
 
 
-class EdgeGuard:
-    def __init__(self, app: ASGIApp, *, max_header_count: int, max_header_bytes: int,
-                 body_read_timeout_ms: int) -> None:
-        self.app = app
-        self.max_header_count = max_header_count
-        self.max_header_bytes = max_header_bytes
-        self.body_timeout_s = body_read_timeout_ms / 1000
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = scope.get("headers") or ()
-        if (self.max_header_count and len(headers) > self.max_header_count) or (
-                self.max_header_bytes
-                and sum(len(n) + len(v) + 4 for n, v in headers) > self.max_header_bytes):
-            await _answer(send, 431, f"at most {self.max_header_count} headers and "
-                                     f"{self.max_header_bytes} bytes of them")
-            return
-        if not self.body_timeout_s or not _has_body(headers):
-            await self.app(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
-        body_done = answered = started = False
-
-        async def timed_receive() -> Message:
-            nonlocal body_done, answered
-            if body_done or answered:
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                if not started:
-                    answered = True
-                    await _answer(send, 408, "the request body was not sent in time")
-                return {"type": "http.disconnect"}
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_done = True
-            return message
-
-        async def guarded_send(message: Message) -> None:
-            nonlocal started
-            if answered:  # the guard answered for the app: drop what the app still sends
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, timed_receive, guarded_send)
-
-
-def _has_body(headers) -> bool:
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
-
-
-async def _answer(send: Send, status: int, message: str) -> None:
+async def answer_edge(send: Send, status: int, message: str) -> None:
     body = _envelope(status, message)
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document, built from shared schema pieces.
+"""The OpenAPI 3.1 document: components generated from the Structs of api/schemas.py
+(``msgspec.json.schema_components``), paths written here as a table that references them.
 
 Every route of api/app.py appears here with its body, parameters, responses and errors;
 tests/test_api_schema.py holds the running app to this document with schemathesis, and
@@ -9,52 +10,30 @@ documented 4xx codes.
 
 from __future__ import annotations
 
-import re
-import zoneinfo
 from functools import cache
 from typing import Any
 
-from api.validation import INT64, MAX_JSON_DEPTH
-from engine.keys import NAME_RE
-from engine.lifecycle import ACTORS as ACTOR_SET
-from engine.lifecycle import RESERVED_PARTNER_IDS, State
+import msgspec
+
+from api import schemas
+from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
-from engine.reservations import MAX_METADATA_BYTES, MAX_TEXT
-from engine.service import INVISIBLE, MAX_TTL_MS
-from engine.times import ISO_PATTERN
 
-NAME = {"type": "string", "pattern": NAME_RE.pattern, "minLength": 1, "maxLength": 64}
-NO_NUL = r"^[^\x00]*$"  # query strings: anything Postgres can store
-TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
-        "pattern": r"^(?=.*\S)[^\x00-\x1f\x7f]*$",
-        "description": "not all blank; no control characters"}
-REQUESTER = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT,
-             "pattern": f"^(?=.*[^{INVISIBLE}])[^\\x00-\\x1f\\x7f]*$",
-             "description": "at least one visible character; no control characters"}
-TIME = {"type": "string", "format": "date-time", "pattern": ISO_PATTERN,
-        "description": "ISO 8601 / RFC 3339 timestamp with an offset of at most ±14:00, "
-                       "e.g. 2030-01-01T09:00:00Z; no precision below the millisecond"}
-NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
-METADATA = {"$ref": "#/components/schemas/Metadata",
-            "description": f"Free-form JSON object: at most {MAX_METADATA_BYTES} bytes "
-                           "serialized (compact UTF-8, the server's requestId not counted), "
-                           f"nesting at most {MAX_JSON_DEPTH} levels counting the body, no NUL "
-                           "in any string, numbers within the signed 64-bit range."}
-STATE = {"type": "string", "enum": [s.value for s in State]}
-ACTORS = sorted(ACTOR_SET)
-UNIT_MINUTES = [m for m in range(1, 1441) if 1440 % m == 0]
+NAME = {"type": "string", **NAME_DOC}
+TEXT = {"type": "string", **TEXT_DOC}
+TIME = {"type": "string", **TIME_DOC}
 
 
-def _case_blind(word: str) -> str:
-    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
-# A new partner's id: a name that is not a role or reserved word, in any case.
-PARTNER_ID = {"type": "string", "minLength": 1, "maxLength": 64,
-              "pattern": "^(?!(?:" + "|".join(_case_blind(w) for w in
-                                              sorted(RESERVED_PARTNER_IDS)) + ")$)"
-                         + NAME_RE.pattern[1:],
-              "description": "not a role name or reserved word (system, ops, admin, ...)"}
+def obj(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    return schema
 
 
 def _json_values() -> dict[str, Any]:
@@ -62,196 +41,28 @@ def _json_values() -> dict[str, Any]:
     64-bit range. The nesting limit (MAX_JSON_DEPTH) is stated in words: a schema that
     counted levels would grow exponentially once its references are inlined."""
     no_nul = {"pattern": NO_NUL}
-    value = {"anyOf": [
+    return {"JsonValue": {"anyOf": [
         {"type": "string", **no_nul},
         {"type": "number", "minimum": INT64[0], "maximum": INT64[1]},
         {"type": "boolean"}, {"type": "null"},
         {"type": "array", "items": ref("JsonValue")},
         {"type": "object", "propertyNames": no_nul, "additionalProperties": ref("JsonValue")},
-    ]}
-    return {"JsonValue": value,
-            "Metadata": {"type": "object", "propertyNames": no_nul,
-                         "additionalProperties": ref("JsonValue")}}
+    ]}}
 
 
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def obj(properties: dict[str, Any], required: list[str] | None = None,
-        additional: bool = False) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": "object", "properties": properties,
-                              "additionalProperties": additional}
-    if required:
-        schema["required"] = required
-    return schema
-
-
-SCHEMAS: dict[str, Any] = {
-    "Error": obj({"error": obj({
-        "code": {"type": "string"},
-        "message": {"type": "string"},
-        "details": {"type": "object"},
-        "retryable": {"type": "boolean"},
-        "retryAfter": {"type": ["integer", "null"], "minimum": 1,
-                       "description": "seconds; null when not applicable"},
-    }, ["code", "message", "details", "retryable", "retryAfter"])}, ["error"]),
-    "CreateReservationRequest": obj({
-        "vendorId": NAME,
-        "resourceId": NAME,
-        "slotStartTime": TIME,
-        "slotEndTime": TIME,
-        "requesterId": REQUESTER,
-        "metadata": METADATA,
-        "idempotencyKey": {"type": "string", "minLength": 1, "maxLength": 255,
-                           "pattern": "^[\\x20-\\x7e]+$"},
-    }, ["vendorId", "slotStartTime", "slotEndTime", "requesterId"]),
-    "CreateReservationResponse": obj({
-        "reservationId": {"type": "string"},
-        "state": STATE,
-        "expiresAt": TIME,
-        "vendorConfirmationRequired": {"type": "boolean"},
-        "estimatedConfirmationTime": TIME,
-    }, ["reservationId", "state", "expiresAt", "vendorConfirmationRequired",
-        "estimatedConfirmationTime"]),
-    "StateTransition": obj({
-        "id": {"type": "string"},
-        "reservationId": {"type": "string"},
-        "fromState": {"type": ["string", "null"]},
-        "toState": STATE,
-        "triggeredBy": {"type": "string", "enum": ACTORS},
-        "reason": {"type": ["string", "null"]},
-        "metadata": {"type": ["object", "null"]},
-        "timestamp": TIME,
-        "idempotencyKey": {"type": ["string", "null"]},
-        "version": {"type": "integer"},
-    }, ["id", "reservationId", "fromState", "toState", "triggeredBy", "timestamp", "version"]),
-    "Reservation": obj({
-        "reservationId": {"type": "string"},
-        "state": STATE,
-        "vendorId": {"type": "string"},
-        "resourceId": {"type": "string"},
-        "slotStartTime": TIME,
-        "slotEndTime": TIME,
-        "requesterId": {"type": "string"},
-        "createdAt": TIME,
-        "expiresAt": TIME,
-        "version": {"type": "integer", "minimum": 0},
-        "metadata": {"type": "object"},
-        "stateHistory": {"type": "array", "items": ref("StateTransition")},
-        "bookingId": {"type": ["string", "null"]},
-        "failureReason": {"type": ["string", "null"]},
-    }, ["reservationId", "state", "vendorId", "resourceId", "slotStartTime", "slotEndTime",
-        "requesterId", "createdAt", "expiresAt", "version", "stateHistory"]),
-    "ActionRequest": obj({"reason": TEXT, "metadata": METADATA}),
-    "AuthorizationRequest": obj({"reason": TEXT, "metadata": METADATA,
-                                 "outcome": {"type": "string",
-                                             "enum": ["authorized", "failed"]}}),
-    "ExtendRequest": obj({"reason": TEXT,
-                          "metadata": {**METADATA, "description": METADATA["description"]
-                                       + " Stored on the extension's stateHistory entry and "
-                                         "audit row."},
-                          "ttlMs": {"type": "integer", "minimum": 1000,
-                                    "maximum": MAX_TTL_MS,
-                                    "description": "beyond the maximum hold time: 409"}}),
-    "AvailabilitySlot": obj({
-        "startTime": TIME,
-        "endTime": TIME,
-        "isAvailable": {"type": "boolean"},
-        "status": {"type": "string", "enum": ["free", "held", "booked"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "reasons": {"type": "array", "items": {"type": "string"}},
-        "computedAt": TIME,
-        "computedVersion": {"type": "string"},
-    }, ["startTime", "endTime", "isAvailable", "status", "reasons", "computedAt",
-        "computedVersion"]),
-    "Availability": obj({
-        "vendorId": {"type": "string"},
-        "resourceId": {"type": "string"},
-        "startTime": TIME,
-        "endTime": TIME,
-        "computedAt": TIME,
-        "computedVersion": {"type": "string"},
-        "slots": {"type": "array", "items": ref("AvailabilitySlot")},
-        "metadata": obj({"confidenceThreshold": {"type": "number"},
-                         "computationTimeMs": {"type": "number", "minimum": 0}},
-                        ["confidenceThreshold", "computationTimeMs"]),
-    }, ["vendorId", "startTime", "endTime", "computedAt", "computedVersion", "slots",
-        "metadata"]),
-    "ReleaseRequest": obj({"reason": TEXT}, ["reason"]),
-    "BulkReleaseRequest": {
-        "oneOf": [
-            obj({"reason": TEXT,
-                 # Bounded so that every valid body fits SLOTGUARD_MAX_BODY_BYTES.
-                 "reservationIds": {"type": "array", "minItems": 1, "maxItems": 200,
-                                    "items": {"type": "string", "minLength": 1,
-                                              "maxLength": 40,
-                                              "pattern": "^[A-Za-z0-9_]+$"}}},
-                ["reason", "reservationIds"]),
-            obj({"reason": TEXT, "resourceId": NAME, "startTime": TIME, "endTime": TIME},
-                ["reason", "resourceId", "startTime", "endTime"]),
-        ],
-    },
-    "BulkReleaseResult": obj({
-        "released": {"type": "array", "items": obj(
-            {"reservationId": {"type": "string"}, "state": STATE},
-            ["reservationId", "state"])},
-        "failed": {"type": "array", "items": obj(
-            {"reservationId": {"type": "string"}, "code": {"type": "string"},
-             "message": {"type": "string"}}, ["reservationId", "code", "message"])},
-    }, ["released", "failed"]),
-    "AuditEntry": obj({
-        "id": {"type": "integer"},
-        "eventId": {"type": "string"},
-        "tenantId": {"type": ["string", "null"]},
-        "reservationId": {"type": ["string", "null"]},
-        "resourceId": {"type": ["string", "null"]},
-        "action": {"type": "string"},
-        "actor": {"type": "string"},
-        "at": TIME,
-        "metadata": {"type": "object"},
-    }, ["id", "eventId", "action", "actor", "at", "metadata"]),
-    "AuditPage": obj({"entries": {"type": "array", "items": ref("AuditEntry")}}, ["entries"]),
-    "CreatePartnerRequest": obj({"partnerId": PARTNER_ID, "name": TEXT}, ["partnerId"]),
-    "Partner": obj({"partnerId": {"type": "string"}, "name": {"type": "string"},
-                    "active": {"type": "boolean"}}, ["partnerId", "name", "active"]),
-    "CreateVendorRequest": obj({
-        "vendorId": NAME,
-        "unitMinutes": {"type": "integer", "enum": UNIT_MINUTES},
-        "bufferBeforeMinutes": {"type": "integer", "minimum": 0, "maximum": 1440,
-                                "description": "a multiple of unitMinutes"},
-        "bufferAfterMinutes": {"type": "integer", "minimum": 0, "maximum": 1440,
-                               "description": "a multiple of unitMinutes"},
-        "confirmationRequired": {"type": "boolean"},
-        "paymentRequired": {"type": "boolean"},
-        "timezone": {"type": "string", "enum": sorted(zoneinfo.available_timezones()),
-                     "description": "an IANA time zone name"},
-    }, ["vendorId"]),
-    "Vendor": obj({
-        "vendorId": {"type": "string"},
-        "unitMinutes": {"type": "integer"},
-        "bufferBeforeMinutes": {"type": "integer"},
-        "bufferAfterMinutes": {"type": "integer"},
-        "confirmationRequired": {"type": "boolean"},
-        "paymentRequired": {"type": "boolean"},
-        "timezone": {"type": "string"},
-        "defaultResourceId": {"type": "string"},
-    }, ["vendorId", "unitMinutes", "bufferBeforeMinutes", "bufferAfterMinutes",
-        "confirmationRequired", "paymentRequired", "timezone", "defaultResourceId"]),
-    "CreateResourceRequest": obj({
-        "resourceId": NAME,
-        "vendorId": NAME,
-        "unitMinutes": {"type": "integer", "enum": UNIT_MINUTES},
-        "bufferBeforeMinutes": {"type": "integer", "minimum": 0, "maximum": 1440},
-        "bufferAfterMinutes": {"type": "integer", "minimum": 0, "maximum": 1440},
-    }, ["resourceId", "vendorId"]),
-    "Resource": obj({
-        "resourceId": {"type": "string"},
-        "vendorId": {"type": "string"},
-        "unitMinutes": {"type": "integer"},
-        "bufferBeforeMinutes": {"type": "integer"},
-        "bufferAfterMinutes": {"type": "integer"},
-    }, ["resourceId", "vendorId", "unitMinutes", "bufferBeforeMinutes", "bufferAfterMinutes"]),
+# The two bodies whose valid forms JSON Schema states as alternatives (one Struct decodes
+# each; the route and the directory decide which form was meant).
+ALTERNATIVES: dict[str, Any] = {
+    "BulkReleaseRequest": {"oneOf": [
+        obj({"reason": TEXT,
+             # Bounded so that every valid body fits SLOTGUARD_MAX_BODY_BYTES.
+             "reservationIds": {"type": "array", "minItems": 1, "maxItems": 200,
+                                "items": {"type": "string", "minLength": 1,
+                                          "maxLength": 40, "pattern": "^[A-Za-z0-9_]+$"}}},
+            ["reason", "reservationIds"]),
+        obj({"reason": TEXT, "resourceId": NAME, "startTime": TIME, "endTime": TIME},
+            ["reason", "resourceId", "startTime", "endTime"]),
+    ]},
     "CreateKeyRequest": {"oneOf": [
         obj({"role": {"const": "partner"}, "partnerId": NAME}, ["role", "partnerId"]),
         obj({"role": {"const": "vendor"}, "vendorId": NAME}, ["role", "vendorId"]),
@@ -259,21 +70,31 @@ SCHEMAS: dict[str, Any] = {
                                                  if r not in ("partner", "vendor")]}},
             ["role"]),
     ]},
-    "ApiKey": obj({
-        "keyId": {"type": "string"},
-        "prefix": {"type": "string"},
-        "role": {"type": "string", "enum": list(ROLES)},
-        "partnerId": {"type": ["string", "null"]},
-        "vendorId": {"type": ["string", "null"]},
-        "revoked": {"type": "boolean"},
-        "key": {"type": "string", "description": "the plaintext key, shown once"},
-    }, ["keyId", "prefix", "role", "partnerId", "vendorId", "revoked"]),
-    "Live": obj({"status": {"type": "string", "enum": ["live"]}}, ["status"]),
-    "Ready": obj({"status": {"type": "string", "enum": ["ready"]},
-                  "checks": {"type": "object",
-                             "additionalProperties": {"type": "boolean"}},
-                  "holdsReady": {"type": "boolean"}}, ["status", "checks"]),
 }
+
+
+def _settle(node: Any) -> Any:
+    """Closed objects (``forbid_unknown_fields`` and the responses alike), and each
+    field's documented rules (``x-doc``) in place of the shape it is decoded with."""
+    if isinstance(node, dict):
+        if "x-doc" in node:
+            node.update(node.pop("x-doc"))
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+        node.pop("title", None)
+        for value in node.values():
+            _settle(value)
+    elif isinstance(node, list):
+        for value in node:
+            _settle(value)
+    return node
+
+
+def components() -> dict[str, Any]:
+    _, generated = msgspec.json.schema_components(
+        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+    return {**_settle(generated), **ALTERNATIVES, **_json_values()}
+
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                "schema": {"type": "string", "pattern": "^[0-9]+$"},
@@ -476,7 +297,7 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": _paths(),
         "components": {
-            "schemas": {**SCHEMAS, **_json_values()},
+            "schemas": components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "sg_live_<prefix>_<secret>"}},
         },

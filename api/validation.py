@@ -8,15 +8,16 @@ field in ``details.field``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import Any, TypeVar
 
-import orjson
+import msgspec
+from msgspec import UNSET, inspect
 
 from api.errors import ApiError
+from api.schemas import INT64, MAX_JSON_DEPTH
 
-
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def invalid(code: str, message: str, field: str | None = None, **details: Any) -> ApiError:
@@ -26,38 +27,125 @@ def invalid(code: str, message: str, field: str | None = None, **details: Any) -
 
 
 # ---- bodies ---------------------------------------------------------------------------
-def json_object(body: bytes, content_type: str | None, *, optional: bool = False) -> dict:
-    """The body as a JSON object; an empty body is ``{}`` when the body is optional."""
+def parse_body(body: bytes, content_type: str | None, shape: type[S], *,
+               optional: bool = False) -> S:
+    """The body decoded into ``shape`` (a Struct of api/schemas.py); an empty body is the
+    Struct's defaults when the body is optional.
+
+    The happy path is one msgspec decode plus :func:`check_storable` over the free-form
+    values. A body msgspec refuses is decoded again generically to answer exactly as the
+    rules are ranked: unreadable, not an object, not storable (NUL, depth, 64-bit range),
+    unknown field, then the first field msgspec names (missing, wrong type, bad string).
+    """
     if not body.strip():
         if optional:
-            return {}
+            return shape()
         raise invalid("MISSING_BODY", "a JSON object body is required")
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", "the body must be application/json",
                        details={"contentType": content_type or ""})
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+        parsed = _decoder(shape).decode(body)
+    except msgspec.DecodeError:  # ValidationError included
+        return _explain(body, shape)
+    for name in _free_form(shape):
+        value = getattr(parsed, name)
+        if value is not UNSET:
+            check_storable(value, depth=2)
+    return parsed
+
+
+def _explain(body: bytes, shape: type[S]) -> S:
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
         raise invalid("MALFORMED_JSON", f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise invalid("INVALID_BODY", "the body must be a JSON object")
-    check_storable(value, body)
-    return value
+    check_storable(value)
+    fields = _fields(shape)
+    for name in value:
+        if name not in fields:
+            raise invalid("UNKNOWN_FIELD", f"unknown field {name!r}", name,
+                          allowed=sorted(fields))
+    for name, (kinds, _) in fields.items():
+        v = value.get(name)
+        if "integer" in kinds and isinstance(v, float) and v.is_integer():
+            value[name] = int(v)  # JSON does not tell 2 from 2.0
+    try:
+        return msgspec.convert(value, shape)
+    except msgspec.ValidationError as exc:
+        raise _field_error(str(exc), fields) from None
 
 
-MAX_JSON_DEPTH = 32  # every serializer on the path (orjson, Lua cjson, jsonb) handles far more
-INT64 = (-(2**63), 2**63 - 1)
+_MISSING_RE = re.compile(r"Object missing required field `([^`]+)`")
+_AT_RE = re.compile(r"- at `\$\.([A-Za-z0-9_]+)")
 
 
-def check_storable(value: Any, raw: bytes = b"") -> None:
+def _field_error(message: str, fields: dict[str, tuple[list[str], int | None]]) -> ApiError:
+    if m := _MISSING_RE.match(message):
+        return invalid("MISSING_FIELD", f"{m[1]} is required", m[1])
+    m = _AT_RE.search(message)
+    if m is None or m[1] not in fields:
+        return invalid("INVALID_BODY", message)
+    name = m[1]
+    kinds, max_length = fields[name]
+    if ", got `" in message:
+        return invalid("INVALID_FIELD_TYPE", f"{name} has the wrong type", name,
+                       expected=kinds)
+    return invalid("INVALID_FIELD", f"{name} must be 1..{max_length} characters, "
+                   "not all blank, without control characters", name)
+
+
+@cache
+def _decoder(shape: type) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(shape)
+
+
+_JSON_TYPES = {inspect.StrType: "string", inspect.IntType: "integer",
+               inspect.BoolType: "boolean", inspect.DictType: "object",
+               inspect.ListType: "array", inspect.FloatType: "number"}
+
+
+@cache
+def _fields(shape: type) -> dict[str, tuple[list[str], int | None]]:
+    """JSON name -> (its JSON types, a string's max length) of each field of ``shape``."""
+    out = {}
+    for f in inspect.type_info(shape).fields:
+        kinds = _kinds(f.type)
+        out[f.encode_name] = ([_JSON_TYPES[type(k)] for k in kinds],
+                              next((k.max_length for k in kinds
+                                    if isinstance(k, inspect.StrType)), None))
+    return out
+
+
+@cache
+def _free_form(shape: type) -> tuple[str, ...]:
+    """Fields holding arbitrary JSON (metadata, lists) or integers: checked by
+    :func:`check_storable` (a string field's pattern already refuses NUL)."""
+    return tuple(f.name for f in inspect.type_info(shape).fields
+                 if any(isinstance(k, (inspect.DictType, inspect.ListType, inspect.IntType))
+                        for k in _kinds(f.type)))
+
+
+def _kinds(t: inspect.Type) -> list[inspect.Type]:
+    """The JSON types a field accepts (``UNSET`` is absence, not a type)."""
+    while isinstance(t, inspect.Metadata):
+        t = t.type
+    if isinstance(t, inspect.UnionType):
+        return [k for u in t.types for k in _kinds(u)]
+    return [t]
+
+
+def check_storable(value: Any, depth: int = 1) -> None:
     """Refuse what Postgres cannot store or a serializer on the path cannot carry: NUL in
     any string (keys included), nesting deeper than :data:`MAX_JSON_DEPTH`, numbers outside
-    the signed 64-bit range (an integer beyond it comes back as a float, and Lua's cjson
-    reads every number as a double)."""
+    the signed 64-bit range (Lua's cjson reads every number as a double; msgspec keeps
+    integers exact, so the range is checked on the value itself). ``depth`` is the level of
+    ``value`` (the body is level 1)."""
     lo, hi = INT64
-    ambiguous = False
-    stack: list[tuple[Any, int]] = [(value, 1)]
+    stack: list[tuple[Any, int]] = [(value, depth)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, str):
@@ -77,18 +165,6 @@ def check_storable(value: Any, raw: bytes = b"") -> None:
         elif isinstance(node, (int, float)) and not isinstance(node, bool):
             if not lo <= node <= hi:
                 raise _out_of_range()
-            # orjson reads an integer beyond 64 bits as a float; just below -2**63 it rounds
-            # to the bound itself: only the text tells what was written.
-            ambiguous = ambiguous or (isinstance(node, float) and node == lo)
-    if ambiguous:
-        import json
-
-        def integer(text: str) -> int:
-            if not lo <= int(text) <= hi:
-                raise _out_of_range()
-            return int(text)
-
-        json.loads(raw, parse_int=integer)
 
 
 def _out_of_range() -> ApiError:
@@ -101,47 +177,9 @@ def _too_deep() -> ApiError:
                    maxDepth=MAX_JSON_DEPTH)
 
 
-
-
-@dataclass(frozen=True, slots=True)
-class Field:
-    name: str
-    kind: type | tuple[type, ...]
-    required: bool = False
-    max_length: int = 256
-
-
-def check_fields(body: dict, fields: list[Field]) -> dict:
-    """Refuse unknown fields, missing required ones and wrong JSON types."""
-    known = {f.name: f for f in fields}
-    for name in body:
-        if name not in known:
-            raise invalid("UNKNOWN_FIELD", f"unknown field {name!r}", name,
-                          allowed=sorted(known))
-    for f in fields:
-        if f.name not in body:
-            if f.required:
-                raise invalid("MISSING_FIELD", f"{f.name} is required", f.name)
-            continue
-        value = body[f.name]
-        kinds = f.kind if isinstance(f.kind, tuple) else (f.kind,)
-        if int in kinds and isinstance(value, float) and value.is_integer():
-            value = body[f.name] = int(value)  # JSON does not tell 2 from 2.0
-        # bool is an int in Python; JSON true is never a number here.
-        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-        if not ok:
-            raise invalid("INVALID_FIELD_TYPE", f"{f.name} has the wrong type", f.name,
-                          expected=[_json_type(k) for k in kinds])
-        if isinstance(value, str) and (not value.strip() or len(value) > f.max_length
-                                       or CONTROL_RE.search(value)):
-            raise invalid("INVALID_FIELD", f"{f.name} must be 1..{f.max_length} characters, "
-                          "not all blank, without control characters", f.name)
-    return body
-
-
-def _json_type(kind: type) -> str:
-    return {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array",
-            type(None): "null", float: "number"}.get(kind, kind.__name__)
+def given(value: Any) -> Any:
+    """A Struct field's value, ``None`` when the body did not carry it."""
+    return None if value is UNSET else value
 
 
 # ---- times (engine/times.py: the service parses them too) ---------------------------------

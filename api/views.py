@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 from starlette.responses import Response
 
+from api import schemas
 from api.validation import format_time
 from engine import clock
 from engine.occupancy import CONFIDENCE_THRESHOLD, Availability
@@ -15,87 +16,77 @@ from engine.service import Created
 
 
 class JSONResponse(Response):
-    """orjson-rendered JSON (Starlette's own uses the slower stdlib encoder)."""
+    """msgspec-rendered JSON of a response Struct of api/schemas.py (or plain JSON values);
+    Starlette's own uses the slower stdlib encoder."""
 
     media_type = "application/json"
-    encode = staticmethod(orjson.dumps)
+    encode = staticmethod(msgspec.json.Encoder().encode)
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return self.encode(content)
 
 
-def created_view(created: Created) -> dict[str, Any]:
+def created_view(created: Created) -> schemas.CreateReservationResponse:
     moved, vendor = created.moved, created.vendor
     expires_at = format_time(moved.deadline_ms)
-    return {
-        "reservationId": moved.reservation_id,
-        "state": moved.state.value,
-        "expiresAt": expires_at,
-        "vendorConfirmationRequired": vendor.confirmation_required,
+    return schemas.CreateReservationResponse(
+        reservation_id=moved.reservation_id,
+        state=moved.state.value,
+        expires_at=expires_at,
+        vendor_confirmation_required=vendor.confirmation_required,
         # The vendor has until the hold's deadline; an instant-book vendor has confirmed.
-        "estimatedConfirmationTime": (expires_at if vendor.confirmation_required
-                                      else format_time(clock.now_ms())),
-    }
+        estimated_confirmation_time=(expires_at if vendor.confirmation_required
+                                     else format_time(clock.now_ms())))
 
 
-def reservation_view(r: Reservation) -> dict[str, Any]:
-    return {
-        "reservationId": r.reservation_id,
-        "state": r.state.value,
-        "vendorId": r.vendor_id,
-        "resourceId": r.resource_id,
-        "slotStartTime": format_time(r.slot_start_ms),
-        "slotEndTime": format_time(r.slot_end_ms),
-        "requesterId": r.requester_id,
-        "createdAt": format_time(r.created_at_ms),
-        "expiresAt": format_time(r.deadline_ms),
-        "version": r.version,
-        "metadata": r.metadata or {},
-        "stateHistory": [history_view(h) for h in r.history],
-        "bookingId": r.booking_id,
-        "failureReason": r.failure_reason,
-    }
+def reservation_view(r: Reservation) -> schemas.Reservation:
+    return schemas.Reservation(
+        reservation_id=r.reservation_id,
+        state=r.state.value,
+        vendor_id=r.vendor_id,
+        resource_id=r.resource_id,
+        slot_start_time=format_time(r.slot_start_ms),
+        slot_end_time=format_time(r.slot_end_ms),
+        requester_id=r.requester_id,
+        created_at=format_time(r.created_at_ms),
+        expires_at=format_time(r.deadline_ms),
+        version=r.version,
+        metadata=r.metadata or {},
+        state_history=[history_view(h) for h in r.history],
+        booking_id=r.booking_id,
+        failure_reason=r.failure_reason)
 
 
-def history_view(h: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": h["id"],
-        "reservationId": h["reservationId"],
-        "fromState": h["fromState"],
-        "toState": h["toState"],
-        "triggeredBy": h["triggeredBy"],
-        "reason": h.get("reason"),
-        "metadata": h.get("metadata"),
-        "timestamp": format_time(h["timestamp_ms"]),
-        "idempotencyKey": h.get("idempotencyKey"),
-        "version": h["version"],
-    }
+def history_view(h: dict[str, Any]) -> schemas.StateTransition:
+    return schemas.StateTransition(
+        id=h["id"],
+        reservation_id=h["reservationId"],
+        from_state=h["fromState"],
+        to_state=h["toState"],
+        triggered_by=h["triggeredBy"],
+        reason=h.get("reason"),
+        metadata=h.get("metadata"),
+        timestamp=format_time(h["timestamp_ms"]),
+        idempotency_key=h.get("idempotencyKey"),
+        version=h["version"])
 
 
-def availability_view(vendor_id: str, a: Availability, include_confidence: bool) -> dict:
+def availability_view(vendor_id: str, a: Availability,
+                      include_confidence: bool) -> schemas.Availability:
     computed_at = format_time(a.computed_at_ms)
-    slots = []
-    for s in a.slots:
-        slot: dict[str, Any] = {
-            "startTime": format_time(s.start_ms),
-            "endTime": format_time(s.end_ms),
-            "isAvailable": s.is_available,
-            "status": s.status,
-            "reasons": s.reasons,
-            "computedAt": computed_at,
-            "computedVersion": a.computed_version,
-        }
-        if include_confidence:
-            slot["confidence"] = s.confidence
-        slots.append(slot)
-    return {
-        "vendorId": vendor_id,
-        "resourceId": a.resource_id,
-        "startTime": format_time(a.start_ms),
-        "endTime": format_time(a.end_ms),
-        "computedAt": computed_at,
-        "computedVersion": a.computed_version,
-        "slots": slots,
-        "metadata": {"confidenceThreshold": CONFIDENCE_THRESHOLD,
-                     "computationTimeMs": round(a.computation_ms, 3)},
-    }
+    return schemas.Availability(
+        vendor_id=vendor_id,
+        resource_id=a.resource_id,
+        start_time=format_time(a.start_ms),
+        end_time=format_time(a.end_ms),
+        computed_at=computed_at,
+        computed_version=a.computed_version,
+        slots=[schemas.AvailabilitySlot(
+            start_time=format_time(s.start_ms), end_time=format_time(s.end_ms),
+            is_available=s.is_available, status=s.status, reasons=s.reasons,
+            computed_at=computed_at, computed_version=a.computed_version,
+            confidence=s.confidence if include_confidence else msgspec.UNSET)
+            for s in a.slots],
+        metadata=schemas.AvailabilityMetadata(
+            confidence_threshold=CONFIDENCE_THRESHOLD,
+            computation_time_ms=round(a.computation_ms, 3)))

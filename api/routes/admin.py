@@ -7,80 +7,57 @@ write limiter state for requests the directory then refuses.
 
 from __future__ import annotations
 
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import principal, services
-from api.validation import Field, check_fields, json_object
+from api import schemas
+from api.validation import given, parse_body
 from api.views import JSONResponse
 from engine import directory
 
-PARTNER_FIELDS = [Field("partnerId", str, required=True, max_length=64), Field("name", str)]
-VENDOR_FIELDS = [
-    Field("vendorId", str, required=True, max_length=64),
-    Field("unitMinutes", int),
-    Field("bufferBeforeMinutes", int),
-    Field("bufferAfterMinutes", int),
-    Field("confirmationRequired", bool),
-    Field("paymentRequired", bool),
-    Field("timezone", str, max_length=64),
-]
-RESOURCE_FIELDS = [
-    Field("resourceId", str, required=True, max_length=64),
-    Field("vendorId", str, required=True, max_length=64),
-    Field("unitMinutes", int),
-    Field("bufferBeforeMinutes", int),
-    Field("bufferAfterMinutes", int),
-]
-KEY_FIELDS = [
-    Field("role", str, required=True, max_length=16),
-    Field("partnerId", str, max_length=64),
-    Field("vendorId", str, max_length=64),
-]
-
-
-async def _body(request: Request, fields: list[Field]) -> dict:
-    return check_fields(json_object(await request.body(), request.headers.get("content-type")),
-                        fields)
+async def _body(request: Request, shape):
+    return parse_body(await request.body(), request.headers.get("content-type"), shape)
 
 
 async def create_partner(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, PARTNER_FIELDS)
-    partner = await services(request).admin.create_partner(caller, body["partnerId"],
-                                                           body.get("name"))
-    return JSONResponse({"partnerId": partner.id, "name": partner.name,
-                         "active": partner.active}, status_code=201)
+    body = await _body(request, schemas.CreatePartnerRequest)
+    partner = await services(request).admin.create_partner(caller, body.partner_id,
+                                                           given(body.name))
+    return JSONResponse(schemas.Partner(partner_id=partner.id, name=partner.name,
+                                        active=partner.active), status_code=201)
 
 
 async def create_vendor(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, VENDOR_FIELDS)
+    body = await _body(request, schemas.CreateVendorRequest)
     vendor = await services(request).admin.create_vendor(
-        caller, body["vendorId"], unit_minutes=body.get("unitMinutes"),
-        buffer_before_minutes=body.get("bufferBeforeMinutes"),
-        buffer_after_minutes=body.get("bufferAfterMinutes"),
-        confirmation_required=body.get("confirmationRequired"),
-        payment_required=body.get("paymentRequired"), timezone=body.get("timezone"))
+        caller, body.vendor_id, unit_minutes=given(body.unit_minutes),
+        buffer_before_minutes=given(body.buffer_before_minutes),
+        buffer_after_minutes=given(body.buffer_after_minutes),
+        confirmation_required=given(body.confirmation_required),
+        payment_required=given(body.payment_required), timezone=given(body.timezone))
     return JSONResponse(vendor_view(vendor), status_code=201)
 
 
 async def create_resource(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, RESOURCE_FIELDS)
+    body = await _body(request, schemas.CreateResourceRequest)
     stored = await services(request).admin.create_resource(
-        caller, body["resourceId"], body["vendorId"], unit_minutes=body.get("unitMinutes"),
-        buffer_before_minutes=body.get("bufferBeforeMinutes"),
-        buffer_after_minutes=body.get("bufferAfterMinutes"))
+        caller, body.resource_id, body.vendor_id, unit_minutes=given(body.unit_minutes),
+        buffer_before_minutes=given(body.buffer_before_minutes),
+        buffer_after_minutes=given(body.buffer_after_minutes))
     return JSONResponse(resource_view(stored), status_code=201)
 
 
 async def create_key(request: Request) -> Response:
     caller = await principal(request)
-    body = await _body(request, KEY_FIELDS)
+    body = await _body(request, schemas.CreateKeyRequest)
     issued, stored = await services(request).admin.create_key(
-        caller, body["role"], body.get("partnerId"), body.get("vendorId"))
-    return JSONResponse({**key_view(stored), "key": issued.key}, status_code=201)
+        caller, body.role, given(body.partner_id), given(body.vendor_id))
+    return JSONResponse(key_view(stored, issued.key), status_code=201)
 
 
 async def revoke_key(request: Request) -> Response:
@@ -89,21 +66,24 @@ async def revoke_key(request: Request) -> Response:
     return JSONResponse(key_view(stored))
 
 
-def vendor_view(v: directory.Vendor) -> dict:
-    return {"vendorId": v.id, "unitMinutes": v.unit_minutes,
-            "bufferBeforeMinutes": v.buffer_before_minutes,
-            "bufferAfterMinutes": v.buffer_after_minutes,
-            "confirmationRequired": v.confirmation_required,
-            "paymentRequired": v.payment_required, "timezone": v.timezone,
-            "defaultResourceId": v.default_resource_id}
+def vendor_view(v: directory.Vendor) -> schemas.Vendor:
+    return schemas.Vendor(vendor_id=v.id, unit_minutes=v.unit_minutes,
+                          buffer_before_minutes=v.buffer_before_minutes,
+                          buffer_after_minutes=v.buffer_after_minutes,
+                          confirmation_required=v.confirmation_required,
+                          payment_required=v.payment_required, timezone=v.timezone,
+                          default_resource_id=v.default_resource_id)
 
 
-def resource_view(r: directory.StoredResource) -> dict:
-    return {"resourceId": r.id, "vendorId": r.vendor_id, "unitMinutes": r.unit_minutes,
-            "bufferBeforeMinutes": r.buffer_before_minutes,
-            "bufferAfterMinutes": r.buffer_after_minutes}
+def resource_view(r: directory.StoredResource) -> schemas.Resource:
+    return schemas.Resource(resource_id=r.id, vendor_id=r.vendor_id,
+                            unit_minutes=r.unit_minutes,
+                            buffer_before_minutes=r.buffer_before_minutes,
+                            buffer_after_minutes=r.buffer_after_minutes)
 
 
-def key_view(k: directory.ApiKey) -> dict:
-    return {"keyId": k.id, "prefix": k.prefix, "role": k.role, "partnerId": k.partner_id,
-            "vendorId": k.vendor_id, "revoked": k.revoked}
+def key_view(k: directory.ApiKey, plaintext: str | None = None) -> schemas.ApiKey:
+    """A key's record; ``plaintext`` only in the answer that issues it."""
+    return schemas.ApiKey(key_id=k.id, prefix=k.prefix, role=k.role, partner_id=k.partner_id,
+                          vendor_id=k.vendor_id, revoked=k.revoked,
+                          key=UNSET if plaintext is None else plaintext)

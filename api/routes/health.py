@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.errors import error_response
+from api import schemas
 from api.views import JSONResponse
 from engine import metrics
 from engine.connection import eviction_allowed, eviction_policy
@@ -18,7 +19,7 @@ READY_TIMEOUT_S = 2.0
 
 async def live(request: Request) -> Response:
     """200 while the process runs and its event loop turns."""
-    return JSONResponse({"status": "live"})
+    return JSONResponse(schemas.Live(status="live"))
 
 
 async def ready(request: Request) -> Response:
@@ -33,7 +34,7 @@ async def ready(request: Request) -> Response:
         checks.update(await _redis(svc))
         checks["postgres"] = await _postgres(svc)
     if all(checks.values()):
-        return JSONResponse({"status": "ready", "checks": checks, "holdsReady": True})
+        return JSONResponse(schemas.Ready(status="ready", checks=checks, holds_ready=True))
     return error_response(503, "NOT_READY", "a dependency is not ready",
                           details={"checks": checks}, retryable=True, retry_after_ms=1000)
 

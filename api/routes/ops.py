@@ -4,32 +4,26 @@ from __future__ import annotations
 
 import re
 
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import client_ip, principal, services
-from api.validation import Field, check_fields, format_time, invalid, json_object
+from api.schemas import AuditEntry, AuditPage, BulkReleaseRequest, ReleaseRequest
+from api.validation import format_time, given, invalid, parse_body
 from api.views import JSONResponse, reservation_view
 from engine import metrics, records
 
-RELEASE_FIELDS = [Field("reason", str, required=True)]
-BULK_FIELDS = [
-    Field("reason", str, required=True),
-    Field("reservationIds", list),
-    Field("resourceId", str, max_length=64),
-    Field("startTime", str, max_length=64),
-    Field("endTime", str, max_length=64),
-]
 MAX_BULK_IDS = 200  # every valid body fits SLOTGUARD_MAX_BODY_BYTES (the OpenAPI says so)
 BULK_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")  # the OpenAPI pattern, with its semantics
 
 
 async def release(request: Request) -> Response:
     caller = await principal(request)
-    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
-                        RELEASE_FIELDS)
+    body = parse_body(await request.body(), request.headers.get("content-type"),
+                      ReleaseRequest)
     released = await services(request).reservations.release(
-        caller, request.path_params["reservationId"], body["reason"], client_ip(request))
+        caller, request.path_params["reservationId"], body.reason, client_ip(request))
     metrics.HOLDS_RELEASED.inc()
     return JSONResponse(reservation_view(released))
 
@@ -37,30 +31,32 @@ async def release(request: Request) -> Response:
 async def bulk_release(request: Request) -> Response:
     """Either ``reservationIds`` or ``resourceId`` + ``startTime`` + ``endTime``."""
     caller = await principal(request)
-    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
-                        BULK_FIELDS)
-    by_ids = "reservationIds" in body
-    by_range = any(k in body for k in ("resourceId", "startTime", "endTime"))
+    body = parse_body(await request.body(), request.headers.get("content-type"),
+                      BulkReleaseRequest)
+    ranged = {"resourceId": given(body.resource_id), "startTime": given(body.start_time),
+              "endTime": given(body.end_time)}
+    by_ids = body.reservation_ids is not UNSET
+    by_range = any(v is not None for v in ranged.values())
     if by_ids == by_range:
         raise invalid("INVALID_SELECTION", "give either reservationIds or resourceId, "
                       "startTime and endTime", "reservationIds")
     svc = services(request).reservations
     if by_ids:
-        ids = body["reservationIds"]
+        ids = body.reservation_ids
         if not 1 <= len(ids) <= MAX_BULK_IDS or not all(
                 isinstance(i, str) and 0 < len(i) <= 40 and BULK_ID_RE.match(i) for i in ids):
             raise invalid("INVALID_FIELD", f"reservationIds must be 1..{MAX_BULK_IDS} ids",
                           "reservationIds")
-        result = await svc.bulk_release(caller, body["reason"],
+        result = await svc.bulk_release(caller, body.reason,
                                         reservation_ids=list(dict.fromkeys(ids)),
                                         client_ip=client_ip(request))
     else:
-        for name in ("resourceId", "startTime", "endTime"):
-            if name not in body:
+        for name, value in ranged.items():
+            if value is None:
                 raise invalid("MISSING_FIELD", f"{name} is required", name)
-        result = await svc.bulk_release(caller, body["reason"],
-                                        resource_id=body["resourceId"],
-                                        start=body["startTime"], end=body["endTime"],
+        result = await svc.bulk_release(caller, body.reason,
+                                        resource_id=ranged["resourceId"],
+                                        start=ranged["startTime"], end=ranged["endTime"],
                                         client_ip=client_ip(request))
     metrics.HOLDS_RELEASED.inc(len(result["released"]))
     return JSONResponse(result)
@@ -71,11 +67,11 @@ async def audit_query(request: Request) -> Response:
     rows = await services(request).reservations.audit(
         caller, services(request).pool, request.query_params.multi_items(),
         client_ip(request))
-    return JSONResponse({"entries": [_audit_view(r) for r in rows]})
+    return JSONResponse(AuditPage(entries=[_audit_view(r) for r in rows]))
 
 
-def _audit_view(row: records.AuditEntry) -> dict:
-    return {"id": row.id, "eventId": row.event_id, "tenantId": row.tenant_id,
-            "reservationId": row.reservation_id, "resourceId": row.resource_id,
-            "action": row.action, "actor": row.actor,
-            "at": format_time(int(row.at.timestamp() * 1000)), "metadata": row.metadata}
+def _audit_view(row: records.AuditEntry) -> AuditEntry:
+    return AuditEntry(id=row.id, event_id=row.event_id, tenant_id=row.tenant_id,
+                      reservation_id=row.reservation_id, resource_id=row.resource_id,
+                      action=row.action, actor=row.actor,
+                      at=format_time(int(row.at.timestamp() * 1000)), metadata=row.metadata)

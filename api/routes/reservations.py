@@ -3,31 +3,25 @@ request, makes one service call (engine/service.py decides every rule) and rende
 
 from __future__ import annotations
 
+import msgspec
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import client_ip, principal, request_id, services
 from api.errors import engine_error_response
 from api.idempotency import REPLAY_HEADER
-from api.validation import Field, check_fields, json_object, parse_if_match
+from api.schemas import (ActionRequest, AuthorizationRequest, CreateReservationRequest,
+                         ExtendRequest)
+from api.validation import given, parse_body, parse_if_match
 from api.views import JSONResponse, created_view, reservation_view
 from engine import metrics
 from engine.idempotency import fingerprint
 from engine.lifecycle import State
 from engine.service import ACTIONS, CreateRequest
 
-CREATE_FIELDS = [
-    Field("vendorId", str, required=True, max_length=64),
-    Field("resourceId", str, max_length=64),
-    Field("slotStartTime", str, required=True, max_length=64),
-    Field("slotEndTime", str, required=True, max_length=64),
-    Field("requesterId", str, required=True),
-    Field("metadata", dict),
-    Field("idempotencyKey", str, max_length=255),
-]
-ACTION_FIELDS = [Field("reason", str), Field("metadata", dict)]
-AUTH_FIELDS = [*ACTION_FIELDS, Field("outcome", str, max_length=16)]
-EXTEND_FIELDS = [*ACTION_FIELDS, Field("ttlMs", int)]
+ACTION_SHAPES = {"extend": ExtendRequest, "vendor-authorization": AuthorizationRequest,
+                 "requester-authorization": AuthorizationRequest}
 
 
 def _render_created(created) -> tuple[int, bytes]:
@@ -42,19 +36,21 @@ def _render_error(exc) -> tuple[int, bytes]:
 async def create_reservation(request: Request) -> Response:
     svc = services(request)
     caller = await principal(request)
-    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
-                        CREATE_FIELDS)
+    body = parse_body(await request.body(), request.headers.get("content-type"),
+                      CreateReservationRequest)
     header_key = request.headers.get("idempotency-key")
+    body_key = given(body.idempotency_key)
     req = CreateRequest(
-        vendor_id=body["vendorId"], resource_id=body.get("resourceId"),
-        slot_start=body["slotStartTime"], slot_end=body["slotEndTime"],
-        requester_id=body["requesterId"], metadata=body.get("metadata"),
-        idempotency_key=body.get("idempotencyKey"), idempotency_header=header_key,
+        vendor_id=body.vendor_id, resource_id=given(body.resource_id),
+        slot_start=body.slot_start_time, slot_end=body.slot_end_time,
+        requester_id=body.requester_id, metadata=given(body.metadata),
+        idempotency_key=body_key, idempotency_header=header_key,
         request_id=request_id(request),
         # The key itself is not part of what must match; where it was sent from does not.
-        fingerprint=None if header_key is None and "idempotencyKey" not in body
+        fingerprint=None if header_key is None and body_key is None
         else fingerprint("POST", "/v1/reservations",
-                         {k: v for k, v in body.items() if k != "idempotencyKey"}))
+                         {k: v for k, v in msgspec.to_builtins(body).items()
+                          if k != "idempotencyKey"}))
     answer = await svc.reservations.create(caller, req, client_ip=client_ip(request),
                                            render=_render_created,
                                            render_error=_render_error)
@@ -86,14 +82,14 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     """One lifecycle step, compare-and-set on ``If-Match`` when given."""
     svc = services(request)
     caller = await principal(request)
-    fields = (EXTEND_FIELDS if action == "extend" else
-              AUTH_FIELDS if action.endswith("-authorization") else ACTION_FIELDS)
-    body = check_fields(json_object(await request.body(), request.headers.get("content-type"),
-                                    optional=True), fields)
+    body = parse_body(await request.body(), request.headers.get("content-type"),
+                      ACTION_SHAPES.get(action, ActionRequest), optional=True)
     moved = await svc.reservations.act(
-        caller, request.path_params["reservationId"], action, outcome=body.get("outcome"),
+        caller, request.path_params["reservationId"], action,
+        outcome=given(getattr(body, "outcome", UNSET)),
         expected_version=parse_if_match(request.headers.get("if-match")),
-        reason=body.get("reason"), metadata=body.get("metadata"), ttl_ms=body.get("ttlMs"),
+        reason=given(body.reason), metadata=given(body.metadata),
+        ttl_ms=given(getattr(body, "ttl_ms", UNSET)),
         client_ip=client_ip(request), request_id=request_id(request))
     if action == "cancel":
         metrics.HOLDS_RELEASED.inc()
