@@ -134,5 +134,5 @@ async def test_responses_report_the_clock_they_read(access, keys, catalog):
         moved = Moved("rsv_0_x", State.AUTHORIZED_BOTH, 7, T0 + 900_000)
         fake.advance(2)
         view = created_view(Created(moved, instant))
-        assert view["estimatedConfirmationTime"] == format_time(T0 + 2_123)
-        assert view["expiresAt"] == format_time(T0 + 900_000)
+        assert view.estimated_confirmation_time == format_time(T0 + 2_123)
+        assert view.expires_at == format_time(T0 + 900_000)
