@@ -25,7 +25,8 @@ from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
 from api.views import JSONResponse
-from engine import metrics, records
+from engine import metrics
+from engine.store import queries
 from engine.catalog_cache import CatalogCache
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
@@ -119,7 +120,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 def _stored_loader(pool):
     async def load(reservation_id: str):
         async with pool.acquire() as conn:
-            stored = await records.load_reservation(conn, reservation_id)
+            stored = await queries.load_reservation(conn, reservation_id)
         return None if stored is None else from_record(stored)
 
     return load

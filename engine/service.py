@@ -469,13 +469,13 @@ class ReservationService:
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
-        from engine import records
+        from engine.store import queries
 
         require(principal, "ops.audit")
         query = query_dict(pairs, AUDIT_QUERY)
         since = parse_time(query["since"], "since") if "since" in query else None
         until = parse_time(query["until"], "until") if "until" in query else None
-        limit = parse_int(query.get("limit", "100"), "limit", 1, records.MAX_AUDIT_PAGE)
+        limit = parse_int(query.get("limit", "100"), "limit", 1, queries.MAX_AUDIT_PAGE)
         for name in ("reservationId", "resourceId", "actor"):
             if name in query and not 0 < len(query[name]) <= 128:
                 raise ValidationError(f"{name} must be 1..128 characters",
@@ -484,7 +484,7 @@ class ReservationService:
         if since is not None and until is not None and until <= since:
             return []  # since <= at < until: an empty range
         async with pool.acquire() as conn:
-            return await records.query_audit(
+            return await queries.query_audit(
                 conn, reservation_id=query.get("reservationId"),
                 resource_id=query.get("resourceId"), actor=query.get("actor"),
                 since=_datetime(since), until=_datetime(until), limit=limit)
@@ -620,7 +620,7 @@ def _ms(moment) -> int:
 
 
 def from_record(stored) -> Reservation:
-    """A Postgres record (engine.records.StoredReservation) as the engine's Reservation."""
+    """A Postgres record (engine.store.queries.StoredReservation) as the engine's Reservation."""
     history = [{
         "id": t.event_id,
         "reservationId": stored.id,

@@ -8,7 +8,7 @@ import collections
 
 import httpx
 
-from engine import records
+from engine.store import commit as store_commit
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     api_settings,
     app,
@@ -153,7 +153,7 @@ async def test_ops_release_bulk_release_and_audit(app, client, world, redis):
     for shard in range(svc.settings.shards):
         events += [f for _, f in await redis.xrange(svc.keyspace.events(shard))]
     async with svc.pool.acquire() as conn:
-        await records.apply_events(conn, events)
+        await store_commit.apply_events(conn, events)
     r = await client.get("/v1/ops/audit", params={"reservationId": ids[0]},
                          headers=world.auth("ops"))
     assert r.status_code == 200

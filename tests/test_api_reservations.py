@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine import records
+from engine.store import commit as store_commit
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     T0,
     api_settings,
@@ -131,7 +131,7 @@ async def test_terminal_reservation_readable_from_postgres(app, client, world, r
     shard = svc.keyspace.shard_of_id(rid)
     entries = await redis.xrange(svc.keyspace.events(shard))
     async with svc.pool.acquire() as conn:
-        await records.apply_events(conn, [fields for _, fields in entries])
+        await store_commit.apply_events(conn, [fields for _, fields in entries])
     # Redis forgets the record (retention passed).
     await redis.delete(svc.keyspace.reservation(rid), svc.keyspace.history(rid))
     r = await client.get(f"/v1/reservations/{rid}", headers=world.auth("p1"))

@@ -12,7 +12,8 @@ from api.context import client_ip, principal, services
 from api.schemas import AuditEntry, AuditPage, BulkReleaseRequest, ReleaseRequest
 from api.validation import format_time, given, invalid, parse_body
 from api.views import JSONResponse, reservation_view
-from engine import metrics, records
+from engine import metrics
+from engine.store import queries
 
 MAX_BULK_IDS = 200  # every valid body fits SLOTGUARD_MAX_BODY_BYTES (the OpenAPI says so)
 BULK_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")  # the OpenAPI pattern, with its semantics
@@ -70,7 +71,7 @@ async def audit_query(request: Request) -> Response:
     return JSONResponse(AuditPage(entries=[_audit_view(r) for r in rows]))
 
 
-def _audit_view(row: records.AuditEntry) -> AuditEntry:
+def _audit_view(row: queries.AuditEntry) -> AuditEntry:
     return AuditEntry(id=row.id, event_id=row.event_id, tenant_id=row.tenant_id,
                       reservation_id=row.reservation_id, resource_id=row.resource_id,
                       action=row.action, actor=row.actor,
