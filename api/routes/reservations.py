@@ -28,6 +28,11 @@ CREATE_FIELDS = [
 ACTION_FIELDS = [Field("reason", str), Field("metadata", dict)]
 AUTH_FIELDS = [*ACTION_FIELDS, Field("outcome", str, max_length=16)]
 EXTEND_FIELDS = [*ACTION_FIELDS, Field("ttlMs", int)]
+MODIFY_FIELDS = [
+    Field("resourceId", str, max_length=64),
+    Field("slotStartTime", str, required=True, max_length=64),
+    Field("slotEndTime", str, required=True, max_length=64),
+]
 
 
 def _render_created(created) -> tuple[int, bytes]:
@@ -101,3 +106,17 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     # reported as a later state some worker reached meanwhile.
     status = 202 if moved.state == State.COMMIT_IN_PROGRESS and action == "commit" else 200
     return JSONResponse(reservation_view(moved), status_code=status)
+
+
+async def modify_reservation(request: Request) -> Response:
+    """Move a live hold to a new slot and/or resource (issue 16), ``If-Match`` honoured."""
+    svc = services(request)
+    caller = await principal(request)
+    body = check_fields(json_object(await request.body(), request.headers.get("content-type")),
+                        MODIFY_FIELDS)
+    moved = await svc.reservations.modify(
+        caller, request.path_params["reservationId"], resource_id=body.get("resourceId"),
+        slot_start=body["slotStartTime"], slot_end=body["slotEndTime"],
+        expected_version=parse_if_match(request.headers.get("if-match")),
+        client_ip=client_ip(request), request_id=request_id(request))
+    return JSONResponse(reservation_view(moved))
