@@ -397,10 +397,10 @@ class ReservationService:
         move; the script checks tenancy, version, state and vendor again, atomically."""
         require(principal, "reservation.modify")
         self._known_id(reservation_id)
-        start_ms, end_ms = parse_range(slot_start, slot_end, "slotStartTime", "slotEndTime")
         resource = await self.catalog.resource(resource_id) if resource_id is not None \
             else None
         current = await self.read(principal, reservation_id, client_ip)
+        start_ms, end_ms = parse_range(slot_start, slot_end, "slotStartTime", "slotEndTime")
         if current.state in TERMINAL:
             raise TerminalState(f"the reservation is {current.state}, a terminal state",
                                 details={"reservationId": reservation_id,
