@@ -4,6 +4,8 @@ nothing (every key compared), If-Match, lifecycle limits, shards, and the worker
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 
 from engine import directory
@@ -300,3 +302,31 @@ async def test_the_worker_records_the_move_and_books_the_new_slot(app, client, w
                 [BOOKED_PREFIX + rid] * 2
             assert [await redis.get(k) for k in units_of(keys, "v-instant", old_start,
                                                          old_start + 30)] == [None] * 2
+
+
+async def test_an_overdue_hold_is_expired_not_moved(app, client, world, redis):
+    svc = app.state.services
+    keys = svc.keyspace
+    svc.reservations.engine.settings = svc.settings.replace(authorized_ttl_ms=200)
+    try:
+        mine = await create(client, world, vendor="v-instant")
+    finally:
+        svc.reservations.engine.settings = svc.settings
+    rid = mine["reservationId"]
+    deadline = int(await redis.hget(keys.reservation(rid), "dl"))
+
+    async def redis_ms() -> int:
+        seconds, micros = await redis.time()
+        return seconds * 1000 + micros // 1000
+
+    for _ in range(400):  # Redis' clock is the scripts' clock: wait until it passed
+        if await redis_ms() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    r = await client.post(f"/v1/reservations/{rid}/modify", json=move_body(120),
+                          headers=world.auth("p1"))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "RESERVATION_EXPIRED"
+    record = await redis.hgetall(keys.reservation(rid))
+    assert record["st"] == "EXPIRED" and record["s"] == str(T0_MS)
+    assert [await redis.get(k) for k in units_of(keys, "v-instant", 0, 30)] == [None] * 2
+    assert [await redis.get(k) for k in units_of(keys, "v-instant", 120, 150)] == [None] * 2
