@@ -51,6 +51,8 @@ def routes() -> list[BaseRoute]:
         Route("/v1/reservations/{reservationId}", reservations.get_reservation,
               methods=["GET"]),
         *action_routes,
+        Route("/v1/reservations/{reservationId}/modify", reservations.modify_reservation,
+              methods=["POST"]),
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
         Mount("/v1/ops", routes=[

@@ -65,6 +65,7 @@ STATUS: dict[type[e.EngineError], int] = {
     e.PaymentRequired: 409,
     e.UnsafeRedis: 503,
     e.NotReady: 503,
+    e.ModifyCrossShard: 409,
     Forbidden: 403,
     AlreadyExists: 409,
 }

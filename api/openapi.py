@@ -283,7 +283,19 @@ def _paths() -> dict[str, Any]:
     }
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
+    paths["/v1/reservations/{reservationId}/modify"] = _modify()
     return paths
+
+
+# ---- modify / move (issue 16): self-contained, so the document's other parts stay as they are
+def _modify() -> dict[str, Any]:
+    return {"post": operation(
+        "reservation_modify",
+        "Move a live pre-commit hold to a new slot and/or resource, all or nothing, version "
+        "+ 1 (roles partner, ops, admin); 409 SLOT_UNAVAILABLE leaves the old hold untouched",
+        {200: ok(200, "Reservation", "The reservation after the move")},
+        errors=[400, 403, 404, 409, 412], request=body("ModifyReservationRequest"),
+        parameters=[RESERVATION_ID, IF_MATCH])}
 
 
 @cache

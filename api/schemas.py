@@ -119,6 +119,15 @@ class ExtendRequest(ActionRequest):
                 description="beyond the maximum hold time: 409") | UnsetType = UNSET
 
 
+class ModifyReservationRequest(Body):
+    """A move (issue 16): a new slot and/or another resource of the reservation's vendor
+    under the same shard hash tag (else 409 MODIFY_CROSS_SHARD); default: the one it is on."""
+
+    slot_start_time: Time
+    slot_end_time: Time
+    resource_id: Name | UnsetType = UNSET
+
+
 class ReleaseRequest(Body):
     reason: text(MAX_TEXT, TEXT_DOC)
 
@@ -171,7 +180,7 @@ class CreateKeyRequest(Body):
 
 REQUESTS: tuple[type[Body], ...] = (
     CreateReservationRequest, ActionRequest, AuthorizationRequest, ExtendRequest,
-    ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest,
+    ModifyReservationRequest, ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest,
     CreateResourceRequest, CreateKeyRequest)
 
 

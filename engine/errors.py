@@ -35,6 +35,7 @@ class Outcome(IntEnum):
     EXPIRED = -16
     NOT_DUE = -17
     NOT_READY = -18
+    FOREIGN_RESOURCE = -19
 
 
 class EngineError(Exception):
@@ -160,6 +161,13 @@ class UnsafeRedis(EngineError):
     code = "UNSAFE_REDIS_CONFIG"
 
 
+class ModifyCrossShard(EngineError):
+    """A move to a resource under another shard's hash tag: one script cannot hold both
+    (multi-resource tags are a later step of issue 16)."""
+
+    code = "MODIFY_CROSS_SHARD"
+
+
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
@@ -250,6 +258,10 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
     Outcome.IDEMPOTENCY_IN_PROGRESS: _in_progress,
     Outcome.EXPIRED: _ended(ReservationExpired, "the reservation's deadline passed"),
     Outcome.NOT_DUE: _plain(NotDue, "not due yet"),
+    Outcome.FOREIGN_RESOURCE: lambda reply, ctx: ValidationError(
+        "the resource does not belong to the reservation's vendor",
+        code="RESOURCE_VENDOR_MISMATCH",
+        details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

@@ -22,6 +22,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "reservation.cancel": frozenset({PARTNER, VENDOR, SYSTEM}),
     "reservation.extend": frozenset({PARTNER, SYSTEM}),
+    "reservation.modify": frozenset({PARTNER, OPS, ADMIN, SYSTEM}),
     "reservation.commit": frozenset({PARTNER, SYSTEM}),
     "reservation.requester-authorization": frozenset({PARTNER, SYSTEM}),
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),

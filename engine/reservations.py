@@ -284,6 +284,52 @@ class ReservationEngine:
                                       reason, metadata_text(metadata), "", extend_ttl_ms=ttl,
                                       scope=scope, with_record=with_record, wait_cap=wait_cap)
 
+    async def modify(self, reservation_id: str, *, actor: str, resource: Resource,
+                     start_ms: int, end_ms: int, expected_version: int | None = None,
+                     metadata: dict[str, Any] | None = None, partner_scope: str = "",
+                     wait_cap: bool = True) -> Moved:
+        """Move a live pre-commit reservation to ``[start_ms, end_ms)`` on ``resource`` (its
+        own or another of its vendor's under the same hash tag) in ONE script
+        (lua/modify_reservation.lua): all or nothing, same id, version + 1, deadline
+        unchanged. HoldConflict leaves the old hold untouched; a resource of another shard
+        is ModifyCrossShard. Answers the record as the script left it."""
+        from engine.errors import ModifyCrossShard
+
+        _check_actor(actor)
+        if expected_version is not None and (not isinstance(expected_version, int)
+                                             or expected_version < 0):
+            raise ValidationError("expected version must be a non-negative integer")
+        try:
+            shard = self.keys.shard_of_id(reservation_id)
+        except ValueError:
+            raise NotFound("reservation not found",
+                           details={"reservationId": reservation_id}) from None
+        if self.keys.shard_of(resource.id) != shard:
+            raise ModifyCrossShard(
+                "the resource lives under another shard's hash tag than the reservation: "
+                "a move there is not atomic yet", details={"reservationId": reservation_id,
+                                                           "resourceId": resource.id})
+        first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
+        block_start, block_end = resource.unit_span_ms(first, last)
+        s = self.settings
+        reply = await self.access.call(
+            "modify_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.events(shard),
+             self.keys.deadlines(shard), self.keys.ready(shard)],
+            [reservation_id, actor, "" if expected_version is None else expected_version,
+             partner_scope, resource.id, resource.vendor_id or "", start_ms, end_ms, first,
+             last, block_start, block_end, s.max_hold_units, metadata_text(metadata),
+             s.record_retention_ms])
+        code = int(reply[0])
+        if code == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
+                         reservation_from(reservation_id, reply[5], reply[6]))
+        if code == Outcome.EXPIRED:  # it ended: free its cap slot
+            await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
+        raise error_for(reply, op="modify", resource_id=resource.id,
+                        details={"reservationId": reservation_id})
+
     async def expire(self, reservation_id: str) -> Moved | None:
         """Expire an overdue reservation; None if it is not due (extended meanwhile),
         already terminal, or committing. Safe to race: one caller applies, others see it."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import orjson
 from ulid import ULID
 
-from engine import metrics
+from engine import clock, metrics
 from engine.catalog_cache import CatalogCache
 from engine.errors import (
     CapExceeded,
@@ -45,7 +46,7 @@ from engine.errors import (
     ValidationError,
 )
 from engine.idempotency import IdempotencyStore, StoredResponse, check_key
-from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, VENDOR, State
+from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
 from engine.limits import Limits
 from engine.permissions import Principal, can_see, require
 from engine.reservations import (
@@ -204,6 +205,17 @@ class ReservationService:
                                   code="RESOURCE_VENDOR_MISMATCH",
                                   details={"field": "resourceId", "resourceId": resource.id,
                                            "vendorId": vendor.id})
+        self._check_slot(resource, start_ms, end_ms)
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
+        if vendor.payment_required and not self.engine.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured yet", details={"vendorId": vendor.id})
+        return vendor, resource, start_ms, end_ms
+
+    def _check_slot(self, resource: Resource, start_ms: int, end_ms: int) -> None:
+        """The slot on the resource's unit grid and within the units one hold may cover."""
         if start_ms % resource.unit_ms or end_ms % resource.unit_ms:
             raise ValidationError("slotStartTime and slotEndTime must sit on the vendor's "
                                   "unit grid", code="SLOT_NOT_ALIGNED",
@@ -216,13 +228,6 @@ class ReservationService:
                                   code="SLOT_TOO_LONG",
                                   details={"field": "slotEndTime", "units": units,
                                            "maxUnits": self.settings.max_hold_units})
-        check_requester(req.requester_id)
-        check_metadata(req.metadata)
-        idempotency_key(req.idempotency_header, req.idempotency_key)
-        if vendor.payment_required and not self.engine.payments_enabled:
-            raise PaymentRequired("this vendor requires payment and no payment provider is "
-                                  "configured yet", details={"vendorId": vendor.id})
-        return vendor, resource, start_ms, end_ms
 
     async def create(self, principal: Principal, req: CreateRequest, *,
                      client_ip: str | None, render: Render,
@@ -378,6 +383,50 @@ class ReservationService:
             raise TerminalState(f"the reservation is {stored.state}, a terminal state",
                                 details={"reservationId": rid,
                                          "state": stored.state}) from None
+        assert moved.reservation is not None
+        return moved.reservation
+
+    # ---- modify / move ----------------------------------------------------------------
+    async def modify(self, principal: Principal, reservation_id: str, *,
+                     resource_id: str | None, slot_start: Any, slot_end: Any,
+                     expected_version: int | None = None, client_ip: str | None = None,
+                     request_id: str = "-", now_ms: int | None = None) -> Reservation:
+        """Move a live pre-commit reservation to a new slot and/or another resource of its
+        vendor (lua/modify_reservation.lua: all or nothing, version + 1). Two round trips:
+        (1) the record with the rate limits (which resource and vendor it is on), (2) the
+        move; the script checks tenancy, version, state and vendor again, atomically."""
+        require(principal, "reservation.modify")
+        self._known_id(reservation_id)
+        resource = await self.catalog.resource(resource_id) if resource_id is not None \
+            else None
+        current = await self.read(principal, reservation_id, client_ip)
+        start_ms, end_ms = parse_range(slot_start, slot_end, "slotStartTime", "slotEndTime")
+        if current.state in TERMINAL:
+            raise TerminalState(f"the reservation is {current.state}, a terminal state",
+                                details={"reservationId": reservation_id,
+                                         "state": current.state})
+        if resource is None:
+            resource = await self.catalog.resource(current.resource_id)
+        if resource.vendor_id and resource.vendor_id != current.vendor_id:
+            raise ValidationError("the resource does not belong to the reservation's vendor",
+                                  code="RESOURCE_VENDOR_MISMATCH",
+                                  details={"field": "resourceId", "resourceId": resource.id})
+        self._check_slot(resource, start_ms, end_ms)
+        now = clock.now_ms() if now_ms is None else now_ms
+        if start_ms < now:
+            raise ValidationError("slotStartTime is in the past", code="SLOT_IN_PAST",
+                                  details={"field": "slotStartTime"})
+        try:
+            moved = await self.engine.modify(
+                reservation_id, actor=principal.actor, resource=resource, start_ms=start_ms,
+                end_ms=end_ms, expected_version=expected_version,
+                metadata={"requestId": request_id},
+                partner_scope=self._tenancy(principal)[0], wait_cap=False)
+        except HoldConflict as exc:
+            metrics.HOLDS_CONFLICTED.inc()
+            raise _conflict_for(principal, exc) from None
+        except NotFound:
+            raise _not_found(reservation_id) from None
         assert moved.reservation is not None
         return moved.reservation
 

@@ -35,6 +35,7 @@ ALLOWED = {
     "commit": PARTNERS | {"system"},
     "cancel": PARTNERS | VENDORS | {"system"},
     "extend": PARTNERS | {"system"},
+    "modify": PARTNERS | {"ops", "admin", "system"},
     "availability": ALL,
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
@@ -47,7 +48,7 @@ ALLOWED = {
 }
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
-                  "requester-authorization", "commit", "cancel", "extend"}
+                  "requester-authorization", "commit", "cancel", "extend", "modify"}
 _ids = itertools.count(1)
 
 
@@ -59,6 +60,10 @@ async def _request(client, world, route: str, key: str | None, rid: str):
                                  headers=headers)
     if route == "read":
         return await client.get(f"/v1/reservations/{rid}", headers=headers)
+    if route == "modify":
+        return await client.post(f"/v1/reservations/{rid}/modify",
+                                 json={"slotStartTime": at(99_960 + 60 * n),
+                                       "slotEndTime": at(100_020 + 60 * n)}, headers=headers)
     if route in ON_RESERVATION:
         return await client.post(f"/v1/reservations/{rid}/{route}", headers=headers)
     if route == "availability":

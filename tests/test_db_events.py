@@ -507,3 +507,50 @@ async def test_an_inconsistent_path_is_rejected(conn, vendor):
     outcomes = await apply_events(conn, bad)
     assert [o.result for o in outcomes] == [EventResult.REJECTED] * 4
     assert await count(conn, "audit_log") == 0
+
+
+def move(reservation_id: str, version: int, state: str, *, old: tuple, new: tuple
+         ) -> dict[str, str]:
+    """A move entry as lua/modify_reservation.lua writes it (no unchanging fields)."""
+    fields = {"reservationId": reservation_id, "version": str(version), "fromState": state,
+              "toState": state, "triggeredBy": "partner", "reason": "modified",
+              "timestamp": str(T0 - 86_400_000 + version),
+              "expiresAt": str(T0 - 86_400_000 + 600_000)}
+    for side, place in (("From", old), ("To", new)):
+        resource, start, end = place
+        fields.update({f"moved{side}ResourceId": resource, f"moved{side}SlotStart": str(start),
+                       f"moved{side}SlotEnd": str(end), f"moved{side}BlockStart": str(start),
+                       f"moved{side}BlockEnd": str(end)})
+    return fields
+
+
+async def test_a_move_changes_where_later_rows_and_the_booking_sit(conn, vendor):
+    r = rid()
+    created = event(r, 1, "HELD", from_state="INTENT_CREATED")
+    moved = move(r, 2, "HELD", old=("v1", T0, T0 + H), new=("v1-b", T0 + 2 * H, T0 + 3 * H))
+    broken = [{k: v for k, v in moved.items() if k != "movedToSlotEnd"},
+              {**moved, "movedToBlockEnd": str(T0)},
+              {**moved, "toState": "AUTHORIZED_BOTH"}]
+    outcomes = await apply_events(conn, [created, *broken])
+    assert [o.result for o in outcomes] == [EventResult.RECORDED] + \
+        [EventResult.REJECTED] * 3
+    commit_entry = {k: v for k, v in event(r, 3, "COMMIT_IN_PROGRESS", from_state="HELD").items()
+                    if k not in events.INFO_FIELDS}
+    outcomes = await apply_events(conn, [moved, commit_entry])
+    assert [o.result for o in outcomes] == [EventResult.RECORDED, EventResult.BOOKED]
+    booking = await conn.fetchrow("SELECT resource_id, slot_start, slot_end FROM bookings")
+    assert tuple(booking) == ("v1-b", to_dt(T0 + 2 * H), to_dt(T0 + 3 * H))
+    snap = await conn.fetchrow("SELECT resource_id, slot_start, block_end, version "
+                               "FROM reservations WHERE id = $1", r)
+    assert tuple(snap) == ("v1-b", to_dt(T0 + 2 * H), to_dt(T0 + 3 * H), 3)
+    audit = await conn.fetchval("SELECT metadata FROM audit_log WHERE event_id = $1", f"{r}:2")
+    audit = orjson.loads(audit) if isinstance(audit, str) else audit
+    assert audit["modification"]["from"]["resourceId"] == "v1"
+    assert audit["modification"]["to"] == {"resourceId": "v1-b", "slotStart": T0 + 2 * H,
+                                           "slotEnd": T0 + 3 * H, "blockStart": T0 + 2 * H,
+                                           "blockEnd": T0 + 3 * H}
+    # Redelivered: nothing new, and an older entry never moves the snapshot back.
+    again = await apply_events(conn, [created, moved])
+    assert [o.result for o in again] == [EventResult.DUPLICATE] * 2
+    assert (await conn.fetchval("SELECT resource_id FROM reservations WHERE id = $1", r)) == \
+        "v1-b"

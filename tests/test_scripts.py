@@ -30,6 +30,8 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                                ks.ready(shard)],
         "transition": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                        ks.events(shard), ks.deadlines(shard)],
+        "modify_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                               ks.events(shard), ks.deadlines(shard), ks.ready(shard)],
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "read_units": [ks.unit_root(shard)],

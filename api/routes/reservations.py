@@ -12,7 +12,7 @@ from api.context import client_ip, principal, request_id, services
 from api.errors import engine_error_response
 from api.idempotency import REPLAY_HEADER
 from api.schemas import (ActionRequest, AuthorizationRequest, CreateReservationRequest,
-                         ExtendRequest)
+                         ExtendRequest, ModifyReservationRequest)
 from api.validation import given, parse_body, parse_if_match
 from api.views import JSONResponse, created_view, reservation_view
 from engine import metrics
@@ -97,3 +97,17 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     # reported as a later state some worker reached meanwhile.
     status = 202 if moved.state == State.COMMIT_IN_PROGRESS and action == "commit" else 200
     return JSONResponse(reservation_view(moved), status_code=status)
+
+
+async def modify_reservation(request: Request) -> Response:
+    """Move a live hold to a new slot and/or resource (issue 16), ``If-Match`` honoured."""
+    svc = services(request)
+    caller = await principal(request)
+    body = parse_body(await request.body(), request.headers.get("content-type"),
+                      ModifyReservationRequest)
+    moved = await svc.reservations.modify(
+        caller, request.path_params["reservationId"], resource_id=given(body.resource_id),
+        slot_start=body.slot_start_time, slot_end=body.slot_end_time,
+        expected_version=parse_if_match(request.headers.get("if-match")),
+        client_ip=client_ip(request), request_id=request_id(request))
+    return JSONResponse(reservation_view(moved))

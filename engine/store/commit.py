@@ -124,6 +124,10 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigi
 ON CONFLICT (id) DO UPDATE
 SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     expires_at = EXCLUDED.expires_at,
+    -- a move (reason 'modified') changes where the reservation sits
+    resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
+    slot_end = EXCLUDED.slot_end, block_start = EXCLUDED.block_start,
+    block_end = EXCLUDED.block_end,
     failure_reason = coalesce(EXCLUDED.failure_reason, reservations.failure_reason),
     booking_id = coalesce(EXCLUDED.booking_id, reservations.booking_id),
     metadata = reservations.metadata || EXCLUDED.metadata

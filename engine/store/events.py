@@ -35,11 +35,18 @@ _SEPARATOR = "\x1f"  # ASCII unit separator: never in an id, a state, or JSON te
 _REQUIRED = ("reservationId", "toState", "triggeredBy", "version", "timestamp")
 INFO_FIELDS = ("partnerId", "vendorId", "resourceId", "requesterId", "slotStart", "slotEnd",
                "blockStart", "blockEnd", "createdAt")
+# A move (lua/modify_reservation.lua, reason "modified"): the old and the new resource,
+# slot and block; from it on the reservation's resource, slot and block are the new ones.
+MOVE_FIELDS = tuple(f"moved{side}{name}" for side in ("From", "To")
+                    for name in ("ResourceId", "SlotStart", "SlotEnd", "BlockStart",
+                                 "BlockEnd"))
 # Every field an entry may carry, in the order emit_transition.lua writes them (kept for
 # tooling and tests that build entries by hand).
 FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
                 "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
-                "idempotencyKey", *INFO_FIELDS]
+                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS]
+# (resource, slot start, slot end, block start, block end) of one side of a move.
+Place = tuple[str, int, int, int, int]
 
 
 class EventResult(StrEnum):
@@ -93,6 +100,8 @@ class Entry:
     idempotency_key: str
     at: int
     expires: int | None
+    moved_from: Place | None = None  # a move: where the reservation was
+    moved_to: Place | None = None  # and where it is now
 
 
 class Batch:
@@ -154,6 +163,11 @@ class Batch:
             for i, to_state in enumerate(entry.states):
                 version = first + i
                 event_id = f"{entry.reservation_id}:{version}"
+                if entry.moved_to is not None:
+                    # From this entry on the reservation sits on its new resource and slot.
+                    fields = (fields[0], fields[1], entry.moved_to[0], fields[3],
+                              *entry.moved_to[1:], fields[8])
+                    info[entry.reservation_id] = fields
                 row = index.get(event_id)
                 if row is not None:  # the same transition twice in one batch: written once
                     rows.append(row)
@@ -192,13 +206,16 @@ class Batch:
         # The audit row's metadata, as JSON text Postgres parses once (states come from a
         # closed set, so only reason and key need escaping; metadata is a validated
         # object): the same jsonb as jsonb_build_object, at a fraction of its cost.
+        moved = "" if entry.moved_to is None else (
+            f',"modification":{{"from":{_place_json(entry.moved_from)},'
+            f'"to":{_place_json(entry.moved_to)}}}')
         self.audit.append(
             f'{{"fromState":{chr(34) + from_state + chr(34) if from_state else "null"},'
             f'"toState":"{to_state}",'
             f'"reason":{_json_string(reason) if reason else chr(34) * 2},'
             f'"version":{version},'
             f'"idempotencyKey":{_json_string(idempotency_key) if idempotency_key else "null"},'
-            f'"metadata":{metadata}}}')
+            f'"metadata":{metadata}{moved}}}')
 
 
     def transition_columns(self) -> tuple[bool, list[Any]]:
@@ -286,6 +303,35 @@ class Batch:
                     merged.update(orjson.loads(text))
                 out.append(orjson.dumps(merged).decode())
         return out
+
+
+def _place_json(place: Place | None) -> str:
+    if place is None:
+        return "null"
+    resource, slot_start, slot_end, block_start, block_end = place
+    return orjson.dumps({"resourceId": resource, "slotStart": slot_start, "slotEnd": slot_end,
+                         "blockStart": block_start, "blockEnd": block_end}).decode()
+
+
+def _parse_move(get) -> tuple[Place | None, Place | None, str | None]:
+    """A move's old and new place (both or neither), or why the entry is refused."""
+    values = [get(n) for n in MOVE_FIELDS]
+    if not any(v is not None for v in values):
+        return None, None, None
+    if not all(values):
+        return None, None, "missing fields: " + ", ".join(
+            n for n, v in zip(MOVE_FIELDS, values) if not v)
+    places = []
+    for side in (values[:5], values[5:]):
+        try:
+            slot_start, slot_end, block_start, block_end = map(int, side[1:])
+        except ValueError:
+            return None, None, "version and timestamps must be integers"
+        if not block_start <= slot_start < slot_end <= block_end:
+            return None, None, ("move intervals out of order: need blockStart <= slotStart < "
+                                "slotEnd <= blockEnd")
+        places.append((side[0], slot_start, slot_end, block_start, block_end))
+    return places[0], places[1], None
 
 
 def fields_dict(flat: list[str]) -> dict[str, str]:
@@ -376,5 +422,11 @@ def parse_entry(named: dict[str, str], info: dict[str, Info]
                           "slotEnd <= blockEnd")
         info.setdefault(reservation_id, (partner, vendor, resource, requester, slot_start,
                                          slot_end, block_start, block_end, created))
+    moved_from, moved_to, error = _parse_move(get)
+    if error is not None:
+        return None, error
+    if moved_to is not None and states != [from_state]:
+        return None, "a move keeps its state"
     return Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
-                  metadata, get("idempotencyKey") or "", at, expires), None
+                  metadata, get("idempotencyKey") or "", at, expires, moved_from,
+                  moved_to), None

@@ -8,8 +8,10 @@
 -- `creation` adds the fields that never change (partner, vendor, resource, requester, slot,
 -- block, created-at): they travel only on the creation event. Reason, metadata and
 -- idempotency key appear only when non-empty; expiresAt only while the reservation lives.
+-- `extra` (a flat name, value list) rides on the stream entry only (a move's old and new
+-- resource and slot: lua/modify_reservation.lua).
 local function emit_transition(events_key, history_key, rec, from, path, version, actor,
-                               reason, metadata, ik, now, expires_at, creation)
+                               reason, metadata, ik, now, expires_at, creation, extra)
   local to = path[#path]
   local fields = {'reservationId', rec.id, 'version', version, 'fromState', from,
     'toState', to, 'triggeredBy', actor, 'timestamp', now}
@@ -32,6 +34,9 @@ local function emit_transition(events_key, history_key, rec, from, path, version
     add('partnerId', rec.p); add('vendorId', rec.vd); add('resourceId', rec.rs)
     add('requesterId', rec.rq); add('slotStart', rec.s); add('slotEnd', rec.e)
     add('blockStart', rec.bs); add('blockEnd', rec.be); add('createdAt', rec.c)
+  end
+  if extra then
+    for i = 1, #extra, 2 do add(extra[i], extra[i + 1]) end
   end
   redis.call('XADD', events_key, '*', unpack(fields))
   -- The history, compact: one JSON array per call, [version, from, to, actor, time, steps,
