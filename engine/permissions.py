@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import EngineError, NotFound
-from engine.lifecycle import ADMIN, OPS, PARTNER, ROLES, SYSTEM, SYSTEM_SCOPE, VENDOR
+from engine.lifecycle import ADMIN, OPS, PARTNER, ROLES, SYSTEM, VENDOR
 
 __all__ = ["ADMIN", "OPS", "PARTNER", "ROLES", "SYSTEM", "VENDOR", "Forbidden", "Principal",
            "require", "can_see", "require_tenant", "require_vendor_scope"]

@@ -10,7 +10,6 @@ in Postgres.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
