@@ -51,7 +51,8 @@ import msgspec
 
 from api import schemas
 
-__all__ = ["Client", "AsyncClient", "ApiError", "RetryExhausted", "RetryPolicy",
+__all__ = ["Client", "AsyncClient", "ApiError", "RetryExhausted", "RetryPolicy", "Attempt",
+           "RequestBuilder", "http11",
            "BadRequest", "Unauthorized", "Forbidden", "NotFound", "Conflict",
            "PreconditionFailed", "Unprocessable", "RateLimited", "ServerError"]
 
@@ -195,6 +196,19 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     idempotency_key: str | None = None
     retry: bool = True
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of a call, as the ``on_attempt`` hook sees it: the answer or the transport
+    error, and when it was sent and answered (``time.monotonic()``)."""
+
+    call: Call
+    number: int  # 1-based
+    t0: float
+    t1: float
+    response: httpx.Response | None
+    error: Exception | None
 
 
 def _clean(mapping: Mapping[str, Any]) -> dict[str, Any]:
@@ -373,15 +387,62 @@ def _seg(value: str) -> str:
     return quote(str(value), safe="")
 
 
+class RequestBuilder(_Routes):
+    """The routes as :class:`Call` values, without I/O: what a raw transport sends (the
+    benchmark's HTTP/1.1 load client builds its requests here, :func:`http11`)."""
+
+    def _run(self, call: Call) -> Call:
+        return call
+
+
+def http11(call: Call, host: str, headers: Mapping[str, str] | None = None) -> bytes:
+    """``call`` as the bytes of one HTTP/1.1 request (keep-alive)."""
+    target = call.path
+    if call.params:
+        from urllib.parse import urlencode
+
+        target += "?" + urlencode(call.params)
+    body = b"" if call.json is None else msgspec.json.encode(call.json)
+    lines = [f"{call.method} {target} HTTP/1.1", f"host: {host}"]
+    for name, value in {**(headers or {}), **call.headers}.items():
+        lines.append(f"{name}: {value}")
+    if call.idempotency_key is not None:
+        lines.append(f"idempotency-key: {call.idempotency_key}")
+    if body or call.method == "POST":
+        lines.append("content-type: application/json")
+        lines.append(f"content-length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 class _Base(_Routes):
     def __init__(self, base_url: str, key: str | None, policy: RetryPolicy | None,
                  headers: Mapping[str, str] | None,
-                 new_key: Callable[[], str] | None) -> None:
+                 new_key: Callable[[], str] | None,
+                 on_attempt: Callable[[Attempt], None] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.key = key
         self.policy = policy or RetryPolicy()
         self.extra_headers = dict(headers or {})
         self.new_key = new_key or (lambda: uuid.uuid4().hex)
+        self.on_attempt = on_attempt
+
+    def with_options(self, **changes: Any):
+        """A copy sharing the connection pool, with ``key``, ``policy``, ``sleep`` or
+        ``on_attempt`` changed (a vendor's key, a per-flow hook)."""
+        unknown = set(changes) - {"key", "policy", "sleep", "on_attempt", "new_key"}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__, **changes)
+        return other
+
+    def with_key(self, key: str):
+        """The same connection pool under another API key (a vendor's, an admin's)."""
+        return self.with_options(key=key)
+
+    def _observe(self, call: Call, number: int, t0: float, response, error) -> None:
+        if self.on_attempt is not None:
+            self.on_attempt(Attempt(call, number, t0, time.monotonic(), response, error))
 
     def _headers(self, call: Call) -> dict[str, str]:
         headers = {**self.extra_headers, **call.headers}
@@ -426,8 +487,9 @@ class Client(_Base):
                  headers: Mapping[str, str] | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  new_key: Callable[[], str] | None = None,
+                 on_attempt: Callable[[Attempt], None] | None = None,
                  http: httpx.Client | None = None) -> None:
-        super().__init__(base_url, key, policy, headers, new_key)
+        super().__init__(base_url, key, policy, headers, new_key, on_attempt)
         self.sleep = sleep
         self.http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
 
@@ -440,12 +502,6 @@ class Client(_Base):
     def close(self) -> None:
         self.http.close()
 
-    def with_key(self, key: str) -> Client:
-        """The same connection pool under another API key (a vendor's, an admin's)."""
-        other = Client.__new__(Client)
-        other.__dict__.update(self.__dict__, key=key)
-        return other
-
     def _run(self, call: Call):
         headers = self._headers(call)
         waits: list[float] = []
@@ -455,13 +511,14 @@ class Client(_Base):
             if attempt:
                 waits.append(self.policy.delay(attempt - 1, retry_after))
                 self.sleep(waits[-1])
-            response, error = None, None
+            response, error, t0 = None, None, time.monotonic()
             try:
                 response = self.http.request(
                     call.method, call.path, headers=headers, params=call.params,
                     content=None if call.json is None else msgspec.json.encode(call.json))
             except TRANSPORT_ERRORS as exc:
                 error = exc
+            self._observe(call, attempt + 1, t0, response, error)
             last, retry_after = self._judge(call, response, error)
             if last is None:
                 return _decode(call, response)
@@ -476,9 +533,10 @@ class AsyncClient(_Base):
                  headers: Mapping[str, str] | None = None,
                  sleep: Callable[[float], Any] = asyncio.sleep,
                  new_key: Callable[[], str] | None = None,
+                 on_attempt: Callable[[Attempt], None] | None = None,
                  http: httpx.AsyncClient | None = None,
                  limits: httpx.Limits | None = None) -> None:
-        super().__init__(base_url, key, policy, headers, new_key)
+        super().__init__(base_url, key, policy, headers, new_key, on_attempt)
         self.sleep = sleep
         self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
                                               limits=limits or httpx.Limits())
@@ -492,11 +550,6 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    def with_key(self, key: str) -> AsyncClient:
-        other = AsyncClient.__new__(AsyncClient)
-        other.__dict__.update(self.__dict__, key=key)
-        return other
-
     async def _run(self, call: Call):
         headers = self._headers(call)
         waits: list[float] = []
@@ -506,13 +559,14 @@ class AsyncClient(_Base):
             if attempt:
                 waits.append(self.policy.delay(attempt - 1, retry_after))
                 await self.sleep(waits[-1])
-            response, error = None, None
+            response, error, t0 = None, None, time.monotonic()
             try:
                 response = await self.http.request(
                     call.method, call.path, headers=headers, params=call.params,
                     content=None if call.json is None else msgspec.json.encode(call.json))
             except TRANSPORT_ERRORS as exc:
                 error = exc
+            self._observe(call, attempt + 1, t0, response, error)
             last, retry_after = self._judge(call, response, error)
             if last is None:
                 return _decode(call, response)

@@ -160,3 +160,20 @@ async def test_async_client_exhaustion_on_connection_refused():
             await client.get_reservation("rsv_0_x")
     assert caught.value.attempts == 3 and len(waits) == 2
     assert caught.value.last_status is None and caught.value.idempotency_key is None
+
+
+def test_on_attempt_sees_every_try_and_with_options_shares_the_pool():
+    seen = []
+    answers = [DROP, error(503, "SERVICE_UNAVAILABLE", "1"), CREATED]
+    with ScriptedServer(answers) as server, \
+            Client(server.url, "k1", policy=policy(), sleep=lambda s: None) as client:
+        observed = client.with_options(key="k2", on_attempt=seen.append)
+        observed.create_reservation(**BODY)
+        assert observed.http is client.http and client.on_attempt is None
+    assert [a.number for a in seen] == [1, 2, 3]
+    assert seen[0].response is None and seen[0].error is not None
+    assert [a.response.status_code for a in seen[1:]] == [503, 201]
+    assert all(a.t0 <= a.t1 for a in seen)
+    assert {s.headers["authorization"] for s in server.seen} == {"Bearer k2"}
+    with pytest.raises(TypeError):
+        client.with_options(colour="blue")
