@@ -10,6 +10,7 @@ CPU (``client_cpu_per_process`` in the results; near 1.0 means the client was th
 
 Kinds: ``create`` (POST /v1/reservations, then cancel a win when ``release_winners``),
 ``walk`` (create, vendor-confirmation, commit: the lifecycle through the API),
+``create_commit`` (create, commit: an instant, free vendor's lifecycle),
 ``hello`` (GET /hello on the baseline app: the HTTP ceiling) and ``bare_hold``
 (POST /holds on the baseline app: one bare EVALSHA per request), ``pg_endpoint`` (POST
 /pg/bookings on the baseline app: one asyncpg INSERT ... ON CONFLICT DO NOTHING against an
@@ -82,7 +83,8 @@ def build_request(method: str, path: str, host: str, body: bytes = b"",
 
 class HttpWorkload(Workload):
     def __init__(self, kind: str) -> None:
-        if kind not in ("create", "walk", "hello", "bare_hold", "pg_endpoint"):
+        if kind not in ("create", "walk", "create_commit", "hello", "bare_hold",
+                        "pg_endpoint"):
             raise ValueError(f"unknown HTTP workload {kind!r}")
         self.kind = kind
 
@@ -135,6 +137,10 @@ class HttpWorkload(Workload):
             return
         reservation_id = await self._create(resource, start, end, rec, out)
         if reservation_id is None:
+            return
+        if self.kind == "create_commit":  # an instant, free vendor: straight to commit
+            await self._act(reservation_id, "commit", h.COMMIT, self.partner_auth, rec, out,
+                            resource)
             return
         if self.kind == "create":
             if self.release:  # in the history, not in the rate: decisions/s as elsewhere
