@@ -90,6 +90,11 @@ class Settings:
     worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
     metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
 
+    # Replay and parity (issue 17): the worker's parity cron (jobs/parity.py).
+    parity_interval_s: int = 300  # 0: no parity cron in the worker
+    parity_window_s: int = 3_600  # reservations changed within this window are replayed
+    parity_settle_s: int = 60  # ... except those changed more recently (still in flight)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
