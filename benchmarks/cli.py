@@ -129,7 +129,8 @@ def finish(args: argparse.Namespace, results: dict[str, Any], console) -> int:
     print_wide(console, console_table(results))
     for line in summary_lines(results):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
-    print_wide(console, targets_table(results))
+    if results.get("targets"):
+        print_wide(console, targets_table(results))
     if args.json:
         write_json(results, args.json)
         console.print(f"results: {args.json}", soft_wrap=True)
