@@ -221,7 +221,7 @@ def _decode(call: Call, response: httpx.Response) -> Any:
     if call.result is bytes:
         return response.content
     if call.result is dict:
-        return msgspec.json.decode(response.content)
+        return msgspec.json.decode(response.content) if response.content else None
     return msgspec.json.decode(response.content, type=call.result)
 
 
@@ -364,6 +364,14 @@ class _Routes:
         return self._run(Call("POST", f"/v1/admin/keys/{_seg(key_id)}/revoke",
                               result=schemas.ApiKey))
 
+    # Any route (one the methods above do not name yet): the JSON answer as builtins.
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,
+                json: Any = None, idempotency_key: str | None = None):
+        """``method path`` with the client's key, retries and typed errors; the decoded JSON
+        answer (dict/list), or None for an empty body."""
+        return self._run(Call(method.upper(), path, json, params=params, result=dict,
+                              idempotency_key=idempotency_key))
+
     # Health, metrics, the document (no key needed).
     def live(self):
         return self._run(Call("GET", "/health/live", result=schemas.Live, retry=False))
@@ -502,6 +510,17 @@ class Client(_Base):
     def close(self) -> None:
         self.http.close()
 
+    def pages(self, path: str, params: dict[str, Any] | None = None):
+        """Every row of a list route (``{"data": [...], "nextCursor"}``), page after page,
+        following ``nextCursor`` as ``startingAfter`` until it is null."""
+        cursor = None
+        while True:
+            page = self.request("GET", path, params=_page_params(params, cursor))
+            yield from page["data"]
+            cursor = page.get("nextCursor")
+            if cursor is None:
+                return
+
     def _run(self, call: Call):
         headers = self._headers(call)
         waits: list[float] = []
@@ -523,6 +542,13 @@ class Client(_Base):
             if last is None:
                 return _decode(call, response)
         raise self._exhausted(call, len(waits) + 1, last, waits)
+
+
+def _page_params(params: dict[str, Any] | None, cursor: str | None) -> dict[str, Any]:
+    out = {k: v for k, v in (params or {}).items() if v is not None}
+    if cursor is not None:
+        out["startingAfter"] = cursor
+    return out
 
 
 class AsyncClient(_Base):
@@ -549,6 +575,17 @@ class AsyncClient(_Base):
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    async def pages(self, path: str, params: dict[str, Any] | None = None):
+        """Every row of a list route, page after page (an async iterator)."""
+        cursor = None
+        while True:
+            page = await self.request("GET", path, params=_page_params(params, cursor))
+            for row in page["data"]:
+                yield row
+            cursor = page.get("nextCursor")
+            if cursor is None:
+                return
 
     async def _run(self, call: Call):
         headers = self._headers(call)

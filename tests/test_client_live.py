@@ -89,7 +89,10 @@ def test_create_replays_under_the_same_idempotency_key(sg):
 def test_extend_cancel_modify_and_if_match(sg):
     created = create(sg)
     rid = created.reservation_id
-    extended = sg.extend(rid, ttl_ms=300_000)
+    extended = sg.extend(rid, ttl_ms=1_200_000)  # later than the 10-min deadline
+    assert extended.expires_at > sg.get_reservation(rid).created_at
+    assert extended.version == created_version(sg, rid) and extended.expires_at != \
+        created.expires_at
     assert extended.state == "AWAITING_VENDOR_CONFIRMATION"
     start, end = slot()
     moved = sg.modify(rid, slot_start_time=start, slot_end_time=end,
@@ -102,6 +105,10 @@ def test_extend_cancel_modify_and_if_match(sg):
     assert cancelled.state == "CANCELLED"
     with pytest.raises(Conflict):
         sg.cancel(rid)  # terminal: final, not retried
+
+
+def created_version(sg, rid) -> int:
+    return sg.get_reservation(rid).version
 
 
 def test_authorizations_on_a_paid_vendor_flow(sg, live):

@@ -177,3 +177,38 @@ def test_on_attempt_sees_every_try_and_with_options_shares_the_pool():
     assert {s.headers["authorization"] for s in server.seen} == {"Bearer k2"}
     with pytest.raises(TypeError):
         client.with_options(colour="blue")
+
+
+def test_pages_follow_next_cursor_and_request_reaches_any_route():
+    pages = [Answer(200, {"data": [{"n": 1}, {"n": 2}], "nextCursor": "c1"}),
+             error(503, "SERVICE_UNAVAILABLE", "1"),  # a page retried on its own
+             Answer(200, {"data": [{"n": 3}], "nextCursor": None})]
+    waits: list[float] = []
+    with ScriptedServer(pages) as server, \
+            Client(server.url, "k", policy=policy(), sleep=waits.append) as client:
+        rows = list(client.pages("/v1/reservations", {"state": "HELD", "limit": 2,
+                                                      "vendorId": None}))
+    assert [r["n"] for r in rows] == [1, 2, 3]
+    assert [s.path for s in server.seen] == [
+        "/v1/reservations?state=HELD&limit=2",
+        "/v1/reservations?state=HELD&limit=2&startingAfter=c1",
+        "/v1/reservations?state=HELD&limit=2&startingAfter=c1"]
+    assert waits == [1.0]
+    with ScriptedServer([error(400, "INVALID_CURSOR")]) as server, \
+            Client(server.url, sleep=waits.append) as client:
+        with pytest.raises(BadRequest) as bad:
+            client.request("get", "/v1/bookings", params={"startingAfter": "x"})
+    assert bad.value.code == "INVALID_CURSOR" and server.seen[0].method == "GET"
+
+
+async def test_async_pages():
+    pages = [Answer(200, {"data": [{"n": 1}], "nextCursor": "c1"}),
+             Answer(200, {"data": [], "nextCursor": None})]
+
+    async def sleep(seconds: float) -> None:
+        raise AssertionError("no retry expected")
+
+    with ScriptedServer(pages) as server:
+        async with AsyncClient(server.url, sleep=sleep) as client:
+            rows = [row async for row in client.pages("/v1/bookings")]
+    assert rows == [{"n": 1}] and len(server.seen) == 2
