@@ -17,6 +17,11 @@ from engine.errors import NotFound
 from engine.schedule import parse_schedule
 
 
+def _json(value):
+    """A jsonb value with or without the pool's codec (engine/db.py)."""
+    return orjson.loads(value) if isinstance(value, (str, bytes)) else value
+
+
 def _dt(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
@@ -48,7 +53,7 @@ async def load_rules(conn: asyncpg.Connection, vendor_id: str) -> Rules:
         rows = await conn.fetch(
             "SELECT id, resource_id, start_at, end_at, status, source, calendar_id "
             "FROM busy_blocks WHERE vendor_id = $1 ORDER BY start_at, id", vendor_id)
-    schedule = parse_schedule(orjson.loads(doc)) if doc is not None else None
+    schedule = parse_schedule(_json(doc)) if doc is not None else None
     return Rules(vendor_id=vendor_id, revision=revision or 0, schedule=schedule,
                  blocks=tuple(_block(r) for r in rows))
 
@@ -56,7 +61,7 @@ async def load_rules(conn: asyncpg.Connection, vendor_id: str) -> Rules:
 async def put_schedule(conn: asyncpg.Connection, vendor_id: str, document: dict) -> int:
     async with conn.transaction():
         await conn.execute(
-            "INSERT INTO vendor_schedules (vendor_id, schedule) VALUES ($1, $2::jsonb) "
+            "INSERT INTO vendor_schedules (vendor_id, schedule) VALUES ($1, $2::text::jsonb) "
             "ON CONFLICT (vendor_id) DO UPDATE SET schedule = EXCLUDED.schedule, "
             "updated_at = now()", vendor_id, orjson.dumps(document).decode())
         return await _bump(conn, vendor_id)
@@ -65,7 +70,7 @@ async def put_schedule(conn: asyncpg.Connection, vendor_id: str, document: dict)
 async def get_schedule(conn: asyncpg.Connection, vendor_id: str) -> dict | None:
     doc = await conn.fetchval("SELECT schedule FROM vendor_schedules WHERE vendor_id = $1",
                               vendor_id)
-    return None if doc is None else orjson.loads(doc)
+    return None if doc is None else _json(doc)
 
 
 async def count_blocks(conn: asyncpg.Connection, vendor_id: str, *,

@@ -14,7 +14,7 @@ that occurs twice (clocks go back) is its first occurrence.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -61,6 +61,9 @@ class Schedule:
     buffer_after_minutes: int
     allow_tentative: bool
     raw: dict[str, Any]  # the accepted document, defaults filled (what GET answers)
+    # Local date -> its working hours as UTC ms (computed once per date: zone arithmetic
+    # is the expensive part of a placement check).
+    _days: dict = field(default_factory=dict, compare=False, repr=False)
 
     def document(self) -> dict[str, Any]:
         return self.raw
@@ -227,19 +230,37 @@ def local_ms(day: date, minutes: int, tz: ZoneInfo) -> int:
     return int(moment.astimezone(UTC).timestamp() * 1000)
 
 
+MAX_CACHED_DAYS = 4096
+
+
+def _day_intervals(schedule: Schedule, day: date) -> list[tuple[int, int]]:
+    cached = schedule._days.get(day)
+    if cached is None:
+        tz = schedule.zone
+        cached = [(local_ms(day, a, tz), local_ms(day, b, tz))
+                  for a, b in sorted(schedule.intervals_on(day))]
+        if len(schedule._days) >= MAX_CACHED_DAYS:
+            schedule._days.clear()
+        schedule._days[day] = cached
+    return cached
+
+
 def _open_intervals(schedule: Schedule, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
-    tz = schedule.zone
-    first = datetime.fromtimestamp(start_ms / 1000, tz).date() - timedelta(days=1)
-    last = datetime.fromtimestamp(end_ms / 1000, tz).date() + timedelta(days=1)
+    # Local dates from a day before to a day after: UTC offsets are under 24 hours.
+    first = date.fromordinal(_EPOCH_ORDINAL + start_ms // DAY_MS - 1)
+    last = date.fromordinal(_EPOCH_ORDINAL + end_ms // DAY_MS + 1)
     out: list[tuple[int, int]] = []
     day = first
+    one = timedelta(days=1)
     while day <= last:
-        for a, b in sorted(schedule.intervals_on(day)):
-            lo, hi = local_ms(day, a, tz), local_ms(day, b, tz)
+        for lo, hi in _day_intervals(schedule, day):
             if hi > start_ms and lo < end_ms and hi > lo:
                 if out and lo <= out[-1][1]:
                     out[-1] = (out[-1][0], max(out[-1][1], hi))
                 else:
                     out.append((lo, hi))
-        day += timedelta(days=1)
+        day += one
     return out
+
+
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()

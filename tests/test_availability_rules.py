@@ -239,9 +239,12 @@ def test_the_same_inputs_give_the_same_version():
     held=st.sets(st.integers(0, 7 * 96 - 1), max_size=20),
     now_units=st.integers(-96, 3 * 96), allow=st.booleans(),
     zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"]),
+    buffers=st.tuples(st.sampled_from([0, 15, 30]), st.sampled_from([0, 15, 45])),
+    slot_units=st.sampled_from([1, 2, 3]),
 )
 def test_a_slot_is_available_iff_no_rule_refuses_it(hours, notice, horizon, blocks, held,
-                                                    now_units, allow, zone):
+                                                    now_units, allow, zone, buffers,
+                                                    slot_units):
     unit = 15 * M
     start = ms("2027-03-25T00:00:00+00:00")  # a week across Berlin's spring DST change
     intervals = []
@@ -254,19 +257,22 @@ def test_a_slot_is_available_iff_no_rule_refuses_it(hours, notice, horizon, bloc
                  for a, b in intervals]
     sched = parse_schedule({"timeZone": zone, "weekly": {d: doc_hours for d in WEEK},
                             "minimumNoticeMinutes": notice, "horizonDays": horizon,
-                            "allowTentative": allow})
+                            "allowTentative": allow, "bufferBeforeMinutes": buffers[0],
+                            "bufferAfterMinutes": buffers[1]})
     r = rules(sched, [Block(f"b{i}", start + s * unit, start + (s + n) * unit, status)
                       for i, (s, n, status) in enumerate(blocks)])
     now = start + now_units * unit
     units = 7 * 96
     occupancy = "".join("h" if i in held else "." for i in range(units))
     slots = av.compute(r, "v1", unit_ms=unit, buffer_before_ms=0, buffer_after_ms=0,
-                       start_ms=start, end_ms=start + units * unit, slot_ms=2 * unit,
-                       now_ms=now, occupancy=occupancy, first_unit=start // unit)
+                       start_ms=start, end_ms=start + units * unit,
+                       slot_ms=slot_units * unit, now_ms=now, occupancy=occupancy,
+                       first_unit=start // unit)
+    assert len(slots) == units // slot_units
     for slot in slots:
         refused = av.refusals(r, "v1", slot.start_ms, slot.end_ms, now)
         i = (slot.start_ms - start) // unit
-        taken = i in held or i + 1 in held
+        taken = any(i + k in held for k in range(slot_units))
         assert slot.is_available == (not refused and not taken)
         assert set(slot.reasons) == set(refused) | ({"held"} if taken else set())
         assert set(slot.reasons) <= set(av.REASONS)

@@ -13,6 +13,8 @@ Handlers parse, make one service call (engine/availability_service.py) and rende
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 from msgspec import UNSET
 from starlette.requests import Request
@@ -51,12 +53,17 @@ def _matches(header: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags or f"W/{etag}" in tags
 
 
+# Slot boundaries repeat across answers (the same grid is asked again and again): formatting
+# them was most of a week's answer (1,344 calls), so they are remembered.
+_grid_time = functools.lru_cache(maxsize=65_536)(format_time)
+
+
 def availability_view(a) -> schemas.Availability:
     computed_at = format_time(a.computed_at_ms)
     slots = []
     for i, s in enumerate(a.slots):
         slots.append(schemas.AvailabilitySlot(
-            start_time=format_time(s.start_ms), end_time=format_time(s.end_ms),
+            start_time=_grid_time(s.start_ms), end_time=_grid_time(s.end_ms),
             is_available=s.is_available, status=s.status, reasons=s.reasons,
             computed_at=computed_at, computed_version=a.computed_version,
             confidence=s.confidence if a.include_confidence else UNSET,
