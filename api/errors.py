@@ -68,6 +68,11 @@ STATUS: dict[type[e.EngineError], int] = {
     e.ModifyCrossShard: 409,
     Forbidden: 403,
     AlreadyExists: 409,
+    # Availability engine (issue 13).
+    e.SlotRefused: 409,
+    e.RulesStale: 503,
+    e.AvailabilityChanged: 409,
+    e.UnsupportedCalendarType: 415,
 }
 
 

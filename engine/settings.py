@@ -95,6 +95,11 @@ class Settings:
     parity_window_s: int = 3_600  # reservations changed within this window are replayed
     parity_settle_s: int = 60  # ... except those changed more recently (still in flight)
 
+    # Availability engine (issue 13).
+    availability_rules_cache_ms: int = 60_000  # cached rules reloaded at this age at the latest
+    max_busy_blocks: int = 5_000  # busy blocks per vendor (manual and imported together)
+    max_calendar_bytes: int = 2_000_000  # an ICS body larger than this is refused (413)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ

@@ -32,7 +32,9 @@
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
            (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
-           -17 NOT_DUE (expire before the deadline: + deadline)
+           -17 NOT_DUE (expire before the deadline: + deadline),
+           -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
+           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -75,6 +77,8 @@ if TERMINAL[rec.st] then return {OUTCOME.TERMINAL, rec.st} end
 
 local now = now_ms()
 local state = rec.st
+-- Issue 13: the vendor's availability no longer allows the slot (flagged on the record).
+local unavailable = redis.call('HGET', record_key, 'ua')
 local overdue = PRE_COMMIT[state] and rec.dl <= now
 
 -- Apply `path` (states after the current one): CAS already checked, so every step is
@@ -122,6 +126,12 @@ if op == 'extend' then
   local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {OUTCOME.INVALID, 'bad extension'} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
+  if unavailable then
+    local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
+      OUTCOME.AVAILABILITY_CHANGED)
+    reply[#reply + 1] = unavailable
+    return reply
+  end
   local deadline = math.max(rec.dl, now + ext_ttl)
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
   if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
@@ -153,6 +163,13 @@ local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
 if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
   -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
   return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
+end
+
+if forward and PRE_COMMIT[state] and unavailable then
+  local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
+    OUTCOME.AVAILABILITY_CHANGED)
+  reply[#reply + 1] = unavailable
+  return reply
 end
 
 local path = walk_auto_steps({action.to}, rec.cr == '1', rec.pr == '1')
