@@ -17,6 +17,7 @@ from engine.catalog_cache import CatalogCache
 from engine.errors import RateLimited
 from engine.idempotency import IdempotencyStore
 from engine.keys import KeySpace
+from engine.list_service import ListService
 from engine.permissions import Principal
 from engine.service import AdminService, ReservationService
 from engine.settings import Settings, trusted_networks
@@ -37,6 +38,7 @@ class Services:
     idempotency: IdempotencyStore
     admin: AdminService | None = None
     extra: dict = field(default_factory=dict)
+    lists: ListService | None = None  # lists with cursors (issue 17)
 
 
 def services(request: Request) -> Services:

@@ -91,8 +91,11 @@ def _settle(node: Any) -> Any:
 
 
 def components() -> dict[str, Any]:
+    from api import schemas_lists  # lists with cursors (issue 17)
+
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES,
+        ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 
@@ -284,6 +287,9 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
+    from api.openapi_lists import add_paths as add_list_paths  # issue 17
+
+    add_list_paths(paths)
     return paths
 
 

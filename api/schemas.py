@@ -291,7 +291,11 @@ class AuditEntry(Out):
 
 
 class AuditPage(Out):
-    entries: list[AuditEntry]
+    entries: doc(list[AuditEntry], description="deprecated: the same rows as data")
+    # Issue 17: a cursor, and the rows under the name every list uses.
+    data: list[AuditEntry]
+    next_cursor: doc(str | None, description="opaque; pass it as startingAfter for the "
+                                             "next page; null on the last page")
 
 
 class Partner(Out):

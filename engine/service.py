@@ -63,7 +63,8 @@ MIN_TTL_MS = 1_000
 MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
 AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
                       "resourceId"}
-AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit",
+               "startingAfter"}
 # Kept for callers that named the old constant: the partner scope of system-created
 # reservations (engine/lifecycle.py SYSTEM_SCOPE, which no partner id can equal).
 SYSTEM_PARTNER = SYSTEM_SCOPE
@@ -517,6 +518,13 @@ class ReservationService:
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
+        return (await self.audit_page(principal, pool, pairs, client_ip))[0]
+
+    async def audit_page(self, principal: Principal, pool, pairs: list[tuple[str, str]],
+                         client_ip: str | None = None) -> tuple[list, str | None]:
+        """A page of audit rows, oldest first, and the cursor of the next page (issue 17:
+        ``startingAfter``; None on the last page)."""
+        from engine import cursor
         from engine.store import queries
 
         require(principal, "ops.audit")
@@ -528,14 +536,23 @@ class ReservationService:
             if name in query and not 0 < len(query[name]) <= 128:
                 raise ValidationError(f"{name} must be 1..128 characters",
                                       code="INVALID_PARAMETER", details={"field": name})
+        filters = {k: v for k, v in query.items() if k not in ("limit", cursor.FIELD)}
+        after_id = None
+        if cursor.FIELD in query:
+            (after_id,) = cursor.decode(query[cursor.FIELD], "audit", filters, (int,))
         await self.throttle(principal, client_ip)
         if since is not None and until is not None and until <= since:
-            return []  # since <= at < until: an empty range
+            return [], None  # since <= at < until: an empty range
         async with pool.acquire() as conn:
-            return await queries.query_audit(
+            rows = await queries.query_audit(
                 conn, reservation_id=query.get("reservationId"),
                 resource_id=query.get("resourceId"), actor=query.get("actor"),
-                since=_datetime(since), until=_datetime(until), limit=limit)
+                since=_datetime(since), until=_datetime(until), after_id=after_id,
+                limit=limit + 1)
+        if len(rows) <= limit:
+            return rows, None
+        rows = rows[:limit]
+        return rows, cursor.encode("audit", [rows[-1].id], filters)
 
 
 # ---- the rules of the request ----------------------------------------------------------------

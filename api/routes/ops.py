@@ -65,10 +65,11 @@ async def bulk_release(request: Request) -> Response:
 
 async def audit_query(request: Request) -> Response:
     caller = await principal(request)
-    rows = await services(request).reservations.audit(
+    rows, cursor = await services(request).reservations.audit_page(
         caller, services(request).pool, request.query_params.multi_items(),
         client_ip(request))
-    return JSONResponse(AuditPage(entries=[_audit_view(r) for r in rows]))
+    entries = [_audit_view(r) for r in rows]
+    return JSONResponse(AuditPage(entries=entries, data=entries, next_cursor=cursor))
 
 
 def _audit_view(row: queries.AuditEntry) -> AuditEntry:
