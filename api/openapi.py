@@ -287,9 +287,10 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
-    from api.openapi_lists import add_paths as add_list_paths  # issue 17
+    from api import openapi_tools  # issue 17: lists with cursors, ETags
 
-    add_list_paths(paths)
+    openapi_tools.add_paths(paths)
+    openapi_tools.add_etags(paths)
     return paths
 
 

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import client_ip, principal, services
+from api.etag import with_etag
 from api.schemas import AuditEntry, AuditPage, BulkReleaseRequest, ReleaseRequest
 from api.validation import format_time, given, invalid, parse_body
 from api.views import JSONResponse, reservation_view
@@ -26,7 +27,7 @@ async def release(request: Request) -> Response:
     released = await services(request).reservations.release(
         caller, request.path_params["reservationId"], body.reason, client_ip(request))
     metrics.HOLDS_RELEASED.inc()
-    return JSONResponse(reservation_view(released))
+    return with_etag(JSONResponse(reservation_view(released)), released.version)
 
 
 async def bulk_release(request: Request) -> Response:

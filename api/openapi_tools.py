@@ -1,5 +1,5 @@
-"""The OpenAPI part of the lists with cursors (issue 17), merged into api/openapi.py's paths
-(beside the POSTs already documented on the same paths)."""
+"""The OpenAPI of issue 17's additions, merged into api/openapi.py's paths: the lists with
+cursors (beside the POSTs already documented on the same paths) and the reservation ETag."""
 
 from __future__ import annotations
 
@@ -76,3 +76,30 @@ def add_paths(paths: dict[str, Any]) -> None:
     audit["parameters"].append(param("startingAfter", "query",
                                      {"type": "string", "minLength": 1, "maxLength": 512,
                                       "pattern": "^[A-Za-z0-9_-]+$"}, description=CURSOR_DOC))
+
+
+ETAG = {"ETag": {"description": 'the reservation\'s version, quoted ("3"): send it as '
+                                 "If-Match to act only on this version (else 412), or as "
+                                 "If-None-Match to be answered 304 while it is current",
+                  "schema": {"type": "string", "pattern": '^"[0-9]+"$'}}}
+
+
+def add_etags(paths: dict[str, Any]) -> None:
+    """ETag on every answer that shows one reservation; If-None-Match (304) on its GET."""
+    from api.openapi import param
+
+    for path, item in paths.items():
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if status.startswith("2") and schema == {"$ref":
+                                                         "#/components/schemas/Reservation"}:
+                    response.setdefault("headers", {}).update(ETAG)
+    get = paths["/v1/reservations/{reservationId}"]["get"]
+    get["parameters"].append(param(
+        "If-None-Match", "header", {"type": "string", "maxLength": 256},
+        description='an ETag seen before ("3"), or *: 304 while the reservation is at '
+                    "that version"))
+    get["responses"]["304"] = {"description": "Not modified: the version named in "
+                                              "If-None-Match is current (no body)",
+                               "headers": ETAG}
