@@ -66,6 +66,7 @@ STATUS: dict[type[e.EngineError], int] = {
     e.UnsafeRedis: 503,
     e.NotReady: 503,
     e.ModifyCrossShard: 409,
+    e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,
 }
@@ -85,10 +86,21 @@ def envelope(code: str, message: str, details: dict[str, Any] | None, retryable:
     return {"error": {
         "code": code,
         "message": message,
-        "details": details or {},
+        "details": _integral(details) if details else {},
         "retryable": retryable,
         "retryAfter": retry_after_seconds(retry_after_ms),
     }}
+
+
+def _integral(value: Any) -> Any:
+    """Integral floats as integers (issue 17: ``unitMinutes: 30``, never ``30.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def retry_after_seconds(retry_after_ms: int | None) -> int | None:

@@ -116,7 +116,10 @@ class AuthorizationRequest(ActionRequest):
 
 class ExtendRequest(ActionRequest):
     ttl_ms: doc(int, minimum=1000, maximum=MAX_TTL_MS,
-                description="beyond the maximum hold time: 409") | UnsetType = UNSET
+                description="the new deadline is now + ttlMs (default: the hold TTL). "
+                            "When that is not after the current deadline: 409 "
+                            "EXTEND_NOT_LATER and no extension is spent; beyond the maximum "
+                            "hold time: 409 MAX_HOLD_DURATION") | UnsetType = UNSET
 
 
 class ModifyReservationRequest(Body):

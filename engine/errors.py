@@ -36,6 +36,8 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Partner-readable details (issue 17): -45 .. -49.
+    EXTEND_NOT_LATER = -45
 
 
 class EngineError(Exception):
@@ -168,6 +170,24 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- partner-readable details (issue 17) ---------------------------------------------
+class ExtendNotLater(EngineError):
+    """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
+    no extension is spent."""
+
+    code = "EXTEND_NOT_LATER"
+
+
+def _extend_not_later(reply: list, ctx: dict) -> EngineError:
+    from engine.times import format_time
+
+    deadline, requested = int(reply[1]), int(reply[2])
+    return ExtendNotLater(
+        "the extension would not move the deadline later; nothing was spent",
+        details={**ctx["details"], "expiresAt": format_time(deadline),
+                 "requestedExpiresAt": format_time(requested)})
+
+
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
@@ -262,6 +282,7 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

@@ -220,7 +220,7 @@ class ReservationService:
             raise ValidationError("slotStartTime and slotEndTime must sit on the vendor's "
                                   "unit grid", code="SLOT_NOT_ALIGNED",
                                   details={"field": "slotStartTime",
-                                           "unitMinutes": resource.unit_ms / MINUTE_MS})
+                                           "unitMinutes": resource.unit_ms // MINUTE_MS})
         units = ((end_ms + resource.buffer_after_ms)
                  - (start_ms - resource.buffer_before_ms)) // resource.unit_ms
         if units > self.settings.max_hold_units:
@@ -264,7 +264,7 @@ class ReservationService:
         except EngineError as exc:
             if isinstance(exc, HoldConflict):
                 metrics.HOLDS_CONFLICTED.inc()
-                exc = _conflict_for(principal, exc)
+                exc = await self._readable_conflict(principal, exc, resource)
             elif isinstance(exc, CapExceeded):
                 metrics.CAP_REJECTIONS.labels(scope="partner").inc()
             if not claimed:
@@ -303,6 +303,14 @@ class ReservationService:
             return self.keys.new_reservation_id(resource_id)
         raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
         return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
+
+    async def _readable_conflict(self, principal: Principal, exc: HoldConflict,
+                                 resource: Resource) -> HoldConflict:
+        """ISO times, and the holder only when the caller may know it (issue 17)."""
+        from engine.conflicts import readable_conflict
+
+        return await readable_conflict(principal, exc, resource, self.engine.access.redis,
+                                       self.keys)
 
     # ---- reads ------------------------------------------------------------------------
     async def read(self, principal: Principal, reservation_id: str,
@@ -424,7 +432,7 @@ class ReservationService:
                 partner_scope=self._tenancy(principal)[0], wait_cap=False)
         except HoldConflict as exc:
             metrics.HOLDS_CONFLICTED.inc()
-            raise _conflict_for(principal, exc) from None
+            raise await self._readable_conflict(principal, exc, resource) from None
         except NotFound:
             raise _not_found(reservation_id) from None
         assert moved.reservation is not None
@@ -617,15 +625,6 @@ def _with_request_id(metadata: dict[str, Any] | None, request_id: str) -> dict[s
 
 def _not_found(reservation_id: str) -> NotFound:
     return NotFound("reservation not found", details={"reservationId": reservation_id})
-
-
-def _conflict_for(principal: Principal, exc: HoldConflict) -> HoldConflict:
-    """Partners and vendors learn what collides, not another tenant's reservation id."""
-    if principal.role in (OPS, ADMIN, SYSTEM):
-        return exc
-    details = {k: v for k, v in exc.details.items() if k != "conflictingReservationId"}
-    return HoldConflict(exc.message, holder=exc.holder, unit=exc.unit, booked=exc.booked,
-                        details=details)
 
 
 async def _first_error(results: list) -> None:
