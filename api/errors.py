@@ -134,7 +134,20 @@ def engine_error_response(exc: e.EngineError) -> Response:
 # ---- Starlette exception handlers (keyed by class in create_app) -----------------------
 async def handle_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, e.EngineError)
+    count_refusal(exc)
     return engine_error_response(exc)
+
+
+def count_refusal(exc: e.EngineError) -> None:
+    """403s and rate-limit 429s in their counters (issue 17); 401s are counted where the
+    key is resolved (api/context.py), hold caps where they are refused (engine/service.py)."""
+    from engine import metrics
+
+    if isinstance(exc, Forbidden):
+        metrics.AUTH_FAILURES.labels(reason="forbidden").inc()
+    elif isinstance(exc, e.RateLimited):
+        scope = "ip" if "clientIp" in exc.details else "partner"
+        metrics.RATE_LIMIT_REJECTIONS.labels(scope=scope).inc()
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

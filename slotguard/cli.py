@@ -138,7 +138,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    import uvicorn.config
 
     from engine.settings import Settings
 
@@ -149,14 +148,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    log_config = {**uvicorn.config.LOGGING_CONFIG}
-    log_config["formatters"] = {**log_config["formatters"], "slotguard": {
-        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
-    log_config["handlers"] = {**log_config["handlers"], "slotguard": {
-        "class": "logging.StreamHandler", "formatter": "slotguard",
-        "stream": "ext://sys.stderr"}}
-    log_config["loggers"] = {**log_config["loggers"], "slotguard": {
-        "handlers": ["slotguard"], "level": args.log_level.upper(), "propagate": False}}
+    from slotguard.logs import uvicorn_config
+
+    # One format (SLOTGUARD_LOG_FORMAT) for our loggers and uvicorn's (issue 17).
+    log_config = uvicorn_config(settings.log_format, args.log_level)
     # Forwarded headers are ours to judge (SLOTGUARD_TRUSTED_PROXIES, api/context.py), never
     # uvicorn's: by default it trusts X-Forwarded-For from loopback.
     # The protocol bounds request heads and read times (api/guard.py); h11's own limit is

@@ -10,6 +10,7 @@ stops everything in order: API, worker, then the embedded servers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -240,6 +241,11 @@ More: `slotguard status`, `slotguard keys list`, `slotguard keys create --role p
 
 
 def run(host: str, port: int | None, data_dir: Path) -> int:
+    from engine.settings import Settings
+    from slotguard.logs import configure
+
+    configure(Settings.from_env().log_format)  # the format of the API and worker (issue 17)
+    log = logging.getLogger("slotguard.up")
     stack = start(host, port, data_dir)
     stopping = False
 
@@ -257,11 +263,11 @@ def run(host: str, port: int | None, data_dir: Path) -> int:
         while not stopping:
             for child in stack.children:
                 if child.poll() is not None:
-                    print(f"slotguard: {child.args[3]} exited ({child.returncode}); stopping",
-                          file=sys.stderr, flush=True)
+                    log.error("slotguard: %s exited (%s); stopping", child.args[3],
+                              child.returncode)
                     stopping, code = True, 1
             time.sleep(0.3)
     finally:
-        print("slotguard: stopping", flush=True)
+        log.info("slotguard: stopping")
         stop(stack)
     return code
