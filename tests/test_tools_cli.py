@@ -220,3 +220,18 @@ async def test_the_banner_walk_reaches_committed(up):
         return reservation["state"] == "COMMITTED"
 
     await eventually(committed, timeout_s=120, what="the walked reservation COMMITTED")
+
+
+def test_bench_runs_on_up_servers(up):
+    out = up.root / "bench.json"
+    done = up.run("bench", "--quick", "-s", "hot_slot", "--seconds", "0.4", "--processes", "1",
+                  "--connections", "4", "--http-workers", "1", "--no-progress",
+                  "--json", str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    servers_line = done.stderr.strip().splitlines()[0]
+    assert servers_line.startswith("slotguard bench: servers: Redis " + up.redis_url)
+    assert f"Postgres {up.database_url} (.slotguard/env)" in servers_line
+    results = json.loads(out.read_text())
+    # It ran on the servers it was handed, not on the local standard ports or its own.
+    assert results["servers"]["source"] == "environment"
+    assert results["scenarios"]["hot_slot"]["violations"] == 0
