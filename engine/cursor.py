@@ -40,22 +40,22 @@ def decode(token: str, kind: str, filters: Mapping[str, Any],
            types: Sequence[type]) -> list[Any]:
     """The position ``token`` names, each value of the given ``types``; else 400."""
     if not token or len(token) > MAX_CURSOR_CHARS:
-        raise _invalid("the cursor is empty or too long")
+        raise invalid("the cursor is empty or too long")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         version, cursor_kind, digest, position = orjson.loads(raw)
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
-        raise _invalid("the cursor is not one this API issued") from None
+        raise invalid("the cursor is not one this API issued") from None
     if version != VERSION or cursor_kind != kind:
-        raise _invalid("the cursor belongs to another list")
+        raise invalid("the cursor belongs to another list")
     if digest != _digest(filters):
-        raise _invalid("the cursor was issued for other filters; keep the filters of the "
+        raise invalid("the cursor was issued for other filters; keep the filters of the "
                        "first page when paging")
     if (not isinstance(position, list) or len(position) != len(types)
             or not all(type(value) is t for value, t in zip(position, types))):
-        raise _invalid("the cursor is not one this API issued")
+        raise invalid("the cursor is not one this API issued")
     return position
 
 
-def _invalid(message: str) -> ValidationError:
+def invalid(message: str) -> ValidationError:
     return ValidationError(message, code="INVALID_CURSOR", details={"field": FIELD})

@@ -15,7 +15,7 @@ has written its first event, and shows the state of the last event written.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from engine import cursor
@@ -24,7 +24,7 @@ from engine.keys import NAME_RE
 from engine.lifecycle import PARTNER, ROLES, VENDOR, State
 from engine.permissions import Principal, require
 from engine.store import lists as store
-from engine.times import parse_time
+from engine.times import EPOCH, parse_time
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -185,9 +185,9 @@ def _after_created(query: dict[str, str], kind: str,
         return None
     micros, row_id = cursor.decode(token, kind, filters, (int, str))
     try:
-        return datetime.fromtimestamp(0, UTC) + _micro_delta(micros), row_id
+        return EPOCH + timedelta(microseconds=micros), row_id
     except (OverflowError, ValueError):
-        raise cursor._invalid("the cursor is not one this API issued") from None  # noqa: SLF001
+        raise cursor.invalid("the cursor is not one this API issued") from None
 
 
 def _after_id(query: dict[str, str], kind: str, filters: dict[str, Any]) -> str | None:
@@ -206,17 +206,9 @@ def _page(rows: list, limit: int, kind: str, filters: dict[str, Any], position) 
 
 
 def _micros(moment: datetime) -> int:
-    delta = moment - datetime.fromtimestamp(0, UTC)
+    delta = moment - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _micro_delta(micros: int):
-    from datetime import timedelta
-
-    return timedelta(microseconds=micros)
-
-
 def _datetime(ms: int | None) -> datetime | None:
-    from datetime import timedelta
-
-    return None if ms is None else datetime.fromtimestamp(0, UTC) + timedelta(milliseconds=ms)
+    return None if ms is None else EPOCH + timedelta(milliseconds=ms)

@@ -225,3 +225,21 @@ async def test_bad_queries_are_typed_400s_and_change_nothing(app, client, world,
     # Only the rate limiter's own keys may have moved (for the requests that passed).
     changed = {k for k in set(after) | set(keys_before) if after.get(k) != keys_before.get(k)}
     assert all(k.endswith(":rate") for k in changed), changed
+
+
+async def test_forged_cursors_are_400_not_500(client, world):
+    from engine import cursor
+
+    filters = {"partner": "p1", "vendor": None, "state": None, "from": None, "to": None}
+    for position in ([2**62, "rsv_x"], [-(2**62), "rsv_x"], ["2030", "rsv_x"], [1],
+                     [1, "a", 2]):
+        forged = cursor.encode("reservations", position, filters)
+        r = await client.get("/v1/reservations", params={"startingAfter": forged},
+                             headers=world.auth("p1"))
+        assert r.status_code == 400, (position, r.text)
+        assert r.json()["error"]["code"] == "INVALID_CURSOR"
+    # Well formed and for the caller's own filters: a position anywhere is harmless.
+    ok = cursor.encode("reservations", [0, ""], filters)
+    r = await client.get("/v1/reservations", params={"startingAfter": ok},
+                         headers=world.auth("p1"))
+    assert r.status_code == 200 and r.json() == {"data": [], "nextCursor": None}
