@@ -45,7 +45,7 @@ from engine.errors import (
     ValidationError,
 )
 from engine.idempotency import IdempotencyStore, StoredResponse, check_key
-from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
+from engine.lifecycle import PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
 from engine.limits import Limits
 from engine.permissions import Principal, can_see, require
 from engine.reservations import (
