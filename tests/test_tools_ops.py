@@ -141,3 +141,22 @@ async def test_one_log_format_for_api_and_worker(cli_env, settings, redis, log_f
             assert set(record) >= {"at", "level", "logger", "requestId", "message"}, line
         else:
             assert PLAIN_LINE.match(line), line
+
+
+def test_partner_series_are_hashed_and_limited_by_settings():
+    from jobs.metrics import WorkerMetrics, partner_label
+
+    counts = {f"tools-partner-{i}": (100 - i, i) for i in range(5)}
+    WorkerMetrics(partner_labels=False, partner_series=2).partner_reputation(counts)
+    shown = [partner_label(f"tools-partner-{i}", plain=False) for i in range(2)]
+    for label, partner in zip(shown, counts):
+        assert label.startswith("p_") and partner not in label
+        assert sample("slotguard_partner_holds", partner=label,
+                      outcome="placed") == counts[partner][0]
+    folded = partner_label("tools-partner-2", plain=False)
+    assert metrics.REGISTRY.get_sample_value(
+        "slotguard_partner_holds", {"partner": folded, "outcome": "placed"}) is None
+    assert sample("slotguard_partner_holds", partner="_other",
+                  outcome="placed") == sum(placed for placed, _ in list(counts.values())[2:])
+    exposed = metrics.generate_latest(metrics.REGISTRY).decode()
+    assert not any(f"tools-partner-{i}" in exposed for i in range(5))
