@@ -217,6 +217,14 @@ def walk(stack: Stack, now_s: float | None = None) -> str:
   curl -s $SG/v1/reservations/$RID -H "Authorization: Bearer $PARTNER_KEY"; echo"""
 
 
+def _origin(stack: Stack, name: str) -> str:
+    """Where ``up`` took a server from: the environment variable, or its embedded one."""
+    if os.environ.get(name):
+        return f"(from {name})"
+    data_dir = getattr(stack.embedded, "data_dir", None)
+    return f"(embedded, data in {data_dir})" if data_dir else "(embedded)"
+
+
 def banner(stack: Stack) -> str:
     env_line = (f"  env file       {stack.env_file}  (every slotguard command here uses "
                 f"these servers)\n" if stack.env_file else "")
@@ -224,8 +232,8 @@ def banner(stack: Stack) -> str:
 slotguard is up.
   API            {stack.api_url}   (OpenAPI: {stack.api_url}/openapi.json)
   metrics        {stack.api_url}/metrics
-  Redis          {stack.redis_url}
-  Postgres       {stack.database_url}
+  Redis          {stack.redis_url}   {_origin(stack, "REDIS_URL")}
+  Postgres       {stack.database_url}   {_origin(stack, "DATABASE_URL")}
 {env_line}  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, no payment)
   demo partner   {DEMO_PARTNER}
   partner key    {stack.keys.partner}

@@ -98,6 +98,7 @@ def test_up_writes_the_env_file_without_keys(up):
     assert values["DATABASE_URL"] == up.database_url
     assert values[envfile.API_URL] == up.url
     assert not re.search(r":(6379|5432)\b", up.redis_url + up.database_url)  # embedded
+    assert up.banner.count("(embedded, data in ") == 2
     text = path.read_text()
     assert all(key not in text for key in up.keys.values())
     assert "sg_live_" not in text
