@@ -39,6 +39,8 @@ class Outcome(IntEnum):
     # Availability engine (issue 13): -25 .. -29.
     RULES_STALE = -25
     AVAILABILITY_CHANGED = -26
+    # Partner-readable details (issue 17): -45 .. -49.
+    EXTEND_NOT_LATER = -45
 
 
 class EngineError(Exception):
@@ -169,6 +171,24 @@ class ModifyCrossShard(EngineError):
     (multi-resource tags are a later step of issue 16)."""
 
     code = "MODIFY_CROSS_SHARD"
+
+
+# ---- partner-readable details (issue 17) ---------------------------------------------
+class ExtendNotLater(EngineError):
+    """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
+    no extension is spent."""
+
+    code = "EXTEND_NOT_LATER"
+
+
+def _extend_not_later(reply: list, ctx: dict) -> EngineError:
+    from engine.times import format_time
+
+    deadline, requested = int(reply[1]), int(reply[2])
+    return ExtendNotLater(
+        "the extension would not move the deadline later; nothing was spent",
+        details={**ctx["details"], "expiresAt": format_time(deadline),
+                 "requestedExpiresAt": format_time(requested)})
 
 
 class NotDue(EngineError):
@@ -307,6 +327,7 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         f"the slot became unavailable ({reply[4]}); the reservation failed",
         details={**ctx["details"], "state": str(reply[1]), "version": int(reply[2]),
                  "reasons": [r for r in str(reply[4]).split(",") if r]}),
+    Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

@@ -14,6 +14,8 @@ from typing import Any
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
+LOG_FORMATS = ("plain", "json")
+
 # Fields whose environment variable is not SLOTGUARD_<NAME>.
 _PLAIN_ENV = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
 
@@ -100,6 +102,13 @@ class Settings:
     max_busy_blocks: int = 5_000  # busy blocks per vendor (manual and imported together)
     max_calendar_bytes: int = 2_000_000  # an ICS body larger than this is refused (413)
 
+    # CLI, lists and ops hygiene (issue 17).
+    # When set, /metrics (API and `slotguard worker --metrics-port`) needs
+    # `Authorization: Bearer <token>`.
+    metrics_token: str = dataclasses.field(default="", repr=False)
+    metrics_partner_series: int = 50  # partners with their own reputation series (rest: _other)
+    log_format: str = "plain"  # plain | json: one format for the API, the worker and `up`
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -129,6 +138,9 @@ class Settings:
                 raise SettingsError(f"{env_name(name)} must be >= 1")
         if not self.db_schema.replace("_", "").isalnum():
             raise SettingsError("SLOTGUARD_DB_SCHEMA must be letters, digits and underscores")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"SLOTGUARD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                                f"got {self.log_format!r}")
         try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:

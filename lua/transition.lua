@@ -35,6 +35,8 @@
            -17 NOT_DUE (expire before the deadline: + deadline),
            -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
            FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons)
+           -45 EXTEND_NOT_LATER (now + ttl is not after the deadline: nothing spent,
+           + deadline, + now + ttl)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -125,6 +127,8 @@ if op == 'extend' then
   if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', OUTCOME.EXPIRED) end
   local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {OUTCOME.INVALID, 'bad extension'} end
+  -- An extension that cannot move the deadline later spends nothing (issue 17).
+  if now + ext_ttl <= rec.dl then return {OUTCOME.EXTEND_NOT_LATER, rec.dl, now + ext_ttl} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
   if unavailable then
     local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
@@ -132,7 +136,7 @@ if op == 'extend' then
     reply[#reply + 1] = unavailable
     return reply
   end
-  local deadline = math.max(rec.dl, now + ext_ttl)
+  local deadline = now + ext_ttl
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
   if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
