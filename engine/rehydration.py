@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from engine.access import RedisAccess
+from engine.connection import is_cluster, per_node
 from engine.keys import KeySpace
 from engine.store.commit import BOOKING_LOCK, BOOKING_UNLOCK
 from engine.store.queries import Booking, bookings_to_rehydrate
@@ -42,7 +43,13 @@ class RehydrationReport:
 
 
 async def redis_run_id(access: RedisAccess) -> str:
-    return (await access.redis.info("server"))["run_id"]
+    """The Redis's run id; for a cluster, every master's (``node=run id`` sorted, joined),
+    so a restart or a failover of any master changes it (and triggers rehydration)."""
+    if not is_cluster(access.redis):
+        return (await access.redis.info("server"))["run_id"]
+    infos = await per_node(access.redis, lambda nodes: access.redis.info(
+        "server", target_nodes=nodes), primaries=True)
+    return ",".join(f"{name}={info['run_id']}" for name, info in sorted(infos.items()))
 
 
 async def is_rehydrated(access: RedisAccess, keys: KeySpace) -> bool:

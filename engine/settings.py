@@ -90,6 +90,12 @@ class Settings:
     worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
     metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
 
+    # Redis Cluster (issue 15).
+    redis_cluster: bool = False  # REDIS_URL is a seed node of a Redis Cluster (no db number)
+    arq_redis_url: str = ""  # a small non-cluster Redis for arq's cron queue (cluster mode)
+    redis_wait_replicas: int = 1  # cluster mode: WAIT for this many replicas after a batch
+    redis_wait_timeout_ms: int = 100  # ... for at most this long (then a second without)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -119,6 +125,15 @@ class Settings:
                 raise SettingsError(f"{env_name(name)} must be >= 1")
         if not self.db_schema.replace("_", "").isalnum():
             raise SettingsError("SLOTGUARD_DB_SCHEMA must be letters, digits and underscores")
+        if self.redis_cluster:
+            from urllib.parse import urlparse
+
+            db = urlparse(self.redis_url).path.strip("/")
+            if db not in ("", "0"):
+                raise SettingsError(
+                    f"REDIS_URL names database {db}, but a Redis Cluster has only database 0:"
+                    " with SLOTGUARD_REDIS_CLUSTER=true, REDIS_URL is a seed node "
+                    "(redis://host:port)")
         try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:
