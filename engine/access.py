@@ -47,6 +47,7 @@ class RedisAccess:
         backoff_max_s: float = 1.0,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
+        cluster_retry_s: float = 2.0,
     ) -> None:
         self.redis = redis
         # The hot path: batches written straight in RESP on one pipelined connection
@@ -61,6 +62,7 @@ class RedisAccess:
             if hasattr(self.wire, "wait_replicas"):  # a ClusterWire (engine/resp_cluster.py)
                 self.wire.wait_replicas = wait_replicas
                 self.wire.wait_timeout_ms = wait_timeout_ms
+                self.wire.retry_window_s = cluster_retry_s
         self._reloading: asyncio.Task | None = None
         self._pending: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future]] = []
         self._inflight = 0

@@ -23,8 +23,10 @@ What is retried, and why that is safe (a command re-sent only when Redis did not
   (the caller may retry only an idempotent script), and the slot map is refreshed, since a
   failover may be under way.
 
-At most ``max_redirects`` redirections per command; past that it fails with an error that
-says so (a slot map that keeps changing under a batch).
+At most ``max_redirects`` redirections in a row per command; past that it fails with an error
+that says so (a slot map that keeps changing under a batch). A multi-key script on a slot in
+the middle of a migration is refused with TRYAGAIN until the slot's move ends (Redis's rule);
+the wire keeps asking for ``retry_window_s`` (``SLOTGUARD_REDIS_CLUSTER_RETRY_MS``).
 """
 
 from __future__ import annotations
@@ -216,8 +218,12 @@ class ClusterWire:
                             asking.add(i)
                         todo.append(i)
                     elif kind in _REFUSED and loop.time() < deadline:
+                        # TRYAGAIN: a multi-key call on a slot being migrated (some keys
+                        # moved): Redis refuses it until the move ends; ask the source
+                        # again (its ASK or MOVED then counts afresh).
                         target.pop(i, None)
                         asking.discard(i)
+                        redirects[i] = 0
                         refused = True
                         todo.append(i)
             if refused:

@@ -75,7 +75,8 @@ class Runtime:
                                  observe=observe,
                                  backoff_max_s=settings.redis_reconnect_backoff_max_ms / 1000,
                                  wait_replicas=settings.redis_wait_replicas,
-                                 wait_timeout_ms=settings.redis_wait_timeout_ms)
+                                 wait_timeout_ms=settings.redis_wait_timeout_ms,
+                                 cluster_retry_s=settings.redis_cluster_retry_ms / 1000)
             await access.load_scripts()
             pool = await create_pool(settings, max_size=pool_max_size)
         except BaseException:

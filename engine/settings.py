@@ -95,6 +95,7 @@ class Settings:
     arq_redis_url: str = ""  # a small non-cluster Redis for arq's cron queue (cluster mode)
     redis_wait_replicas: int = 1  # cluster mode: WAIT for this many replicas after a batch
     redis_wait_timeout_ms: int = 100  # ... for at most this long (then a second without)
+    redis_cluster_retry_ms: int = 2_000  # TRYAGAIN/CLUSTERDOWN/LOADING re-sent this long
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

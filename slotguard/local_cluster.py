@@ -269,3 +269,46 @@ class LocalCluster:
                     return owner
             time.sleep(0.2)
         raise ClusterStartError(f"no replica took over slot {slot} from {killed.port}")
+
+    # ---- resharding -------------------------------------------------------------------
+    def node_id(self, node: Node) -> str:
+        return _command(node.port, "CLUSTER", "MYID").strip()
+
+    def begin_move(self, slot: int, target: Node) -> Node:
+        """Start migrating ``slot`` to ``target`` (IMPORTING/MIGRATING), moving no key yet:
+        the source answers ASK for keys it no longer has. Returns the source node."""
+        source = self.node_of_slot(slot)
+        _command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING",
+                 self.node_id(source))
+        _command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING",
+                 self.node_id(target))
+        return source
+
+    def migrate_keys(self, slot: int, source: Node, target: Node) -> int:
+        """MIGRATE every key of ``slot`` from ``source`` to ``target``; how many moved."""
+        moved = 0
+        while True:
+            keys = _command(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+            if not keys:
+                return moved
+            out = _command(source.port, "MIGRATE", HOST, str(target.port), "", "0", "5000",
+                           "REPLACE", "KEYS", *keys)
+            if "OK" not in out and "NOKEY" not in out:
+                raise ClusterStartError(f"MIGRATE failed: {out}")
+            moved += len(keys)
+
+    def end_move(self, slot: int, target: Node) -> None:
+        """Give ``slot`` to ``target`` on every master (the move is done)."""
+        target_id = self.node_id(target)
+        for node in [target, *(n for n in self.master_nodes() if n is not target)]:
+            _command(node.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+
+    def move_slot(self, slot: int, target: Node) -> int:
+        """Reshard one slot to ``target`` with its keys (as ``redis-cli --cluster
+        reshard`` does, one slot); the number of keys moved."""
+        source = self.begin_move(slot, target)
+        if source is target:
+            return 0
+        moved = self.migrate_keys(slot, source, target)
+        self.end_move(slot, target)
+        return moved
