@@ -96,8 +96,8 @@ class RedisAccess:
             from engine.connection import per_node
 
             for script in self.scripts.values():
-                await per_node(self.redis, lambda nodes, s=script: self.redis.script_load(
-                    s.source, target_nodes=nodes), primaries=True)
+                await per_node(self.redis, lambda nodes, s=script: self.redis.execute_command(
+                    "SCRIPT LOAD", s.source, target_nodes=nodes), primaries=True)
             return
         pipe = self.redis.pipeline(transaction=False)
         for script in self.scripts.values():
@@ -121,8 +121,8 @@ class RedisAccess:
         if hasattr(self.redis, "nodes_manager"):
             from engine.connection import per_node
 
-            found = await per_node(self.redis, lambda nodes: self.redis.script_exists(
-                *shas, target_nodes=nodes), primaries=True)
+            found = await per_node(self.redis, lambda nodes: self.redis.execute_command(
+                "SCRIPT EXISTS", *shas, target_nodes=nodes), primaries=True)
             return all(all(reply) for reply in found.values())
         return all(await self.redis.script_exists(*shas))
 

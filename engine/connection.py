@@ -121,8 +121,9 @@ async def eviction_policy(redis: aioredis.Redis) -> str:
     ``noeviction`` when all say so, else the first other policy and the node that has it.
     """
     try:
-        policies = await per_node(redis, lambda nodes: redis.config_get(
-            "maxmemory-policy", **({"target_nodes": nodes} if nodes else {})))
+        policies = await per_node(redis, lambda nodes: redis.config_get("maxmemory-policy")
+                                  if nodes is None else redis.execute_command(
+                                      "CONFIG GET", "maxmemory-policy", target_nodes=nodes))
     except aioredis.ResponseError:  # CONFIG renamed or refused (managed Redis)
         return "unknown"
     found = {name: (reply or {}).get("maxmemory-policy", "unknown")

@@ -47,8 +47,8 @@ async def redis_run_id(access: RedisAccess) -> str:
     so a restart or a failover of any master changes it (and triggers rehydration)."""
     if not is_cluster(access.redis):
         return (await access.redis.info("server"))["run_id"]
-    infos = await per_node(access.redis, lambda nodes: access.redis.info(
-        "server", target_nodes=nodes), primaries=True)
+    infos = await per_node(access.redis, lambda nodes: access.redis.execute_command(
+        "INFO", "server", target_nodes=nodes), primaries=True)
     return ",".join(f"{name}={info['run_id']}" for name, info in sorted(infos.items()))
 
 

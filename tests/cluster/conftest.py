@@ -20,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from engine.access import RedisAccess
 from engine.settings import Settings
 from slotguard.local_cluster import LocalCluster
-from tests.conftest import DATABASE_URL, delete_prefix
+from tests.conftest import DATABASE_URL, REDIS_URL, delete_prefix
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,14 @@ def redis_cluster():
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def cluster_env(monkeypatch):
+    """Processes a test starts (workers, the API) inherit cluster mode; arq's cron queue
+    lives on the shared single Redis (SLOTGUARD_ARQ_REDIS_URL), under the test's prefix."""
+    monkeypatch.setenv("SLOTGUARD_REDIS_CLUSTER", "true")
+    monkeypatch.setenv("SLOTGUARD_ARQ_REDIS_URL", REDIS_URL)
 
 
 @pytest.fixture
