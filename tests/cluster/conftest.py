@@ -83,3 +83,8 @@ async def access(redis):
     layer = RedisAccess(redis, wait_replicas=1)
     yield layer
     await layer.close()
+
+
+@pytest.fixture
+def contention_target(redis_cluster: LocalCluster) -> tuple[str, bool]:
+    return (redis_cluster.seed_url, True)
