@@ -165,6 +165,11 @@ class ClusterWire:
     async def execute(self, commands: Sequence[tuple[Arg, ...]]) -> list:
         """Every command's reply or error, in order (see the module docstring)."""
         loop = asyncio.get_running_loop()
+        if not self.cluster.nodes_manager.slots_cache:  # a client not used yet
+            try:
+                await self.cluster.initialize()
+            except Exception as exc:  # no seed answers: as a lost connection
+                return [ConnectionError(f"cannot reach the cluster: {exc}")] * len(commands)
         results: list = [None] * len(commands)
         target: dict[int, tuple[str, int]] = {}  # redirected commands
         asking: set[int] = set()
@@ -174,6 +179,7 @@ class ClusterWire:
         pause = 0.05
         while todo:
             groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+            unroutable: list[int] = []
             for i in todo:
                 try:
                     if i in target:
@@ -182,15 +188,18 @@ class ClusterWire:
                         key = command_key(commands[i])
                         address = self._any_address() if key is None else \
                             self.address(slot_of(key))
-                except Exception as exc:  # no node serves the slot (yet)
-                    results[i] = ClusterRoutingError(f"CLUSTERDOWN cannot route: {exc}")
+                except Exception as exc:  # no node serves the slot (yet): ask again
+                    results[i] = ClusterRoutingError(f"CLUSTERDOWN no node serves slot "
+                                                     f"{exc}")
+                    if loop.time() < deadline:
+                        unroutable.append(i)
                     continue
                 groups[address].append(i)
             sent = list(groups.items())
             replies = await asyncio.gather(
                 *(self._send(address, [commands[i] for i in idx], [i in asking for i in idx])
                   for address, idx in sent))
-            todo, refused = [], False
+            todo, refused = unroutable, bool(unroutable)
             for (address, idx), got in zip(sent, replies):
                 for i, reply in zip(idx, got):
                     results[i] = reply

@@ -312,3 +312,32 @@ class LocalCluster:
         moved = self.migrate_keys(slot, source, target)
         self.end_move(slot, target)
         return moved
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slotguard.local_cluster [--masters N] [--replicas R]``: start a cluster,
+    print its seed URL, keep it until SIGINT/SIGTERM (benchmarks, trying things)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m slotguard.local_cluster")
+    parser.add_argument("--masters", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.masters < 1 or args.replicas < 0:
+        parser.error("--masters must be >= 1 and --replicas >= 0")
+    cluster = LocalCluster(masters=args.masters, replicas=args.replicas).start()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        print(cluster.seed_url, flush=True)
+        while not stopping:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
