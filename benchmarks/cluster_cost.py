@@ -73,12 +73,13 @@ def _masters(url: str, cluster: bool) -> list[redis.Redis]:
 def _sample(client: redis.Redis) -> dict:
     stats = client.info("commandstats")
     cpu = client.info("cpu")
+    reads = client.info("stats").get("total_reads_processed", 0)
     calls = usec = 0
     for name in ("cmdstat_evalsha", "cmdstat_eval"):
         if name in stats:
             calls += stats[name]["calls"]
             usec += stats[name]["usec"]
-    return {"calls": calls, "usec": usec,
+    return {"calls": calls, "usec": usec, "reads": reads,
             "cpu_s": cpu["used_cpu_user"] + cpu["used_cpu_sys"]}
 
 
@@ -173,6 +174,9 @@ def measure(topology: str, seconds: float, processes: int, concurrency: int) -> 
                 "process_cpu_net_of_idle_us_per_call": round(net_cpu * 1e6 / calls, 2)
                 if calls else None,
                 "idle_cpu_ms_per_s": round(idle * 1000, 2),
+                # Socket reads the node processed per script call: its batches' size seen
+                # from the server (the per-batch costs are spread over this many calls).
+                "calls_per_read": round(calls / max(1, a["reads"] - b["reads"]), 2),
                 "process_cpu_s": round(a["cpu_s"] - b["cpu_s"], 3)})
         for m in masters:
             m.close()
@@ -192,22 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cluster_cost")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="tasks per client process")
+    parser.add_argument("--scale-concurrency", action="store_true",
+                        help="tasks per client process times the number of masters (the same "
+                             "load per master on every topology)")
     parser.add_argument("--topologies", default="single,1,3")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     results = []
     for topology in [t.strip() for t in args.topologies.split(",") if t.strip()]:
-        result = measure(topology, args.seconds, args.processes, args.concurrency)
+        per = int(topology) if args.scale_concurrency and topology.isdigit() else 1
+        result = measure(topology, args.seconds, args.processes, args.concurrency * per)
+        result["concurrency_per_process"] = args.concurrency * per
         results.append(result)
         print(json.dumps(result), flush=True)
     print("| topology | holds/s | per master: script calls, µs inside the script per call, "
-          "server CPU µs per call (net of idle) |")
+          "server CPU µs per call (net of idle), calls per socket read |")
     print("|---|---:|---|")
     for r in results:
         masters = "; ".join(f"{m['script_calls']} calls, {m['script_us_per_call']} µs, "
                             f"{m['process_cpu_us_per_call']} µs "
-                            f"({m['process_cpu_net_of_idle_us_per_call']} µs)"
+                            f"({m['process_cpu_net_of_idle_us_per_call']} µs), "
+                            f"{m['calls_per_read']} calls/read"
                             for m in r["masters"])
         print(f"| {r['topology']} | {r['ops_per_s']} | {masters} |")
     if args.json:

@@ -77,3 +77,10 @@ def test_up_with_a_cluster():
             proc.wait()
         asyncio.run(drop_schema(schema))
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_up_refuses_a_negative_cluster():
+    done = subprocess.run([sys.executable, "-m", "slotguard", "up", "--cluster", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--cluster must be >= 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
