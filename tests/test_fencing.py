@@ -149,3 +149,29 @@ async def _has_pending(rt, consumer: str) -> bool:
 
 async def _reclaimed(rt, consumer: str) -> bool:
     return await pending_of(rt, consumer) == 0
+
+
+async def test_rehydration_raises_the_fencing_counters(stack):
+    """After Redis lost its data the counters start again at 0: rehydration raises each to
+    its resource's newest committed token, so a new commit is never older than a booking."""
+    rt = stack
+    ids = await commit_many(rt, 3)
+    # A booking in Postgres with a token above every one Redis issued so far.
+    recorded = [int(await rt.redis.hget(rt.keys.reservation(r), "ct")) for r in ids]
+    newest = max(recorded)
+    async with rt.pool.acquire() as c:
+        await c.execute(
+            "INSERT INTO bookings (id, reservation_id, resource_key, resource_id, vendor_id,"
+            " partner_id, requester_id, slot_start, slot_end, block_start, block_end,"
+            " fence_token) SELECT 'bkg_x', 'rsv_x', r.key, r.id, r.vendor_id, 'p1', 'r',"
+            " now() + interval '400 days', now() + interval '401 days',"
+            " now() + interval '400 days', now() + interval '401 days', $1"
+            " FROM resources r WHERE r.id = 'inst'", newest + 100)
+    fence = rt.keys.fence("inst")
+    await rt.redis.delete(fence)  # the counter lost with Redis's data
+    await rt.redis.delete(*(rt.keys.ready(s) for s in range(rt.keys.shards)))
+    assert await rt.rehydrate_if_needed() is not None
+    assert int(await rt.redis.get(fence)) == newest + 100
+    # A new commit takes a newer token than every booking.
+    [later] = await commit_many(rt, 1, offset=50)
+    assert int(await rt.redis.hget(rt.keys.reservation(later), "ct")) > newest + 100
