@@ -44,6 +44,7 @@ async def check_cluster_mode(redis, settings: Settings) -> None:
     if settings.redis_cluster:
         try:
             await redis.initialize()
+            remember_nodes(redis)
         except RedisClusterException as exc:
             if "not enabled" not in str(exc):  # no seed node answers: an outage, not a mode
                 raise RedisConnectionError(str(exc)) from None
@@ -70,7 +71,9 @@ async def per_node(redis, reply_of, *, primaries: bool = False) -> dict[str, obj
     so the next call sees the replica that replaces it)."""
     if not is_cluster(redis):
         return {"redis": await reply_of(None)}
+    restore_startup_nodes(redis)
     await redis.initialize()
+    remember_nodes(redis)
     nodes = redis.get_primaries() if primaries else redis.get_nodes()
     replies = await asyncio.gather(*(reply_of([node]) for node in nodes),
                                    return_exceptions=True)
@@ -87,10 +90,34 @@ async def per_node(redis, reply_of, *, primaries: bool = False) -> dict[str, obj
     return out
 
 
+def remember_nodes(redis) -> None:
+    """Record every node the cluster client knows now (its seed included)."""
+    known = redis.__dict__.setdefault("_slotguard_known_nodes", set())
+    manager = redis.nodes_manager
+    for node in (*manager.startup_nodes.values(), *manager.nodes_cache.values()):
+        known.add((node.host, int(node.port)))
+
+
+def restore_startup_nodes(redis) -> None:
+    """Give redis-py's slot-map refresh every node ever known to ask. Its startup nodes
+    are replaced by the nodes of each refresh; after failovers and restarts they can end up
+    naming only dead nodes (or none: "at least one reachable node: None"), and the client
+    could never learn the slot map again."""
+    from redis.asyncio.cluster import ClusterNode
+
+    remember_nodes(redis)
+    manager = redis.nodes_manager
+    for host, port in redis.__dict__.get("_slotguard_known_nodes", ()):
+        node = ClusterNode(host, port, **manager.connection_kwargs)
+        manager.startup_nodes.setdefault(node.name, node)
+
+
 async def refresh_slots(redis) -> None:
     """Re-read a cluster's slot map (a failover may have moved masters); never raises."""
+    restore_startup_nodes(redis)
     try:
         await redis.nodes_manager.initialize()
+        remember_nodes(redis)
     except Exception as exc:
         log.warning("could not refresh the cluster slot map: %r", exc)
 

@@ -156,17 +156,19 @@ class ClusterWire:
         return self._refresh
 
     async def _do_refresh(self) -> None:
+        from engine.connection import refresh_slots
+
         self.refreshes += 1
-        try:
-            await self.cluster.nodes_manager.initialize()
-        except Exception as exc:  # the next redirect or error asks again
-            log.warning("could not refresh the cluster slot map: %r", exc)
+        await refresh_slots(self.cluster)  # never raises: the next redirect asks again
 
     async def execute(self, commands: Sequence[tuple[Arg, ...]]) -> list:
         """Every command's reply or error, in order (see the module docstring)."""
         loop = asyncio.get_running_loop()
         if not self.cluster.nodes_manager.slots_cache:  # a client not used yet
+            from engine.connection import restore_startup_nodes
+
             try:
+                restore_startup_nodes(self.cluster)
                 await self.cluster.initialize()
             except Exception as exc:  # no seed answers: as a lost connection
                 return [ConnectionError(f"cannot reach the cluster: {exc}")] * len(commands)

@@ -133,6 +133,7 @@ class LocalCluster:
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--cluster-replica-validity-factor", "0",
              "--dir", str(node.dir), "--save", "", "--appendonly", "no",
+             "--pidfile", str(node.dir / "redis.pid"),
              "--maxmemory-policy", "noeviction", "--protected-mode", "no",
              "--logfile", str(node.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -312,6 +313,25 @@ class LocalCluster:
         moved = self.migrate_keys(slot, source, target)
         self.end_move(slot, target)
         return moved
+
+
+def kill_leftovers(base_dir: Path) -> int:
+    """kill -9 every node a LocalCluster under ``base_dir`` left running (its pid files:
+    a process that owned the cluster was itself killed); how many were killed."""
+    killed = 0
+    for pid_file in Path(base_dir).glob("*/redis.pid"):
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"redis-server" in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from slotguard.local_cluster import kill_leftovers
 from tests.conftest import DATABASE_URL, REDIS_URL
 from tests.test_db import drop_schema
 from tests.test_up import _default_sigint, _processes_mentioning
@@ -73,8 +74,13 @@ def test_up_with_a_cluster():
         assert cluster_nodes(data_dir) == []
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGINT)  # a clean stop first: it stops the nodes
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        kill_leftovers(data_dir / "cluster")
         asyncio.run(drop_schema(schema))
         shutil.rmtree(data_dir, ignore_errors=True)
 
