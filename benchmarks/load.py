@@ -140,8 +140,11 @@ class RedisHolds(Workload):
         s = spec.settings
         self.settings = s
         self.release = spec.release_winners
-        self.client = aioredis.Redis.from_url(s.redis_url, decode_responses=True,
-                                              max_connections=spec.concurrency + 8)
+        from engine.connection import open_redis
+
+        # A cluster client when SLOTGUARD_REDIS_CLUSTER is set (issue 15).
+        self.client = open_redis(s, max_connections=spec.concurrency + 8,
+                                 health_check_interval=0)
         self.access = RedisAccess(self.client, batch_max=s.redis_batch_max,
                                   max_inflight=s.redis_max_inflight_batches)
         await self.access.load_scripts()

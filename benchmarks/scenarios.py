@@ -551,7 +551,9 @@ class Run:
         from engine.resources import Resource, ResourceCatalog
 
         s = self.env.settings.replace(key_prefix=self.env.settings.key_prefix + "mem:")
-        client = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+        from engine.connection import open_redis
+
+        client = open_redis(s, health_check_interval=0)
         try:
             keys = KeySpace(s.key_prefix, s.shards)
             catalog = ResourceCatalog([Resource(f"mem-{i}") for i in range(16)])

@@ -109,6 +109,13 @@ class Settings:
     metrics_partner_series: int = 50  # partners with their own reputation series (rest: _other)
     log_format: str = "plain"  # plain | json: one format for the API, the worker and `up`
 
+    # Redis Cluster (issue 15).
+    redis_cluster: bool = False  # REDIS_URL is a seed node of a Redis Cluster (no db number)
+    arq_redis_url: str = ""  # a small non-cluster Redis for arq's cron queue (cluster mode)
+    redis_wait_replicas: int = 1  # cluster mode: WAIT for this many replicas after a batch
+    redis_wait_timeout_ms: int = 100  # ... for at most this long (then a second without)
+    redis_cluster_retry_ms: int = 2_000  # TRYAGAIN/CLUSTERDOWN/LOADING re-sent this long
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -141,6 +148,15 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"SLOTGUARD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
                                 f"got {self.log_format!r}")
+        if self.redis_cluster:
+            from urllib.parse import urlparse
+
+            db = urlparse(self.redis_url).path.strip("/")
+            if db not in ("", "0"):
+                raise SettingsError(
+                    f"REDIS_URL names database {db}, but a Redis Cluster has only database 0:"
+                    " with SLOTGUARD_REDIS_CLUSTER=true, REDIS_URL is a seed node "
+                    "(redis://host:port)")
         try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:

@@ -99,9 +99,19 @@ local function apply(path, why, code)
     from = s
   end
   local v = rec.v + #path
+  -- Fencing (issue 15): the commit decision takes a token from the resource's fencing
+  -- counter (the one hold tokens come from, same hash tag); the booking row carries it and
+  -- Postgres refuses a booking older than one already committed on its units
+  -- (engine/migrations/0010_fencing.sql).
+  local extra
+  if final == 'COMMIT_IN_PROGRESS' then
+    local token = redis.call('INCR', string.sub(unit_root, 1, -4) .. ':fence:' .. rec.rs)
+    redis.call('HSET', record_key, 'ct', token)
+    extra = {'fenceToken', token}
+  end
   -- One commit-queue entry for the whole path (waived steps included).
   emit_transition(events_key, history_key, rec, state, path, v, actor, why, metadata, ik, now,
-    TERMINAL[final] and '' or deadline)
+    TERMINAL[final] and '' or deadline, false, extra)
   local fields = {'st', final, 'v', v, 'dl', deadline}
   if final:sub(1, 7) == 'FAILED_' then
     fields[#fields + 1] = 'fr'; fields[#fields + 1] = why ~= '' and why or final
