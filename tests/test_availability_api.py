@@ -405,3 +405,20 @@ async def test_concurrent_creates_and_a_rules_change_never_leave_a_hold_in_a_blo
                               headers=world.auth("p1"))
         assert r.status_code == 409 and \
             r.json()["error"]["code"] == "FAILED_AVAILABILITY_CHANGED", r.text
+
+
+async def test_extending_a_slot_that_has_begun_is_refused(app, client, world):
+    """The hold script decides "begun" by Redis TIME: a reservation placed through the
+    engine (no rules) on a slot of 2020 cannot be extended through the API."""
+    engine = app.state.services.reservations.engine
+    await app.state.services.catalog.vendor("v-confirm")  # into this process's catalog
+    moved = await engine.create(partner_id="p1", vendor_id="v-confirm", resource_id=None,
+                                start_ms=1_577_869_200_000, end_ms=1_577_871_000_000,
+                                requester_id="r")  # 2020-01-01T09:00Z, 30 minutes
+    r = await client.post(f"/v1/reservations/{moved.reservation_id}/extend", json={},
+                          headers=world.auth("p1"))
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "SLOT_UNAVAILABLE" and error["details"]["reasons"] == ["in_past"]
+    r = await client.get(f"/v1/reservations/{moved.reservation_id}", headers=world.auth("p1"))
+    assert r.json()["version"] == moved.version  # nothing changed
