@@ -23,7 +23,7 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, reservations
+from api.routes import admin, availability, health, lists, ops, reservations
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
@@ -32,6 +32,7 @@ from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
+from engine.list_service import ListService
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.api")
@@ -48,7 +49,9 @@ def routes() -> list[BaseRoute]:
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", health.prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/reservations", reservations.create_reservation, methods=["POST"]),
+        Route("/v1/reservations", lists.by_method(  # lists with cursors (issue 17)
+            POST=reservations.create_reservation, GET=lists.list_reservations),
+            methods=["GET", "POST"]),
         Route("/v1/reservations/{reservationId}", reservations.get_reservation,
               methods=["GET"]),
         *action_routes,
@@ -67,16 +70,20 @@ def routes() -> list[BaseRoute]:
               methods=["DELETE"]),
         Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
               methods=["PUT"]),
+        Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
             Route("/audit", ops.audit_query, methods=["GET"]),
         ]),
         Mount("/v1/admin", routes=[
-            Route("/partners", admin.create_partner, methods=["POST"]),
-            Route("/vendors", admin.create_vendor, methods=["POST"]),
+            Route("/partners", lists.by_method(  # GET: issue 17
+                POST=admin.create_partner, GET=lists.list_partners), methods=["GET", "POST"]),
+            Route("/vendors", lists.by_method(  # GET: issue 17
+                POST=admin.create_vendor, GET=lists.list_vendors), methods=["GET", "POST"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
-            Route("/keys", admin.create_key, methods=["POST"]),
+            Route("/keys", lists.by_method(  # GET: issue 17
+                POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
     ]
@@ -107,19 +114,21 @@ def create_app(settings: Settings | None = None) -> Starlette:
             # Issue 13: the vendors' availability rules, shared with the create path.
             availability_service = AvailabilityService(rt.pool, rt.access, rt.keys, catalog,
                                                        settings)
+            reservation_service = ReservationService(
+                engine, catalog, limits, load_stored=_stored_loader(rt.pool),
+                rehydrate=rehydrate, idempotency=idempotency,
+                availability=availability_service)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
                 api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms,
                                      settings.api_key_negative_cache_ms),
-                reservations=ReservationService(engine, catalog, limits,
-                                                load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate, idempotency=idempotency,
-                                                availability=availability_service),
+                reservations=reservation_service,
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
-                availability=availability_service)
-            availability_service.reservations = app.state.services.reservations
+                availability=availability_service,
+                lists=ListService(rt.pool, reservation_service.throttle))
+            availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:

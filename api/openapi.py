@@ -91,8 +91,11 @@ def _settle(node: Any) -> Any:
 
 
 def components() -> dict[str, Any]:
+    from api import schemas_lists  # lists with cursors (issue 17)
+
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES,
+        ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 
@@ -271,6 +274,10 @@ def _paths() -> dict[str, Any]:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
     paths.update(_availability_paths())
+    from api import openapi_tools  # issue 17: lists with cursors, ETags
+
+    openapi_tools.add_paths(paths)
+    openapi_tools.add_etags(paths)
     return paths
 
 

@@ -117,7 +117,10 @@ class AuthorizationRequest(ActionRequest):
 
 class ExtendRequest(ActionRequest):
     ttl_ms: doc(int, minimum=1000, maximum=MAX_TTL_MS,
-                description="beyond the maximum hold time: 409") | UnsetType = UNSET
+                description="the new deadline is now + ttlMs (default: the hold TTL). "
+                            "When that is not after the current deadline: 409 "
+                            "EXTEND_NOT_LATER and no extension is spent; beyond the maximum "
+                            "hold time: 409 MAX_HOLD_DURATION") | UnsetType = UNSET
 
 
 class ModifyReservationRequest(Body):
@@ -300,7 +303,11 @@ class AuditEntry(Out):
 
 
 class AuditPage(Out):
-    entries: list[AuditEntry]
+    entries: doc(list[AuditEntry], description="deprecated: the same rows as data")
+    # Issue 17: a cursor, and the rows under the name every list uses.
+    data: list[AuditEntry]
+    next_cursor: doc(str | None, description="opaque; pass it as startingAfter for the "
+                                             "next page; null on the last page")
 
 
 class Partner(Out):

@@ -40,6 +40,8 @@ class Outcome(IntEnum):
     RULES_STALE = -25
     AVAILABILITY_CHANGED = -26
     SLOT_REFUSED = -27
+    # Partner-readable details (issue 17): -45 .. -49.
+    EXTEND_NOT_LATER = -45
 
 
 class EngineError(Exception):
@@ -170,6 +172,24 @@ class ModifyCrossShard(EngineError):
     (multi-resource tags are a later step of issue 16)."""
 
     code = "MODIFY_CROSS_SHARD"
+
+
+# ---- partner-readable details (issue 17) ---------------------------------------------
+class ExtendNotLater(EngineError):
+    """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
+    no extension is spent."""
+
+    code = "EXTEND_NOT_LATER"
+
+
+def _extend_not_later(reply: list, ctx: dict) -> EngineError:
+    from engine.times import format_time
+
+    deadline, requested = int(reply[1]), int(reply[2])
+    return ExtendNotLater(
+        "the extension would not move the deadline later; nothing was spent",
+        details={**ctx["details"], "expiresAt": format_time(deadline),
+                 "requestedExpiresAt": format_time(requested)})
 
 
 class NotDue(EngineError):
@@ -311,6 +331,7 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
     Outcome.SLOT_REFUSED: lambda reply, ctx: SlotRefused(
         "the vendor's availability refuses this slot",
         details={**ctx["details"], "reasons": str(reply[1]).split(",")}),
+    Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

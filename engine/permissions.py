@@ -41,6 +41,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
+    "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "admin.vendors.list": frozenset({ADMIN, SYSTEM}),
+    "admin.partners.list": frozenset({ADMIN, SYSTEM}),
+    "admin.keys.list": frozenset({ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.

@@ -47,7 +47,7 @@ from engine.errors import (
     ValidationError,
 )
 from engine.idempotency import IdempotencyStore, StoredResponse, check_key
-from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
+from engine.lifecycle import PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
 from engine.limits import Limits
 from engine.permissions import Principal, can_see, require
 from engine.reservations import (
@@ -62,10 +62,8 @@ from engine.times import parse_range, parse_time
 
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 MIN_TTL_MS = 1_000
-MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
-AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
-                      "resourceId"}
-AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit",
+               "startingAfter"}
 # Kept for callers that named the old constant: the partner scope of system-created
 # reservations (engine/lifecycle.py SYSTEM_SCOPE, which no partner id can equal).
 SYSTEM_PARTNER = SYSTEM_SCOPE
@@ -224,7 +222,7 @@ class ReservationService:
             raise ValidationError("slotStartTime and slotEndTime must sit on the vendor's "
                                   "unit grid", code="SLOT_NOT_ALIGNED",
                                   details={"field": "slotStartTime",
-                                           "unitMinutes": resource.unit_ms / MINUTE_MS})
+                                           "unitMinutes": resource.unit_ms // MINUTE_MS})
         units = ((end_ms + resource.buffer_after_ms)
                  - (start_ms - resource.buffer_before_ms)) // resource.unit_ms
         if units > self.settings.max_hold_units:
@@ -269,7 +267,7 @@ class ReservationService:
         except EngineError as exc:
             if isinstance(exc, HoldConflict):
                 metrics.HOLDS_CONFLICTED.inc()
-                exc = _conflict_for(principal, exc)
+                exc = await self._readable_conflict(principal, exc, resource)
             elif isinstance(exc, CapExceeded):
                 metrics.CAP_REJECTIONS.labels(scope="partner").inc()
             if not claimed:
@@ -321,6 +319,14 @@ class ReservationService:
             return self.keys.new_reservation_id(resource_id)
         raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
         return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
+
+    async def _readable_conflict(self, principal: Principal, exc: HoldConflict,
+                                 resource: Resource) -> HoldConflict:
+        """ISO times, and the holder only when the caller may know it (issue 17)."""
+        from engine.conflicts import readable_conflict
+
+        return await readable_conflict(principal, exc, resource, self.engine.access.redis,
+                                       self.keys)
 
     # ---- reads ------------------------------------------------------------------------
     async def read(self, principal: Principal, reservation_id: str,
@@ -446,7 +452,7 @@ class ReservationService:
                 partner_scope=self._tenancy(principal)[0], wait_cap=False)
         except HoldConflict as exc:
             metrics.HOLDS_CONFLICTED.inc()
-            raise _conflict_for(principal, exc) from None
+            raise await self._readable_conflict(principal, exc, resource) from None
         except NotFound:
             raise _not_found(reservation_id) from None
         assert moved.reservation is not None
@@ -497,49 +503,17 @@ class ReservationService:
         return {"released": released, "failed": failed}
 
 
-    # ---- availability and audit ----------------------------------------------------------
-    async def availability(self, principal: Principal, vendor_id: str,
-                           pairs: list[tuple[str, str]], client_ip: str | None = None):
-        """Slots of a vendor's resource: who (403), what (404), then the query's rules."""
-        from engine import occupancy
-
-        require(principal, "availability.read")
-        if principal.role == VENDOR and principal.vendor_id != vendor_id:
-            raise NotFound(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
-                           details={"vendorId": vendor_id})
-        query = query_dict(pairs, AVAILABILITY_QUERY)
-        vendor = await self.catalog.vendor(vendor_id)
-        resource = await self.catalog.resource(query.get("resourceId")
-                                               or vendor.default_resource_id)
-        for name in ("startTime", "endTime"):
-            if name not in query:
-                raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
-                                      details={"field": name})
-        start_ms = parse_time(query["startTime"], "startTime")
-        end_ms = parse_time(query["endTime"], "endTime")
-        slot_minutes = parse_int(query.get("slotDuration", "60"), "slotDuration", 1,
-                                 MAX_SLOT_MINUTES)
-        include_confidence = parse_bool(query.get("includeConfidence", "false"),
-                                        "includeConfidence")
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId"})
-        slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
-                                        self.settings.max_query_range_ms)
-        # A read writes nothing: the limiter and the units go in one round trip.
-        result, *limited = await asyncio.gather(
-            occupancy.availability(self.engine.access, self.keys, resource, start_ms, end_ms,
-                                   slot_ms),
-            *self._rate_checks(principal, client_ip), return_exceptions=True)
-        await _first_error(limited)
-        if isinstance(result, BaseException):
-            raise result
-        return result, include_confidence
-
+    # ---- audit (availability: engine/availability_service.py, issue 13) ---------------------
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
+        return (await self.audit_page(principal, pool, pairs, client_ip))[0]
+
+    async def audit_page(self, principal: Principal, pool, pairs: list[tuple[str, str]],
+                         client_ip: str | None = None) -> tuple[list, str | None]:
+        """A page of audit rows, oldest first, and the cursor of the next page (issue 17:
+        ``startingAfter``; None on the last page)."""
+        from engine import cursor
         from engine.store import queries
 
         require(principal, "ops.audit")
@@ -551,14 +525,23 @@ class ReservationService:
             if name in query and not 0 < len(query[name]) <= 128:
                 raise ValidationError(f"{name} must be 1..128 characters",
                                       code="INVALID_PARAMETER", details={"field": name})
+        filters = {k: v for k, v in query.items() if k not in ("limit", cursor.FIELD)}
+        after_id = None
+        if cursor.FIELD in query:
+            (after_id,) = cursor.decode(query[cursor.FIELD], "audit", filters, (int,))
         await self.throttle(principal, client_ip)
         if since is not None and until is not None and until <= since:
-            return []  # since <= at < until: an empty range
+            return [], None  # since <= at < until: an empty range
         async with pool.acquire() as conn:
-            return await queries.query_audit(
+            rows = await queries.query_audit(
                 conn, reservation_id=query.get("reservationId"),
                 resource_id=query.get("resourceId"), actor=query.get("actor"),
-                since=_datetime(since), until=_datetime(until), limit=limit)
+                since=_datetime(since), until=_datetime(until), after_id=after_id,
+                limit=limit + 1)
+        if len(rows) <= limit:
+            return rows, None
+        rows = rows[:limit]
+        return rows, cursor.encode("audit", [rows[-1].id], filters)
 
 
 # ---- the rules of the request ----------------------------------------------------------------
@@ -623,15 +606,6 @@ def _with_request_id(metadata: dict[str, Any] | None, request_id: str) -> dict[s
 
 def _not_found(reservation_id: str) -> NotFound:
     return NotFound("reservation not found", details={"reservationId": reservation_id})
-
-
-def _conflict_for(principal: Principal, exc: HoldConflict) -> HoldConflict:
-    """Partners and vendors learn what collides, not another tenant's reservation id."""
-    if principal.role in (OPS, ADMIN, SYSTEM):
-        return exc
-    details = {k: v for k, v in exc.details.items() if k != "conflictingReservationId"}
-    return HoldConflict(exc.message, holder=exc.holder, unit=exc.unit, booked=exc.booked,
-                        details=details)
 
 
 async def _first_error(results: list) -> None:

@@ -35,7 +35,9 @@
            -17 NOT_DUE (expire before the deadline: + deadline),
            -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
            FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons),
-           -27 SLOT_REFUSED (extend of a slot that has begun: + 'in_past')
+           -27 SLOT_REFUSED (extend of a slot that has begun: + 'in_past'),
+           -45 EXTEND_NOT_LATER (now + ttl is not after the deadline: nothing spent,
+           + deadline, + now + ttl)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -98,9 +100,19 @@ local function apply(path, why, code)
     from = s
   end
   local v = rec.v + #path
+  -- Fencing (issue 15): the commit decision takes a token from the resource's fencing
+  -- counter (the one hold tokens come from, same hash tag); the booking row carries it and
+  -- Postgres refuses a booking older than one already committed on its units
+  -- (engine/migrations/0010_fencing.sql).
+  local extra
+  if final == 'COMMIT_IN_PROGRESS' then
+    local token = redis.call('INCR', string.sub(unit_root, 1, -4) .. ':fence:' .. rec.rs)
+    redis.call('HSET', record_key, 'ct', token)
+    extra = {'fenceToken', token}
+  end
   -- One commit-queue entry for the whole path (waived steps included).
   emit_transition(events_key, history_key, rec, state, path, v, actor, why, metadata, ik, now,
-    TERMINAL[final] and '' or deadline)
+    TERMINAL[final] and '' or deadline, false, extra)
   local fields = {'st', final, 'v', v, 'dl', deadline}
   if final:sub(1, 7) == 'FAILED_' then
     fields[#fields + 1] = 'fr'; fields[#fields + 1] = why ~= '' and why or final
@@ -126,6 +138,8 @@ if op == 'extend' then
   if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', OUTCOME.EXPIRED) end
   local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {OUTCOME.INVALID, 'bad extension'} end
+  -- An extension that cannot move the deadline later spends nothing (issue 17).
+  if now + ext_ttl <= rec.dl then return {OUTCOME.EXTEND_NOT_LATER, rec.dl, now + ext_ttl} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
   -- Issue 13: a slot that has begun is in the past; holding it longer holds nothing.
   if (tonumber(rec.s) or math.huge) <= now then return {OUTCOME.SLOT_REFUSED, 'in_past'} end
@@ -135,7 +149,7 @@ if op == 'extend' then
     reply[#reply + 1] = unavailable
     return reply
   end
-  local deadline = math.max(rec.dl, now + ext_ttl)
+  local deadline = now + ext_ttl
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
   if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)

@@ -37,6 +37,14 @@ CONFIG = SchemathesisConfig.from_dict({
                                  "create_busy_block", "put_vendor_calendar"],
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
+    }, {
+        # Lists with cursors (issue 17): JSON Schema cannot say "a cursor this API issued,
+        # under these filters" nor "to after from"; a schema-valid one may be refused with
+        # 400 (INVALID_CURSOR, INVALID_TIME_RANGE).
+        "include-operation-id": ["list_reservations", "list_bookings", "admin_list_vendors",
+                                 "admin_list_partners", "admin_list_keys", "ops_audit"],
+        "checks": {"positive_data_acceptance": {
+            "expected-statuses": ["2xx", "400", "401", "403", "404", "429", "5xx"]}},
     }]})
 
 
@@ -92,7 +100,8 @@ def _node_id_for_schemathesis(request):
 
 
 @schema.parametrize()
-@hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None,
+# derandomize: the same examples on every run, so a run's verdict never depends on luck.
+@hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
                      suppress_health_check=list(hypothesis.HealthCheck))
 def test_app_conforms_to_its_openapi_document(case, world_and_app):
     world, _, _ = world_and_app

@@ -37,6 +37,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "read_units": [ks.unit_root(shard), ks.availability_revision(RESOURCE)],
         "availability_publish": [ks.availability_revision(RESOURCE)],
         "availability_flag": [ks.reservation(rid)],
+        "raise_fence": [ks.fence(RESOURCE)],  # issue 15
         "release_unit": [ks.unit(RESOURCE, 123)],
         "rate_limit": [ks.partner_rate("p1")],
         "cap_acquire": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
