@@ -10,7 +10,6 @@ from starlette.responses import Response
 from api import schemas
 from api.validation import format_time
 from engine import clock
-from engine.occupancy import CONFIDENCE_THRESHOLD, Availability
 from engine.reservations import Reservation
 from engine.service import Created
 
@@ -69,24 +68,3 @@ def history_view(h: dict[str, Any]) -> schemas.StateTransition:
         timestamp=format_time(h["timestamp_ms"]),
         idempotency_key=h.get("idempotencyKey"),
         version=h["version"])
-
-
-def availability_view(vendor_id: str, a: Availability,
-                      include_confidence: bool) -> schemas.Availability:
-    computed_at = format_time(a.computed_at_ms)
-    return schemas.Availability(
-        vendor_id=vendor_id,
-        resource_id=a.resource_id,
-        start_time=format_time(a.start_ms),
-        end_time=format_time(a.end_ms),
-        computed_at=computed_at,
-        computed_version=a.computed_version,
-        slots=[schemas.AvailabilitySlot(
-            start_time=format_time(s.start_ms), end_time=format_time(s.end_ms),
-            is_available=s.is_available, status=s.status, reasons=s.reasons,
-            computed_at=computed_at, computed_version=a.computed_version,
-            confidence=s.confidence if include_confidence else msgspec.UNSET)
-            for s in a.slots],
-        metadata=schemas.AvailabilityMetadata(
-            confidence_threshold=CONFIDENCE_THRESHOLD,
-            computation_time_ms=round(a.computation_ms, 3)))

@@ -39,6 +39,7 @@ class Outcome(IntEnum):
     # Availability engine (issue 13): -25 .. -29.
     RULES_STALE = -25
     AVAILABILITY_CHANGED = -26
+    SLOT_REFUSED = -27
     # Partner-readable details (issue 17): -45 .. -49.
     EXTEND_NOT_LATER = -45
 
@@ -327,6 +328,9 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         f"the slot became unavailable ({reply[4]}); the reservation failed",
         details={**ctx["details"], "state": str(reply[1]), "version": int(reply[2]),
                  "reasons": [r for r in str(reply[4]).split(",") if r]}),
+    Outcome.SLOT_REFUSED: lambda reply, ctx: SlotRefused(
+        "the vendor's availability refuses this slot",
+        details={**ctx["details"], "reasons": str(reply[1]).split(",")}),
     Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",

@@ -62,9 +62,6 @@ from engine.times import parse_range, parse_time
 
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 MIN_TTL_MS = 1_000
-MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
-AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
-                      "resourceId"}
 AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit",
                "startingAfter"}
 # Kept for callers that named the old constant: the partner scope of system-created
@@ -506,46 +503,7 @@ class ReservationService:
         return {"released": released, "failed": failed}
 
 
-    # ---- availability and audit ----------------------------------------------------------
-    async def availability(self, principal: Principal, vendor_id: str,
-                           pairs: list[tuple[str, str]], client_ip: str | None = None):
-        """Slots of a vendor's resource: who (403), what (404), then the query's rules."""
-        from engine import occupancy
-
-        require(principal, "availability.read")
-        if principal.role == VENDOR and principal.vendor_id != vendor_id:
-            raise NotFound(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
-                           details={"vendorId": vendor_id})
-        query = query_dict(pairs, AVAILABILITY_QUERY)
-        vendor = await self.catalog.vendor(vendor_id)
-        resource = await self.catalog.resource(query.get("resourceId")
-                                               or vendor.default_resource_id)
-        for name in ("startTime", "endTime"):
-            if name not in query:
-                raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
-                                      details={"field": name})
-        start_ms = parse_time(query["startTime"], "startTime")
-        end_ms = parse_time(query["endTime"], "endTime")
-        slot_minutes = parse_int(query.get("slotDuration", "60"), "slotDuration", 1,
-                                 MAX_SLOT_MINUTES)
-        include_confidence = parse_bool(query.get("includeConfidence", "false"),
-                                        "includeConfidence")
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId"})
-        slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
-                                        self.settings.max_query_range_ms)
-        # A read writes nothing: the limiter and the units go in one round trip.
-        result, *limited = await asyncio.gather(
-            occupancy.availability(self.engine.access, self.keys, resource, start_ms, end_ms,
-                                   slot_ms),
-            *self._rate_checks(principal, client_ip), return_exceptions=True)
-        await _first_error(limited)
-        if isinstance(result, BaseException):
-            raise result
-        return result, include_confidence
-
+    # ---- audit (availability: engine/availability_service.py, issue 13) ---------------------
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""

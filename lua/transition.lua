@@ -34,7 +34,8 @@
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
            -17 NOT_DUE (expire before the deadline: + deadline),
            -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
-           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons)
+           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons),
+           -27 SLOT_REFUSED (extend of a slot that has begun: + 'in_past'),
            -45 EXTEND_NOT_LATER (now + ttl is not after the deadline: nothing spent,
            + deadline, + now + ttl)
 ]]
@@ -140,6 +141,8 @@ if op == 'extend' then
   -- An extension that cannot move the deadline later spends nothing (issue 17).
   if now + ext_ttl <= rec.dl then return {OUTCOME.EXTEND_NOT_LATER, rec.dl, now + ext_ttl} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
+  -- Issue 13: a slot that has begun is in the past; holding it longer holds nothing.
+  if (tonumber(rec.s) or math.huge) <= now then return {OUTCOME.SLOT_REFUSED, 'in_past'} end
   if unavailable then
     local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
       OUTCOME.AVAILABILITY_CHANGED)
