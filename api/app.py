@@ -28,6 +28,7 @@ from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
+from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
@@ -56,8 +57,19 @@ def routes() -> list[BaseRoute]:
         *action_routes,
         Route("/v1/reservations/{reservationId}/modify", reservations.modify_reservation,
               methods=["POST"]),
+        # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.list_busy_blocks,
+              methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks/{blockId}", availability.delete_busy_block,
+              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
+              methods=["PUT"]),
         Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
@@ -99,9 +111,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            # Issue 13: the vendors' availability rules, shared with the create path.
+            availability_service = AvailabilityService(rt.pool, rt.access, rt.keys, catalog,
+                                                       settings)
             reservation_service = ReservationService(
                 engine, catalog, limits, load_stored=_stored_loader(rt.pool),
-                rehydrate=rehydrate, idempotency=idempotency)
+                rehydrate=rehydrate, idempotency=idempotency,
+                availability=availability_service)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -110,7 +126,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 reservations=reservation_service,
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
+                availability=availability_service,
                 lists=ListService(rt.pool, reservation_service.throttle))
+            availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
@@ -122,7 +140,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[Middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                                max_header_count=settings.max_header_count,
                                max_header_bytes=settings.max_header_bytes,
-                               body_read_timeout_ms=settings.body_read_timeout_ms)],
+                               body_read_timeout_ms=settings.body_read_timeout_ms,
+                               calendar_body_bytes=settings.max_calendar_bytes)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

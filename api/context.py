@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -37,6 +38,7 @@ class Services:
     idempotency: IdempotencyStore
     admin: AdminService | None = None
     extra: dict = field(default_factory=dict)
+    availability: Any = None  # engine.availability_service.AvailabilityService (issue 13)
     lists: ListService | None = None  # lists with cursors (issue 17)
 
 

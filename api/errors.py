@@ -69,6 +69,11 @@ STATUS: dict[type[e.EngineError], int] = {
     e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,
+    # Availability engine (issue 13).
+    e.SlotRefused: 409,
+    e.RulesStale: 503,
+    e.AvailabilityChanged: 409,
+    e.UnsupportedCalendarType: 415,
 }
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from engine.availability import REASONS as AVAILABILITY_REASONS
 from engine.keys import NAME_RE
 from engine.lifecycle import ACTORS as ACTOR_SET
 from engine.lifecycle import RESERVED_PARTNER_IDS, State
@@ -243,10 +244,15 @@ class AvailabilitySlot(Out):
     end_time: OutTime
     is_available: bool
     status: doc(str, enum=["free", "held", "booked"])
-    reasons: list[str]
+    reasons: doc(list[str], items={"enum": list(AVAILABILITY_REASONS)},
+                 description="why the slot is unavailable (empty when available)")
     computed_at: OutTime
     computed_version: str
     confidence: doc(float, minimum=0, maximum=1) | UnsetType = UNSET  # includeConfidence
+    # Issue 13: with no resourceId on a vendor of several resources, the ones it is free on;
+    # with explain=true, every rule applied to the slot.
+    resource_ids: list[str] | UnsetType = UNSET
+    explain: list[dict[str, Any]] | UnsetType = UNSET
 
 
 class AvailabilityMetadata(Out):
@@ -256,13 +262,16 @@ class AvailabilityMetadata(Out):
 
 class Availability(Out):
     vendor_id: str
-    resource_id: str
+    resource_id: doc(str, description="the resource asked for; with no resourceId on a "
+                     "vendor of several resources, its default resource (the slots are the "
+                     "union over resourceIds)")
     start_time: OutTime
     end_time: OutTime
     computed_at: OutTime
     computed_version: str
     slots: list[AvailabilitySlot]
     metadata: AvailabilityMetadata
+    resource_ids: list[str] | UnsetType = UNSET  # issue 13: the resources the union covers
 
 
 class Released(Out):
@@ -349,3 +358,13 @@ class Ready(Out):
 RESPONSES: tuple[type[Out], ...] = (
     Error, CreateReservationResponse, Reservation, Availability, BulkReleaseResult, AuditPage,
     Partner, Vendor, Resource, ApiKey, Live, Ready)
+
+
+# Availability engine (issue 13): its bodies live in api/schemas_availability.py.
+from api.schemas_availability import (  # noqa: E402  (needs the base classes above)
+    AVAILABILITY_REQUESTS,
+    AVAILABILITY_RESPONSES,
+)
+
+REQUESTS = REQUESTS + AVAILABILITY_REQUESTS
+RESPONSES = RESPONSES + AVAILABILITY_RESPONSES

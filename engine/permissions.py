@@ -28,6 +28,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),
     "reservation.vendor-authorization": frozenset({VENDOR, SYSTEM}),
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
+    "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
+    "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),
     # operations
     "ops.release": frozenset({OPS, ADMIN, SYSTEM}),
     "ops.bulk-release": frozenset({OPS, ADMIN, SYSTEM}),

@@ -23,6 +23,7 @@ Round trips (the access layer coalesces the calls of one event-loop turn into on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,7 @@ from engine.errors import (
     NotFound,
     NotReady,
     PaymentRequired,
+    RulesStale,
     TerminalState,
     ValidationError,
 )
@@ -138,8 +140,11 @@ class _Replay(Exception):
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
                  *, load_stored=None, rehydrate=None,
-                 idempotency: IdempotencyStore | None = None) -> None:
+                 idempotency: IdempotencyStore | None = None, availability=None) -> None:
         self.engine = engine
+        # engine.availability_service.AvailabilityService (issue 13): the vendor's hours,
+        # busy blocks, notice and horizon checked before a placement or a move.
+        self.availability = availability
         self.catalog = catalog
         self.limits = limits
         self.keys = engine.keys
@@ -244,6 +249,7 @@ class ReservationService:
             metadata_text=orjson.dumps(_with_request_id(req.metadata, req.request_id)).decode(),
             idempotency_key=key or "", triggered_by=principal.actor,
             reservation_id=self._reservation_id(scope, resource.id, key))
+        placement = await self._check_availability(placement, start_ms, end_ms)
         claimed = False
 
         async def claim() -> None:
@@ -285,9 +291,22 @@ class ReservationService:
             self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
         return Answer(status, body)
 
+    async def _check_availability(self, placement, start_ms: int, end_ms: int):
+        """Issue 13: the slot against the vendor's availability rules (in the past, minimum
+        notice, horizon, hours, busy blocks: 409 SLOT_UNAVAILABLE), before any write and
+        without a Redis call; the hold script confirms the rules' revision."""
+        if self.availability is None:
+            return placement
+        revision = await self.availability.check_placement(placement.vendor,
+                                                           placement.resource, start_ms, end_ms)
+        return dataclasses.replace(placement, rules_revision=revision)
+
     async def _place(self, placement, admission: list[Awaitable]) -> Moved:
         try:
             return await self.engine.place(placement, admission)
+        except RulesStale:
+            # Issue 13: the vendor's availability changed since this process cached it.
+            return await self.availability.retry_stale(self.engine.place, placement)
         except NotReady:
             # Redis lost its data (restart): restore the booked markers, then retry once
             # (the admission already passed; the cap slot is taken again idempotently).
@@ -421,7 +440,11 @@ class ReservationService:
                                   details={"field": "resourceId", "resourceId": resource.id})
         self._check_slot(resource, start_ms, end_ms)
         now = clock.now_ms() if now_ms is None else now_ms
-        if start_ms < now:
+        if self.availability is not None:
+            # Issue 13: the past, notice, horizon, hours and blocks: 409 SLOT_UNAVAILABLE.
+            await self.availability.check_move(current.vendor_id, resource, start_ms, end_ms,
+                                               now)
+        elif start_ms < now:
             raise ValidationError("slotStartTime is in the past", code="SLOT_IN_PAST",
                                   details={"field": "slotStartTime"})
         try:

@@ -28,7 +28,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from jobs.metrics import WorkerMetrics
     from jobs.worker import run
 
+    from engine.errors import UnsafeRedis
+    from jobs.worker import arq_redis_url
+
     settings = Settings.from_env()
+    try:
+        arq_redis_url(settings)
+    except UnsafeRedis as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)

@@ -48,6 +48,7 @@ class Stack:
     @property
     def partner_key(self) -> str:
         return self.keys.partner
+    cluster: object | None = None  # slotguard.local_cluster.LocalCluster (--cluster N)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -110,21 +111,37 @@ def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 60
     raise RuntimeError(f"the API at {url} was not ready within {timeout_s:.0f}s")
 
 
-def start(host: str, port: int | None, data_dir: Path) -> Stack:
+def start(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> Stack:
+    """``cluster`` > 0: the hot path on a local Redis Cluster of that many masters (a
+    replica each, under ``<data dir>/cluster``, started afresh); the embedded (or
+    ``REDIS_URL``) single Redis then keeps arq's cron queue (SLOTGUARD_ARQ_REDIS_URL)."""
     from engine import metrics
     from engine.settings import Settings
     from slotguard.embedded import EmbeddedServers
 
     redis_url = os.environ.get("REDIS_URL")
     database_url = os.environ.get("DATABASE_URL")
-    embedded = None
+    embedded = local_cluster = None
     if not (redis_url and database_url):
         embedded = EmbeddedServers(data_dir)
         embedded_redis, embedded_db = embedded.start()
         redis_url = redis_url or embedded_redis
         database_url = database_url or embedded_db
+    extra: dict[str, str] = {}
     try:
-        settings = Settings.from_env(redis_url=redis_url, database_url=database_url)
+        if cluster:
+            import shutil
+
+            from slotguard.local_cluster import LocalCluster
+
+            cluster_dir = (data_dir / "cluster").resolve()
+            shutil.rmtree(cluster_dir, ignore_errors=True)  # nothing in it outlives a run
+            local_cluster = LocalCluster(masters=cluster, replicas=1, base_dir=cluster_dir)
+            local_cluster.start()
+            extra = {"SLOTGUARD_REDIS_CLUSTER": "true", "SLOTGUARD_ARQ_REDIS_URL": redis_url}
+            redis_url = local_cluster.seed_url
+        settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
+                                     redis_cluster=bool(cluster))
         keys = asyncio.run(prepare(settings))
         if port is None:
             port = 8000 if port_is_free(host, 8000) else free_port(host)
@@ -133,7 +150,7 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
         multiproc = data_dir / "metrics"
         metrics.reset_multiprocess_dir(multiproc)
         env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
-                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()))
+                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()), **extra)
         cli = [sys.executable, "-m", "slotguard"]
         children = [
             subprocess.Popen([*cli, "serve", "--host", host, "--port", str(port)], env=env),
@@ -146,19 +163,24 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
             stop_children(children)
             raise
     except BaseException:
+        if local_cluster is not None:
+            local_cluster.stop()
         if embedded is not None:
             embedded.stop()
         raise
-    stack = Stack(api_url, redis_url, database_url, keys, embedded, children)
-    stack.env_file = write_env_file(stack, settings, data_dir)
+    stack = Stack(api_url, redis_url, database_url, keys, embedded, children,
+                  cluster=local_cluster)
+    stack.env_file = write_env_file(stack, settings, data_dir, extra)
     return stack
 
 
-def write_env_file(stack: Stack, settings, data_dir: Path) -> Path:
+def write_env_file(stack: Stack, settings, data_dir: Path,
+                   extra: dict[str, str] | None = None) -> Path:
     """``<data dir>/env``: the servers for every other command (slotguard/envfile.py)."""
     values = {envfile.API_URL: stack.api_url, "REDIS_URL": stack.redis_url,
               "DATABASE_URL": stack.database_url, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
               "SLOTGUARD_SHARDS": str(settings.shards)}
+    values.update(extra or {})  # cluster mode: SLOTGUARD_REDIS_CLUSTER, SLOTGUARD_ARQ_REDIS_URL
     if settings.key_prefix:
         values["SLOTGUARD_KEY_PREFIX"] = settings.key_prefix
     path = envfile.path_for(data_dir)
@@ -182,6 +204,8 @@ def stop(stack: Stack) -> None:
     if stack.env_file is not None:
         envfile.remove(stack.env_file)
     stop_children(stack.children)
+    if stack.cluster is not None:
+        stack.cluster.stop()
     if stack.embedded is not None:
         stack.embedded.stop()
 
@@ -232,7 +256,7 @@ def banner(stack: Stack) -> str:
 slotguard is up.
   API            {stack.api_url}   (OpenAPI: {stack.api_url}/openapi.json)
   metrics        {stack.api_url}/metrics
-  Redis          {stack.redis_url}   {_origin(stack, "REDIS_URL")}
+  Redis          {stack.redis_url}{_cluster_line(stack)}   {_origin(stack, "REDIS_URL")}
   Postgres       {stack.database_url}   {_origin(stack, "DATABASE_URL")}
 {env_line}  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, no payment)
   demo partner   {DEMO_PARTNER}
@@ -248,13 +272,21 @@ More: `slotguard status`, `slotguard keys list`, `slotguard keys create --role p
 """
 
 
-def run(host: str, port: int | None, data_dir: Path) -> int:
+def _cluster_line(stack: Stack) -> str:
+    if stack.cluster is None:
+        return ""
+    masters = stack.cluster.masters
+    return (f" (seed of a Redis Cluster: {masters} master{'s' if masters > 1 else ''}, "
+            f"a replica each)")
+
+
+def run(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> int:
     from engine.settings import Settings
     from slotguard.logs import configure
 
     configure(Settings.from_env().log_format)  # the format of the API and worker (issue 17)
     log = logging.getLogger("slotguard.up")
-    stack = start(host, port, data_dir)
+    stack = start(host, port, data_dir, cluster)
     stopping = False
 
     def on_signal(signum, frame):  # turn SIGTERM into the same clean stop as Ctrl-C
