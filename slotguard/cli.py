@@ -36,7 +36,7 @@ SUBCOMMAND_MODULES: list[str] = [
 # from the `.slotguard/env` that `slotguard up` writes, else the defaults (slotguard/
 # envfile.py), and say which on stderr. `up` is not one: it decides its own servers.
 SERVER_COMMANDS = {"serve", "worker", "migrate", "partners", "vendors", "keys", "bench",
-                   "status", "replay", "parity"}
+                   "status", "replay", "parity", "availability"}
 # Long-running servers keep stderr for their logs (one line per refusal at start).
 QUIET_COMMANDS = {"serve", "worker"}
 
