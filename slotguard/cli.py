@@ -75,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (envfile.EnvFileError, OSError) as exc:
             return cli_errors.fail(prog, str(exc), cli_errors.RUNTIME_EXIT)
         args.servers = servers  # where each came from (the environment now holds them all)
-        if getattr(args, "announce_servers", args.command not in QUIET_COMMANDS):
+        # `bench --target URL` uses no server of ours: it names its target itself.
+        if getattr(args, "announce_servers", args.command not in QUIET_COMMANDS) \
+                and not getattr(args, "target", None):
             print(f"{prog}: {servers.describe()}", file=sys.stderr, flush=True)
     return cli_errors.run(args.func, args, prog=prog, debug=debug, servers=servers)
 
