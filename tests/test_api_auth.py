@@ -45,6 +45,9 @@ ALLOWED = {
     "busy-blocks": VENDORS | {"admin", "system"},
     "busy-block-delete": VENDORS | {"admin", "system"},
     "calendar": VENDORS | {"admin", "system"},
+    # issue 13's reads, as operations of their own (issue 17 counts operations, not paths)
+    "schedule-read": VENDORS | {"ops", "admin", "system"},
+    "busy-blocks-read": VENDORS | {"ops", "admin", "system"},
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
     "audit": {"ops", "admin", "system"},
@@ -97,6 +100,10 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/vendors/v-confirm/busy-blocks",
                                  json={"start": at(-10_000), "end": at(-9_000)},
                                  headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-read":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "busy-block-delete":
         return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
                                    headers=headers)
@@ -158,7 +165,8 @@ async def _auth_matrix(client, world):
             elif route in ON_RESERVATION and key in OTHER_TENANT:
                 expected = {404}
             elif route in ("availability", "schedule", "busy-blocks", "busy-block-delete",
-                           "calendar") and key == "vendor-other":
+                           "calendar", "schedule-read", "busy-blocks-read") \
+                    and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
