@@ -9,6 +9,8 @@ background task (one blocking reader per shard). Cron jobs:
   reservations and emits their events exactly once, even with several workers racing.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
+- ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
+  recently changed reservations against their audit rows (jobs/parity.py, issue 17).
 
 Every job is idempotent: arq delivers at least once.
 
@@ -41,6 +43,7 @@ from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
 from engine.settings import Settings
 from jobs.commit_queue import CommitQueue
+from jobs.parity import parity_job
 from jobs.reconcile import reconcile
 from jobs.reputation import publish_reputation
 
@@ -150,6 +153,9 @@ def worker_settings(settings: Settings, metrics=None) -> type:
                  **_every(settings.reconcile_interval_s)),
             cron(publish_reputation, name=f"{prefix}reputation", run_at_startup=True,
                  **_every(10)),
+            # Replay and parity (issue 17): drift counts for SlotguardParityDrift.
+            *([cron(parity_job, name=f"{prefix}parity", **_every(settings.parity_interval_s))]
+              if settings.parity_interval_s else []),
         ]
         on_startup = startup
         on_shutdown = shutdown
