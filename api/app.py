@@ -24,6 +24,7 @@ from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
+from api.routes import webhooks
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
@@ -32,6 +33,8 @@ from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
+from engine.webhook_events import emit_bulk_release
+from engine.webhook_service import WebhookService
 
 log = logging.getLogger("slotguard.api")
 
@@ -67,6 +70,23 @@ def routes() -> list[BaseRoute]:
             Route("/keys", admin.create_key, methods=["POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
+        # Events out (issue 14): webhook endpoints, deliveries, the live stream.
+        Route("/v1/webhook-endpoints", webhooks.create_endpoint, methods=["POST"]),
+        Route("/v1/webhook-endpoints", webhooks.list_endpoints, methods=["GET"]),
+        Route("/v1/webhook-endpoints/{endpointId}", webhooks.get_endpoint, methods=["GET"]),
+        Route("/v1/webhook-endpoints/{endpointId}", webhooks.update_endpoint,
+              methods=["PATCH"]),
+        Route("/v1/webhook-endpoints/{endpointId}", webhooks.delete_endpoint,
+              methods=["DELETE"]),
+        Route("/v1/webhook-endpoints/{endpointId}/rotate-secret", webhooks.rotate_secret,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/test", webhooks.test_endpoint,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries", webhooks.list_deliveries,
+              methods=["GET"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries/{deliveryId}/retry",
+              webhooks.retry_delivery, methods=["POST"]),
+        Route("/v1/events/stream", webhooks.event_stream_route, methods=["GET"]),
     ]
 
 
@@ -99,9 +119,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                      settings.api_key_negative_cache_ms),
                 reservations=ReservationService(engine, catalog, limits,
                                                 load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate, idempotency=idempotency),
+                                                rehydrate=rehydrate, idempotency=idempotency,
+                                                on_bulk_release=_bulk_release_event(rt.pool)),
                 idempotency=idempotency,
-                admin=AdminService(rt.pool, catalog, issue_key))
+                admin=AdminService(rt.pool, catalog, issue_key),
+                webhooks=WebhookService(rt.pool, settings))
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
@@ -117,6 +139,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )
+
+
+def _bulk_release_event(pool):
+    async def emit(*args) -> None:
+        await emit_bulk_release(pool, *args)
+
+    return emit
 
 
 def _stored_loader(pool):

@@ -20,6 +20,7 @@ from engine.keys import KeySpace
 from engine.permissions import Principal
 from engine.service import AdminService, ReservationService
 from engine.settings import Settings, trusted_networks
+from engine.webhook_service import WebhookService
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Services:
     reservations: ReservationService
     idempotency: IdempotencyStore
     admin: AdminService | None = None
+    webhooks: WebhookService | None = None  # events out (issue 14)
     extra: dict = field(default_factory=dict)
 
 

@@ -38,6 +38,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # events out (issue 14): each role manages its own tenancy's endpoints and stream
+    "webhooks.manage": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "events.stream": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.

@@ -8,6 +8,7 @@ background task (one blocking reader per shard). Cron jobs:
 - ``reap`` (every ``SLOTGUARD_REAPER_INTERVAL_MS``, default every second): expires overdue
   reservations and emits their events exactly once, even with several workers racing.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
+- webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 
 Every job is idempotent: arq delivers at least once.
@@ -40,6 +41,7 @@ from redis.exceptions import RedisError
 from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.webhook_delivery import Dispatcher
 from jobs.commit_queue import CommitQueue
 from jobs.reconcile import reconcile
 from jobs.reputation import publish_reputation
@@ -66,12 +68,14 @@ async def startup(ctx: dict) -> None:
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
+    # Webhook delivery (issue 14): its own task, so a slow receiver never holds the drain.
+    ctx["webhooks"] = asyncio.create_task(Dispatcher(rt.pool, settings).run(ctx["stop"]))
 
 
 async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
-        await asyncio.gather(ctx["drain"], return_exceptions=True)
+        await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
     if "rt" in ctx:
         await ctx["rt"].close()
 

@@ -25,6 +25,7 @@ from engine.store.events import (
     event_id_of,
     fields_dict,
 )
+from engine.webhook_events import emit, transition_rows
 from engine.store.sql import ms_sql as _ms
 from engine.store.sql import ts_sql as _ts
 
@@ -318,6 +319,9 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
     async with conn.transaction():
         joined, columns = batch.transition_columns()
         written = await conn.fetch(_INSERT_TRANSITIONS[joined, careful], *columns)
+        # Events out (issue 14): the outbox rows of the transitions written now, in this
+        # transaction (engine/webhook_events.py).
+        await emit(conn, transition_rows(batch, sorted(r[0] - 1 for r in written)))
         booked: dict[str, str] = {}
         conflicts: dict[int, str | None] = {}
         if bookable:
