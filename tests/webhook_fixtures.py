@@ -121,15 +121,25 @@ async def receiver():
         task.cancel()
 
 
+class Loops:
+    """The worker's commit-queue drain and webhook dispatcher, in this event loop."""
+
+    def __init__(self, app, settings: Settings) -> None:
+        svc = app.state.services
+        self.stop = asyncio.Event()
+        self.queue = CommitQueue(svc.access, svc.keyspace, svc.pool, svc.reservations.engine,
+                                 settings, "test-consumer")
+        self.dispatcher = Dispatcher(svc.pool, settings)
+        self.tasks = [asyncio.create_task(self.queue.run(self.stop)),
+                      asyncio.create_task(self.dispatcher.run(self.stop))]
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), timeout=30)
+
+
 @pytest.fixture
 async def worker_loops(app, migrated):
-    """The worker's commit-queue drain and webhook dispatcher, in this event loop."""
-    svc = app.state.services
-    stop = asyncio.Event()
-    queue = CommitQueue(svc.access, svc.keyspace, svc.pool, svc.reservations.engine,
-                        migrated, "test-consumer")
-    dispatcher = Dispatcher(svc.pool, migrated)
-    tasks = [asyncio.create_task(queue.run(stop)), asyncio.create_task(dispatcher.run(stop))]
-    yield dispatcher
-    stop.set()
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
+    loops = Loops(app, migrated)
+    yield loops.dispatcher
+    await loops.close()
