@@ -18,12 +18,13 @@ URL_DOC = {"format": "uri", "description": "an absolute http(s) URL; private, lo
                                            "WEBHOOK_URL_PRIVATE) unless "
                                            "SLOTGUARD_WEBHOOK_ALLOW_PRIVATE=true"}
 EVENTS_DOC = {"description": 'event types to receive, or ["*"] (or "*") for all of them',
-              "anyOf": [{"type": "array", "minItems": 1,
-                         "items": {"type": "string", "enum": ["*", *EVENT_TYPES]}},
+              "anyOf": [{"type": "array", "minItems": 1, "uniqueItems": True,
+                         "items": {"type": "string", "enum": list(EVENT_TYPES)}},
+                        {"type": "array", "const": ["*"]},
                         {"type": "string", "const": "*"}]}
 Url = text(MAX_URL, URL_DOC)
 Events = doc(list[str] | str, **EVENTS_DOC)
-Description = doc(str, maxLength=MAX_DESCRIPTION,
+Description = doc(str, maxLength=MAX_DESCRIPTION, pattern="^[^\\x00-\\x08\\x0a-\\x1f]*$",
                   description="free text, no control characters (tabs allowed)")
 
 

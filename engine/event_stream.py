@@ -6,7 +6,9 @@ shard streams: the commit queue deletes its entries once they are written (XACK 
 so they cannot be resumed from, and a transition is only an event once it is recorded.
 ``position`` (bigserial, made visible in order by the writers' advisory lock) is each
 message's ``id:``; ``Last-Event-ID`` (or ``?lastEventId=``) resumes after it. A new stream
-without one starts at the newest event (only what happens from now on).
+without one starts at the newest event (only what happens from now on). The first message
+is ``event: stream.opened`` with ``data: {"position": N}`` (no ``id:``): the position the
+stream starts after.
 
 Tenancy as for webhooks: a partner sees its reservations' events, a vendor its vendor's,
 ops/admin/system every event (the ops-only ``hold.*`` ones too). ``vendorId`` narrows to one
@@ -111,7 +113,9 @@ async def messages(pool: asyncpg.Pool, query: StreamQuery, *, poll_s: float,
     """The stream's bytes: events as they come, a heartbeat comment when nothing was sent
     for ``heartbeat_s``. Endless; the caller stops iterating when the client goes."""
     after = query.after if query.after is not None else await start_position(pool)
-    yield b"retry: 2000\n\n"
+    # The first message says the stream is open and where it starts (no id: it moves no
+    # Last-Event-ID).
+    yield f"retry: 2000\nevent: stream.opened\ndata: {{\"position\": {after}}}\n\n".encode()
     last_sent = clock()
     while True:
         rows = await read_after(pool, query, after)

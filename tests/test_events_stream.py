@@ -47,6 +47,7 @@ class Stream:
     def __init__(self, base: str, headers: dict, params: dict | None = None) -> None:
         self.events: list[tuple[int, str, dict]] = []
         self.heartbeats = 0
+        self.opened: int | None = None
         self.status: int | None = None
         self._task = asyncio.create_task(self._read(base, headers, params or {}))
 
@@ -59,6 +60,9 @@ class Stream:
                 async for line in response.aiter_lines():
                     if line.startswith(": heartbeat"):
                         self.heartbeats += 1
+                    elif line == "" and fields.get("event") == "stream.opened":
+                        self.opened = orjson.loads(fields["data"])["position"]
+                        fields = {}
                     elif line == "" and "data" in fields:
                         self.events.append((int(fields["id"]), fields["event"],
                                             orjson.loads(fields["data"])))
@@ -98,6 +102,7 @@ async def test_stream_tenancy_filters_heartbeat_and_resume(served, client, world
                                          "reservation.awaiting_vendor_confirmation",
                                          "reservation.cancelled"]
     assert [e[0] for e in p1.events] == sorted(e[0] for e in p1.events)
+    assert p1.opened is not None and p1.opened < p1.events[0][0]
     assert p1.events[0][2]["data"]["reservationId"] == rid
     assert [e[1] for e in vendor.events] == ["reservation.cancelled"]
     assert p2.events == []

@@ -52,6 +52,20 @@ async def _body(request: Request, shape):
     return parse_body(await request.body(), request.headers.get("content-type"), shape)
 
 
+async def endpoints(request: Request) -> Response:
+    """/v1/webhook-endpoints: one route for its methods (405 answers list them all)."""
+    if request.method == "POST":
+        return await create_endpoint(request)
+    return await list_endpoints(request)
+
+
+async def endpoint(request: Request) -> Response:
+    """/v1/webhook-endpoints/{endpointId}: GET, PATCH, DELETE."""
+    handler = {"GET": get_endpoint, "PATCH": update_endpoint,
+               "DELETE": delete_endpoint}[request.method]
+    return await handler(request)
+
+
 async def create_endpoint(request: Request) -> Response:
     caller = await principal(request)
     body = await _body(request, s.CreateWebhookEndpointRequest)
