@@ -99,6 +99,7 @@ class Settings:
     webhook_secret_overlap_s: int = 86_400  # a rotated-out secret keeps signing this long
     webhook_poll_ms: int = 200  # the delivery loop looks for due deliveries this often
     webhook_concurrency: int = 32  # attempts in flight per worker process
+    webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint
     events_stream_heartbeat_ms: int = 15_000  # SSE comment line when nothing else was sent
     events_stream_poll_ms: int = 250  # SSE reads new events this often
 
@@ -135,9 +136,10 @@ class Settings:
             webhook_retry_schedule(self.webhook_retry_schedule_s)
         except ValueError as exc:
             raise SettingsError(f"SLOTGUARD_WEBHOOK_RETRY_SCHEDULE_S: {exc}") from None
-        if self.webhook_timeout_ms < 1 or self.webhook_concurrency < 1:
-            raise SettingsError("SLOTGUARD_WEBHOOK_TIMEOUT_MS and SLOTGUARD_WEBHOOK_CONCURRENCY "
-                                "must be >= 1")
+        if min(self.webhook_timeout_ms, self.webhook_concurrency,
+               self.webhook_endpoint_concurrency) < 1:
+            raise SettingsError("SLOTGUARD_WEBHOOK_TIMEOUT_MS, SLOTGUARD_WEBHOOK_CONCURRENCY "
+                                "and SLOTGUARD_WEBHOOK_ENDPOINT_CONCURRENCY must be >= 1")
         try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:

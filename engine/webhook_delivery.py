@@ -4,7 +4,7 @@ Runs beside the commit-queue drain in each worker process (jobs/worker.py) and n
 blocks it: the drain only inserts delivery rows in its own transaction
 (engine/webhook_events.py); this loop claims due rows with a lease (``FOR UPDATE SKIP
 LOCKED``, so several workers share the work and never send one attempt twice) and sends
-them with httpx, ``webhook_concurrency`` at a time, at most :data:`PER_ENDPOINT_INFLIGHT`
+them with httpx, ``webhook_concurrency`` at a time, at most ``webhook_endpoint_concurrency``
 per endpoint (a hanging receiver holds only its own slots).
 
 Order: a delivery is due only when no earlier version of the same reservation is pending
@@ -45,7 +45,6 @@ from engine.webhook_service import private_target
 
 log = logging.getLogger("slotguard.webhooks")
 
-PER_ENDPOINT_INFLIGHT = 4
 LEASE_MARGIN_MS = 30_000
 MAX_RETRY_AFTER_S = 86_400.0
 USER_AGENT = "slotguard-webhooks/1"
@@ -93,8 +92,12 @@ UPDATE webhook_deliveries SET
     delivered_at = CASE WHEN $2 = 'delivered' THEN clock_timestamp() ELSE delivered_at END
 WHERE id = $1
 """
-_ENDPOINT_OK = """
-UPDATE webhook_endpoints SET failing_since = NULL WHERE id = $1 AND failing_since IS NOT NULL
+# A success, in one round trip: the delivery and the end of the endpoint's failing run.
+_DELIVERED = f"""
+WITH d AS ({_RECORD.strip()}
+    RETURNING endpoint_id)
+UPDATE webhook_endpoints SET failing_since = NULL
+WHERE id = (SELECT endpoint_id FROM d) AND failing_since IS NOT NULL
 """
 # A failure: the endpoint's failing run starts (if it has not); a dead delivery flags it;
 # failing for longer than $3 s disables it.
@@ -168,7 +171,7 @@ class Dispatcher:
         self._own_client = client is None
         self.inflight: dict[str, int] = {}  # endpoint id -> attempts in flight here
         self.tasks: set[asyncio.Task] = set()
-        self.sent = 0
+        self._wake = asyncio.Event()  # an attempt finished: a slot is free
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -190,10 +193,14 @@ class Dispatcher:
                     claimed = 0
                 if claimed:
                     continue  # more may be due at once
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=interval)
-                except asyncio.TimeoutError:
-                    pass
+                # Until the poll interval passes, a slot frees up, or we are stopped.
+                self._wake.clear()
+                waits = [asyncio.ensure_future(stop.wait()),
+                         asyncio.ensure_future(self._wake.wait())]
+                await asyncio.wait(waits, timeout=interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
         finally:
             await self.close()
 
@@ -202,14 +209,15 @@ class Dispatcher:
         free = self.settings.webhook_concurrency - len(self.tasks)
         if free <= 0:
             return 0
-        busy = [e for e, n in self.inflight.items() if n >= PER_ENDPOINT_INFLIGHT]
+        cap = self.settings.webhook_endpoint_concurrency
+        busy = [e for e, n in self.inflight.items() if n >= cap]
         lease_ms = self.settings.webhook_timeout_ms + LEASE_MARGIN_MS
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(_CLAIM, free, lease_ms, busy)
         started, excess = 0, []
         for row in rows:
             due = Due(*row)
-            if self.inflight.get(due.endpoint_id, 0) >= PER_ENDPOINT_INFLIGHT:
+            if self.inflight.get(due.endpoint_id, 0) >= cap:
                 excess.append(due.id)
                 continue
             self.inflight[due.endpoint_id] = self.inflight.get(due.endpoint_id, 0) + 1
@@ -240,6 +248,7 @@ class Dispatcher:
         except Exception:
             log.exception("webhook delivery %s failed unexpectedly", due.id)
         finally:
+            self._wake.set()
             left = self.inflight.get(due.endpoint_id, 1) - 1
             if left:
                 self.inflight[due.endpoint_id] = left
@@ -292,14 +301,14 @@ class Dispatcher:
             metrics.WEBHOOK_DELIVERIES.labels(outcome=result.status).inc()
         if result.status == "dead":
             metrics.WEBHOOK_DEAD_DELIVERIES.inc()
+        args = (due.id, result.status, due.attempts + 1, result.delay_s, result.code,
+                result.latency_ms, result.error)
         async with self.pool.acquire() as conn:
+            if result.status == "delivered":
+                await conn.execute(_DELIVERED, *args)
+                return
             async with conn.transaction():
-                await conn.execute(_RECORD, due.id, result.status, due.attempts + 1,
-                                   result.delay_s, result.code, result.latency_ms,
-                                   result.error)
-                if result.status == "delivered":
-                    await conn.execute(_ENDPOINT_OK, due.endpoint_id)
-                    return
+                await conn.execute(_RECORD, *args)
                 was_disabled = await conn.fetchval(
                     "SELECT disabled FROM webhook_endpoints WHERE id = $1 FOR UPDATE",
                     due.endpoint_id)

@@ -254,7 +254,8 @@ async def test_a_dead_endpoint_does_not_hold_back_another(client, world, receive
                                                           migrated):
     # Few slots and a timeout longer than the test's patience: only the per-endpoint cap
     # lets the live endpoint through while the dead one's attempts hang.
-    loops = Loops(app, migrated.replace(webhook_concurrency=6, webhook_timeout_ms=600_000))
+    loops = Loops(app, migrated.replace(webhook_concurrency=6, webhook_endpoint_concurrency=3,
+                                        webhook_timeout_ms=600_000))
     try:
         await _dead_beside_live(client, world, receiver, app)
     finally:

@@ -319,9 +319,6 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
     async with conn.transaction():
         joined, columns = batch.transition_columns()
         written = await conn.fetch(_INSERT_TRANSITIONS[joined, careful], *columns)
-        # Events out (issue 14): the outbox rows of the transitions written now, in this
-        # transaction (engine/webhook_events.py).
-        await emit(conn, transition_rows(batch, sorted(r[0] - 1 for r in written)))
         booked: dict[str, str] = {}
         conflicts: dict[int, str | None] = {}
         if bookable:
@@ -341,6 +338,10 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
             await conn.execute(_MERGE_LATE_METADATA, *late)
         if booked and before_commit is not None:
             await before_commit(conn, list(booked))
+        # Events out (issue 14): the outbox rows of the transitions written now, in this
+        # transaction (engine/webhook_events.py); last, so its ordering lock is held only
+        # until the commit.
+        await emit(conn, transition_rows(batch, sorted(r[0] - 1 for r in written)))
     return written, fates
 
 
