@@ -294,6 +294,8 @@ class WebhookService:
                          query: dict[str, str]) -> tuple[list[Delivery], str | None]:
         """A page of the endpoint's deliveries, newest event first; the cursor is opaque."""
         require(principal, "webhooks.manage")
+        async with self.pool.acquire() as conn:
+            await self._owned(conn, principal, endpoint_id)  # 404 before 400
         unknown = set(query) - {"cursor", "limit", "status"}
         if unknown:
             name = sorted(unknown)[0]
@@ -315,7 +317,6 @@ class WebhookService:
             raise _invalid("INVALID_FIELD", "status must be one of " +
                            ", ".join(DELIVERY_STATUSES), "status")
         async with self.pool.acquire() as conn:
-            await self._owned(conn, principal, endpoint_id)
             rows = await conn.fetch(
                 f"""SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries
                     WHERE endpoint_id = $1 AND ($2::bigint IS NULL OR event_position < $2)

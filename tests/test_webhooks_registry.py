@@ -150,3 +150,23 @@ async def test_roles_without_tenancy_are_forbidden_nothing_else(client, world):
     assert r.status_code == 401
     r = await client.get("/v1/webhook-endpoints/whe_nope", headers=world.auth("system"))
     assert r.status_code == 404
+
+
+@pytest.mark.parametrize("params, code", [
+    ({"limit": "0"}, "INVALID_FIELD"), ({"limit": "101"}, "INVALID_FIELD"),
+    ({"limit": "x"}, "INVALID_FIELD"), ({"cursor": "0"}, "INVALID_CURSOR"),
+    ({"cursor": "ZDox"[:-1]}, "INVALID_CURSOR"), ({"status": "lost"}, "INVALID_FIELD"),
+    ({"colour": "red"}, "UNKNOWN_PARAMETER"),
+])
+async def test_delivery_log_bad_queries(client, world, params, code):
+    r = await client.post("/v1/webhook-endpoints", headers=world.auth("p1"),
+                          json={"url": HOOK, "events": ["*"]})
+    eid = r.json()["id"]
+    r = await client.get(f"/v1/webhook-endpoints/{eid}/deliveries", headers=world.auth("p1"),
+                         params=params)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == code
+    # another tenant asking with the same bad query learns nothing but "not found"
+    r = await client.get(f"/v1/webhook-endpoints/{eid}/deliveries", headers=world.auth("p2"),
+                         params=params)
+    assert r.status_code == 404
