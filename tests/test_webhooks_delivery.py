@@ -280,3 +280,33 @@ async def _dead_beside_live(client, world, receiver, app):
     assert not any(d["status"] == "delivered" for d in dead_found)
     async with app.state.services.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM reservations") == 24
+
+
+async def test_failing_past_the_limit_disables_and_tells_the_owner(client, world, receiver,
+                                                                   app, migrated):
+    # Disable after 0 s of failing: the first failure disables (the default is 3 days).
+    loops = Loops(app, migrated.replace(webhook_disable_after_s=0))
+    try:
+        broken = await register(client, world, receiver, "p1", "broken",
+                                ["reservation.created"])
+        other = await register(client, world, receiver, "p1", "other",
+                               ["webhook_endpoint.disabled"])
+        receiver.script["broken"] = [(500, {}, 0)] * 10
+        await client.post("/v1/reservations", json=create_body(), headers=world.auth("p1"))
+        [d] = await settled(client, world, "p1", other, 1)
+        assert d["type"] == "webhook_endpoint.disabled" and d["status"] == "delivered"
+        [note] = receiver.of("other")
+        assert note.event["data"]["endpointId"] == broken and note.verified_with == [0]
+        r = await client.get(f"/v1/webhook-endpoints/{broken}", headers=world.auth("p1"))
+        assert r.json()["disabled"] is True
+        assert r.json()["disabledReason"].startswith("failing since")
+        # its pending delivery is not attempted any more; re-enabling resumes it
+        assert len(receiver.of("broken")) == 1
+        receiver.script["broken"].clear()
+        r = await client.patch(f"/v1/webhook-endpoints/{broken}", headers=world.auth("p1"),
+                               json={"disabled": False})
+        assert r.json()["disabled"] is False and r.json()["failingSince"] is None
+        [d] = await settled(client, world, "p1", broken, 1)
+        assert d["status"] == "delivered" and d["attempts"] == 2
+    finally:
+        await loops.close()
