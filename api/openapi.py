@@ -370,6 +370,9 @@ def _events_out() -> dict[str, Any]:
                       description="comma-separated event types"),
                 param("Last-Event-ID", "header", {"type": "string", "pattern": "^[0-9]{1,18}$"},
                       description="resume after this stream position"),
+                param("lastEventId", "query", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                      description="the same, for clients that cannot set headers "
+                                  "(the header wins)"),
             ])},
     }
 

@@ -129,6 +129,7 @@ async def test_stream_tenancy_filters_heartbeat_and_resume(served, client, world
     ("p1", {"colour": "red"}, {}, 400, "UNKNOWN_PARAMETER"),
     ("p1", {}, {"Last-Event-ID": "abc"}, 400, "INVALID_FIELD"),
     ("p1", {}, {"Last-Event-ID": "-4"}, 400, "INVALID_FIELD"),
+    ("p1", {"lastEventId": "x"}, {}, 400, "INVALID_FIELD"),
     ("vendor", {"vendorId": "v-other"}, {}, 404, "UNKNOWN_VENDOR"),
 ])
 async def test_stream_bad_input(served, world, key, params, headers, status, code):
