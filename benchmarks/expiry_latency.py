@@ -9,7 +9,8 @@ Starlette receiver under uvicorn in its own process, Redis and Postgres from
 ``REDIS_URL``/``DATABASE_URL`` under a private key prefix and schema (dropped afterwards).
 Holds are created paced so their deadlines spread evenly over ``--spread-s`` seconds.
 
-    python -m benchmarks.expiry_latency [--holds 10000] [--spread-s 60] [--json PATH]
+    python -m benchmarks.expiry_latency [--holds 10000] [--spread-s 60] [--workers 1]
+                                        [--json PATH]
 
 Targets (issue 14): p99 deadline -> event <= 1.5 s, deadline -> receiver <= 2 s.
 """
@@ -97,7 +98,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
-              workdir: Path) -> dict:
+              workdir: Path, workers: int = 1) -> dict:
     await asyncio.to_thread(db.migrate, settings)
     conn = await asyncpg.connect(settings.database_url,
                                  server_settings={"search_path": settings.db_schema})
@@ -118,8 +119,9 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
                                  "receiver", "--port", str(port), "--out",
                                  str(received_path)])
     worker_log = open(workdir / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "jobs"], env=worker_env(settings),
-                              stdout=worker_log, stderr=subprocess.STDOUT)
+    worker_procs = [subprocess.Popen([sys.executable, "-m", "jobs"], env=worker_env(settings),
+                                     stdout=worker_log, stderr=subprocess.STDOUT)
+                    for _ in range(workers)]
     rt = await Runtime.open(settings)
     deadlines: dict[str, int] = {}
     try:
@@ -176,9 +178,9 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
                 "WHERE delivered_at IS NOT NULL")]
     finally:
         await rt.close()
-        worker.send_signal(signal.SIGTERM)
-        receiver.send_signal(signal.SIGTERM)
-        for proc in (worker, receiver):
+        for proc in (*worker_procs, receiver):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (*worker_procs, receiver):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -188,7 +190,7 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
     to_outbox = [(emitted[r] - d) / 1000 for r, d in deadlines.items() if r in emitted]
     to_receiver = [(got[r][0] - d) / 1000 for r, d in deadlines.items() if r in got]
     return {
-        "holds": holds, "spread_s": spread_s, "ttl_ms": ttl_ms, "created_in_s": created_s,
+        "holds": holds, "workers": workers, "spread_s": spread_s, "ttl_ms": ttl_ms, "created_in_s": created_s,
         "received": len(got), "emitted": len(emitted), "attempts": attempts,
         "deadline_to_transition_s": quantiles(to_transition),
         "deadline_to_outbox_s": quantiles(to_outbox),
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl-ms", type=int, default=30_000,
                         help="each hold's lifetime (its deadline = creation + this)")
     parser.add_argument("--reaper-interval-ms", type=int, default=1_000)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="`python -m jobs` processes (reaper, drain, dispatcher each)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "receiver":
@@ -238,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         reaper_interval_ms=args.reaper_interval_ms, webhook_allow_private=True)
     workdir = Path(tempfile.mkdtemp(prefix="sg-expiry-"))
     try:
-        result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings, workdir))
+        result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings, workdir,
+                                 args.workers))
     finally:
         asyncio.run(drop(settings))
     text = json.dumps(result, indent=2)

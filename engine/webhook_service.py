@@ -145,7 +145,7 @@ class WebhookService:
                            "characters", "url")
         try:
             parts = urlsplit(url)
-            port = parts.port  # ValueError for a port out of range
+            parts.port  # noqa: B018  (ValueError for a port out of range)
         except ValueError:
             raise _invalid("INVALID_URL", "url is not a URL", "url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -153,7 +153,6 @@ class WebhookService:
         if parts.username or parts.password or any(c.isspace() or ord(c) < 32 for c in url):
             raise _invalid("INVALID_URL", "url must carry no credentials, spaces or control "
                            "characters", "url")
-        del port
         if not self.settings.webhook_allow_private and await private_target(url):
             raise _invalid("WEBHOOK_URL_PRIVATE", "url must resolve to a public address "
                            "(private, loopback and link-local targets are refused)", "url")
