@@ -75,7 +75,7 @@ async def test_every_event_type_reaches_its_tenants_and_no_other(client, world, 
                           headers=world.auth("vendor"))
     assert r.status_code == 200, r.text
     r = await client.post(f"/v1/reservations/{r1}/extend", headers=world.auth("p1"),
-                          json={"ttlMs": 120_000})
+                          json={"ttlMs": 2_400_000})
     assert r.status_code == 200, r.text
     r = await client.post(f"/v1/reservations/{r1}/commit", headers=world.auth("p1"))
     assert r.status_code == 202, r.text
