@@ -24,6 +24,7 @@ from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, lists, ops, reservations
+from api.routes import webhooks
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
@@ -34,6 +35,8 @@ from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.list_service import ListService
 from engine.settings import Settings
+from engine.webhook_events import emit_bulk_release
+from engine.webhook_service import WebhookService
 
 log = logging.getLogger("slotguard.api")
 
@@ -121,6 +124,19 @@ def _routes() -> list[BaseRoute]:
                 POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
+        # Events out (issue 14): webhook endpoints, deliveries, the live stream.
+        Route("/v1/webhook-endpoints", webhooks.endpoints, methods=["GET", "POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}", webhooks.endpoint,
+              methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/webhook-endpoints/{endpointId}/rotate-secret", webhooks.rotate_secret,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/test", webhooks.test_endpoint,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries", webhooks.list_deliveries,
+              methods=["GET"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries/{deliveryId}/retry",
+              webhooks.retry_delivery, methods=["POST"]),
+        Route("/v1/events/stream", webhooks.event_stream_route, methods=["GET"]),
     ]
 
 
@@ -152,7 +168,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             reservation_service = ReservationService(
                 engine, catalog, limits, load_stored=_stored_loader(rt.pool),
                 rehydrate=rehydrate, idempotency=idempotency,
-                availability=availability_service)
+                availability=availability_service,
+                on_bulk_release=_bulk_release_event(rt.pool))
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -162,7 +179,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
                 availability=availability_service,
-                lists=ListService(rt.pool, reservation_service.throttle))
+                lists=ListService(rt.pool, reservation_service.throttle),
+                webhooks=WebhookService(rt.pool, settings))
             availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
@@ -180,6 +198,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )
+
+
+def _bulk_release_event(pool):
+    async def emit(*args) -> None:
+        await emit_bulk_release(pool, *args)
+
+    return emit
 
 
 def _stored_loader(pool):

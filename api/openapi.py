@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas
+from api import schemas, schemas_webhooks
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -94,7 +94,8 @@ def components() -> dict[str, Any]:
     from api import schemas_lists  # lists with cursors (issue 17)
 
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES,
+        schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
+        + schemas_webhooks.STRUCTS,
         ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
@@ -274,6 +275,7 @@ def _paths() -> dict[str, Any]:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
     paths.update(_availability_paths())
+    paths.update(_events_out())
     from api import openapi_tools  # issue 17: lists with cursors, ETags
 
     openapi_tools.add_paths(paths)
@@ -365,6 +367,84 @@ def _modify() -> dict[str, Any]:
         {200: ok(200, "Reservation", "The reservation after the move")},
         errors=[400, 403, 404, 409, 412], request=body("ModifyReservationRequest"),
         parameters=[RESERVATION_ID, IF_MATCH])}
+
+
+# ---- events out (issue 14): self-contained as well
+def _events_out() -> dict[str, Any]:
+    endpoint_id = param("endpointId", "path", {"type": "string", "minLength": 1,
+                                                "maxLength": 64})
+    delivery_id = param("deliveryId", "path", {"type": "string", "minLength": 1,
+                                                "maxLength": 64})
+    tenancy = ("; a partner key manages its partner's endpoints, a vendor key its "
+               "vendor's, ops/admin keys the ops endpoints")
+    return {
+        "/v1/webhook-endpoints": {
+            "post": operation(
+                "webhook_endpoint_create",
+                "Register a webhook endpoint; its secret is answered this once" + tenancy,
+                {201: ok(201, "CreatedWebhookEndpoint", "Created")}, errors=[403],
+                request=body("CreateWebhookEndpointRequest")),
+            "get": operation("webhook_endpoint_list", "The caller's webhook endpoints",
+                             {200: ok(200, "WebhookEndpointList")}, errors=[403]),
+        },
+        "/v1/webhook-endpoints/{endpointId}": {
+            "get": operation("webhook_endpoint_get", "One webhook endpoint",
+                             {200: ok(200, "WebhookEndpoint")}, errors=[403, 404],
+                             parameters=[endpoint_id]),
+            "patch": operation(
+                "webhook_endpoint_update", "Change url, events, disabled or description",
+                {200: ok(200, "WebhookEndpoint")}, errors=[403, 404],
+                request=body("UpdateWebhookEndpointRequest"), parameters=[endpoint_id]),
+            "delete": operation("webhook_endpoint_delete",
+                                "Delete an endpoint and its delivery log",
+                                {204: {"description": "Deleted"}}, errors=[403, 404],
+                                parameters=[endpoint_id]),
+        },
+        "/v1/webhook-endpoints/{endpointId}/rotate-secret": {"post": operation(
+            "webhook_endpoint_rotate_secret",
+            "A new secret; the previous one keeps signing beside it for "
+            "SLOTGUARD_WEBHOOK_SECRET_OVERLAP_S (24 h)",
+            {200: ok(200, "RotatedWebhookSecret")}, errors=[403, 404],
+            parameters=[endpoint_id])},
+        "/v1/webhook-endpoints/{endpointId}/test": {"post": operation(
+            "webhook_endpoint_test", "Queue a signed ping to this endpoint (the worker sends "
+            "it; its delivery is in the log)",
+            {202: ok(202, "WebhookDelivery", "Queued")}, errors=[403, 404],
+            parameters=[endpoint_id])},
+        "/v1/webhook-endpoints/{endpointId}/deliveries": {"get": operation(
+            "webhook_delivery_list", "The endpoint's deliveries, newest first",
+            {200: ok(200, "WebhookDeliveryPage")}, errors=[400, 403, 404],
+            parameters=[endpoint_id,
+                        param("cursor", "query", {"type": "string", "minLength": 1,
+                                                  "maxLength": 64, "pattern": NO_NUL},
+                              description="nextCursor of the previous page"),
+                        param("limit", "query", {"type": "integer", "minimum": 1,
+                                                 "maximum": 100, "default": 50}),
+                        param("status", "query", {"type": "string", "enum": [
+                            "pending", "delivered", "failed", "dead"]})])},
+        "/v1/webhook-endpoints/{endpointId}/deliveries/{deliveryId}/retry": {"post": operation(
+            "webhook_delivery_retry", "Send a delivery again now, with the same webhook-id",
+            {202: ok(202, "WebhookDelivery", "Queued")}, errors=[403, 404],
+            parameters=[endpoint_id, delivery_id])},
+        "/v1/events/stream": {"get": operation(
+            "events_stream",
+            "Server-Sent Events of the caller's tenancy; each message's id is its stream "
+            "position, Last-Event-ID resumes after it; a heartbeat comment every 15 s",
+            {200: {"description": "text/event-stream",
+                   "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+            errors=[400, 403, 404],
+            parameters=[
+                param("vendorId", "query", NAME),
+                param("types", "query", {"type": "string", "minLength": 1,
+                                         "maxLength": 1000, "pattern": NO_NUL},
+                      description="comma-separated event types"),
+                param("Last-Event-ID", "header", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                      description="resume after this stream position"),
+                param("lastEventId", "query", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                      description="the same, for clients that cannot set headers "
+                                  "(the header wins)"),
+            ])},
+    }
 
 
 @cache

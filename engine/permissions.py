@@ -41,6 +41,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # events out (issue 14): each role manages its own tenancy's endpoints and stream
+    "webhooks.manage": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "events.stream": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
     "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),

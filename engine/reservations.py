@@ -351,13 +351,14 @@ class ReservationEngine:
                                                      start=0, num=limit)
 
     async def reap(self, shard: int, limit: int = 500) -> list[Moved]:
-        """Expire every overdue reservation of one shard (the reaper's tick)."""
-        moved = []
-        for reservation_id in await self.due(shard, limit):
-            result = await self.expire(reservation_id)
-            if result is not None:
-                moved.append(result)
-        return moved
+        """Expire every overdue reservation of one shard (the reaper's tick).
+
+        The expiries are sent at once (the access layer pipelines them in batches): one
+        at a time, a round trip each, the reaper fell seconds behind its deadlines under
+        load (issue 14, benchmarks/RESULTS.md)."""
+        results = await asyncio.gather(*(self.expire(reservation_id)
+                                         for reservation_id in await self.due(shard, limit)))
+        return [result for result in results if result is not None]
 
     async def _transition(self, reservation_id: str, op: str, actor: str,
                           expected_version: int | None, reason: str, metadata: str,

@@ -137,7 +137,8 @@ class _Replay(Exception):
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
                  *, load_stored=None, rehydrate=None,
-                 idempotency: IdempotencyStore | None = None, availability=None) -> None:
+                 idempotency: IdempotencyStore | None = None, availability=None,
+                 on_bulk_release=None) -> None:
         self.engine = engine
         # engine.availability_service.AvailabilityService (issue 13): the vendor's hours,
         # busy blocks, notice and horizon checked before a placement or a move.
@@ -153,6 +154,9 @@ class ReservationService:
         self._load_stored = load_stored
         # async () -> None: restore booked markers when Redis reports it lost them.
         self._rehydrate = rehydrate
+        # async (bulk id, at ms, actor, key id, reason, released, failed) -> None: the ops
+        # event of a bulk release (issue 14, engine/webhook_events.emit_bulk_release).
+        self._on_bulk_release = on_bulk_release
 
     # ---- who is asking ------------------------------------------------------------------
     @staticmethod
@@ -466,8 +470,9 @@ class ReservationService:
         reason = check_reason(reason)
         self._known_id(reservation_id)
         await self.throttle(principal, client_ip)
-        return await self._apply(principal, reservation_id, "cancel", None, reason, None,
-                                 None, ("", ""))
+        # Who released it rides on the event (hold.manually_released, issue 14).
+        return await self._apply(principal, reservation_id, "cancel", None, reason,
+                                 {"releasedBy": principal.key_id}, None, ("", ""))
 
     async def bulk_release(self, principal: Principal, reason: Any, *,
                            reservation_ids: list[str] | None = None,
@@ -492,14 +497,20 @@ class ReservationService:
                                                         resource, start_ms, end_ms)
                                if h.startswith("rsv_")]
         released, failed = [], []
+        # One hold.bulk_released event names them all; each cancel carries its id (issue 14).
+        bulk_id = f"blk_{ULID()}"
+        marker = {"bulkReleaseId": bulk_id, "releasedBy": principal.key_id}
         for rid in reservation_ids or []:
             try:
                 self._known_id(rid)
-                moved = await self._apply(principal, rid, "cancel", None, reason, None, None,
+                moved = await self._apply(principal, rid, "cancel", None, reason, marker, None,
                                           ("", ""))
                 released.append({"reservationId": rid, "state": moved.state.value})
             except EngineError as exc:
                 failed.append({"reservationId": rid, "code": exc.code, "message": exc.message})
+        if released and self._on_bulk_release is not None:
+            await self._on_bulk_release(bulk_id, clock.now_ms(), principal.actor,
+                                        principal.key_id, reason, released, failed)
         return {"released": released, "failed": failed}
 
 

@@ -62,10 +62,22 @@ ALLOWED = {
     "admin-list-partners": {"admin", "system"},
     "admin-list-vendors": {"admin", "system"},
     "admin-list-keys": {"admin", "system"},
+    # events out (issue 14): every role manages its own tenancy's endpoints and stream
+    "webhooks": ALL,
+    "webhook": ALL,
+    "webhook-rotate": ALL,
+    "webhook-test": ALL,
+    "webhook-deliveries": ALL,
+    "webhook-retry": ALL,
+    "events-stream": ALL,
 }
 LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings",
          "admin-list-partners": "/v1/admin/partners", "admin-list-vendors": "/v1/admin/vendors",
          "admin-list-keys": "/v1/admin/keys"}
+# Allowed, on an endpoint that does not exist (404), or with a bad filter (400: decided
+# after the permission check).
+WEBHOOK_MISSING = {"webhook", "webhook-rotate", "webhook-test", "webhook-deliveries",
+                   "webhook-retry"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
                   "requester-authorization", "commit", "cancel", "extend", "modify"}
@@ -135,6 +147,23 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/admin/keys", json={"role": "ops"}, headers=headers)
     if route == "admin-revoke":
         return await client.post("/v1/admin/keys/key_nosuchkey/revoke", headers=headers)
+    if route == "webhooks":  # a public address literal: no DNS needed
+        return await client.post("/v1/webhook-endpoints", headers=headers,
+                                 json={"url": "https://93.184.216.34/hook", "events": ["*"]})
+    missing = "/v1/webhook-endpoints/whe_nosuchendpoint"
+    if route == "webhook":
+        return await client.get(missing, headers=headers)
+    if route == "webhook-rotate":
+        return await client.post(f"{missing}/rotate-secret", headers=headers)
+    if route == "webhook-test":
+        return await client.post(f"{missing}/test", headers=headers)
+    if route == "webhook-deliveries":
+        return await client.get(f"{missing}/deliveries", headers=headers)
+    if route == "webhook-retry":
+        return await client.post(f"{missing}/deliveries/dlv_x/retry", headers=headers)
+    if route == "events-stream":
+        return await client.get("/v1/events/stream", params={"types": "nope"},
+                                headers=headers)
     if route in LISTS:
         return await client.get(LISTS[route], headers=headers)
     raise AssertionError(route)
@@ -170,8 +199,10 @@ async def _auth_matrix(client, world):
                 expected = {404}  # a vendor key reads its own vendor only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
-            elif route == "admin-revoke":
-                expected = {404}  # allowed; the key does not exist
+            elif route == "admin-revoke" or route in WEBHOOK_MISSING:
+                expected = {404}  # allowed; the key (endpoint) does not exist
+            elif route == "events-stream":
+                expected = {400}
             else:
                 expected = {200, 201, 202, 409}  # allowed (409: the state refuses the action)
             if r.status_code not in expected:

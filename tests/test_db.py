@@ -24,6 +24,11 @@ ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_
                   "0010_fencing",  # issue 15
                   "0012_list_indexes",  # issue 17
                   ]
+ALL_MIGRATIONS = sorted(ALL_MIGRATIONS + [
+    "0007_availability",  # issue 13
+    "0009_webhooks",  # issue 14
+    "0012_list_indexes",  # issue 17
+])
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
               "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters"}
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)

@@ -25,6 +25,7 @@ from engine.store.events import (
     event_id_of,
     fields_dict,
 )
+from engine.webhook_events import emit, transition_rows
 from engine.store.sql import ms_sql as _ms
 from engine.store.sql import ts_sql as _ts
 
@@ -339,6 +340,10 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
             await conn.execute(_MERGE_LATE_METADATA, *late)
         if booked and before_commit is not None:
             await before_commit(conn, list(booked))
+        # Events out (issue 14): the outbox rows of the transitions written now, in this
+        # transaction (engine/webhook_events.py); last, so its ordering lock is held only
+        # until the commit.
+        await emit(conn, transition_rows(batch, sorted(r[0] - 1 for r in written)))
     return written, fates
 
 
