@@ -24,11 +24,13 @@ from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, ops, reservations
+from api.routes import pool as pool_routes
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
 from engine.idempotency import IdempotencyStore
+from engine.pool import GroupService
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
@@ -55,6 +57,17 @@ def routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        # Resource groups and their availability (issue 16, pool).
+        Route("/v1/vendors/{vendorId}/resource-groups", pool_routes.create_group,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.get_group,
+              methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.update_group,
+              methods=["PATCH"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.delete_group,
+              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}/availability",
+              pool_routes.group_availability, methods=["GET"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
@@ -92,16 +105,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            reservation_service = ReservationService(
+                engine, catalog, limits, load_stored=_stored_loader(rt.pool),
+                rehydrate=rehydrate, idempotency=idempotency)
+            # Resource groups (issue 16, pool): pooled holds resolve their group here.
+            groups = GroupService(rt.pool, catalog, rt.keys, settings.pool_max_members,
+                                  access=rt.access, throttle=reservation_service.throttle,
+                                  max_range_ms=settings.max_query_range_ms)
+            reservation_service.groups = groups
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
                 api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms,
                                      settings.api_key_negative_cache_ms),
-                reservations=ReservationService(engine, catalog, limits,
-                                                load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate, idempotency=idempotency),
+                reservations=reservation_service,
                 idempotency=idempotency,
-                admin=AdminService(rt.pool, catalog, issue_key))
+                admin=AdminService(rt.pool, catalog, issue_key),
+                extra={"groups": groups})
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:

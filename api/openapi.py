@@ -91,8 +91,11 @@ def _settle(node: Any) -> Any:
 
 
 def components() -> dict[str, Any]:
+    from api import schemas_pool
+
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_pool.REQUESTS + schemas_pool.RESPONSES,
+        ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 
@@ -284,7 +287,43 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
+    paths.update(_pool_paths())
     return paths
+
+
+# ---- resource groups (issue 16, pool): self-contained like _modify -----------------------
+def _pool_paths() -> dict[str, Any]:
+    vendor, group = param("vendorId", "path", NAME), param("groupId", "path", NAME)
+    item = "/v1/vendors/{vendorId}/resource-groups/{groupId}"
+    return {
+        "/v1/vendors/{vendorId}/resource-groups": {"post": operation(
+            "create_resource_group", "Create a resource group (room type) of the vendor's "
+            "resources with an assignment strategy (roles vendor, admin)",
+            {201: ok(201, "ResourceGroup", "Created")}, errors=[403, 404, 409],
+            request=body("CreateResourceGroupRequest"), parameters=[vendor])},
+        item: {
+            "get": operation("get_resource_group", "A resource group",
+                             {200: ok(200, "ResourceGroup")}, errors=[403, 404],
+                             parameters=[vendor, group]),
+            "patch": operation("update_resource_group",
+                               "Change a group's members or strategy (roles vendor, admin)",
+                               {200: ok(200, "ResourceGroup")}, errors=[403, 404, 409],
+                               request=body("UpdateResourceGroupRequest"),
+                               parameters=[vendor, group]),
+            "delete": operation("delete_resource_group", "Delete a group (roles vendor, admin)",
+                                {204: {"description": "Deleted"}}, errors=[403, 404],
+                                parameters=[vendor, group]),
+        },
+        item + "/availability": {"get": operation(
+            "resource_group_availability",
+            "Free members of a group per slot (a member is free when a hold of the slot, "
+            "buffers included, would succeed on it now)",
+            {200: ok(200, "GroupAvailability")}, errors=[400, 403, 404],
+            parameters=[vendor, group, param("startTime", "query", TIME, required=True),
+                        param("endTime", "query", TIME, required=True),
+                        param("slotDuration", "query", {"type": "integer", "minimum": 1,
+                                                        "maximum": 10080, "default": 60})])},
+    }
 
 
 # ---- modify / move (issue 16): self-contained, so the document's other parts stay as they are

@@ -103,6 +103,10 @@ class CreateReservationRequest(Body):
     metadata: Metadata | UnsetType = UNSET
     idempotency_key: text(255, {"minLength": 1, "pattern": "^[\\x20-\\x7e]+$"}) | UnsetType \
         = UNSET
+    # A pooled hold (issue 16): a member of this resource group is chosen by its strategy
+    # (instead of resourceId); nearResourceId anchors an `adjacent` group's choice.
+    resource_group_id: Name | UnsetType = UNSET
+    near_resource_id: Name | UnsetType = UNSET
 
 
 class ActionRequest(Body):
@@ -203,6 +207,7 @@ class CreateReservationResponse(Out):
     expires_at: OutTime
     vendor_confirmation_required: bool
     estimated_confirmation_time: OutTime
+    resource_id: str | UnsetType = UNSET  # the resource held (a pooled hold's chosen member)
 
 
 class StateTransition(Out):

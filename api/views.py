@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from starlette.responses import Response
 
 from api import schemas
@@ -36,7 +37,8 @@ def created_view(created: Created) -> schemas.CreateReservationResponse:
         vendor_confirmation_required=vendor.confirmation_required,
         # The vendor has until the hold's deadline; an instant-book vendor has confirmed.
         estimated_confirmation_time=(expires_at if vendor.confirmation_required
-                                     else format_time(clock.now_ms())))
+                                     else format_time(clock.now_ms())),
+        resource_id=created.resource_id or UNSET)
 
 
 def reservation_view(r: Reservation) -> schemas.Reservation:

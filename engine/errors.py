@@ -36,6 +36,8 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Pooled holds (issue 16, pool): -30 .. -34.
+    POOL_FULL = -30
 
 
 class EngineError(Exception):
@@ -168,6 +170,24 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- resource groups and pooled holds (issue 16, pool) -----------------------------------
+class PoolFull(EngineError):
+    """No member of the resource group is free for the whole slot (checked atomically over
+    every member in one script: never reported while a member is free)."""
+    code = "POOL_FULL"
+
+
+class GroupNotColocated(EngineError):
+    """A group's members live under different shard hash tags, so one script cannot choose
+    among them: re-key the vendor (``slotguard rekey``)."""
+    code = "GROUP_NOT_COLOCATED"
+
+
+class LiveHoldsOnResource(EngineError):
+    """A re-key was refused: a resource it would move still has live holds."""
+    code = "LIVE_HOLDS"
+
+
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
@@ -262,6 +282,9 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    Outcome.POOL_FULL: lambda reply, ctx: PoolFull(
+        "no member of the resource group is free for the whole slot",
+        details={**ctx["details"], "members": int(reply[1])}),
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

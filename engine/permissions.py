@@ -38,6 +38,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # resource groups (issue 16, pool): the vendor manages its own, admin any
+    "groups.write": frozenset({VENDOR, ADMIN, SYSTEM}),
+    "groups.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.

@@ -48,6 +48,7 @@ class Moved:
     version: int
     deadline_ms: int
     reservation: Reservation | None = None
+    resource_id: str | None = None  # the member a pooled hold chose (issue 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,7 @@ class Placement:
     metadata_text: str
     idempotency_key: str
     triggered_by: str
+    pool: Any = None  # engine.pool.PoolChoice: a pooled hold picks among these (issue 16)
 
 
 class ReservationEngine:
@@ -153,7 +155,7 @@ class ReservationEngine:
         first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
         block_start, block_end = resource.unit_span_ms(first, last)
         return Placement(
-            reservation_id=reservation_id or self.keys.new_reservation_id(resource.id),
+            reservation_id=reservation_id or self.keys.new_reservation_id(resource.shard_name),
             partner_id=partner_id, vendor=vendor, resource=resource, start_ms=start_ms,
             end_ms=end_ms, first_unit=first, last_unit=last, block_start_ms=block_start,
             block_end_ms=block_end, requester_id=requester_id, metadata_text=metadata_text,
@@ -177,7 +179,7 @@ class ReservationEngine:
             for result in await asyncio.gather(*admission, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-            return await self._hold(p.reservation_id, resource.id, argv)
+            return await self._hold(p.reservation_id, resource, argv, p.pool)
         # The cap entry expires with the deadline the new reservation will stop under (the
         # vendor's policy decides it), plus a margin for the clock between the two scripts:
         # no third call is needed to move it.
@@ -204,19 +206,24 @@ class ReservationEngine:
 
     async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
         try:
-            return await self._hold(p.reservation_id, p.resource.id, argv)
+            return await self._hold(p.reservation_id, p.resource, argv, p.pool)
         except EngineError:  # a definite answer: nothing was held, give the slot back
             if cap_added:
                 self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
             raise
 
-    async def _hold(self, reservation_id: str, resource_id: str, argv: list) -> Moved:
-        shard = self.keys.shard_of(resource_id)
+    async def _hold(self, reservation_id: str, resource: Resource, argv: list,
+                    pool: Any = None) -> Moved:
+        if pool is not None:
+            return await self._hold_pooled(reservation_id, resource, argv, pool)
+        resource_id = resource.id
+        shard = self.keys.shard_of(resource.shard_name)
         reply = await call_with_retry(
             self.access,
             "create_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
-             self.keys.history(reservation_id), self.keys.fence(resource_id),
+             self.keys.history(reservation_id),
+             self.keys.fence(resource_id, resource.shard_name),
              self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
             argv,
         )
@@ -224,6 +231,32 @@ class ReservationEngine:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
         raise error_for(reply, resource_id=resource_id,
                         details={"reservationId": reservation_id, "shard": shard})
+
+    async def _hold_pooled(self, reservation_id: str, resource: Resource, argv: list,
+                           pool: Any) -> Moved:
+        """A pooled hold (lua/create_pooled_reservation.lua): ``argv`` is the single-resource
+        creation's, re-laid for the pooled script with the candidates in strategy order."""
+        shard = self.keys.shard_of(resource.shard_name)
+        s = self.settings
+        candidates: list = []
+        for member, first, last, block_start, block_end in pool.candidates:
+            candidates += [member.id, first, last, block_start, block_end]
+        pooled_argv = [argv[0], argv[1], argv[2], pool.group_id, argv[4], argv[5], argv[6],
+                       "tightest" if pool.tightest else "first", s.pool_fit_window_units,
+                       argv[11], argv[12], argv[13], argv[14], argv[15], argv[16], argv[17],
+                       argv[18], argv[19], argv[20], len(pool.candidates), *candidates]
+        reply = await call_with_retry(
+            self.access, "create_pooled_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.fence_root(shard),
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
+            pooled_argv)
+        if int(reply[0]) == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
+                         resource_id=str(reply[6]))
+        raise error_for(reply, resource_id=None,
+                        details={"reservationId": reservation_id,
+                                 "resourceGroupId": pool.group_id})
 
     async def mark_ready(self, shards: list[int] | None = None) -> None:
         """Open shards for new holds (after their booked markers are rehydrated)."""
@@ -303,7 +336,7 @@ class ReservationEngine:
         except ValueError:
             raise NotFound("reservation not found",
                            details={"reservationId": reservation_id}) from None
-        if self.keys.shard_of(resource.id) != shard:
+        if self.keys.shard_of(resource.shard_name) != shard:
             raise ModifyCrossShard(
                 "the resource lives under another shard's hash tag than the reservation: "
                 "a move there is not atomic yet", details={"reservationId": reservation_id,

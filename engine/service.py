@@ -23,6 +23,7 @@ Round trips (the access layer coalesces the calls of one event-loop turn into on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
@@ -107,12 +108,15 @@ class CreateRequest:
     request_id: str = "-"
     fingerprint: str | None = None  # of the canonical request, when a key is given
     idempotency_header: str | None = None  # the Idempotency-Key header
+    resource_group_id: str | None = None  # a pooled hold (issue 16): a member is chosen
+    near_resource_id: str | None = None  # the adjacent strategy's anchor for this hold
 
 
 @dataclass(frozen=True, slots=True)
 class Created:
     moved: Moved
     vendor: Vendor
+    resource_id: str | None = None  # the resource held (a pooled hold's chosen member)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +141,10 @@ class _Replay(Exception):
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
                  *, load_stored=None, rehydrate=None,
-                 idempotency: IdempotencyStore | None = None) -> None:
+                 idempotency: IdempotencyStore | None = None, groups=None) -> None:
         self.engine = engine
+        # engine.pool.GroupService: resource groups for pooled holds (issue 16).
+        self.groups = groups
         self.catalog = catalog
         self.limits = limits
         self.keys = engine.keys
@@ -196,6 +202,11 @@ class ReservationService:
         """Everything creation checks before its first write, in the order of refusals."""
         require(principal, "reservation.create")
         vendor = await self.catalog.vendor(req.vendor_id)
+        if req.resource_group_id is not None:
+            return await self._validate_pooled(principal, vendor, req)
+        if req.near_resource_id is not None:
+            raise ValidationError("nearResourceId goes with resourceGroupId",
+                                  code="INVALID_FIELD", details={"field": "nearResourceId"})
         resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
@@ -212,6 +223,40 @@ class ReservationService:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
         return vendor, resource, start_ms, end_ms
+
+    async def _validate_pooled(self, principal: Principal, vendor: Vendor, req: CreateRequest):
+        """A pooled create (issue 16): the group, then every member's grid, then the rest.
+        Answers the first member (its shard is every member's) and the PoolChoice."""
+        from engine.pool import PoolChoice
+
+        if req.resource_id is not None:
+            raise ValidationError("give resourceId or resourceGroupId, not both",
+                                  code="INVALID_FIELD", details={"field": "resourceGroupId"})
+        if self.groups is None:
+            raise ValidationError("resource groups are not enabled", code="INVALID_FIELD",
+                                  details={"field": "resourceGroupId"})
+        group, members = await self.groups.resolve(vendor, req.resource_group_id)
+        if req.near_resource_id is not None and (req.near_resource_id not in group.resource_ids
+                                                 or group.strategy != "adjacent"):
+            raise ValidationError("nearResourceId must be a member of an adjacent group",
+                                  code="INVALID_FIELD", details={"field": "nearResourceId"})
+        start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
+                                       "slotEndTime")
+        by_id = {m.id: m for m in members}
+        candidates = []
+        for rid in group.candidate_order(req.near_resource_id):
+            member = by_id[rid]
+            self._check_slot(member, start_ms, end_ms)
+            first, last = member.units(start_ms, end_ms, self.settings.max_hold_units)
+            candidates.append((member, first, last, *member.unit_span_ms(first, last)))
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
+        if vendor.payment_required and not self.engine.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured yet", details={"vendorId": vendor.id})
+        choice = PoolChoice(group.group_id, group.strategy == "best_fit", tuple(candidates))
+        return vendor, (members[0], choice), start_ms, end_ms
 
     def _check_slot(self, resource: Resource, start_ms: int, end_ms: int) -> None:
         """The slot on the resource's unit grid and within the units one hold may cover."""
@@ -235,6 +280,9 @@ class ReservationService:
         docstring). With an Idempotency-Key the answer (a success or a definite client
         error) is stored for replay; a replay answers the stored bytes."""
         vendor, resource, start_ms, end_ms = await self.validate_create(principal, req)
+        pool = None
+        if isinstance(resource, tuple):  # pooled: (first member, PoolChoice)
+            resource, pool = resource
         scope = self.scope_of(principal)
         key = idempotency_key(req.idempotency_header, req.idempotency_key)
         placement = self.engine.placement(
@@ -242,7 +290,9 @@ class ReservationService:
             end_ms=end_ms, requester_id=req.requester_id,
             metadata_text=orjson.dumps(_with_request_id(req.metadata, req.request_id)).decode(),
             idempotency_key=key or "", triggered_by=principal.actor,
-            reservation_id=self._reservation_id(scope, resource.id, key))
+            reservation_id=self._reservation_id(scope, resource.shard_name, key))
+        if pool is not None:
+            placement = dataclasses.replace(placement, pool=pool)
         claimed = False
 
         async def claim() -> None:
@@ -279,7 +329,7 @@ class ReservationService:
                 self.idempotency.abandon_soon(scope, key, req.fingerprint)
             raise
         metrics.HOLDS_PLACED.inc()
-        status, body = render(Created(moved, vendor))
+        status, body = render(Created(moved, vendor, moved.resource_id or resource.id))
         if claimed:
             self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
         return Answer(status, body)
@@ -295,13 +345,13 @@ class ReservationService:
             await self._rehydrate()
             return await self.engine.place(placement)
 
-    def _reservation_id(self, scope: str, resource_id: str, key: str | None) -> str:
+    def _reservation_id(self, scope: str, shard_key: str, key: str | None) -> str:
         """With an idempotency key the id is derived from it, so a retry after a crash
         between the hold and the stored response lands on the same reservation."""
         if key is None:
-            return self.keys.new_reservation_id(resource_id)
+            return self.keys.new_reservation_id(shard_key)
         raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
-        return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
+        return f"rsv_{self.keys.shard_of(shard_key)}_{ULID.from_bytes(raw)}"
 
     # ---- reads ------------------------------------------------------------------------
     async def read(self, principal: Principal, reservation_id: str,

@@ -90,6 +90,11 @@ class Settings:
     worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
     metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
 
+    # Resource groups, pooled holds, optimizer (issue 16, pool).
+    pool_max_members: int = 200  # members one resource group may have
+    pool_fit_window_units: int = 16  # best_fit looks this many units each side of a stay
+    optimizer_min_gain_percent: int = 10  # `slotguard optimize --apply` moves only above it
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
