@@ -319,7 +319,7 @@ class ReservationEngine:
     async def modify(self, reservation_id: str, *, actor: str, resource: Resource,
                      start_ms: int, end_ms: int, expected_version: int | None = None,
                      metadata: dict[str, Any] | None = None, partner_scope: str = "",
-                     wait_cap: bool = True) -> Moved:
+                     wait_cap: bool = True, reason: str = "") -> Moved:
         """Move a live pre-commit reservation to ``[start_ms, end_ms)`` on ``resource`` (its
         own or another of its vendor's under the same hash tag) in ONE script
         (lua/modify_reservation.lua): all or nothing, same id, version + 1, deadline
@@ -352,7 +352,7 @@ class ReservationEngine:
             [reservation_id, actor, "" if expected_version is None else expected_version,
              partner_scope, resource.id, resource.vendor_id or "", start_ms, end_ms, first,
              last, block_start, block_end, s.max_hold_units, metadata_text(metadata),
-             s.record_retention_ms])
+             s.record_retention_ms, reason])
         code = int(reply[0])
         if code == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
