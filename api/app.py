@@ -60,12 +60,8 @@ def routes() -> list[BaseRoute]:
         # Resource groups and their availability (issue 16, pool).
         Route("/v1/vendors/{vendorId}/resource-groups", pool_routes.create_group,
               methods=["POST"]),
-        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.get_group,
-              methods=["GET"]),
-        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.update_group,
-              methods=["PATCH"]),
-        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.delete_group,
-              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.group,
+              methods=["GET", "PATCH", "DELETE"]),
         Route("/v1/vendors/{vendorId}/resource-groups/{groupId}/availability",
               pool_routes.group_availability, methods=["GET"]),
         Mount("/v1/ops", routes=[

@@ -15,12 +15,16 @@ from api.schemas import Body, Name, Out, OutTime, doc
 from engine.pool import STRATEGIES
 
 Strategy = doc(str, enum=list(STRATEGIES))
-Members = Annotated[list[Name], Meta(max_length=1000)]
+# Enforced at decode: the length bound. Documented (the service answers EMPTY_GROUP and
+# DUPLICATE_MEMBER): at least one, each once.
+Members = Annotated[list[Name], Meta(max_length=1000, extra_json_schema={"uniqueItems": True})]
+NonEmptyMembers = Annotated[list[Name], Meta(max_length=1000, extra_json_schema={
+    "uniqueItems": True, "minItems": 1})]
 
 
 class CreateResourceGroupRequest(Body):
     group_id: Name
-    resource_ids: Members
+    resource_ids: NonEmptyMembers
     strategy: Strategy
     preferred_order: Members | UnsetType = UNSET
     anchor_resource_id: Name | UnsetType = UNSET
@@ -29,7 +33,7 @@ class CreateResourceGroupRequest(Body):
 class UpdateResourceGroupRequest(Body):
     """PATCH: the fields given replace the group's; the result is validated whole."""
 
-    resource_ids: Members | UnsetType = UNSET
+    resource_ids: NonEmptyMembers | UnsetType = UNSET
     strategy: Strategy | UnsetType = UNSET
     preferred_order: Members | UnsetType = UNSET
     anchor_resource_id: Name | UnsetType = UNSET

@@ -92,7 +92,7 @@ class Settings:
 
     # Resource groups, pooled holds, optimizer (issue 16, pool).
     pool_max_members: int = 200  # members one resource group may have
-    pool_fit_window_units: int = 16  # best_fit looks this many units each side of a stay
+    pool_fit_window_units: int = 8  # best_fit looks this many units each side of a stay
     optimizer_min_gain_percent: int = 10  # `slotguard optimize --apply` moves only above it
 
     @classmethod

@@ -29,7 +29,10 @@ CONFIG = SchemathesisConfig.from_dict({
         "expected-statuses": ["400", "401", "403", "404", "406", "409", "413", "415", "422",
                               "429"]}},
     "operations": [{
-        "include-operation-id": ["admin_create_vendor", "admin_create_resource"],
+        "include-operation-id": ["admin_create_vendor", "admin_create_resource",
+                                 # a group's members: the vendor's, colocated, the strategy's
+                                 # fields consistent (issue 16, pool)
+                                 "create_resource_group", "update_resource_group"],
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
     }]})

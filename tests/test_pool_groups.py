@@ -205,10 +205,17 @@ async def test_preferred_adjacent_and_best_fit_choose_by_their_rule(app, client,
     await client.patch(url, json={"strategy": "best_fit"}, headers=world.auth("admin"))
     r = await hold(client, world, start=360)
     assert r.status_code == 201 and r.json()["resourceId"] == "room-2"
-    # Next tightest: room-3's hold ends at 3:00 (12 free units before 6:00); room-1's at 1:00
-    # and room-4's and room-5's at 3:00 too but later in order; the window is 16 units.
+    # Every other member has more free units each side than the window (8 units) sees:
+    # a tie, which goes to the earliest in the group's order.
     r = await hold(client, world, start=360)
-    assert r.json()["resourceId"] == "room-3"
+    assert r.json()["resourceId"] == "room-1"
+    # A gap that fits on a later member beats the order: room-4 free only 11:00-12:00.
+    for start in (600, 720):
+        r = await client.post("/v1/reservations", json=create_body(
+            "v-instant", start, 60, resourceId="room-4"), headers=world.auth("p1"))
+        assert r.status_code == 201
+    r = await hold(client, world, start=660)
+    assert r.json()["resourceId"] == "room-4"
 
 
 async def test_pooled_bad_input_changes_nothing(app, client, world, redis):

@@ -36,6 +36,13 @@ async def create_group(request: Request) -> Response:
     return JSONResponse(group_view(group), status_code=201)
 
 
+async def group(request: Request) -> Response:
+    """GET, PATCH and DELETE of one group (one route, so 405 lists every method)."""
+    handler = {"GET": get_group, "HEAD": get_group, "PATCH": update_group,
+               "DELETE": delete_group}
+    return await handler[request.method](request)
+
+
 async def get_group(request: Request) -> Response:
     caller = await principal(request)
     group = await _groups(request).get(caller, request.path_params["vendorId"],
