@@ -69,6 +69,7 @@ STATUS: dict[type[e.EngineError], int] = {
     e.PoolFull: 409,  # issue 16 (pool)
     e.GroupNotColocated: 409,
     e.LiveHoldsOnResource: 409,
+    e.ModifyMultiResource: 409,
     Forbidden: 403,
     AlreadyExists: 409,
 }

@@ -96,7 +96,26 @@ def components() -> dict[str, Any]:
     _, generated = msgspec.json.schema_components(
         schemas.REQUESTS + schemas.RESPONSES + schemas_pool.REQUESTS + schemas_pool.RESPONSES,
         ref_template="#/components/schemas/{name}")
-    return {**_settle(generated), **ALTERNATIVES, **_json_values()}
+    settled = _settle(generated)
+    settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
+    return {**settled, **ALTERNATIVES, **_json_values()}
+
+
+def _create_forms(schema: dict[str, Any]) -> dict[str, Any]:
+    """A create is one of three forms (issue 16): a slot of a resource, a pooled slot of a
+    resource group, or items. One Struct decodes them all; the document states the forms."""
+    props = schema["properties"]
+    common = ["vendorId", "requesterId", "metadata", "idempotencyKey"]
+    slot = ["slotStartTime", "slotEndTime"]
+
+    def form(names: list[str], required: list[str]) -> dict[str, Any]:
+        return obj({n: props[n] for n in names}, ["vendorId", "requesterId", *required])
+
+    return {"description": schema.get("description", ""), "oneOf": [
+        form(common + slot + ["resourceId"], slot),
+        form(common + slot + ["resourceGroupId", "nearResourceId"], [*slot, "resourceGroupId"]),
+        form(common + ["items"], ["items"]),
+    ]}
 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",

@@ -38,6 +38,7 @@ class Outcome(IntEnum):
     FOREIGN_RESOURCE = -19
     # Pooled holds (issue 16, pool): -30 .. -34.
     POOL_FULL = -30
+    MULTI_RESOURCE = -31
 
 
 class EngineError(Exception):
@@ -183,6 +184,11 @@ class GroupNotColocated(EngineError):
     code = "GROUP_NOT_COLOCATED"
 
 
+class ModifyMultiResource(EngineError):
+    """A reservation of several items is not moved (modify moves one resource's hold)."""
+    code = "MODIFY_MULTI_RESOURCE"
+
+
 class LiveHoldsOnResource(EngineError):
     """A re-key was refused: a resource it would move still has live holds."""
     code = "LIVE_HOLDS"
@@ -285,6 +291,8 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
     Outcome.POOL_FULL: lambda reply, ctx: PoolFull(
         "no member of the resource group is free for the whole slot",
         details={**ctx["details"], "members": int(reply[1])}),
+    Outcome.MULTI_RESOURCE: lambda reply, ctx: ModifyMultiResource(
+        "a multi-resource reservation cannot be moved", details=dict(ctx["details"])),
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

@@ -74,6 +74,9 @@ class Reservation:
     idempotency_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A multi-resource reservation's items (issue 16): (resource, slot start ms, slot end
+    # ms, first unit, last unit, block start ms, block end ms); None for one resource.
+    items: list[tuple] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,9 @@ class Placement:
     idempotency_key: str
     triggered_by: str
     pool: Any = None  # engine.pool.PoolChoice: a pooled hold picks among these (issue 16)
+    # A multi-resource reservation (issue 16): every item as (resource, slot start ms, slot
+    # end ms, first unit, last unit, block start ms, block end ms), held all or nothing.
+    items: tuple | None = None
 
 
 class ReservationEngine:
@@ -179,7 +185,7 @@ class ReservationEngine:
             for result in await asyncio.gather(*admission, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-            return await self._hold(p.reservation_id, resource, argv, p.pool)
+            return await self._hold(p.reservation_id, resource, argv, p.pool, p.items)
         # The cap entry expires with the deadline the new reservation will stop under (the
         # vendor's policy decides it), plus a margin for the clock between the two scripts:
         # no third call is needed to move it.
@@ -206,14 +212,16 @@ class ReservationEngine:
 
     async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
         try:
-            return await self._hold(p.reservation_id, p.resource, argv, p.pool)
+            return await self._hold(p.reservation_id, p.resource, argv, p.pool, p.items)
         except EngineError:  # a definite answer: nothing was held, give the slot back
             if cap_added:
                 self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
             raise
 
     async def _hold(self, reservation_id: str, resource: Resource, argv: list,
-                    pool: Any = None) -> Moved:
+                    pool: Any = None, items: tuple | None = None) -> Moved:
+        if items is not None:
+            return await self._hold_items(reservation_id, resource, argv, items)
         if pool is not None:
             return await self._hold_pooled(reservation_id, resource, argv, pool)
         resource_id = resource.id
@@ -257,6 +265,28 @@ class ReservationEngine:
         raise error_for(reply, resource_id=None,
                         details={"reservationId": reservation_id,
                                  "resourceGroupId": pool.group_id})
+
+    async def _hold_items(self, reservation_id: str, resource: Resource, argv: list,
+                          items: tuple) -> Moved:
+        """A multi-resource hold (lua/create_multi_reservation.lua): every item or none."""
+        shard = self.keys.shard_of(resource.shard_name)
+        items_text = orjson.dumps([list(i) for i in items]).decode()
+        multi_argv = [argv[0], argv[1], argv[2], argv[4], argv[11], argv[12], argv[13],
+                      argv[14], argv[15], argv[16], argv[17], argv[18], argv[19], argv[20],
+                      items_text]
+        reply = await call_with_retry(
+            self.access, "create_multi_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.fence_root(shard),
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
+            multi_argv)
+        if int(reply[0]) == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
+                         resource_id=resource.id)
+        conflicting = items[int(reply[3]) - 1][0] if int(reply[0]) == Outcome.CONFLICT \
+            else None
+        raise error_for(reply, resource_id=conflicting,
+                        details={"reservationId": reservation_id})
 
     async def mark_ready(self, shards: list[int] | None = None) -> None:
         """Open shards for new holds (after their booked markers are rehydrated)."""
@@ -479,6 +509,7 @@ def reservation_from(reservation_id: str, raw: list, history: list) -> Reservati
         metadata=orjson.loads(rec.get("md") or "{}"),
         history=[step for e in history
                  for step in _history_entries(reservation_id, e, rec)],
+        items=[tuple(i) for i in orjson.loads(rec["it"])] if rec.get("it") else None,
     )
 
 

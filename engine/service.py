@@ -59,6 +59,7 @@ from engine.reservations import (
 from engine.resources import MINUTE_MS, Resource, Vendor
 from engine.times import parse_range, parse_time
 
+MAX_ITEMS = 20  # items of one multi-resource reservation (issue 16)
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 MIN_TTL_MS = 1_000
 MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
@@ -100,8 +101,8 @@ class CreateRequest:
 
     vendor_id: str
     resource_id: str | None
-    slot_start: str
-    slot_end: str
+    slot_start: str | None
+    slot_end: str | None
     requester_id: str
     metadata: dict[str, Any] | None
     idempotency_key: str | None  # the body's idempotencyKey
@@ -110,6 +111,8 @@ class CreateRequest:
     idempotency_header: str | None = None  # the Idempotency-Key header
     resource_group_id: str | None = None  # a pooled hold (issue 16): a member is chosen
     near_resource_id: str | None = None  # the adjacent strategy's anchor for this hold
+    # A multi-resource reservation (issue 16): (resourceId, slotStartTime, slotEndTime) each.
+    items: tuple[tuple[Any, Any, Any], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Created:
     moved: Moved
     vendor: Vendor
     resource_id: str | None = None  # the resource held (a pooled hold's chosen member)
+    items: tuple | None = None  # a multi-resource reservation's (resource, start ms, end ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +206,8 @@ class ReservationService:
         """Everything creation checks before its first write, in the order of refusals."""
         require(principal, "reservation.create")
         vendor = await self.catalog.vendor(req.vendor_id)
+        if req.items is not None:
+            return await self._validate_items(vendor, req)
         if req.resource_group_id is not None:
             return await self._validate_pooled(principal, vendor, req)
         if req.near_resource_id is not None:
@@ -258,6 +264,63 @@ class ReservationService:
         choice = PoolChoice(group.group_id, group.strategy == "best_fit", tuple(candidates))
         return vendor, (members[0], choice), start_ms, end_ms
 
+    async def _validate_items(self, vendor: Vendor, req: CreateRequest):
+        """A multi-resource create (issue 16): 1..MAX_ITEMS items of the vendor's resources
+        under one hash tag, not overlapping one another; answers the first item's resource
+        and ("items", ...) for the engine (None for a single item: a plain create)."""
+        for name, value in (("slotStartTime", req.slot_start), ("slotEndTime", req.slot_end),
+                            ("resourceId", req.resource_id),
+                            ("resourceGroupId", req.resource_group_id),
+                            ("nearResourceId", req.near_resource_id)):
+            if value is not None:
+                raise ValidationError(f"items replace {name}", code="INVALID_FIELD",
+                                      details={"field": name})
+        if not req.items:
+            raise ValidationError("items must list at least one item", code="NO_ITEMS",
+                                  details={"field": "items"})
+        if len(req.items) > MAX_ITEMS:
+            raise ValidationError(f"a reservation has at most {MAX_ITEMS} items",
+                                  code="TOO_MANY_ITEMS",
+                                  details={"field": "items", "maximum": MAX_ITEMS,
+                                           "items": len(req.items)})
+        items, resources = [], []
+        for position, (resource_id, start, end) in enumerate(req.items):
+            resource = await self.catalog.resource(resource_id)
+            if resource.vendor_id and resource.vendor_id != vendor.id:
+                raise ValidationError("the resource does not belong to the vendor",
+                                      code="RESOURCE_VENDOR_MISMATCH",
+                                      details={"field": f"items[{position}].resourceId",
+                                               "resourceId": resource.id,
+                                               "vendorId": vendor.id})
+            start_ms, end_ms = parse_range(start, end, f"items[{position}].slotStartTime",
+                                           f"items[{position}].slotEndTime")
+            self._check_slot(resource, start_ms, end_ms)
+            first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
+            items.append((resource.id, start_ms, end_ms, first, last,
+                          *resource.unit_span_ms(first, last)))
+            resources.append(resource)
+        if len({self.keys.shard_of(r.shard_name) for r in resources}) > 1:
+            from engine.errors import GroupNotColocated
+
+            raise GroupNotColocated("the items' resources live under different shard hash "
+                                    "tags; re-key the vendor (slotguard rekey) first",
+                                    code="ITEMS_NOT_COLOCATED",
+                                    details={"field": "items", "vendorId": vendor.id})
+        for i, a in enumerate(items):
+            for b in items[:i]:
+                if a[0] == b[0] and a[3] <= b[4] and b[3] <= a[4]:
+                    raise ValidationError("two items overlap on one resource (buffers "
+                                          "included)", code="ITEMS_OVERLAP",
+                                          details={"field": "items", "resourceId": a[0]})
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
+        if vendor.payment_required and not self.engine.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured yet", details={"vendorId": vendor.id})
+        choice = ("items", tuple(items) if len(items) > 1 else None, tuple(items))
+        return vendor, (resources[0], choice), items[0][1], items[0][2]
+
     def _check_slot(self, resource: Resource, start_ms: int, end_ms: int) -> None:
         """The slot on the resource's unit grid and within the units one hold may cover."""
         if start_ms % resource.unit_ms or end_ms % resource.unit_ms:
@@ -280,9 +343,12 @@ class ReservationService:
         docstring). With an Idempotency-Key the answer (a success or a definite client
         error) is stored for replay; a replay answers the stored bytes."""
         vendor, resource, start_ms, end_ms = await self.validate_create(principal, req)
-        pool = None
-        if isinstance(resource, tuple):  # pooled: (first member, PoolChoice)
+        pool = multi = listed = None
+        if isinstance(resource, tuple):  # pooled or items: (first resource, the choice)
             resource, pool = resource
+            if isinstance(pool, tuple):  # ("items", items for the engine or None, all)
+                _, multi, listed = pool
+                pool = None
         scope = self.scope_of(principal)
         key = idempotency_key(req.idempotency_header, req.idempotency_key)
         placement = self.engine.placement(
@@ -293,6 +359,8 @@ class ReservationService:
             reservation_id=self._reservation_id(scope, resource.shard_name, key))
         if pool is not None:
             placement = dataclasses.replace(placement, pool=pool)
+        if multi is not None:
+            placement = dataclasses.replace(placement, items=multi)
         claimed = False
 
         async def claim() -> None:
@@ -329,7 +397,8 @@ class ReservationService:
                 self.idempotency.abandon_soon(scope, key, req.fingerprint)
             raise
         metrics.HOLDS_PLACED.inc()
-        status, body = render(Created(moved, vendor, moved.resource_id or resource.id))
+        status, body = render(Created(moved, vendor, moved.resource_id or resource.id,
+                                      tuple(i[:3] for i in listed) if listed else None))
         if claimed:
             self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
         return Answer(status, body)

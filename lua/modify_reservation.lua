@@ -31,7 +31,8 @@
   Errors: -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason), -4 NOT_FOUND,
           -8 INVALID_TRANSITION (+ state), -9 VERSION_MISMATCH (+ current version),
           -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version,
-          + partner), -18 NOT_READY, -19 FOREIGN_RESOURCE (the resource is another vendor's)
+          + partner), -18 NOT_READY, -19 FOREIGN_RESOURCE (the resource is another vendor's),
+          -31 MULTI_RESOURCE (a reservation of several items is not moved)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -68,6 +69,7 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= rec.v then return {OUTCOME.VERSION_MIS
 if TERMINAL[rec.st] then return {OUTCOME.TERMINAL, rec.st} end
 if not PRE_COMMIT[rec.st] then return {OUTCOME.INVALID_TRANSITION, rec.st} end
 if ARGV[6] ~= '' and ARGV[6] ~= rec.vd then return {OUTCOME.FOREIGN_RESOURCE} end
+if rec.it ~= '' then return {OUTCOME.MULTI_RESOURCE} end
 
 local now = now_ms()
 local state = rec.st

@@ -35,6 +35,9 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "create_pooled_reservation": [ks.unit_root(shard), ks.reservation(rid),
                                       ks.history(rid), ks.fence_root(shard), ks.events(shard),
                                       ks.deadlines(shard), ks.ready(shard)],  # issue 16
+        "create_multi_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                                     ks.fence_root(shard), ks.events(shard),
+                                     ks.deadlines(shard), ks.ready(shard)],  # issue 16
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "read_units": [ks.unit_root(shard)],

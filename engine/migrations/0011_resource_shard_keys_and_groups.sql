@@ -34,3 +34,9 @@ CREATE TABLE resource_group_members (
     FOREIGN KEY (vendor_id, group_id) REFERENCES resource_groups (vendor_id, group_id)
         ON DELETE CASCADE
 );
+
+-- Multi-resource reservations: one booking row per item, each under the exclusion
+-- constraint; item 0 keeps the reservation's booking id (engine/store/commit.py).
+ALTER TABLE bookings ADD COLUMN item integer NOT NULL DEFAULT 0 CHECK (item >= 0);
+ALTER TABLE bookings DROP CONSTRAINT bookings_reservation_id_key;
+ALTER TABLE bookings ADD CONSTRAINT bookings_reservation_item_key UNIQUE (reservation_id, item);
