@@ -14,7 +14,8 @@ single-resource create. Phases:
   checks i members (the mean is 25.5): the fill of a real day;
 - ``pooled_best_fit_free``: best_fit over a free 50-room group: every member's gap is looked
   at (``SLOTGUARD_POOL_FIT_WINDOW_UNITS`` each side), the worst case of that strategy;
-- ``modify``: a live hold moved to a slot that overlaps its own (as tests/test_modify does).
+- ``modify``: a live hold moved to a slot that overlaps its own (as tests/test_modify does);
+- ``multi_4_items``: a multi-resource reservation of 4 items (4 resources, 2 units each).
 """
 
 from __future__ import annotations
@@ -133,6 +134,22 @@ async def run(calls: int) -> dict:
                                 start_ms=start, end_ms=start + 2 * UNIT)
 
         await phase("modify", do_modify, calls)
+
+        def multi(i: int):
+            start = T0 + 2 * (20 * calls + i) * UNIT
+            first = start // UNIT
+            items = tuple((m.id, start, start + 2 * UNIT, first, first + 1, start,
+                           start + 2 * UNIT) for m in members[:4])
+            p = engine.placement(partner_id="p", vendor=vendor, resource=members[0],
+                                 start_ms=start, end_ms=start + 2 * UNIT, requester_id="r",
+                                 metadata_text="{}", idempotency_key="",
+                                 triggered_by="partner")
+            return dataclasses.replace(p, items=items)
+
+        async def do_multi(i):
+            await engine.place(multi(i))
+
+        await phase("multi_4_items", do_multi, calls)
         create = phases["create"]
         for figures in phases.values():
             figures["script_usec_vs_create"] = round(
