@@ -113,7 +113,8 @@ def _create_forms(schema: dict[str, Any]) -> dict[str, Any]:
 
     return {"description": schema.get("description", ""), "oneOf": [
         form(common + slot + ["resourceId"], slot),
-        form(common + slot + ["resourceGroupId", "nearResourceId"], [*slot, "resourceGroupId"]),
+        form(common + slot + ["resourceGroupId", "nearResourceId", "nearZone"],
+             [*slot, "resourceGroupId"]),
         form(common + ["items"], ["items"]),
     ]}
 

@@ -120,6 +120,7 @@ class CreateReservationRequest(Body):
     # (instead of resourceId); nearResourceId anchors an `adjacent` group's choice.
     resource_group_id: Name | UnsetType = UNSET
     near_resource_id: Name | UnsetType = UNSET
+    near_zone: Name | UnsetType = UNSET  # an adjacent group's zone to take a member of
     # Documented 1..20; the service answers NO_ITEMS / TOO_MANY_ITEMS (the body size limit
     # refuses 1,000 items first, 413).
     items: doc(list[ReservationItem], minItems=1, maxItems=20) | UnsetType = UNSET

@@ -4,7 +4,8 @@ The OpenAPI components come from these (api/openapi.py adds ``REQUESTS`` and ``R
 to the core's). Strategy-specific fields: ``preferredOrder`` (strategy ``preferred``: the
 members tried first, in order) and ``anchorResourceId`` (strategy ``adjacent``: the member
 the choice starts next to, along the group's order; a pooled create's ``nearResourceId``
-overrides it per hold).
+overrides it per hold) and ``zones`` (strategy ``adjacent``: named lists of members, e.g. a
+floor; a pooled create's ``nearZone`` takes a member of that zone first, else the nearest).
 """
 
 from typing import Annotated
@@ -28,6 +29,7 @@ class CreateResourceGroupRequest(Body):
     strategy: Strategy
     preferred_order: Members | UnsetType = UNSET
     anchor_resource_id: Name | UnsetType = UNSET
+    zones: dict[Name, NonEmptyMembers] | UnsetType = UNSET
 
 
 class UpdateResourceGroupRequest(Body):
@@ -37,6 +39,7 @@ class UpdateResourceGroupRequest(Body):
     strategy: Strategy | UnsetType = UNSET
     preferred_order: Members | UnsetType = UNSET
     anchor_resource_id: Name | UnsetType = UNSET
+    zones: dict[Name, NonEmptyMembers] | UnsetType = UNSET
 
 
 class ResourceGroup(Out):
@@ -46,6 +49,7 @@ class ResourceGroup(Out):
     strategy: Strategy
     preferred_order: list[str] | UnsetType = UNSET
     anchor_resource_id: str | UnsetType = UNSET
+    zones: dict[str, list[str]] | UnsetType = UNSET
 
 
 class GroupSlot(Out):

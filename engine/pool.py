@@ -50,6 +50,8 @@ class ResourceGroup:
     resource_ids: tuple[str, ...]
     preferred_order: tuple[str, ...] = ()
     anchor_resource_id: str | None = None
+    # Named zones of members (a floor, a wing): an adjacent hold may ask for one.
+    zones: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def params(self) -> dict[str, Any]:
@@ -58,15 +60,23 @@ class ResourceGroup:
             out["preferredOrder"] = list(self.preferred_order)
         if self.anchor_resource_id:
             out["anchorResourceId"] = self.anchor_resource_id
+        if self.zones:
+            out["zones"] = {name: list(members) for name, members in self.zones}
         return out
 
-    def candidate_order(self, near: str | None = None) -> list[str]:
+    def candidate_order(self, near: str | None = None, zone: str | None = None) -> list[str]:
         """The members in the order the strategy tries them (best_fit: ties broken so)."""
         ids = list(self.resource_ids)
         if self.strategy == "preferred":
             first = [r for r in self.preferred_order if r in ids]
             return first + [r for r in ids if r not in first]
         if self.strategy == "adjacent":
+            inside = set(dict(self.zones).get(zone, ())) if zone else set()
+            if inside:  # the zone's members first, then the nearest to the zone
+                spots = [ids.index(r) for r in inside]
+                return sorted(ids, key=lambda r: (r not in inside,
+                                                  min(abs(ids.index(r) - s) for s in spots),
+                                                  ids.index(r)))
             anchor = near or self.anchor_resource_id or ids[0]
             at = ids.index(anchor) if anchor in ids else 0
             # Nearest first along the group's order (rooms along a corridor); ties: lower.
@@ -98,7 +108,9 @@ async def _load(conn: asyncpg.Connection, vendor_id: str, group_id: str) -> Reso
     return ResourceGroup(vendor_id, group_id, row["strategy"],
                          tuple(m["resource_id"] for m in members),
                          tuple(params.get("preferredOrder") or ()),
-                         params.get("anchorResourceId"))
+                         params.get("anchorResourceId"),
+                         tuple((name, tuple(rs)) for name, rs in
+                               (params.get("zones") or {}).items()))
 
 
 async def _store(conn: asyncpg.Connection, group: ResourceGroup, *, create: bool) -> None:
@@ -153,7 +165,7 @@ class GroupService:
 
     async def validate(self, vendor: Vendor, group_id: Any, resource_ids: Any, strategy: Any,
                        preferred_order: Any = None,
-                       anchor_resource_id: Any = None) -> ResourceGroup:
+                       anchor_resource_id: Any = None, zones: Any = None) -> ResourceGroup:
         """Every rule of a group, before any write: typed 4xx, nothing changed."""
         if not isinstance(group_id, str) or not NAME_RE.match(group_id):
             raise ValidationError("groupId is not a valid name", code="INVALID_FIELD",
@@ -201,15 +213,22 @@ class GroupService:
         if anchor_resource_id is not None and anchor_resource_id not in resource_ids:
             raise ValidationError("anchorResourceId must be a member of the group",
                                   code="INVALID_FIELD", details={"field": "anchorResourceId"})
+        zones = dict(zones or {})
+        for name, zone_members in zones.items():
+            if (not isinstance(name, str) or not NAME_RE.match(name) or not zone_members
+                    or any(r not in resource_ids for r in zone_members)):
+                raise ValidationError("zones must name non-empty lists of the group's members",
+                                      code="INVALID_FIELD", details={"field": "zones"})
         return ResourceGroup(vendor.id, group_id, strategy, tuple(resource_ids), preferred,
-                             anchor_resource_id)
+                             anchor_resource_id,
+                             tuple((n, tuple(m)) for n, m in sorted(zones.items())))
 
     async def create(self, principal: Principal, vendor_id: str, group_id: Any,
                      resource_ids: Any, strategy: Any, preferred_order: Any = None,
-                     anchor_resource_id: Any = None) -> ResourceGroup:
+                     anchor_resource_id: Any = None, zones: Any = None) -> ResourceGroup:
         vendor = await self._vendor_for(principal, vendor_id, "groups.write")
         group = await self.validate(vendor, group_id, resource_ids, strategy, preferred_order,
-                                    anchor_resource_id)
+                                    anchor_resource_id, zones)
         async with self.pool.acquire() as conn:
             await _store(conn, group, create=True)
         self._cache.pop((vendor_id, group.group_id), None)
@@ -221,8 +240,8 @@ class GroupService:
 
     async def update(self, principal: Principal, vendor_id: str, group_id: str, *,
                      resource_ids: Any = None, strategy: Any = None,
-                     preferred_order: Any = None,
-                     anchor_resource_id: Any = None) -> ResourceGroup:
+                     preferred_order: Any = None, anchor_resource_id: Any = None,
+                     zones: Any = None) -> ResourceGroup:
         """PATCH: the fields given replace the group's; the result is validated whole."""
         vendor = await self._vendor_for(principal, vendor_id, "groups.write")
         current = await self._fetch(vendor_id, group_id)
@@ -231,7 +250,8 @@ class GroupService:
             list(current.resource_ids) if resource_ids is None else resource_ids,
             current.strategy if strategy is None else strategy,
             current.preferred_order if preferred_order is None else preferred_order,
-            current.anchor_resource_id if anchor_resource_id is None else anchor_resource_id)
+            current.anchor_resource_id if anchor_resource_id is None else anchor_resource_id,
+            dict(current.zones) if zones is None else zones)
         async with self.pool.acquire() as conn:
             await _store(conn, group, create=False)
         self._cache.pop((vendor_id, group_id), None)

@@ -111,6 +111,7 @@ class CreateRequest:
     idempotency_header: str | None = None  # the Idempotency-Key header
     resource_group_id: str | None = None  # a pooled hold (issue 16): a member is chosen
     near_resource_id: str | None = None  # the adjacent strategy's anchor for this hold
+    near_zone: str | None = None  # or a zone of the adjacent group
     # A multi-resource reservation (issue 16): (resourceId, slotStartTime, slotEndTime) each.
     items: tuple[tuple[Any, Any, Any], ...] | None = None
 
@@ -210,9 +211,11 @@ class ReservationService:
             return await self._validate_items(vendor, req)
         if req.resource_group_id is not None:
             return await self._validate_pooled(principal, vendor, req)
-        if req.near_resource_id is not None:
-            raise ValidationError("nearResourceId goes with resourceGroupId",
-                                  code="INVALID_FIELD", details={"field": "nearResourceId"})
+        for name, value in (("nearResourceId", req.near_resource_id),
+                            ("nearZone", req.near_zone)):
+            if value is not None:
+                raise ValidationError(f"{name} goes with resourceGroupId",
+                                      code="INVALID_FIELD", details={"field": name})
         resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
@@ -246,11 +249,15 @@ class ReservationService:
                                                  or group.strategy != "adjacent"):
             raise ValidationError("nearResourceId must be a member of an adjacent group",
                                   code="INVALID_FIELD", details={"field": "nearResourceId"})
+        if req.near_zone is not None and (req.near_zone not in dict(group.zones)
+                                          or group.strategy != "adjacent"):
+            raise ValidationError("nearZone must be a zone of an adjacent group",
+                                  code="INVALID_FIELD", details={"field": "nearZone"})
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
         by_id = {m.id: m for m in members}
         candidates = []
-        for rid in group.candidate_order(req.near_resource_id):
+        for rid in group.candidate_order(req.near_resource_id, req.near_zone):
             member = by_id[rid]
             self._check_slot(member, start_ms, end_ms)
             first, last = member.units(start_ms, end_ms, self.settings.max_hold_units)
@@ -271,7 +278,8 @@ class ReservationService:
         for name, value in (("slotStartTime", req.slot_start), ("slotEndTime", req.slot_end),
                             ("resourceId", req.resource_id),
                             ("resourceGroupId", req.resource_group_id),
-                            ("nearResourceId", req.near_resource_id)):
+                            ("nearResourceId", req.near_resource_id),
+                            ("nearZone", req.near_zone)):
             if value is not None:
                 raise ValidationError(f"items replace {name}", code="INVALID_FIELD",
                                       details={"field": name})

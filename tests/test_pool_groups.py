@@ -126,6 +126,7 @@ async def test_bad_groups_get_a_typed_4xx_and_change_nothing(app, client, world,
         ("admin", {**body, "strategy": "preferred"}, 400, "MISSING_FIELD"),
         ("admin", {**body, "preferredOrder": ["room-9"]}, 400, "INVALID_FIELD"),
         ("admin", {**body, "anchorResourceId": "room-5"}, 400, "INVALID_FIELD"),
+        ("admin", {**body, "zones": {"east": ["room-5"]}}, 400, "INVALID_FIELD"),
         ("admin", {**body, "resourceIds": ["room-1", legacy]}, 409, "GROUP_NOT_COLOCATED"),
         ("admin", {**body, "groupId": "g"}, 409, "ALREADY_EXISTS"),
         ("admin", {**body, "groupId": "bad id"}, 400, None),
@@ -195,6 +196,13 @@ async def test_preferred_adjacent_and_best_fit_choose_by_their_rule(app, client,
     assert picks == ["room-3", "room-2", "room-4"]
     r = await hold(client, world, start=120, nearResourceId="room-5")
     assert r.json()["resourceId"] == "room-5"
+    # A zone: its members first, then the nearest to it.
+    r = await client.patch(url, json={"zones": {"east": ["room-4", "room-5"]}},
+                           headers=world.auth("admin"))
+    assert r.status_code == 200 and r.json()["zones"] == {"east": ["room-4", "room-5"]}
+    picks = [(await hold(client, world, start=900, nearZone="east")).json()["resourceId"]
+             for _ in range(3)]
+    assert picks == ["room-4", "room-5", "room-3"]
 
     # best_fit: room-2 has a one-hour gap at 6:00..7:00 between two holds; room-1 is open.
     await client.patch(url, json={"strategy": "first_fit"}, headers=world.auth("admin"))
@@ -230,6 +238,7 @@ async def test_pooled_bad_input_changes_nothing(app, client, world, redis):
         (create_body("v-confirm", 0, 60, resourceGroupId="double"), 404,
          "UNKNOWN_RESOURCE_GROUP"),
         (pooled(nearResourceId="room-2"), 400, "INVALID_FIELD"),  # not an adjacent group
+        (pooled(nearZone="east"), 400, "INVALID_FIELD"),  # no such zone
         (create_body("v-instant", 0, 60, nearResourceId="room-2"), 400, "INVALID_FIELD"),
         (pooled(start=7), 400, "SLOT_NOT_ALIGNED"),
     ]

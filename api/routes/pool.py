@@ -23,7 +23,8 @@ def group_view(g: ResourceGroup) -> shapes.ResourceGroup:
         vendor_id=g.vendor_id, group_id=g.group_id, resource_ids=list(g.resource_ids),
         strategy=g.strategy,
         preferred_order=list(g.preferred_order) if g.preferred_order else UNSET,
-        anchor_resource_id=g.anchor_resource_id or UNSET)
+        anchor_resource_id=g.anchor_resource_id or UNSET,
+        zones={n: list(m) for n, m in g.zones} if g.zones else UNSET)
 
 
 async def create_group(request: Request) -> Response:
@@ -32,7 +33,8 @@ async def create_group(request: Request) -> Response:
                       shapes.CreateResourceGroupRequest)
     group = await _groups(request).create(
         caller, request.path_params["vendorId"], body.group_id, body.resource_ids,
-        body.strategy, given(body.preferred_order), given(body.anchor_resource_id))
+        body.strategy, given(body.preferred_order), given(body.anchor_resource_id),
+        given(body.zones))
     return JSONResponse(group_view(group), status_code=201)
 
 
@@ -58,7 +60,7 @@ async def update_group(request: Request) -> Response:
         caller, request.path_params["vendorId"], request.path_params["groupId"],
         resource_ids=given(body.resource_ids), strategy=given(body.strategy),
         preferred_order=given(body.preferred_order),
-        anchor_resource_id=given(body.anchor_resource_id))
+        anchor_resource_id=given(body.anchor_resource_id), zones=given(body.zones))
     return JSONResponse(group_view(group))
 
 

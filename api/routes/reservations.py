@@ -56,6 +56,7 @@ async def create_reservation(request: Request) -> Response:
         request_id=request_id(request),
         resource_group_id=given(body.resource_group_id),
         near_resource_id=given(body.near_resource_id),
+        near_zone=given(body.near_zone),
         # The key itself is not part of what must match; where it was sent from does not.
         fingerprint=None if header_key is None and body_key is None
         else fingerprint("POST", "/v1/reservations",
