@@ -104,6 +104,10 @@ redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', AR
   'bs', first[6], 'be', first[7], 'c', now, 'dl', deadline, 'cr', ARGV[5], 'pr', ARGV[6],
   'x', 0, 't', token, 'md', ARGV[7], 'ik', ARGV[8], 'it', ARGV[15])
 local rec = load_reservation(record_key, id)
+rec.items = {}
+for i, item in ipairs(items) do
+  rec.items[i] = {rs = item[1], f = item[4], l = item[5], be = item[7]}
+end
 local steps = {unpack(path, 2)}
 emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[9], '', ARGV[7],
   ARGV[8], now, deadline, true)

@@ -9,9 +9,9 @@ local function settle(unit_root, record_key, history_key, deadlines_key, rec, st
                       deadline, retention, marker_retention, now)
   local items = items_of(rec)
   local booked_until = math.max(tonumber(rec.be) + marker_retention, now + marker_retention)
-  if rec.it and rec.it ~= '' then  -- markers outlive the latest block of the items
-    for _, item in ipairs(cjson.decode(rec.it)) do
-      booked_until = math.max(booked_until, tonumber(item[7]) + marker_retention)
+  if state == 'COMMITTED' and rec.it and rec.it ~= '' then
+    for _, item in ipairs(items) do  -- markers outlive the latest block of the items
+      booked_until = math.max(booked_until, item.be + marker_retention)
     end
   end
   for _, item in ipairs(items) do
