@@ -5,8 +5,6 @@ group availability, and the shard key that puts a vendor's resources under one t
 
 from __future__ import annotations
 
-import asyncpg
-
 from engine import directory
 from engine.pool import rekey_vendor
 from tests.conftest import snapshot
@@ -299,5 +297,3 @@ async def test_rekey_moves_booked_markers_and_refuses_live_holds(app, world, red
     assert await redis.pexpiretime(moved) == expires
     assert await redis.get(keys.fence(legacy, "v-confirm")) == "41"
 
-
-_ = asyncpg  # the fixtures' pool is asyncpg's

@@ -5,6 +5,8 @@ rehydrated for every item, bad input changes nothing."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncpg
 
 from benchmarks.verifier import verify
@@ -167,8 +169,7 @@ async def test_commit_books_one_row_per_item_and_rehydration_restores_every_item
                        block_start, block_end)
                    SELECT 'bk-x', 'rsv-x', key, id, 'v-instant', 'p1', 'r', $1, $2, $1, $2
                    FROM resources WHERE id = 'table'""",
-                *(__import__("datetime").datetime.fromtimestamp(
-                    (T0_MS + m * 60_000) / 1000, __import__("datetime").UTC) for m in (150, 165)))
+                *(datetime.fromtimestamp((T0_MS + m * 60_000) / 1000, UTC) for m in (150, 165)))
             raise AssertionError("the exclusion constraint let an overlap in")
         except asyncpg.ExclusionViolationError:
             pass
