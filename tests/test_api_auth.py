@@ -45,7 +45,12 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # resource groups (issue 16, pool): the vendor its own, admin any; reads by every role
+    "group-create": {"vendor", "vendor-other", "admin", "system"},
+    "group-read": ALL,
+    "group-availability": ALL,
 }
+GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
                   "requester-authorization", "commit", "cancel", "extend", "modify"}
@@ -93,6 +98,20 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/admin/keys", json={"role": "ops"}, headers=headers)
     if route == "admin-revoke":
         return await client.post("/v1/admin/keys/key_nosuchkey/revoke", headers=headers)
+    groups = "/v1/vendors/v-confirm/resource-groups"
+    if route == "group-create":
+        return await client.post(groups, json={"groupId": f"g{n}", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"}, headers=headers)
+    if route in ("group-read", "group-availability"):
+        made = await client.post(groups, json={"groupId": "g-auth", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"},
+                                 headers=world.auth("admin"))
+        assert made.status_code in (201, 409), made.text
+        if route == "group-read":
+            return await client.get(f"{groups}/g-auth", headers=headers)
+        return await client.get(f"{groups}/g-auth/availability",
+                                params={"startTime": at(0), "endTime": at(60)},
+                                headers=headers)
     raise AssertionError(route)
 
 
@@ -115,6 +134,8 @@ async def test_auth_matrix(client, world):
                 expected = {404}
             elif route == "availability" and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
+            elif route in GROUP_ROUTES and key == "vendor-other":
+                expected = {404}  # a vendor key manages and reads its own groups only
             elif route == "admin-revoke":
                 expected = {404}  # allowed; the key does not exist
             else:
