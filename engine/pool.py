@@ -216,8 +216,10 @@ class GroupService:
         zones = dict(zones or {})
         for name, zone_members in zones.items():
             if (not isinstance(name, str) or not NAME_RE.match(name) or not zone_members
+                    or len(set(zone_members)) != len(zone_members)
                     or any(r not in resource_ids for r in zone_members)):
-                raise ValidationError("zones must name non-empty lists of the group's members",
+                raise ValidationError("zones must name non-empty lists of the group's members, "
+                                      "each once",
                                       code="INVALID_FIELD", details={"field": "zones"})
         return ResourceGroup(vendor.id, group_id, strategy, tuple(resource_ids), preferred,
                              anchor_resource_id,
