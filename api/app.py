@@ -23,22 +23,59 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, reservations
+from api.routes import admin, availability, health, lists, ops, reservations
 from api.routes import pool as pool_routes
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
+from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.pool import GroupService
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
+from engine.list_service import ListService
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.api")
 
 
 def routes() -> list[BaseRoute]:
+    return one_route_per_path(_routes())
+
+
+def one_route_per_path(table: list[BaseRoute]) -> list[BaseRoute]:
+    """Routes that share a path become one Route dispatching by method.
+
+    Starlette answers a method a path lacks with the ``Allow`` of the first Route matching
+    that path, so two Routes for one path (``GET`` and ``PUT …/schedule``) would each hide
+    the other's methods from a 405 (and from OPTIONS). Features add their Routes to the table
+    one method at a time; this joins them.
+    """
+    merged: list[BaseRoute] = []
+    by_path: dict[str, dict[str, object]] = {}
+    for route in table:
+        if isinstance(route, Mount):
+            merged.append(Mount(route.path, routes=one_route_per_path(list(route.routes))))
+        elif isinstance(route, Route) and route.methods:
+            handlers = by_path.get(route.path)
+            if handlers is None:
+                handlers = by_path[route.path] = {}
+                merged.append(route)
+            for method in route.methods - {"HEAD"}:
+                handlers[method] = route.endpoint
+        else:
+            merged.append(route)
+    joined: list[BaseRoute] = []
+    for route in merged:
+        handlers = by_path.get(route.path) if isinstance(route, Route) else None
+        if handlers and set(handlers) != route.methods - {"HEAD"}:
+            route = Route(route.path, lists.by_method(**handlers), methods=sorted(handlers))
+        joined.append(route)
+    return joined
+
+
+def _routes() -> list[BaseRoute]:
     action_routes = [
         Route(f"/v1/reservations/{{reservationId}}/{action}",
               reservations.action_endpoint(action), methods=["POST"])
@@ -49,12 +86,15 @@ def routes() -> list[BaseRoute]:
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", health.prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/reservations", reservations.create_reservation, methods=["POST"]),
+        Route("/v1/reservations", lists.by_method(  # lists with cursors (issue 17)
+            POST=reservations.create_reservation, GET=lists.list_reservations),
+            methods=["GET", "POST"]),
         Route("/v1/reservations/{reservationId}", reservations.get_reservation,
               methods=["GET"]),
         *action_routes,
         Route("/v1/reservations/{reservationId}/modify", reservations.modify_reservation,
               methods=["POST"]),
+        # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
         # Resource groups and their availability (issue 16, pool).
@@ -64,16 +104,30 @@ def routes() -> list[BaseRoute]:
               methods=["GET", "PATCH", "DELETE"]),
         Route("/v1/vendors/{vendorId}/resource-groups/{groupId}/availability",
               pool_routes.group_availability, methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.list_busy_blocks,
+              methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks/{blockId}", availability.delete_busy_block,
+              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
+              methods=["PUT"]),
+        Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
             Route("/audit", ops.audit_query, methods=["GET"]),
         ]),
         Mount("/v1/admin", routes=[
-            Route("/partners", admin.create_partner, methods=["POST"]),
-            Route("/vendors", admin.create_vendor, methods=["POST"]),
+            Route("/partners", lists.by_method(  # GET: issue 17
+                POST=admin.create_partner, GET=lists.list_partners), methods=["GET", "POST"]),
+            Route("/vendors", lists.by_method(  # GET: issue 17
+                POST=admin.create_vendor, GET=lists.list_vendors), methods=["GET", "POST"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
-            Route("/keys", admin.create_key, methods=["POST"]),
+            Route("/keys", lists.by_method(  # GET: issue 17
+                POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
     ]
@@ -101,9 +155,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            # Issue 13: the vendors' availability rules, shared with the create path.
+            availability_service = AvailabilityService(rt.pool, rt.access, rt.keys, catalog,
+                                                       settings)
             reservation_service = ReservationService(
                 engine, catalog, limits, load_stored=_stored_loader(rt.pool),
-                rehydrate=rehydrate, idempotency=idempotency)
+                rehydrate=rehydrate, idempotency=idempotency,
+                availability=availability_service)
             # Resource groups (issue 16, pool): pooled holds resolve their group here.
             groups = GroupService(rt.pool, catalog, rt.keys, settings.pool_max_members,
                                   access=rt.access, throttle=reservation_service.throttle,
@@ -117,7 +175,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 reservations=reservation_service,
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
+                availability=availability_service,
+                lists=ListService(rt.pool, reservation_service.throttle),
                 extra={"groups": groups})
+            availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
@@ -129,7 +190,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[Middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                                max_header_count=settings.max_header_count,
                                max_header_bytes=settings.max_header_bytes,
-                               body_read_timeout_ms=settings.body_read_timeout_ms)],
+                               body_read_timeout_ms=settings.body_read_timeout_ms,
+                               calendar_body_bytes=settings.max_calendar_bytes)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

@@ -28,6 +28,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),
     "reservation.vendor-authorization": frozenset({VENDOR, SYSTEM}),
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
+    "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
+    "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),
     # operations
     "ops.release": frozenset({OPS, ADMIN, SYSTEM}),
     "ops.bulk-release": frozenset({OPS, ADMIN, SYSTEM}),
@@ -41,6 +44,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     # resource groups (issue 16, pool): the vendor manages its own, admin any
     "groups.write": frozenset({VENDOR, ADMIN, SYSTEM}),
     "groups.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
+    "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "admin.vendors.list": frozenset({ADMIN, SYSTEM}),
+    "admin.partners.list": frozenset({ADMIN, SYSTEM}),
+    "admin.keys.list": frozenset({ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.

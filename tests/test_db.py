@@ -19,8 +19,10 @@ from engine.settings import Settings
 from tests.conftest import DATABASE_URL
 
 ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_audit_log",
-                  "0005_manual_review", "0006_reservation_blocks"]
-ALL_MIGRATIONS = sorted(ALL_MIGRATIONS + ["0011_resource_shard_keys_and_groups"])  # issue 16
+                  "0005_manual_review", "0006_reservation_blocks",
+                  "0010_fencing",  # issue 15
+                  "0011_resource_shard_keys_and_groups",  # issue 16 (pool)
+                  ]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
               "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters",
               "resource_groups", "resource_group_members"}

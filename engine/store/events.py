@@ -44,7 +44,7 @@ MOVE_FIELDS = tuple(f"moved{side}{name}" for side in ("From", "To")
 # tooling and tests that build entries by hand).
 FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
                 "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
-                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS]
+                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken"]
 # (resource, slot start, slot end, block start, block end) of one side of a move.
 Place = tuple[str, int, int, int, int]
 
@@ -102,6 +102,7 @@ class Entry:
     expires: int | None
     moved_from: Place | None = None  # a move: where the reservation was
     moved_to: Place | None = None  # and where it is now
+    fence_token: int | None = None  # a commit's fencing token (issue 15)
 
 
 class Batch:
@@ -114,7 +115,7 @@ class Batch:
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected", "entries", "info", "items")
+                 "rejected", "entries", "info", "fence_token", "items")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -122,6 +123,7 @@ class Batch:
          self.at_ms, self.partner_id, self.vendor_id, self.resource_id, self.requester_id,
          self.slot_start, self.slot_end, self.block_start, self.block_end, self.created_at,
          self.expires_at, self.audit) = ([] for _ in range(21))
+        self.fence_token: list[int | None] = []  # per row: the commit's fencing token
         self.rows: list[list[int]] = []  # per entry: its rows (empty: rejected or deferred)
         self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
         self.entries: list[Entry | None] = []  # per position; None when rejected
@@ -212,6 +214,7 @@ class Batch:
         self.block_end.append(block_end)
         self.created_at.append(created)
         self.expires_at.append(entry.expires)
+        self.fence_token.append(entry.fence_token)
         # The audit row's metadata, as JSON text Postgres parses once (states come from a
         # closed set, so only reason and key need escaping; metadata is a validated
         # object): the same jsonb as jsonb_build_object, at a fraction of its cost.
@@ -259,8 +262,10 @@ class Batch:
 
     def booking_columns(self, rows: list[int]) -> list[list[Any]]:
         """One booking row per commit row, or per item of a multi-resource reservation
-        (issue 16: item 0 keeps the reservation's booking id, item k gets ``<id>.<k>``);
-        the 12th column is the item index."""
+        (issue 16: item 0 keeps the reservation's booking id and the commit's fencing token,
+        which comes from its resource's counter; item k gets ``<id>.<k>`` and no token, so
+        only the exclusion constraint guards it). Columns: the 11 of a booking, the fencing
+        token, the item index."""
         if not self.items or not any(self.reservation_id[r] in self.items for r in rows):
             reservation_ids = [self.reservation_id[r] for r in rows]
             return [[booking_id_for(r) for r in reservation_ids], reservation_ids,
@@ -268,8 +273,9 @@ class Batch:
                     [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
                     [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
                     [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
-                    [self.version[r] for r in rows], [0] * len(rows)]
-        columns: list[list[Any]] = [[] for _ in range(12)]
+                    [self.version[r] for r in rows], [self.fence_token[r] for r in rows],
+                    [0] * len(rows)]
+        columns: list[list[Any]] = [[] for _ in range(13)]
         for r in rows:
             rid = self.reservation_id[r]
             places = self.items.get(rid) or [(self.resource_id[r], self.slot_start[r],
@@ -280,7 +286,7 @@ class Batch:
                 for column, value in zip(columns, (
                         booking, rid, resource, self.vendor_id[r], self.partner_id[r],
                         self.requester_id[r], start, end, block_start, block_end,
-                        self.version[r], k)):
+                        self.version[r], self.fence_token[r] if k == 0 else None, k)):
                     column.append(value)
         return columns
 
@@ -474,6 +480,11 @@ def parse_entry(named: dict[str, str], info: dict[str, Info]
         return None, error
     if moved_to is not None and states != [from_state]:
         return None, "a move keeps its state"
+    fence_token = get("fenceToken")
+    if fence_token is not None:
+        if not fence_token.isdigit() or len(fence_token) > 18:
+            return None, "fenceToken must be a non-negative integer"
+        fence_token = int(fence_token)
     return Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
                   metadata, get("idempotencyKey") or "", at, expires, moved_from,
-                  moved_to), None
+                  moved_to, fence_token), None
