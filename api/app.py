@@ -25,12 +25,14 @@ from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, lists, ops, reservations
 from api.routes import webhooks
+from api.routes import pool as pool_routes
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
 from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
+from engine.pool import GroupService
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.list_service import ListService
@@ -98,6 +100,13 @@ def _routes() -> list[BaseRoute]:
         # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        # Resource groups and their availability (issue 16, pool).
+        Route("/v1/vendors/{vendorId}/resource-groups", pool_routes.create_group,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.group,
+              methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}/availability",
+              pool_routes.group_availability, methods=["GET"]),
         Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
         Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
         Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
@@ -170,6 +179,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 rehydrate=rehydrate, idempotency=idempotency,
                 availability=availability_service,
                 on_bulk_release=_bulk_release_event(rt.pool))
+            # Resource groups (issue 16, pool): pooled holds resolve their group here.
+            groups = GroupService(rt.pool, catalog, rt.keys, settings.pool_max_members,
+                                  access=rt.access, throttle=reservation_service.throttle,
+                                  max_range_ms=settings.max_query_range_ms)
+            reservation_service.groups = groups
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -180,7 +194,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 admin=AdminService(rt.pool, catalog, issue_key),
                 availability=availability_service,
                 lists=ListService(rt.pool, reservation_service.throttle),
-                webhooks=WebhookService(rt.pool, settings))
+                webhooks=WebhookService(rt.pool, settings),
+                extra={"groups": groups})
             availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield

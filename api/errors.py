@@ -66,6 +66,10 @@ STATUS: dict[type[e.EngineError], int] = {
     e.UnsafeRedis: 503,
     e.NotReady: 503,
     e.ModifyCrossShard: 409,
+    e.PoolFull: 409,  # issue 16 (pool)
+    e.GroupNotColocated: 409,
+    e.LiveHoldsOnResource: 409,
+    e.ModifyMultiResource: 409,
     e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,

@@ -92,12 +92,34 @@ def _settle(node: Any) -> Any:
 
 def components() -> dict[str, Any]:
     from api import schemas_lists  # lists with cursors (issue 17)
+    from api import schemas_pool  # resource groups (issue 16, pool)
 
     _, generated = msgspec.json.schema_components(
         schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
-        + schemas_webhooks.STRUCTS,
+        + schemas_webhooks.STRUCTS
+        + schemas_pool.REQUESTS + schemas_pool.RESPONSES,
         ref_template="#/components/schemas/{name}")
-    return {**_settle(generated), **ALTERNATIVES, **_json_values()}
+    settled = _settle(generated)
+    settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
+    return {**settled, **ALTERNATIVES, **_json_values()}
+
+
+def _create_forms(schema: dict[str, Any]) -> dict[str, Any]:
+    """A create is one of three forms (issue 16): a slot of a resource, a pooled slot of a
+    resource group, or items. One Struct decodes them all; the document states the forms."""
+    props = schema["properties"]
+    common = ["vendorId", "requesterId", "metadata", "idempotencyKey"]
+    slot = ["slotStartTime", "slotEndTime"]
+
+    def form(names: list[str], required: list[str]) -> dict[str, Any]:
+        return obj({n: props[n] for n in names}, ["vendorId", "requesterId", *required])
+
+    return {"description": schema.get("description", ""), "oneOf": [
+        form(common + slot + ["resourceId"], slot),
+        form(common + slot + ["resourceGroupId", "nearResourceId", "nearZone"],
+             [*slot, "resourceGroupId"]),
+        form(common + ["items"], ["items"]),
+    ]}
 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
@@ -274,6 +296,7 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
+    paths.update(_pool_paths())
     paths.update(_availability_paths())
     paths.update(_events_out())
     from api import openapi_tools  # issue 17: lists with cursors, ETags
@@ -281,6 +304,41 @@ def _paths() -> dict[str, Any]:
     openapi_tools.add_paths(paths)
     openapi_tools.add_etags(paths)
     return paths
+
+
+# ---- resource groups (issue 16, pool): self-contained like _modify -----------------------
+def _pool_paths() -> dict[str, Any]:
+    vendor, group = param("vendorId", "path", NAME), param("groupId", "path", NAME)
+    item = "/v1/vendors/{vendorId}/resource-groups/{groupId}"
+    return {
+        "/v1/vendors/{vendorId}/resource-groups": {"post": operation(
+            "create_resource_group", "Create a resource group (room type) of the vendor's "
+            "resources with an assignment strategy (roles vendor, admin)",
+            {201: ok(201, "ResourceGroup", "Created")}, errors=[403, 404, 409],
+            request=body("CreateResourceGroupRequest"), parameters=[vendor])},
+        item: {
+            "get": operation("get_resource_group", "A resource group",
+                             {200: ok(200, "ResourceGroup")}, errors=[403, 404],
+                             parameters=[vendor, group]),
+            "patch": operation("update_resource_group",
+                               "Change a group's members or strategy (roles vendor, admin)",
+                               {200: ok(200, "ResourceGroup")}, errors=[403, 404, 409],
+                               request=body("UpdateResourceGroupRequest"),
+                               parameters=[vendor, group]),
+            "delete": operation("delete_resource_group", "Delete a group (roles vendor, admin)",
+                                {204: {"description": "Deleted"}}, errors=[403, 404],
+                                parameters=[vendor, group]),
+        },
+        item + "/availability": {"get": operation(
+            "resource_group_availability",
+            "Free members of a group per slot (a member is free when a hold of the slot, "
+            "buffers included, would succeed on it now)",
+            {200: ok(200, "GroupAvailability")}, errors=[400, 403, 404],
+            parameters=[vendor, group, param("startTime", "query", TIME, required=True),
+                        param("endTime", "query", TIME, required=True),
+                        param("slotDuration", "query", {"type": "integer", "minimum": 1,
+                                                        "maximum": 10080, "default": 60})])},
+    }
 
 
 # ---- availability engine (issue 13): self-contained as well ----------------------------------

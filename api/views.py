@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from starlette.responses import Response
 
 from api import schemas
@@ -35,7 +36,12 @@ def created_view(created: Created) -> schemas.CreateReservationResponse:
         vendor_confirmation_required=vendor.confirmation_required,
         # The vendor has until the hold's deadline; an instant-book vendor has confirmed.
         estimated_confirmation_time=(expires_at if vendor.confirmation_required
-                                     else format_time(clock.now_ms())))
+                                     else format_time(clock.now_ms())),
+        resource_id=created.resource_id or UNSET,
+        items=UNSET if not created.items else [
+            schemas.ReservationItemOut(resource_id=r, slot_start_time=format_time(s),
+                                       slot_end_time=format_time(e))
+            for r, s, e in created.items])
 
 
 def reservation_view(r: Reservation) -> schemas.Reservation:
@@ -53,7 +59,10 @@ def reservation_view(r: Reservation) -> schemas.Reservation:
         metadata=r.metadata or {},
         state_history=[history_view(h) for h in r.history],
         booking_id=r.booking_id,
-        failure_reason=r.failure_reason)
+        failure_reason=r.failure_reason,
+        items=UNSET if not getattr(r, "items", None) else [
+            schemas.ReservationItemOut(resource_id=i[0], slot_start_time=format_time(i[1]),
+                                       slot_end_time=format_time(i[2])) for i in r.items])
 
 
 def history_view(h: dict[str, Any]) -> schemas.StateTransition:

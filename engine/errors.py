@@ -36,6 +36,9 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Pooled holds (issue 16, pool): -30 .. -34.
+    POOL_FULL = -30
+    MULTI_RESOURCE = -31
     # Availability engine (issue 13): -25 .. -29.
     RULES_STALE = -25
     AVAILABILITY_CHANGED = -26
@@ -174,6 +177,27 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- resource groups and pooled holds (issue 16, pool) -----------------------------------
+class PoolFull(EngineError):
+    """No member of the resource group is free for the whole slot (checked atomically over
+    every member in one script: never reported while a member is free)."""
+    code = "POOL_FULL"
+
+
+class GroupNotColocated(EngineError):
+    """A group's members live under different shard hash tags, so one script cannot choose
+    among them: re-key the vendor (``slotguard rekey``)."""
+    code = "GROUP_NOT_COLOCATED"
+
+
+class ModifyMultiResource(EngineError):
+    """A reservation of several items is not moved (modify moves one resource's hold)."""
+    code = "MODIFY_MULTI_RESOURCE"
+
+
+class LiveHoldsOnResource(EngineError):
+    """A re-key was refused: a resource it would move still has live holds."""
+    code = "LIVE_HOLDS"
 # ---- partner-readable details (issue 17) ---------------------------------------------
 class ExtendNotLater(EngineError):
     """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
@@ -321,6 +345,11 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    Outcome.POOL_FULL: lambda reply, ctx: PoolFull(
+        "no member of the resource group is free for the whole slot",
+        details={**ctx["details"], "members": int(reply[1])}),
+    Outcome.MULTI_RESOURCE: lambda reply, ctx: ModifyMultiResource(
+        "a multi-resource reservation cannot be moved", details=dict(ctx["details"])),
     Outcome.RULES_STALE: lambda reply, ctx: RulesStale(
         "the vendor's availability rules changed", revision=str(reply[1]),
         details=dict(ctx["details"])),

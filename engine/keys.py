@@ -1,7 +1,11 @@
 """The Redis key layout: the only module that formats a key string.
 
 Every key of a resource lives under one hash tag ``{sg:<shard>}`` where
-``shard = crc32(resource) mod shards``, so each Lua call touches one hash slot and the same
+``shard = crc32(shard key) mod shards``; a resource's shard key is stored with it
+(``resources.shard_key``, migration 0011): its own id for resources created before, its
+vendor's id for newer ones (so a vendor's resources share a tag, while vendors spread over
+the shards). Code that knows only a resource id (plain holds, benchmarks) passes the id,
+which is its shard key unless the catalog says otherwise. So each Lua call touches one hash slot and the same
 scripts run on a single Redis or a Redis Cluster. Partner-scoped keys (rate limits, caps,
 idempotency) live under ``{sg:p:<partner>}``. A configurable prefix, outside the tag, keeps
 deployments (and tests) that share a Redis apart.
@@ -35,8 +39,9 @@ class KeySpace:
     shards: int
 
     # ---- shards and ids -------------------------------------------------------------
-    def shard_of(self, resource_id: str) -> int:
-        return stable_hash(resource_id) % self.shards
+    def shard_of(self, shard_key: str) -> int:
+        """The shard of a shard key (a resource's ``shard_name``; its id by default)."""
+        return stable_hash(shard_key) % self.shards
 
     def tag(self, shard: int) -> str:
         return f"{self.prefix}{{sg:{shard}}}"
@@ -47,11 +52,12 @@ class KeySpace:
     def ip_tag(self, client_ip: str) -> str:
         return f"{self.prefix}{{sg:ip:{client_ip}}}"
 
-    def new_hold_id(self, resource_id: str) -> str:
-        return f"hld_{self.shard_of(resource_id)}_{ULID()}"
+    def new_hold_id(self, shard_key: str) -> str:
+        return f"hld_{self.shard_of(shard_key)}_{ULID()}"
 
-    def new_reservation_id(self, resource_id: str) -> str:
-        return f"rsv_{self.shard_of(resource_id)}_{ULID()}"
+    def new_reservation_id(self, shard_key: str) -> str:
+        """A reservation id on the shard of ``shard_key`` (a resource's ``shard_name``)."""
+        return f"rsv_{self.shard_of(shard_key)}_{ULID()}"
 
     def shard_of_id(self, hold_or_reservation_id: str) -> int:
         """The shard an id carries; ``ValueError`` for anything that is not one of ours."""
@@ -73,21 +79,27 @@ class KeySpace:
         """
         return f"{self.tag(shard)}:u:"
 
-    def unit(self, resource_id: str, unit_index: int) -> str:
-        return f"{self.unit_root(self.shard_of(resource_id))}{resource_id}:{unit_index}"
+    def unit(self, resource_id: str, unit_index: int, shard_key: str | None = None) -> str:
+        shard = self.shard_of(shard_key or resource_id)
+        return f"{self.unit_root(shard)}{resource_id}:{unit_index}"
 
-    def fence(self, resource_id: str) -> str:
-        return f"{self.tag(self.shard_of(resource_id))}:fence:{resource_id}"
+    def fence(self, resource_id: str, shard_key: str | None = None) -> str:
+        return f"{self.fence_root(self.shard_of(shard_key or resource_id))}{resource_id}"
+
+    def fence_root(self, shard: int) -> str:
+        """Fencing counters are ``<fence_root><resource>``: a pooled hold's script appends
+        the member it chose (lua/create_pooled_reservation.lua), as unit keys do."""
+        return f"{self.tag(shard)}:fence:"
 
     def hold(self, hold_id: str) -> str:
         return f"{self.tag(self.shard_of_id(hold_id))}:h:{hold_id}"
 
     # ---- availability rules (issue 13) -------------------------------------------------
-    def availability_revision(self, resource_id: str) -> str:
+    def availability_revision(self, resource_id: str, shard_key: str | None = None) -> str:
         """The revision of the availability rules of the resource's vendor, beside the
         resource's units: the hold script compares it with the revision the caller checked
         the slot against (engine/availability_rules.py)."""
-        return f"{self.tag(self.shard_of(resource_id))}:avr:{resource_id}"
+        return f"{self.tag(self.shard_of(shard_key or resource_id))}:avr:{resource_id}"
 
     # ---- reservations (tag of the shard the id carries) -------------------------------
     def reservation(self, reservation_id: str) -> str:

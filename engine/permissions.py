@@ -44,6 +44,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     # events out (issue 14): each role manages its own tenancy's endpoints and stream
     "webhooks.manage": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "events.stream": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # resource groups (issue 16, pool): the vendor manages its own, admin any
+    "groups.write": frozenset({VENDOR, ADMIN, SYSTEM}),
+    "groups.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
     "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),

@@ -104,6 +104,12 @@ class Settings:
     webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint
     events_stream_heartbeat_ms: int = 15_000  # SSE comment line when nothing else was sent
     events_stream_poll_ms: int = 250  # SSE reads new events this often
+
+    # Resource groups, pooled holds, optimizer (issue 16, pool).
+    pool_max_members: int = 200  # members one resource group may have
+    pool_fit_window_units: int = 8  # best_fit looks this many units each side of a stay
+    optimizer_min_gain_percent: int = 10  # `slotguard optimize --apply` moves only above it
+
     # Replay and parity (issue 17): the worker's parity cron (jobs/parity.py).
     parity_interval_s: int = 300  # 0: no parity cron in the worker
     parity_window_s: int = 3_600  # reservations changed within this window are replayed

@@ -25,11 +25,14 @@
   ARGV[13] max units one hold may cover
   ARGV[14] metadata (JSON object text)
   ARGV[15] record retention ms after a terminal state
+  ARGV[16] reason recorded on the move (optional; default 'modified'; the optimizer's is
+           'optimizer')
   Returns: {1, state, version, deadline_ms, partner id, {field, value, ...}, {history JSON, ...}}
   Errors: -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason), -4 NOT_FOUND,
           -8 INVALID_TRANSITION (+ state), -9 VERSION_MISMATCH (+ current version),
           -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version,
-          + partner), -18 NOT_READY, -19 FOREIGN_RESOURCE (the resource is another vendor's)
+          + partner), -18 NOT_READY, -19 FOREIGN_RESOURCE (the resource is another vendor's),
+          -31 MULTI_RESOURCE (a reservation of several items is not moved)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -45,6 +48,7 @@ local id, actor, resource = ARGV[1], ARGV[2], ARGV[5]
 local first, last = tonumber(ARGV[9]), tonumber(ARGV[10])
 local max_units, retention = tonumber(ARGV[13]), tonumber(ARGV[15])
 local metadata = ARGV[14]
+local reason = (ARGV[16] and ARGV[16] ~= '') and ARGV[16] or 'modified'
 
 -- Validate everything before the first write: Redis has no rollback.
 if not first or not last or not max_units or not retention then
@@ -65,6 +69,7 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= rec.v then return {OUTCOME.VERSION_MIS
 if TERMINAL[rec.st] then return {OUTCOME.TERMINAL, rec.st} end
 if not PRE_COMMIT[rec.st] then return {OUTCOME.INVALID_TRANSITION, rec.st} end
 if ARGV[6] ~= '' and ARGV[6] ~= rec.vd then return {OUTCOME.FOREIGN_RESOURCE} end
+if rec.it ~= '' then return {OUTCOME.MULTI_RESOURCE} end
 
 local now = now_ms()
 local state = rec.st
@@ -98,7 +103,7 @@ rec.bs, rec.be = ARGV[11], ARGV[12]
 redis.call('HDEL', record_key, 'ua')
 redis.call('HSET', record_key, 'v', v, 'rs', rec.rs, 's', rec.s, 'e', rec.e, 'f', first,
   'l', last, 'bs', rec.bs, 'be', rec.be)
-emit_transition(events_key, history_key, rec, state, {state}, v, actor, 'modified', metadata,
+emit_transition(events_key, history_key, rec, state, {state}, v, actor, reason, metadata,
   '', now, rec.dl, false,
   {'movedFromResourceId', old[1], 'movedFromSlotStart', old[2], 'movedFromSlotEnd', old[3],
    'movedFromBlockStart', old[4], 'movedFromBlockEnd', old[5],

@@ -42,7 +42,7 @@
 --@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
---@include lib/owns_all.lua
+--@include lib/owns_items.lua
 --@include lib/load_reservation.lua
 --@include lib/emit_transition.lua
 --@include lib/walk_auto_steps.lua
@@ -151,7 +151,7 @@ if op == 'extend' then
   end
   local deadline = now + ext_ttl
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
-  if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+  if not owns_items(unit_root, rec, id) then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
   end
   local v = rec.v + 1
@@ -177,7 +177,7 @@ if overdue then
 end
 
 local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
-if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+if forward and PRE_COMMIT[state] and not owns_items(unit_root, rec, id) then
   -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
   return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
 end

@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "slotguard.cli_up",  # up (embedded servers + api + worker)
     "slotguard.cli_bench",  # bench (benchmarks/)
     "slotguard.chaos",  # chaos (the fault suite's long forms, issue 11)
+    "slotguard.cli_pool",  # rekey, optimize (issue 16, pool)
     "slotguard.cli_replay",  # replay, parity (issue 17)
     "slotguard.cli_availability",  # availability: schedules, busy blocks, calendars (issue 13)
     "slotguard.cli_status",  # status (issue 17)

@@ -56,6 +56,10 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # resource groups (issue 16, pool): the vendor its own, admin any; reads by every role
+    "group-create": {"vendor", "vendor-other", "admin", "system"},
+    "group-read": ALL,
+    "group-availability": ALL,
     # Lists with cursors (issue 17): partners and vendors see their own rows only.
     "list-reservations": ALL,
     "list-bookings": ALL,
@@ -78,6 +82,7 @@ LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings
 # after the permission check).
 WEBHOOK_MISSING = {"webhook", "webhook-rotate", "webhook-test", "webhook-deliveries",
                    "webhook-retry"}
+GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
                   "requester-authorization", "commit", "cancel", "extend", "modify"}
@@ -164,6 +169,20 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "events-stream":
         return await client.get("/v1/events/stream", params={"types": "nope"},
                                 headers=headers)
+    groups = "/v1/vendors/v-confirm/resource-groups"
+    if route == "group-create":
+        return await client.post(groups, json={"groupId": f"g{n}", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"}, headers=headers)
+    if route in ("group-read", "group-availability"):
+        made = await client.post(groups, json={"groupId": "g-auth", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"},
+                                 headers=world.auth("admin"))
+        assert made.status_code in (201, 409), made.text
+        if route == "group-read":
+            return await client.get(f"{groups}/g-auth", headers=headers)
+        return await client.get(f"{groups}/g-auth/availability",
+                                params={"startTime": at(0), "endTime": at(60)},
+                                headers=headers)
     if route in LISTS:
         return await client.get(LISTS[route], headers=headers)
     raise AssertionError(route)
@@ -197,6 +216,8 @@ async def _auth_matrix(client, world):
                            "calendar", "schedule-read", "busy-blocks-read") \
                     and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
+            elif route in GROUP_ROUTES and key == "vendor-other":
+                expected = {404}  # a vendor key manages and reads its own groups only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
             elif route == "admin-revoke" or route in WEBHOOK_MISSING:

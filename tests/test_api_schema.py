@@ -34,7 +34,10 @@ CONFIG = SchemathesisConfig.from_dict({
     "operations": [{
         "include-operation-id": ["admin_create_vendor", "admin_create_resource",
                                  "vendor_availability", "put_vendor_schedule",
-                                 "create_busy_block", "put_vendor_calendar"],
+                                 "create_busy_block", "put_vendor_calendar",
+                                 # a group's members: the vendor's, colocated, the strategy's
+                                 # fields consistent (issue 16, pool)
+                                 "create_resource_group", "update_resource_group"],
         "checks": {"positive_data_acceptance": {
             "expected-statuses": ["2xx", "400", "401", "403", "404", "409", "429", "5xx"]}},
     }, {

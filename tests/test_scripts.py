@@ -32,6 +32,12 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                        ks.events(shard), ks.deadlines(shard)],
         "modify_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                                ks.events(shard), ks.deadlines(shard), ks.ready(shard)],
+        "create_pooled_reservation": [ks.unit_root(shard), ks.reservation(rid),
+                                      ks.history(rid), ks.fence_root(shard), ks.events(shard),
+                                      ks.deadlines(shard), ks.ready(shard)],  # issue 16
+        "create_multi_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                                     ks.fence_root(shard), ks.events(shard),
+                                     ks.deadlines(shard), ks.ready(shard)],  # issue 16
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "read_units": [ks.unit_root(shard), ks.availability_revision(RESOURCE)],

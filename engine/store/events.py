@@ -115,7 +115,7 @@ class Batch:
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected", "entries", "info", "fence_token")
+                 "rejected", "entries", "info", "fence_token", "items")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -128,9 +128,18 @@ class Batch:
         self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
         self.entries: list[Entry | None] = []  # per position; None when rejected
         self.info: dict[str, Info] = {}  # reservation id -> its unchanging fields
+        # A multi-resource reservation's items (issue 16): reservation id -> [(resource,
+        # slot start, slot end, block start, block end), ...]; every entry carries them.
+        self.items: dict[str, list[tuple]] = {}
         for position, raw in enumerate(events):
             named = raw if type(raw) is not list else fields_dict(raw)
             entry, error = parse_entry(named, self.info)
+            if entry is not None and named.get("items"):
+                items = parse_items(named["items"])
+                if items is None:
+                    entry, error = None, "items is not a list of items"
+                else:
+                    self.items[entry.reservation_id] = items
             self.entries.append(entry)
             if error is not None:
                 self.rejected[position] = EventOutcome(
@@ -252,13 +261,34 @@ class Batch:
         return latest
 
     def booking_columns(self, rows: list[int]) -> list[list[Any]]:
-        reservation_ids = [self.reservation_id[r] for r in rows]
-        return [[booking_id_for(r) for r in reservation_ids], reservation_ids,
-                [self.resource_id[r] for r in rows], [self.vendor_id[r] for r in rows],
-                [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
-                [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
-                [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
-                [self.version[r] for r in rows], [self.fence_token[r] for r in rows]]
+        """One booking row per commit row, or per item of a multi-resource reservation
+        (issue 16: item 0 keeps the reservation's booking id and the commit's fencing token,
+        which comes from its resource's counter; item k gets ``<id>.<k>`` and no token, so
+        only the exclusion constraint guards it). Columns: the 11 of a booking, the fencing
+        token, the item index."""
+        if not self.items or not any(self.reservation_id[r] in self.items for r in rows):
+            reservation_ids = [self.reservation_id[r] for r in rows]
+            return [[booking_id_for(r) for r in reservation_ids], reservation_ids,
+                    [self.resource_id[r] for r in rows], [self.vendor_id[r] for r in rows],
+                    [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
+                    [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
+                    [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
+                    [self.version[r] for r in rows], [self.fence_token[r] for r in rows],
+                    [0] * len(rows)]
+        columns: list[list[Any]] = [[] for _ in range(13)]
+        for r in rows:
+            rid = self.reservation_id[r]
+            places = self.items.get(rid) or [(self.resource_id[r], self.slot_start[r],
+                                              self.slot_end[r], self.block_start[r],
+                                              self.block_end[r])]
+            for k, (resource, start, end, block_start, block_end) in enumerate(places):
+                booking = booking_id_for(rid) + (f".{k}" if k else "")
+                for column, value in zip(columns, (
+                        booking, rid, resource, self.vendor_id[r], self.partner_id[r],
+                        self.requester_id[r], start, end, block_start, block_end,
+                        self.version[r], self.fence_token[r] if k == 0 else None, k)):
+                    column.append(value)
+        return columns
 
     def snapshot_columns(self, latest: Iterable[int], booked: dict[str, str]) -> list[list[Any]]:
         # ON CONFLICT DO UPDATE may touch a row once per statement: one row per reservation,
@@ -374,6 +404,26 @@ def expand_entry(fields: dict[str, str] | list[str]) -> list[dict[str, str]]:
 
 def event_id_of(named: dict[str, str]) -> str:
     return f"{named.get('reservationId', '')}:{named.get('version', '')}"
+
+
+def parse_items(text: str) -> list[tuple] | None:
+    """A multi-resource entry's ``items`` (lua/create_multi_reservation.lua): JSON
+    ``[[resource, slot start, slot end, first, last, block start, block end], ...]`` as
+    (resource, slot start, slot end, block start, block end); None when malformed."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, list) or not raw:
+        return None
+    out = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 7 or not isinstance(item[0], str)
+                or not all(type(v) is int for v in item[1:])
+                or not item[5] <= item[1] < item[2] <= item[6]):
+            return None
+        out.append((item[0], item[1], item[2], item[5], item[6]))
+    return out
 
 
 def parse_entry(named: dict[str, str], info: dict[str, Info]
