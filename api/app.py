@@ -23,7 +23,7 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, reservations
+from api.routes import admin, availability, health, ops, reservations, waitlist
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
@@ -32,6 +32,10 @@ from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
+from engine.transfer import TransferEngine
+from engine.transfer_service import TransferService
+from engine.waitlist import WaitlistEngine
+from engine.waitlist_service import WaitlistService
 
 log = logging.getLogger("slotguard.api")
 
@@ -55,6 +59,14 @@ def routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        # Hold transfer and waitlist handoff (issue 16).
+        Route("/v1/reservations/{reservationId}/transfer-offers", waitlist.transfer_offer,
+              methods=["POST"]),
+        Route("/v1/reservations/{reservationId}/transfer", waitlist.transfer,
+              methods=["POST"]),
+        Route("/v1/waitlist", waitlist.create_entry, methods=["POST"]),
+        Route("/v1/waitlist/{entryId}", waitlist.get_entry, methods=["GET"]),
+        Route("/v1/waitlist/{entryId}", waitlist.withdraw_entry, methods=["DELETE"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
@@ -92,16 +104,22 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            reservation_service = ReservationService(
+                engine, catalog, limits, load_stored=_stored_loader(rt.pool),
+                rehydrate=rehydrate, idempotency=idempotency)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
                 api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms,
                                      settings.api_key_negative_cache_ms),
-                reservations=ReservationService(engine, catalog, limits,
-                                                load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate, idempotency=idempotency),
+                reservations=reservation_service,
                 idempotency=idempotency,
-                admin=AdminService(rt.pool, catalog, issue_key))
+                admin=AdminService(rt.pool, catalog, issue_key),
+                # Hold transfer and waitlist handoff (issue 16).
+                transfers=TransferService(
+                    reservation_service, TransferEngine(rt.access, rt.keys, limits), rt.pool),
+                waitlist=WaitlistService(
+                    reservation_service, WaitlistEngine(rt.access, rt.keys, settings)))
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -36,6 +37,8 @@ class Services:
     reservations: ReservationService
     idempotency: IdempotencyStore
     admin: AdminService | None = None
+    transfers: Any = None  # engine.transfer_service.TransferService (issue 16)
+    waitlist: Any = None  # engine.waitlist_service.WaitlistService (issue 16)
     extra: dict = field(default_factory=dict)
 
 

@@ -66,6 +66,12 @@ STATUS: dict[type[e.EngineError], int] = {
     e.UnsafeRedis: 503,
     e.NotReady: 503,
     e.ModifyCrossShard: 409,
+    # Hold transfer and waitlist handoff (issue 16); TransferTokenInvalid is a NotFound.
+    e.TransferTokenUsed: 409,
+    e.TransferWrongPartner: 403,
+    e.TransferToSelf: 409,
+    e.WaitlistNotWaiting: 409,
+    e.NotSupported: 501,
     Forbidden: 403,
     AlreadyExists: 409,
 }

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas
+from api import schemas, schemas_waitlist
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -92,7 +92,8 @@ def _settle(node: Any) -> Any:
 
 def components() -> dict[str, Any]:
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_waitlist.STRUCTS,
+        ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 
@@ -113,6 +114,7 @@ ERROR_TEXT = {
     422: "Idempotency key reused with a different request",
     429: "Rate limit or hold cap reached",
     500: "Internal error (retryable)",
+    501: "A documented part of the contract not served yet (not retryable)",
     503: "A backing service is unavailable (retryable)",
 }
 
@@ -284,6 +286,7 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
+    paths.update(_transfer_and_waitlist())
     return paths
 
 
@@ -296,6 +299,53 @@ def _modify() -> dict[str, Any]:
         {200: ok(200, "Reservation", "The reservation after the move")},
         errors=[400, 403, 404, 409, 412], request=body("ModifyReservationRequest"),
         parameters=[RESERVATION_ID, IF_MATCH])}
+
+
+# ---- hold transfer and waitlist (issue 16): self-contained, as modify is
+ENTRY_ID = param("entryId", "path", {"type": "string", "minLength": 1, "maxLength": 64})
+
+
+def _transfer_and_waitlist() -> dict[str, Any]:
+    return {
+        "/v1/reservations/{reservationId}/transfer-offers": {"post": operation(
+            "reservation_transfer_offer",
+            "The holder's one-time acceptance token for a live pre-commit hold (role "
+            "partner); addressed to toPartnerId or to any partner; a new offer replaces the "
+            "previous one",
+            {201: ok(201, "TransferOffer", "Created: the token is shown once")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferOfferRequest", False),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/reservations/{reservationId}/transfer": {"post": operation(
+            "reservation_transfer",
+            "Take over a hold with its acceptance token (role partner), atomically: version "
+            "+ 1, the caller holds it. 404 TRANSFER_TOKEN_INVALID (unknown, expired or "
+            "superseded token), 409 TRANSFER_TOKEN_USED, 403 TRANSFER_WRONG_PARTNER, 409 "
+            "TRANSFER_TO_SELF, 409 for a terminal or committing reservation, 429 when the "
+            "caller's hold cap is full",
+            {200: ok(200, "Reservation", "The reservation after the transfer")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferRequest"),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/waitlist": {"post": operation(
+            "waitlist_create",
+            "Wait for a slot (roles partner, system): when a hold covering it expires or is "
+            "cancelled, the script that frees it places the hold for the oldest live entry "
+            "whose whole slot is free (origin: waitlist); the entry counts against the "
+            "partner's hold cap. A slot free right now is handed over at once (state "
+            "fulfilled). 501 WAITLIST_GROUP_NOT_SUPPORTED for resourceGroupId",
+            {201: ok(201, "WaitlistEntry", "Created")},
+            errors=[400, 403, 404, 409, 501], request=body("WaitlistRequest"))},
+        "/v1/waitlist/{entryId}": {
+            "get": operation(
+                "waitlist_get", "A waitlist entry: waiting, fulfilled (with reservationId), "
+                "expired or withdrawn", {200: ok(200, "WaitlistEntry")},
+                errors=[403, 404], parameters=[ENTRY_ID]),
+            "delete": operation(
+                "waitlist_withdraw", "Withdraw a waiting entry (roles partner, ops, admin); "
+                "409 WAITLIST_ENTRY_NOT_WAITING once fulfilled, expired or withdrawn",
+                {200: ok(200, "WaitlistEntry", "The entry, withdrawn")},
+                errors=[403, 404, 409], parameters=[ENTRY_ID]),
+        },
+    }
 
 
 @cache

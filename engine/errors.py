@@ -36,6 +36,12 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Hold transfer and waitlist handoff (issue 16, waitlist helper: -35 .. -39).
+    TRANSFER_TOKEN_INVALID = -35
+    TRANSFER_TOKEN_USED = -36
+    TRANSFER_WRONG_PARTNER = -37
+    TRANSFER_TO_SELF = -38
+    WAITLIST_NOT_WAITING = -39
 
 
 class EngineError(Exception):
@@ -168,6 +174,45 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- hold transfer and waitlist handoff (issue 16) -----------------------------------------
+class TransferTokenInvalid(NotFound):
+    """No live transfer offer of this reservation matches the token (unknown, expired, or
+    the reservation changed hands since the offer): answered as not found, so a token that
+    fails tells nothing about the reservation."""
+
+    code = "TRANSFER_TOKEN_INVALID"
+
+
+class TransferTokenUsed(EngineError):
+    """The acceptance token was already used (a token is good for one transfer)."""
+
+    code = "TRANSFER_TOKEN_USED"
+
+
+class TransferWrongPartner(EngineError):
+    """The offer names another partner than the caller."""
+
+    code = "TRANSFER_WRONG_PARTNER"
+
+
+class TransferToSelf(EngineError):
+    """The holder cannot accept (or address) a transfer of its own hold."""
+
+    code = "TRANSFER_TO_SELF"
+
+
+class WaitlistNotWaiting(EngineError):
+    """The waitlist entry is no longer waiting (fulfilled, expired or withdrawn)."""
+
+    code = "WAITLIST_ENTRY_NOT_WAITING"
+
+
+class NotSupported(EngineError):
+    """A documented part of the contract this deployment does not serve yet."""
+
+    code = "NOT_SUPPORTED"
+
+
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
@@ -262,6 +307,19 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    # Hold transfer and waitlist handoff (issue 16).
+    Outcome.TRANSFER_TOKEN_INVALID: lambda reply, ctx: TransferTokenInvalid(
+        "no live transfer offer of this reservation matches the token",
+        details=dict(ctx["details"])),
+    Outcome.TRANSFER_TOKEN_USED: _plain(TransferTokenUsed,
+                                        "this acceptance token was already used"),
+    Outcome.TRANSFER_WRONG_PARTNER: _plain(TransferWrongPartner,
+                                           "the transfer offer is addressed to another partner"),
+    Outcome.TRANSFER_TO_SELF: _plain(TransferToSelf,
+                                     "the partner already holds this reservation"),
+    Outcome.WAITLIST_NOT_WAITING: lambda reply, ctx: WaitlistNotWaiting(
+        f"the waitlist entry is {reply[1]}, no longer waiting",
+        details={**ctx["details"], "state": str(reply[1])}),
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

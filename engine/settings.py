@@ -90,6 +90,11 @@ class Settings:
     worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
     metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
 
+    # Hold transfer and waitlist handoff (issue 16).
+    transfer_offer_ttl_ms: int = 900_000  # an acceptance token lives this long by default
+    transfer_offer_max_ttl_ms: int = 86_400_000  # the longest ttlMs an offer may ask for
+    waitlist_max_ttl_ms: int = 7 * 86_400_000  # the longest ttlMs a waitlist entry may ask
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ

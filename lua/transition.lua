@@ -27,12 +27,19 @@
   ARGV[17] tenancy: the caller's partner scope ('' = any); another partner's id is NOT_FOUND
   ARGV[18] tenancy: the caller's vendor ('' = any); another vendor's id is NOT_FOUND
   ARGV[19] '1': the reply also carries the record and history as they are after the call
-  Returns: {1, state, version, deadline_ms, partner id[, {field, value, ...}, {history JSON, ...}]}
+  Derived keys (issue 16, waitlist handoff): a call that frees units serves the resource's
+  waitlist in this same script (lua/lib/serve_waitlist.lua), building the waitlist, record
+  and fence keys it needs from the unit root (same hash tag, as unit keys are).
+  Returns: {1, state, version, deadline_ms, partner id[, {field, value, ...}, {history JSON, ...}]
+           [, {handoff reservation id, partner id, entry id, deadline, ...}]}: the handoffs
+           (holds placed for waitlist entries) come 8th, after the record and history (empty
+           lists when not asked for), and only when there are some
   Errors (negative integers): -2 INVALID (+ reason), -4 NOT_FOUND, -6 EXTENSION_LIMIT,
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
            (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
-           -17 NOT_DUE (expire before the deadline: + deadline)
+           -17 NOT_DUE (expire before the deadline: + deadline); HOLD_LOST and EXPIRED
+           carry the handoffs 5th when there are some
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -42,6 +49,7 @@
 --@include lib/emit_transition.lua
 --@include lib/walk_auto_steps.lua
 --@include lib/settle.lua
+--@include lib/serve_waitlist.lua
 
 local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
 local events_key, deadlines_key = KEYS[4], KEYS[5]
@@ -52,10 +60,16 @@ local ttl = {hold = tonumber(ARGV[8]), confirmed = tonumber(ARGV[9]),
 local retention, marker_retention = tonumber(ARGV[11]), tonumber(ARGV[12])
 
 -- The reply of a successful call: what the caller's response shows, as this call left it.
-local function answer(state, version, deadline, partner)
-  if ARGV[19] ~= '1' then return {OUTCOME.OK, state, version, deadline, partner} end
-  return {OUTCOME.OK, state, version, deadline, partner, redis.call('HGETALL', record_key),
-    redis.call('LRANGE', history_key, 0, -1)}
+local function answer(state, version, deadline, partner, handoffs)
+  local out = {OUTCOME.OK, state, version, deadline, partner}
+  if ARGV[19] == '1' then
+    out[6] = redis.call('HGETALL', record_key)
+    out[7] = redis.call('LRANGE', history_key, 0, -1)
+  end
+  if handoffs and #handoffs > 0 then
+    out[6] = out[6] or {}; out[7] = out[7] or {}; out[8] = handoffs
+  end
+  return out
 end
 
 if not retention or not marker_retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
@@ -106,8 +120,17 @@ local function apply(path, why, code)
   redis.call('HSET', record_key, unpack(fields))
   settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention,
     marker_retention, now)
-  if code then return {code, final, v, rec.p} end
-  return answer(final, v, deadline, rec.p)
+  local handoffs
+  if TERMINAL[final] and final ~= 'COMMITTED' then
+    -- The units are free: the resource's waitlist is served before anyone else can take them.
+    handoffs = serve_waitlist(unit_root, events_key, deadlines_key, rec.rs, rec.f, rec.l, now,
+      ttl, retention)
+  end
+  if code then
+    if handoffs and #handoffs > 0 then return {code, final, v, rec.p, handoffs} end
+    return {code, final, v, rec.p}
+  end
+  return answer(final, v, deadline, rec.p, handoffs)
 end
 
 if op == 'expire' then

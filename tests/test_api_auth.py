@@ -45,16 +45,41 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # hold transfer and waitlist (issue 16)
+    "transfer-offers": PARTNERS,
+    "transfer": PARTNERS,
+    "waitlist-create": PARTNERS | {"system"},
+    "waitlist-read": ALL,
+    "waitlist-withdraw": PARTNERS | {"ops", "admin", "system"},
 }
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
-                  "requester-authorization", "commit", "cancel", "extend", "modify"}
+                  "requester-authorization", "commit", "cancel", "extend", "modify",
+                  # p1's reservation or waitlist entry on v-confirm (issue 16)
+                  "transfer-offers", "waitlist-read", "waitlist-withdraw"}
 _ids = itertools.count(1)
 
 
 async def _request(client, world, route: str, key: str | None, rid: str):
     n = next(_ids)
     headers = world.auth(key) if key else {}
+    if route == "transfer-offers":
+        return await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                                 headers=headers)
+    if route == "transfer":  # an open offer of p1's: p1 itself is refused with 409
+        r = await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                              headers=world.auth("p1"))
+        return await client.post(f"/v1/reservations/{rid}/transfer",
+                                 json={"acceptanceToken": r.json()["acceptanceToken"]},
+                                 headers=headers)
+    if route == "waitlist-create":
+        return await client.post("/v1/waitlist", json={**_waitlist_body(n)}, headers=headers)
+    if route in ("waitlist-read", "waitlist-withdraw"):
+        r = await client.post("/v1/waitlist", json=_waitlist_body(n),
+                              headers=world.auth("p1"))
+        entry = r.json()["waitlistEntryId"]
+        method = client.get if route == "waitlist-read" else client.delete
+        return await method(f"/v1/waitlist/{entry}", headers=headers)
     if route == "create":
         return await client.post("/v1/reservations", json=create_body(start=600 + 60 * n),
                                  headers=headers)
@@ -94,6 +119,11 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "admin-revoke":
         return await client.post("/v1/admin/keys/key_nosuchkey/revoke", headers=headers)
     raise AssertionError(route)
+
+
+def _waitlist_body(n: int) -> dict:
+    body = create_body(start=199_980 + 60 * n)
+    return {**body, "ttlMs": 60_000}
 
 
 async def _fresh_reservation(client, world) -> str:
@@ -172,11 +202,13 @@ async def test_revoked_key_stops_working_after_the_cache(app, client, world):
 def test_every_route_is_in_the_matrix_and_the_document():
     """A route added without an auth decision or without documentation fails here."""
     documented = set(openapi_document()["paths"])
-    served = set()
+    served, operations = set(), set()
     for route in routes():
         for sub in getattr(route, "routes", None) or [route]:
             prefix = route.path if sub is not route else ""
             served.add(prefix + sub.path)
+            operations |= {(prefix + sub.path, m) for m in sub.methods - {"HEAD"}}
     assert served == documented
     public = {"/health/live", "/health/ready", "/metrics", "/openapi.json"}
-    assert len(served - public) == len(ALLOWED)
+    # One matrix row per operation (a path may serve several methods: GET and DELETE).
+    assert len({op for op in operations if op[0] not in public}) == len(ALLOWED)

@@ -1,0 +1,97 @@
+--@include lib/first_conflict.lua
+--@include lib/load_reservation.lua
+--@include lib/emit_transition.lua
+--@include lib/walk_auto_steps.lua
+--@include lib/settle.lua
+-- Waitlist handoff (issue 16). Called by every script that frees units of `resource` in
+-- [first, last] (expiry, cancel, any failure, a move) and by a direct create before it takes
+-- units, so the waiting entries get the units in the SAME script that frees them and no third
+-- party can slip in between: for each live waiting entry that overlaps [first, last], oldest
+-- first (FIFO: the shard's sequence), whose whole slot is free now, place its hold.
+--
+-- Keys are derived from the unit root (`<prefix>{sg:S}:u:` -> `<prefix>{sg:S}:`) as unit keys
+-- are: the appended parts never hold a brace, so every key keeps the root's hash tag:
+--   <root>wli:<resource>  zset: the resource's waiting entry ids scored by their last unit
+--   <root>wl:<entry id>   hash: the entry (st, p, vd, rs, rq, s, e, f, l, bs, be, cr, pr, md,
+--                         c, x expiry, q FIFO sequence, r reservation id once fulfilled)
+--   <root>r:/rh:<rsv id>  the new reservation, its id derived from the entry's
+--                         ('wl_<shard>_<ulid>' -> 'rsv_<shard>_<ulid>'): one entry, one hold
+--   <root>fence:<resource>, <root>ready
+-- At most WAITLIST_SCAN_MAX entries are examined per call, those ending soonest after `first`
+-- first (the index is ordered by last unit), so a freed interval costs a bounded number of
+-- reads however long the resource's waitlist is. Expired or finished entries met on the way
+-- leave the index. Nothing is served on a shard whose booked markers are not rehydrated.
+-- Returns a flat list {reservation id, partner id, entry id, deadline, ...} of the holds
+-- placed (the caller moves each entry's cap slot to its hold: lua/cap_waitlist.lua).
+local WAITLIST_SCAN_MAX = 64
+
+local function place_from_waitlist(root, unit_root, events_key, deadlines_key, index_key,
+                                   eid, now, ttl, retention)
+  local entry_key = root .. 'wl:' .. eid
+  local rid = 'rsv' .. eid:sub(3)
+  local record_key, history_key = root .. 'r:' .. rid, root .. 'rh:' .. rid
+  redis.call('ZREM', index_key, eid)
+  if redis.call('EXISTS', record_key) == 1 then
+    -- Its hold exists already (it cannot: the entry is marked in the same script); never twice.
+    redis.call('HSET', entry_key, 'st', 'fulfilled', 'r', rid)
+    return nil
+  end
+  local w = redis.call('HMGET', entry_key, 'p', 'vd', 'rs', 'rq', 's', 'e', 'f', 'l', 'bs',
+    'be', 'cr', 'pr', 'md')
+  -- Mirrors lua/create_reservation.lua: the walk the vendor's policy allows, one entry.
+  local path = walk_auto_steps({'INTENT_CREATED'}, w[11] == '1', w[12] == '1')
+  local deadline = now + ttl.hold
+  for _, state in ipairs(path) do
+    if STAGE_TTL[state] then deadline = now + ttl[STAGE_TTL[state]] end
+  end
+  local token = redis.call('INCR', root .. 'fence:' .. w[3])
+  local final, version = path[#path], #path - 1
+  redis.call('HSET', record_key, 'st', final, 'v', version, 'p', w[1], 'vd', w[2],
+    'rs', w[3], 'rq', w[4], 's', w[5], 'e', w[6], 'f', w[7], 'l', w[8], 'bs', w[9],
+    'be', w[10], 'c', now, 'dl', deadline, 'cr', w[11], 'pr', w[12], 'x', 0, 't', token,
+    'md', w[13], 'ik', '', 'og', 'waitlist', 'wl', eid)
+  local rec = load_reservation(record_key, rid)
+  emit_transition(events_key, history_key, rec, path[1], {unpack(path, 2)}, version, 'system',
+    'waitlist', w[13], '', now, deadline, true, {'origin', 'waitlist', 'waitlistEntryId', eid})
+  settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0,
+    now)
+  redis.call('HSET', entry_key, 'st', 'fulfilled', 'r', rid, 'ft', now)
+  return rid, w[1], deadline
+end
+
+local function serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last, now,
+                              ttl, retention)
+  local served = {}
+  local root = unit_root:sub(1, -3)
+  local index_key = root .. 'wli:' .. resource
+  if redis.call('EXISTS', index_key) == 0 then return served end
+  if redis.call('EXISTS', root .. 'ready') == 0 then return served end
+  local ids = redis.call('ZRANGEBYSCORE', index_key, first, '+inf', 'LIMIT', 0,
+    WAITLIST_SCAN_MAX)
+  local live = {}
+  for _, eid in ipairs(ids) do
+    local entry_key = root .. 'wl:' .. eid
+    local e = redis.call('HMGET', entry_key, 'st', 'f', 'l', 'x', 'q')
+    if e[1] ~= 'waiting' then
+      redis.call('ZREM', index_key, eid)
+    elseif tonumber(e[4]) <= now then
+      redis.call('HSET', entry_key, 'st', 'expired')
+      redis.call('ZREM', index_key, eid)
+    elseif tonumber(e[2]) <= last then
+      live[#live + 1] = {eid, tonumber(e[5]), tonumber(e[2]), tonumber(e[3])}
+    end
+  end
+  table.sort(live, function(a, b) return a[2] < b[2] end)
+  for _, c in ipairs(live) do
+    if not first_conflict(unit_root, resource, c[3], c[4], '') then
+      local rid, partner, deadline = place_from_waitlist(root, unit_root, events_key,
+        deadlines_key, index_key, c[1], now, ttl, retention)
+      if rid then
+        local n = #served
+        served[n + 1] = rid; served[n + 2] = partner; served[n + 3] = c[1]
+        served[n + 4] = deadline
+      end
+    end
+  end
+  return served
+end
