@@ -71,7 +71,7 @@ STATUS: dict[type[e.EngineError], int] = {
     e.TransferWrongPartner: 403,
     e.TransferToSelf: 409,
     e.WaitlistNotWaiting: 409,
-    e.NotSupported: 501,
+    e.NotSupported: 400,  # a documented part of the contract not served yet
     Forbidden: 403,
     AlreadyExists: 409,
 }

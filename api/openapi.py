@@ -114,7 +114,6 @@ ERROR_TEXT = {
     422: "Idempotency key reused with a different request",
     429: "Rate limit or hold cap reached",
     500: "Internal error (retryable)",
-    501: "A documented part of the contract not served yet (not retryable)",
     503: "A backing service is unavailable (retryable)",
 }
 
@@ -286,8 +285,13 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
-    paths.update(_transfer_and_waitlist())
-    return paths
+    # Transfer and waitlist beside the other partner routes, before ops and admin.
+    ordered: dict[str, Any] = {}
+    for path, item in paths.items():
+        if path.startswith("/v1/ops/") and "/v1/waitlist" not in ordered:
+            ordered.update(_transfer_and_waitlist())
+        ordered[path] = item
+    return ordered
 
 
 # ---- modify / move (issue 16): self-contained, so the document's other parts stay as they are
@@ -331,9 +335,10 @@ def _transfer_and_waitlist() -> dict[str, Any]:
             "cancelled, the script that frees it places the hold for the oldest live entry "
             "whose whole slot is free (origin: waitlist); the entry counts against the "
             "partner's hold cap. A slot free right now is handed over at once (state "
-            "fulfilled). 501 WAITLIST_GROUP_NOT_SUPPORTED for resourceGroupId",
+            "fulfilled). resourceGroupId is refused with 400 WAITLIST_GROUP_NOT_SUPPORTED "
+            "until resource groups serve the waitlist",
             {201: ok(201, "WaitlistEntry", "Created")},
-            errors=[400, 403, 404, 409, 501], request=body("WaitlistRequest"))},
+            errors=[400, 403, 404, 409], request=body("WaitlistRequest"))},
         "/v1/waitlist/{entryId}": {
             "get": operation(
                 "waitlist_get", "A waitlist entry: waiting, fulfilled (with reservationId), "

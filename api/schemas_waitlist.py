@@ -48,7 +48,7 @@ class TransferOffer(Out):
 
 # ---- waitlist ------------------------------------------------------------------------------
 class WaitlistRequest(Body):
-    """``resourceId`` (default: the vendor's default resource) or ``resourceGroupId`` (501
+    """``resourceId`` (default: the vendor's default resource) or ``resourceGroupId`` (400
     WAITLIST_GROUP_NOT_SUPPORTED until resource groups serve the waitlist)."""
 
     vendor_id: Name

@@ -336,9 +336,12 @@ class ReservationEngine:
              s.record_retention_ms])
         code = int(reply[0])
         if code == Outcome.OK:
+            handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
-                         reservation_from(reservation_id, reply[5], reply[6]))
+                         reservation_from(reservation_id, reply[5], reply[6]), handoffs)
         if code == Outcome.EXPIRED:  # it ended: free its cap slot
+            if len(reply) > 4:
+                self._handed_off(reply[4])
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op="modify", resource_id=resource.id,
                         details={"reservationId": reservation_id})

@@ -15,6 +15,7 @@ releases the old partner's slot and moves the new one to the hold's deadline (bo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -95,10 +96,19 @@ class TransferEngine:
         return int(reply[3])
 
     async def accept(self, reservation_id: str, token: str, partner_id: str, *,
-                     expected_version: int | None = None,
-                     metadata: dict | None = None) -> Transferred:
-        """Check (no write), take the new partner's cap slot, transfer; see the module."""
-        deadline = await self.check(reservation_id, token, partner_id, expected_version)
+                     expected_version: int | None = None, metadata: dict | None = None,
+                     admission: list | None = None) -> Transferred:
+        """Check (no write; in one round trip with ``admission``, the rate limits), take the
+        new partner's cap slot, transfer; see the module."""
+        checked, *admitted = await asyncio.gather(
+            self.check(reservation_id, token, partner_id, expected_version),
+            *(admission or []), return_exceptions=True)
+        for result in admitted:
+            if isinstance(result, BaseException):
+                raise result
+        if isinstance(checked, BaseException):
+            raise checked
+        deadline = checked
         added = False
         if self.limits is not None:
             _, added = await self.limits.acquire_cap_slot(

@@ -72,10 +72,10 @@ class TransferService:
                 or len(token) > MAX_TOKEN_CHARS):
             raise ValidationError("acceptanceToken is not an acceptance token",
                                   code="INVALID_FIELD", details={"field": "acceptanceToken"})
-        await self.reservations.throttle(principal, client_ip)
-        done = await self.engine.accept(reservation_id, token, _partner(principal),
-                                        expected_version=expected_version,
-                                        metadata={"requestId": request_id})
+        done = await self.engine.accept(
+            reservation_id, token, _partner(principal), expected_version=expected_version,
+            metadata={"requestId": request_id},
+            admission=self.reservations._rate_checks(principal, client_ip))  # noqa: SLF001
         return done.reservation
 
     async def _active_partner(self, partner_id: str) -> None:

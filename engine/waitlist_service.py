@@ -16,6 +16,7 @@ import orjson
 
 from engine import clock
 from engine.errors import NotFound, NotSupported, PaymentRequired, ValidationError
+from engine.keys import NAME_RE
 from engine.lifecycle import PARTNER
 from engine.permissions import Principal, can_see, require
 from engine.service import MIN_TTL_MS, ReservationService, check_requester
@@ -54,6 +55,10 @@ class WaitlistService:
         svc = self.reservations
         vendor = await self.catalog.vendor(req.vendor_id)
         if req.resource_group_id is not None:
+            if not isinstance(req.resource_group_id, str) \
+                    or not NAME_RE.match(req.resource_group_id):
+                raise ValidationError("resourceGroupId is not a valid id", code="INVALID_FIELD",
+                                      details={"field": "resourceGroupId"})
             # Resource groups are another branch of issue 16; until they are served here a
             # group is refused as not supported (documented), never silently ignored.
             raise NotSupported("waitlist entries on a resource group are not supported yet; "

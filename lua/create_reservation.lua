@@ -81,7 +81,7 @@ end
 
 -- Waiting entries first (issue 16): a slot whose hold lapsed is theirs before it is ours.
 local handoffs = serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last,
-  now_ms(), ttl, retention)
+  now_ms())
 local holder, at = first_conflict(unit_root, resource, first, last, id)
 if holder then
   if #handoffs > 0 then return {OUTCOME.CONFLICT, holder, at, handoffs} end

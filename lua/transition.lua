@@ -123,8 +123,7 @@ local function apply(path, why, code)
   local handoffs
   if TERMINAL[final] and final ~= 'COMMITTED' then
     -- The units are free: the resource's waitlist is served before anyone else can take them.
-    handoffs = serve_waitlist(unit_root, events_key, deadlines_key, rec.rs, rec.f, rec.l, now,
-      ttl, retention)
+    handoffs = serve_waitlist(unit_root, events_key, deadlines_key, rec.rs, rec.f, rec.l, now)
   end
   if code then
     if handoffs and #handoffs > 0 then return {code, final, v, rec.p, handoffs} end

@@ -23,11 +23,12 @@
   ARGV[13] payment required (1/0)
   ARGV[14] metadata of the hold the entry becomes (JSON object text)
   ARGV[15] entry ttl ms: the entry expires at min(now + ttl, slot start)
-  ARGV[16] hold stage ttl ms
-  ARGV[17] confirmed stage ttl ms
-  ARGV[18] authorized stage ttl ms
+  ARGV[16] hold stage ttl ms (of the hold the entry becomes: kept in the entry)
+  ARGV[17] confirmed stage ttl ms (idem)
+  ARGV[18] authorized stage ttl ms (idem)
   ARGV[19] max units one hold may cover
-  ARGV[20] record retention ms: a finished entry stays readable this long after its expiry
+  ARGV[20] record retention ms: of the hold it becomes, and a finished entry stays readable
+           this long after its expiry
   Returns: {1, state, expires_at_ms, reservation id ('' while waiting), created_at_ms,
            {handoff reservation id, partner id, entry id, deadline, ...}}; a retry of an
            entry that already landed answers its current state
@@ -85,7 +86,7 @@ local seq = redis.call('INCR', seq_key)
 redis.call('HSET', entry_key, 'st', 'waiting', 'p', ARGV[2], 'vd', ARGV[3], 'rs', resource,
   'rq', ARGV[5], 's', ARGV[6], 'e', ARGV[7], 'f', first, 'l', last, 'bs', ARGV[10],
   'be', ARGV[11], 'cr', ARGV[12], 'pr', ARGV[13], 'md', ARGV[14], 'c', now, 'x', expires_at,
-  'q', seq)
+  'q', seq, 'th', ttl.hold, 'tc', ttl.confirmed, 'ta', ttl.authorized, 'rt', retention)
 redis.call('PEXPIREAT', entry_key, expires_at + retention)
 redis.call('ZADD', index_key, last, id)
 -- The index lives as long as its longest-lived entry could still wait.
@@ -93,6 +94,6 @@ local index_until = redis.call('PEXPIRETIME', index_key)
 if index_until < expires_at then redis.call('PEXPIREAT', index_key, expires_at) end
 
 local handoffs = serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last,
-  now, ttl, retention)
+  now)
 local st, x, r, c = state_of(entry_key)
 return {OUTCOME.OK, st, x, r, c, handoffs}

@@ -250,7 +250,7 @@ async def test_bad_input_is_typed_and_changes_nothing(app, client, world, redis)
         ("p2", entry_body(vendorId="nope"), 404, "UNKNOWN_VENDOR"),
         ("p2", entry_body(resourceId="nope"), 404, None),
         ("p2", entry_body(vendorId="v-paid"), 409, "PAYMENT_PROVIDER_UNAVAILABLE"),
-        ("p2", entry_body(resourceGroupId="rooms"), 501, "WAITLIST_GROUP_NOT_SUPPORTED"),
+        ("p2", entry_body(resourceGroupId="rooms"), 400, "WAITLIST_GROUP_NOT_SUPPORTED"),
         ("p2", {**entry_body(), "requesterId": "   "}, 400, None),
         ("p2", {**entry_body(), "unknown": 1}, 400, "UNKNOWN_FIELD"),
         ("p2", {k: v for k, v in entry_body().items() if k != "ttlMs"}, 400, None),
@@ -297,3 +297,18 @@ async def test_the_worker_records_the_handed_over_hold(app, client, world, redis
     assert row["partner_id"] == "p2" and row["state"] == "AWAITING_VENDOR_CONFIRMATION"
     assert meta["origin"] == "waitlist" and meta["waitlistEntryId"] == wid
     assert (first["triggered_by"], first["reason"]) == ("system", "waitlist")
+
+
+async def test_a_move_hands_the_old_slot_over(app, client, world, redis):
+    rid = await hold(client, world)
+    wid = (await wait_for(client, world))["waitlistEntryId"]
+    r = await client.post(f"/v1/reservations/{rid}/modify",
+                          json={"slotStartTime": at(SLOT + 240), "slotEndTime": at(SLOT + 270)},
+                          headers=world.auth("p1"))
+    assert r.status_code == 200, r.text
+    assert (await entry(client, world, wid))["state"] == "fulfilled"
+    # A move onto the slot a waiting entry wants is refused: the entry got it first.
+    r = await client.post(f"/v1/reservations/{rid}/modify",
+                          json={"slotStartTime": at(SLOT), "slotEndTime": at(SLOT + 30)},
+                          headers=world.auth("p1"))
+    assert r.status_code == 409

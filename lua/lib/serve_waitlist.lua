@@ -13,7 +13,10 @@
 -- are: the appended parts never hold a brace, so every key keeps the root's hash tag:
 --   <root>wli:<resource>  zset: the resource's waiting entry ids scored by their last unit
 --   <root>wl:<entry id>   hash: the entry (st, p, vd, rs, rq, s, e, f, l, bs, be, cr, pr, md,
---                         c, x expiry, q FIFO sequence, r reservation id once fulfilled)
+--                         c, x expiry, q FIFO sequence, th/tc/ta the stage TTLs and rt the
+--                         record retention its hold gets (the settings when the entry was
+--                         made, so any script that frees units can serve it), r reservation
+--                         id once fulfilled)
 --   <root>r:/rh:<rsv id>  the new reservation, its id derived from the entry's
 --                         ('wl_<shard>_<ulid>' -> 'rsv_<shard>_<ulid>'): one entry, one hold
 --   <root>fence:<resource>, <root>ready
@@ -26,7 +29,7 @@
 local WAITLIST_SCAN_MAX = 64
 
 local function place_from_waitlist(root, unit_root, events_key, deadlines_key, index_key,
-                                   eid, now, ttl, retention)
+                                   eid, now)
   local entry_key = root .. 'wl:' .. eid
   local rid = 'rsv' .. eid:sub(3)
   local record_key, history_key = root .. 'r:' .. rid, root .. 'rh:' .. rid
@@ -37,7 +40,9 @@ local function place_from_waitlist(root, unit_root, events_key, deadlines_key, i
     return nil
   end
   local w = redis.call('HMGET', entry_key, 'p', 'vd', 'rs', 'rq', 's', 'e', 'f', 'l', 'bs',
-    'be', 'cr', 'pr', 'md')
+    'be', 'cr', 'pr', 'md', 'th', 'tc', 'ta', 'rt')
+  local ttl = {hold = tonumber(w[14]), confirmed = tonumber(w[15]), authorized = tonumber(w[16])}
+  local retention = tonumber(w[17])
   -- Mirrors lua/create_reservation.lua: the walk the vendor's policy allows, one entry.
   local path = walk_auto_steps({'INTENT_CREATED'}, w[11] == '1', w[12] == '1')
   local deadline = now + ttl.hold
@@ -59,8 +64,7 @@ local function place_from_waitlist(root, unit_root, events_key, deadlines_key, i
   return rid, w[1], deadline
 end
 
-local function serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last, now,
-                              ttl, retention)
+local function serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last, now)
   local served = {}
   local root = unit_root:sub(1, -3)
   local index_key = root .. 'wli:' .. resource
@@ -85,7 +89,7 @@ local function serve_waitlist(unit_root, events_key, deadlines_key, resource, fi
   for _, c in ipairs(live) do
     if not first_conflict(unit_root, resource, c[3], c[4], '') then
       local rid, partner, deadline = place_from_waitlist(root, unit_root, events_key,
-        deadlines_key, index_key, c[1], now, ttl, retention)
+        deadlines_key, index_key, c[1], now)
       if rid then
         local n = #served
         served[n + 1] = rid; served[n + 2] = partner; served[n + 3] = c[1]
