@@ -244,7 +244,8 @@ class Bench:
 async def main(args) -> dict:
     server = PrivateRedis()
     try:
-        settings = Settings.from_env({}, redis_url=server.url, key_prefix="wb:", shards=16)
+        settings = Settings.from_env({}, redis_url=server.url, key_prefix="wb:", shards=16,
+                                     partner_max_live_holds=0)
         bench = Bench(server.url, settings, args.base)
         try:
             await bench.setup()

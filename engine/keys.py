@@ -174,9 +174,15 @@ class KeySpace:
         return f"{self.tag(self.shard_of_waitlist_id(entry_id))}:wl:{entry_id}"
 
     def waitlist_index(self, resource_id: str) -> str:
-        """Sorted set: the resource's waiting entries scored by their first unit. Scripts
-        that free units derive it from the unit root (``<tag>:wli:<resource>``)."""
+        """Sorted set: the resource's slots with waiting entries (member ``<first>:<last>``
+        units) scored by last unit. Scripts that free units derive it from the unit root
+        (``<tag>:wli:<resource>``, mirrored in lua/lib/serve_waitlist.lua)."""
         return f"{self.tag(self.shard_of(resource_id))}:wli:{resource_id}"
+
+    def waitlist_queue(self, resource_id: str, first_unit: int, last_unit: int) -> str:
+        """Sorted set: one slot's waiting entries scored by the shard's sequence (FIFO)."""
+        return (f"{self.tag(self.shard_of(resource_id))}:wlq:{resource_id}:"
+                f"{first_unit}:{last_unit}")
 
     def waitlist_sequence(self, shard: int) -> str:
         """Counter: the FIFO order of waitlist entries of one shard."""

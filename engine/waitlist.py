@@ -94,6 +94,8 @@ class WaitlistEntry:
     created_at_ms: int
     expires_at_ms: int
     reservation_id: str | None = None
+    first_unit: int = 0  # the units it waits for (buffers included)
+    last_unit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,9 @@ class WaitlistEngine:
             reply = await self.access.call(
                 "waitlist_add",
                 [self.keys.unit_root(shard), self.keys.waitlist_entry(p.entry_id),
-                 self.keys.waitlist_index(p.resource.id), self.keys.waitlist_sequence(shard),
+                 self.keys.waitlist_index(p.resource.id),
+                 self.keys.waitlist_queue(p.resource.id, p.first_unit, p.last_unit),
+                 self.keys.waitlist_sequence(shard),
                  self.keys.events(shard), self.keys.deadlines(shard)],
                 [p.entry_id, p.partner_id, p.vendor.id, p.resource.id, p.requester_id,
                  p.start_ms, p.end_ms, p.first_unit, p.last_unit, p.block_start_ms,
@@ -189,7 +193,8 @@ class WaitlistEngine:
             entry_id=p.entry_id, state=str(reply[1]), partner_id=p.partner_id,
             vendor_id=p.vendor.id, resource_id=p.resource.id, requester_id=p.requester_id,
             slot_start_ms=p.start_ms, slot_end_ms=p.end_ms, created_at_ms=int(reply[4]),
-            expires_at_ms=int(reply[2]), reservation_id=str(reply[3]) or None)
+            expires_at_ms=int(reply[2]), reservation_id=str(reply[3]) or None,
+            first_unit=p.first_unit, last_unit=p.last_unit)
         return Added(entry, handoffs)
 
     # ---- read and withdraw ----------------------------------------------------------------
@@ -216,7 +221,8 @@ class WaitlistEngine:
             raise NotFound("waitlist entry not found", details={"waitlistEntryId": entry_id})
         reply = await self.access.call(
             "waitlist_withdraw",
-            [key, self.keys.waitlist_index(found.resource_id)],
+            [key, self.keys.waitlist_index(found.resource_id),
+             self.keys.waitlist_queue(found.resource_id, found.first_unit, found.last_unit)],
             [entry_id, partner_scope])
         if int(reply[0]) != Outcome.OK:
             raise error_for(reply, subject="waitlist entry",
@@ -243,4 +249,4 @@ def entry_from(entry_id: str, raw: list, now_ms: int) -> WaitlistEntry:
         entry_id=entry_id, state=state, partner_id=e["p"], vendor_id=e["vd"],
         resource_id=e["rs"], requester_id=e["rq"], slot_start_ms=int(e["s"]),
         slot_end_ms=int(e["e"]), created_at_ms=int(e["c"]), expires_at_ms=expires_at,
-        reservation_id=e.get("r") or None)
+        reservation_id=e.get("r") or None, first_unit=int(e["f"]), last_unit=int(e["l"]))

@@ -4,10 +4,11 @@
   possibly this one.
   KEYS[1] <prefix>{sg:<shard>}:u:               unit root; unit keys are <root><resource>:<index>
   KEYS[2] <prefix>{sg:<shard>}:wl:<entry id>    the entry (hash)
-  KEYS[3] <prefix>{sg:<shard>}:wli:<resource>   the resource's waiting entries by last unit
-  KEYS[4] <prefix>{sg:<shard>}:wlseq            the shard's FIFO counter
-  KEYS[5] <prefix>{sg:<shard>}:events           the shard's commit-queue stream (handoffs)
-  KEYS[6] <prefix>{sg:<shard>}:deadlines        deadline index (handoffs)
+  KEYS[3] <prefix>{sg:<shard>}:wli:<resource>   the resource's slots with waiting entries
+  KEYS[4] <prefix>{sg:<shard>}:wlq:<resource>:<first>:<last>   the slot's entries (FIFO)
+  KEYS[5] <prefix>{sg:<shard>}:wlseq            the shard's FIFO counter
+  KEYS[6] <prefix>{sg:<shard>}:events           the shard's commit-queue stream (handoffs)
+  KEYS[7] <prefix>{sg:<shard>}:deadlines        deadline index (handoffs)
   ARGV[1] entry id (wl_<shard>_<ulid>)
   ARGV[2] partner id
   ARGV[3] vendor id
@@ -40,8 +41,8 @@
 --@include lib/now_ms.lua
 --@include lib/serve_waitlist.lua
 
-local unit_root, entry_key, index_key, seq_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local events_key, deadlines_key = KEYS[5], KEYS[6]
+local unit_root, entry_key, index_key, queue_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local seq_key, events_key, deadlines_key = KEYS[5], KEYS[6], KEYS[7]
 local id, resource = ARGV[1], ARGV[4]
 local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
 local entry_ttl, max_units, retention = tonumber(ARGV[15]), tonumber(ARGV[19]), tonumber(ARGV[20])
@@ -88,10 +89,12 @@ redis.call('HSET', entry_key, 'st', 'waiting', 'p', ARGV[2], 'vd', ARGV[3], 'rs'
   'be', ARGV[11], 'cr', ARGV[12], 'pr', ARGV[13], 'md', ARGV[14], 'c', now, 'x', expires_at,
   'q', seq, 'th', ttl.hold, 'tc', ttl.confirmed, 'ta', ttl.authorized, 'rt', retention)
 redis.call('PEXPIREAT', entry_key, expires_at + retention)
-redis.call('ZADD', index_key, last, id)
--- The index lives as long as its longest-lived entry could still wait.
-local index_until = redis.call('PEXPIRETIME', index_key)
-if index_until < expires_at then redis.call('PEXPIREAT', index_key, expires_at) end
+redis.call('ZADD', queue_key, seq, id)
+redis.call('ZADD', index_key, last, first .. ':' .. last)
+-- The queue and the index live as long as their longest-lived entry could still wait.
+for _, key in ipairs({queue_key, index_key}) do
+  if redis.call('PEXPIRETIME', key) < expires_at then redis.call('PEXPIREAT', key, expires_at) end
+end
 
 local handoffs = serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last,
   now)

@@ -11,29 +11,34 @@
 --
 -- Keys are derived from the unit root (`<prefix>{sg:S}:u:` -> `<prefix>{sg:S}:`) as unit keys
 -- are: the appended parts never hold a brace, so every key keeps the root's hash tag:
---   <root>wli:<resource>  zset: the resource's waiting entry ids scored by their last unit
---   <root>wl:<entry id>   hash: the entry (st, p, vd, rs, rq, s, e, f, l, bs, be, cr, pr, md,
---                         c, x expiry, q FIFO sequence, th/tc/ta the stage TTLs and rt the
---                         record retention its hold gets (the settings when the entry was
---                         made, so any script that frees units can serve it), r reservation
---                         id once fulfilled)
---   <root>r:/rh:<rsv id>  the new reservation, its id derived from the entry's
---                         ('wl_<shard>_<ulid>' -> 'rsv_<shard>_<ulid>'): one entry, one hold
+--   <root>wli:<resource>          zset: the resource's slots with waiting entries,
+--                                 member '<first>:<last>' (units), scored by last unit
+--   <root>wlq:<resource>:<f>:<l>  zset: the slot's entries, scored by the shard's sequence
+--                                 (FIFO per slot)
+--   <root>wl:<entry id>           hash: the entry (st, p, vd, rs, rq, s, e, f, l, bs, be, cr,
+--                                 pr, md, c, x expiry, q sequence, th/tc/ta the stage TTLs and
+--                                 rt the record retention its hold gets: the settings when the
+--                                 entry was made, so any script that frees units can serve
+--                                 it; r reservation id once fulfilled)
+--   <root>r:/rh:<rsv id>          the new reservation, its id derived from the entry's
+--                                 ('wl_<shard>_<ulid>' -> 'rsv_<shard>_<ulid>'): one entry,
+--                                 one hold
 --   <root>fence:<resource>, <root>ready
--- At most WAITLIST_SCAN_MAX entries are examined per call, those ending soonest after `first`
--- first (the index is ordered by last unit), so a freed interval costs a bounded number of
--- reads however long the resource's waitlist is. Expired or finished entries met on the way
--- leave the index. Nothing is served on a shard whose booked markers are not rehydrated.
+-- For each slot overlapping [first, last] (at most WAITLIST_SCAN_MAX slots, those ending
+-- soonest after `first`), the oldest live entry is the candidate; finished or expired entries
+-- met at a queue's head leave it (at most WAITLIST_DROP_MAX per call). Candidates are served
+-- oldest first when their whole slot is free, so among waiting partners the first come gets
+-- the slot, and an entry whose slot is still partly held waits without blocking others.
+-- Nothing is served on a shard whose booked markers are not rehydrated.
 -- Returns a flat list {reservation id, partner id, entry id, deadline, ...} of the holds
 -- placed (the caller moves each entry's cap slot to its hold: lua/cap_waitlist.lua).
 local WAITLIST_SCAN_MAX = 64
+local WAITLIST_DROP_MAX = 256
 
-local function place_from_waitlist(root, unit_root, events_key, deadlines_key, index_key,
-                                   eid, now)
+local function place_from_waitlist(root, unit_root, events_key, deadlines_key, eid, now)
   local entry_key = root .. 'wl:' .. eid
   local rid = 'rsv' .. eid:sub(3)
   local record_key, history_key = root .. 'r:' .. rid, root .. 'rh:' .. rid
-  redis.call('ZREM', index_key, eid)
   if redis.call('EXISTS', record_key) == 1 then
     -- Its hold exists already (it cannot: the entry is marked in the same script); never twice.
     redis.call('HSET', entry_key, 'st', 'fulfilled', 'r', rid)
@@ -64,32 +69,50 @@ local function place_from_waitlist(root, unit_root, events_key, deadlines_key, i
   return rid, w[1], deadline
 end
 
+-- Drop `member` from a slot's queue, and the slot from the index once its queue is empty.
+local function waitlist_dequeue(index_key, queue_key, slot, member)
+  redis.call('ZREM', queue_key, member)
+  if redis.call('ZCARD', queue_key) == 0 then redis.call('ZREM', index_key, slot) end
+end
+
 local function serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last, now)
   local served = {}
   local root = unit_root:sub(1, -3)
   local index_key = root .. 'wli:' .. resource
   if redis.call('EXISTS', index_key) == 0 then return served end
   if redis.call('EXISTS', root .. 'ready') == 0 then return served end
-  local ids = redis.call('ZRANGEBYSCORE', index_key, first, '+inf', 'LIMIT', 0,
+  local slots = redis.call('ZRANGEBYSCORE', index_key, first, '+inf', 'LIMIT', 0,
     WAITLIST_SCAN_MAX)
-  local live = {}
-  for _, eid in ipairs(ids) do
-    local entry_key = root .. 'wl:' .. eid
-    local e = redis.call('HMGET', entry_key, 'st', 'f', 'l', 'x', 'q')
-    if e[1] ~= 'waiting' then
-      redis.call('ZREM', index_key, eid)
-    elseif tonumber(e[4]) <= now then
-      redis.call('HSET', entry_key, 'st', 'expired')
-      redis.call('ZREM', index_key, eid)
-    elseif tonumber(e[2]) <= last then
-      live[#live + 1] = {eid, tonumber(e[5]), tonumber(e[2]), tonumber(e[3])}
+  local candidates, dropped = {}, 0
+  for _, slot in ipairs(slots) do
+    local sep = slot:find(':', 1, true)
+    local f, l = tonumber(slot:sub(1, sep - 1)), tonumber(slot:sub(sep + 1))
+    if f <= last then
+      local queue_key = root .. 'wlq:' .. resource .. ':' .. slot
+      while dropped < WAITLIST_DROP_MAX do
+        local head = redis.call('ZRANGE', queue_key, 0, 0, 'WITHSCORES')
+        if not head[1] then
+          redis.call('ZREM', index_key, slot)
+          break
+        end
+        local entry_key = root .. 'wl:' .. head[1]
+        local e = redis.call('HMGET', entry_key, 'st', 'x')
+        if e[1] == 'waiting' and tonumber(e[2]) > now then
+          candidates[#candidates + 1] = {head[1], tonumber(head[2]), f, l, queue_key, slot}
+          break
+        end
+        if e[1] == 'waiting' then redis.call('HSET', entry_key, 'st', 'expired') end
+        waitlist_dequeue(index_key, queue_key, slot, head[1])
+        dropped = dropped + 1
+      end
     end
   end
-  table.sort(live, function(a, b) return a[2] < b[2] end)
-  for _, c in ipairs(live) do
+  table.sort(candidates, function(a, b) return a[2] < b[2] end)
+  for _, c in ipairs(candidates) do
     if not first_conflict(unit_root, resource, c[3], c[4], '') then
+      waitlist_dequeue(index_key, c[5], c[6], c[1])
       local rid, partner, deadline = place_from_waitlist(root, unit_root, events_key,
-        deadlines_key, index_key, c[1], now)
+        deadlines_key, c[1], now)
       if rid then
         local n = #served
         served[n + 1] = rid; served[n + 2] = partner; served[n + 3] = c[1]
