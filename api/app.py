@@ -65,8 +65,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/reservations/{reservationId}/transfer", waitlist.transfer,
               methods=["POST"]),
         Route("/v1/waitlist", waitlist.create_entry, methods=["POST"]),
-        Route("/v1/waitlist/{entryId}", waitlist.get_entry, methods=["GET"]),
-        Route("/v1/waitlist/{entryId}", waitlist.withdraw_entry, methods=["DELETE"]),
+        Route("/v1/waitlist/{entryId}", waitlist.entry, methods=["GET", "DELETE"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),

@@ -70,6 +70,13 @@ async def create_entry(request: Request) -> Response:
     return JSONResponse(entry_view(added.entry), status_code=201)
 
 
+async def entry(request: Request) -> Response:
+    """``GET`` reads, ``DELETE`` withdraws (one route, so a 405 lists both methods)."""
+    if request.method == "DELETE":
+        return await withdraw_entry(request)
+    return await get_entry(request)
+
+
 async def get_entry(request: Request) -> Response:
     caller = await principal(request)
     entry = await services(request).waitlist.read(caller, request.path_params["entryId"],
