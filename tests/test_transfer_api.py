@@ -14,7 +14,6 @@ from tests.conftest import snapshot
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     api_settings,
     app,
-    at,
     client,
     create_body,
     migrated,

@@ -21,7 +21,6 @@ from engine.times import parse_time
 from tests.conftest import REDIS_URL
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     app,
-    at,
     client,
     create_body,
     migrated,
