@@ -25,6 +25,7 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,9 +173,10 @@ class Bench:
         return {"usec_per_call": round(usec, 2), "calls": count, "handoffs": handed}
 
     async def phase_expire_waitlisted(self, version: str, n: int) -> dict:
-        """Expiry with an entry per slot: holds of 1.5 s, the entries written meanwhile, then
-        the expiries once every deadline passed."""
-        made = [await self.hold(1_500) for _ in range(n)]
+        """Expiry with an entry per slot: holds long enough for the entries to be written
+        meanwhile (15 ms per hold, at least 3 s), then the expiries once every deadline
+        passed."""
+        made = [await self.hold(max(3_000, 15 * n)) for _ in range(n)]
         for p, _ in made:
             await self.wait_entry(p)
         latest = max(d for _, d in made)
@@ -261,6 +263,7 @@ async def main(args) -> dict:
                             ("expire", lambda v: bench.phase_transition("expire", v, args.n,
                                                                         False))):
                         got = await run(version)
+                        print(f"{name}/{version}: {got}", file=sys.stderr, flush=True)
                         rounds.setdefault(f"{name}/{version}", []).append(got["usec_per_call"])
                 got = await bench.phase_transition("cancel", "new", args.n, True)
                 assert got["handoffs"] == args.n, got
