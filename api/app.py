@@ -23,14 +23,16 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, reservations, waitlist
+from api.routes import admin, availability, health, lists, ops, reservations, waitlist
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
+from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
+from engine.list_service import ListService
 from engine.settings import Settings
 from engine.transfer import TransferEngine
 from engine.transfer_service import TransferService
@@ -51,14 +53,28 @@ def routes() -> list[BaseRoute]:
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", health.prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/reservations", reservations.create_reservation, methods=["POST"]),
+        Route("/v1/reservations", lists.by_method(  # lists with cursors (issue 17)
+            POST=reservations.create_reservation, GET=lists.list_reservations),
+            methods=["GET", "POST"]),
         Route("/v1/reservations/{reservationId}", reservations.get_reservation,
               methods=["GET"]),
         *action_routes,
         Route("/v1/reservations/{reservationId}/modify", reservations.modify_reservation,
               methods=["POST"]),
+        # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.list_busy_blocks,
+              methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks/{blockId}", availability.delete_busy_block,
+              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
+              methods=["PUT"]),
+        Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
         # Hold transfer and waitlist handoff (issue 16).
         Route("/v1/reservations/{reservationId}/transfer-offers", waitlist.transfer_offer,
               methods=["POST"]),
@@ -72,10 +88,13 @@ def routes() -> list[BaseRoute]:
             Route("/audit", ops.audit_query, methods=["GET"]),
         ]),
         Mount("/v1/admin", routes=[
-            Route("/partners", admin.create_partner, methods=["POST"]),
-            Route("/vendors", admin.create_vendor, methods=["POST"]),
+            Route("/partners", lists.by_method(  # GET: issue 17
+                POST=admin.create_partner, GET=lists.list_partners), methods=["GET", "POST"]),
+            Route("/vendors", lists.by_method(  # GET: issue 17
+                POST=admin.create_vendor, GET=lists.list_vendors), methods=["GET", "POST"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
-            Route("/keys", admin.create_key, methods=["POST"]),
+            Route("/keys", lists.by_method(  # GET: issue 17
+                POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
     ]
@@ -103,9 +122,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            # Issue 13: the vendors' availability rules, shared with the create path.
+            availability_service = AvailabilityService(rt.pool, rt.access, rt.keys, catalog,
+                                                       settings)
             reservation_service = ReservationService(
                 engine, catalog, limits, load_stored=_stored_loader(rt.pool),
-                rehydrate=rehydrate, idempotency=idempotency)
+                rehydrate=rehydrate, idempotency=idempotency,
+                availability=availability_service)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -114,11 +137,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 reservations=reservation_service,
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
+                availability=availability_service,
+                lists=ListService(rt.pool, reservation_service.throttle),
                 # Hold transfer and waitlist handoff (issue 16).
                 transfers=TransferService(
                     reservation_service, TransferEngine(rt.access, rt.keys, limits), rt.pool),
                 waitlist=WaitlistService(
                     reservation_service, WaitlistEngine(rt.access, rt.keys, settings)))
+            availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
@@ -130,7 +156,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[Middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                                max_header_count=settings.max_header_count,
                                max_header_bytes=settings.max_header_bytes,
-                               body_read_timeout_ms=settings.body_read_timeout_ms)],
+                               body_read_timeout_ms=settings.body_read_timeout_ms,
+                               calendar_body_bytes=settings.max_calendar_bytes)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

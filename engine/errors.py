@@ -42,6 +42,11 @@ class Outcome(IntEnum):
     TRANSFER_WRONG_PARTNER = -37
     TRANSFER_TO_SELF = -38
     WAITLIST_NOT_WAITING = -39
+    # Availability engine (issue 13): -25 .. -29.
+    RULES_STALE = -25
+    AVAILABILITY_CHANGED = -26
+    # Partner-readable details (issue 17): -45 .. -49.
+    EXTEND_NOT_LATER = -45
 
 
 class EngineError(Exception):
@@ -211,12 +216,63 @@ class NotSupported(EngineError):
     """A documented part of the contract this deployment does not serve yet."""
 
     code = "NOT_SUPPORTED"
+# ---- partner-readable details (issue 17) ---------------------------------------------
+class ExtendNotLater(EngineError):
+    """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
+    no extension is spent."""
+
+    code = "EXTEND_NOT_LATER"
+
+
+def _extend_not_later(reply: list, ctx: dict) -> EngineError:
+    from engine.times import format_time
+
+    deadline, requested = int(reply[1]), int(reply[2])
+    return ExtendNotLater(
+        "the extension would not move the deadline later; nothing was spent",
+        details={**ctx["details"], "expiresAt": format_time(deadline),
+                 "requestedExpiresAt": format_time(requested)})
 
 
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
     code = "NOT_DUE"
+
+
+# ---- availability engine (issue 13) ------------------------------------------------------
+class SlotRefused(EngineError):
+    """The vendor's availability rules refuse the slot (outside hours, busy, tentative, in
+    the past, inside the minimum notice, beyond the horizon, in a buffer):
+    ``details.reasons`` lists why, from engine/availability.py REASONS."""
+
+    code = "SLOT_UNAVAILABLE"
+
+
+class RulesStale(EngineError):
+    """The hold script saw a newer revision of the vendor's availability rules than the
+    caller checked the slot against; the caller reloads them and tries again."""
+
+    code = "AVAILABILITY_RULES_STALE"
+    retryable = True
+
+    def __init__(self, message: str, *, revision: str, details: dict[str, Any] | None = None
+                 ) -> None:
+        super().__init__(message, details=details, retry_after_ms=100)
+        self.revision = revision
+
+
+class UnsupportedCalendarType(EngineError):
+    """A calendar import whose body is not ``text/calendar``."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class AvailabilityChanged(EngineError):
+    """Revalidation: the reservation's slot became unavailable (a busy block or new hours
+    over it); the reservation is now FAILED_AVAILABILITY_CHANGED."""
+
+    code = "FAILED_AVAILABILITY_CHANGED"
 
 
 # ---- the one table: script reply -> error ------------------------------------------------
@@ -320,6 +376,14 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
     Outcome.WAITLIST_NOT_WAITING: lambda reply, ctx: WaitlistNotWaiting(
         f"the waitlist entry is {reply[1]}, no longer waiting",
         details={**ctx["details"], "state": str(reply[1])}),
+    Outcome.RULES_STALE: lambda reply, ctx: RulesStale(
+        "the vendor's availability rules changed", revision=str(reply[1]),
+        details=dict(ctx["details"])),
+    Outcome.AVAILABILITY_CHANGED: lambda reply, ctx: AvailabilityChanged(
+        f"the slot became unavailable ({reply[4]}); the reservation failed",
+        details={**ctx["details"], "state": str(reply[1]), "version": int(reply[2]),
+                 "reasons": [r for r in str(reply[4]).split(",") if r]}),
+    Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

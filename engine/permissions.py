@@ -34,6 +34,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "waitlist.create": frozenset({PARTNER, SYSTEM}),
     "waitlist.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "waitlist.withdraw": frozenset({PARTNER, OPS, ADMIN, SYSTEM}),
+    # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
+    "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
+    "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),
     # operations
     "ops.release": frozenset({OPS, ADMIN, SYSTEM}),
     "ops.bulk-release": frozenset({OPS, ADMIN, SYSTEM}),
@@ -44,6 +47,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
+    "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "admin.vendors.list": frozenset({ADMIN, SYSTEM}),
+    "admin.partners.list": frozenset({ADMIN, SYSTEM}),
+    "admin.keys.list": frozenset({ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.
