@@ -43,6 +43,41 @@ log = logging.getLogger("slotguard.api")
 
 
 def routes() -> list[BaseRoute]:
+    return one_route_per_path(_routes())
+
+
+def one_route_per_path(table: list[BaseRoute]) -> list[BaseRoute]:
+    """Routes that share a path become one Route dispatching by method.
+
+    Starlette answers a method a path lacks with the ``Allow`` of the first Route matching
+    that path, so two Routes for one path (``GET`` and ``PUT …/schedule``) would each hide
+    the other's methods from a 405 (and from OPTIONS). Features add their Routes to the table
+    one method at a time; this joins them.
+    """
+    merged: list[BaseRoute] = []
+    by_path: dict[str, dict[str, object]] = {}
+    for route in table:
+        if isinstance(route, Mount):
+            merged.append(Mount(route.path, routes=one_route_per_path(list(route.routes))))
+        elif isinstance(route, Route) and route.methods:
+            handlers = by_path.get(route.path)
+            if handlers is None:
+                handlers = by_path[route.path] = {}
+                merged.append(route)
+            for method in route.methods - {"HEAD"}:
+                handlers[method] = route.endpoint
+        else:
+            merged.append(route)
+    joined: list[BaseRoute] = []
+    for route in merged:
+        handlers = by_path.get(route.path) if isinstance(route, Route) else None
+        if handlers and set(handlers) != route.methods - {"HEAD"}:
+            route = Route(route.path, lists.by_method(**handlers), methods=sorted(handlers))
+        joined.append(route)
+    return joined
+
+
+def _routes() -> list[BaseRoute]:
     action_routes = [
         Route(f"/v1/reservations/{{reservationId}}/{action}",
               reservations.action_endpoint(action), methods=["POST"])
