@@ -45,6 +45,9 @@ ALLOWED = {
     "busy-blocks": VENDORS | {"admin", "system"},
     "busy-block-delete": VENDORS | {"admin", "system"},
     "calendar": VENDORS | {"admin", "system"},
+    # their reads (GET schedule, GET busy-blocks: availability.rules.read), after the writes
+    "schedule-read": VENDORS | {"ops", "admin", "system"},
+    "busy-blocks-read": VENDORS | {"ops", "admin", "system"},
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
     "audit": {"ops", "admin", "system"},
@@ -125,6 +128,10 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "busy-block-delete":
         return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
                                    headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-read":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "calendar":
         return await client.put("/v1/vendors/v-confirm/calendars/cal1",
                                 content=b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:t\r\n"
@@ -188,7 +195,8 @@ async def _auth_matrix(client, world):
             elif route in ON_RESERVATION and key in OTHER_TENANT:
                 expected = {404}
             elif route in ("availability", "schedule", "busy-blocks", "busy-block-delete",
-                           "calendar") and key == "vendor-other":
+                           "calendar", "schedule-read", "busy-blocks-read") \
+                    and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
