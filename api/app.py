@@ -23,7 +23,7 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, lists, ops, reservations
+from api.routes import admin, availability, health, lists, ops, reservations, waitlist
 from api.routes import webhooks
 from api.routes import pool as pool_routes
 from api.views import JSONResponse
@@ -39,6 +39,10 @@ from engine.list_service import ListService
 from engine.settings import Settings
 from engine.webhook_events import emit_bulk_release
 from engine.webhook_service import WebhookService
+from engine.transfer import TransferEngine
+from engine.transfer_service import TransferService
+from engine.waitlist import WaitlistEngine
+from engine.waitlist_service import WaitlistService
 
 log = logging.getLogger("slotguard.api")
 
@@ -118,6 +122,13 @@ def _routes() -> list[BaseRoute]:
         Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
               methods=["PUT"]),
         Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
+        # Hold transfer and waitlist handoff (issue 16).
+        Route("/v1/reservations/{reservationId}/transfer-offers", waitlist.transfer_offer,
+              methods=["POST"]),
+        Route("/v1/reservations/{reservationId}/transfer", waitlist.transfer,
+              methods=["POST"]),
+        Route("/v1/waitlist", waitlist.create_entry, methods=["POST"]),
+        Route("/v1/waitlist/{entryId}", waitlist.entry, methods=["GET", "DELETE"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
@@ -195,7 +206,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 availability=availability_service,
                 lists=ListService(rt.pool, reservation_service.throttle),
                 webhooks=WebhookService(rt.pool, settings),
-                extra={"groups": groups})
+                extra={"groups": groups},
+                # Hold transfer and waitlist handoff (issue 16).
+                transfers=TransferService(
+                    reservation_service, TransferEngine(rt.access, rt.keys, limits), rt.pool),
+                waitlist=WaitlistService(
+                    reservation_service, WaitlistEngine(rt.access, rt.keys, settings)))
             availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield

@@ -39,6 +39,8 @@ class Services:
     idempotency: IdempotencyStore
     admin: AdminService | None = None
     webhooks: WebhookService | None = None  # events out (issue 14)
+    transfers: Any = None  # engine.transfer_service.TransferService (issue 16)
+    waitlist: Any = None  # engine.waitlist_service.WaitlistService (issue 16)
     extra: dict = field(default_factory=dict)
     availability: Any = None  # engine.availability_service.AvailabilityService (issue 13)
     lists: ListService | None = None  # lists with cursors (issue 17)

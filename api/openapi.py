@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas, schemas_webhooks
+from api import schemas, schemas_waitlist, schemas_webhooks
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -97,7 +97,8 @@ def components() -> dict[str, Any]:
     _, generated = msgspec.json.schema_components(
         schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
         + schemas_webhooks.STRUCTS
-        + schemas_pool.REQUESTS + schemas_pool.RESPONSES,
+        + schemas_pool.REQUESTS + schemas_pool.RESPONSES
+        + schemas_waitlist.STRUCTS,
         ref_template="#/components/schemas/{name}")
     settled = _settle(generated)
     settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
@@ -303,7 +304,13 @@ def _paths() -> dict[str, Any]:
 
     openapi_tools.add_paths(paths)
     openapi_tools.add_etags(paths)
-    return paths
+    # Transfer and waitlist (issue 16) beside the other partner routes, before ops and admin.
+    ordered: dict[str, Any] = {}
+    for path, item in paths.items():
+        if path.startswith("/v1/ops/") and "/v1/waitlist" not in ordered:
+            ordered.update(_transfer_and_waitlist())
+        ordered[path] = item
+    return ordered
 
 
 # ---- resource groups (issue 16, pool): self-contained like _modify -----------------------
@@ -502,6 +509,54 @@ def _events_out() -> dict[str, Any]:
                       description="the same, for clients that cannot set headers "
                                   "(the header wins)"),
             ])},
+    }
+
+
+# ---- hold transfer and waitlist (issue 16): self-contained, as modify is
+ENTRY_ID = param("entryId", "path", {"type": "string", "minLength": 1, "maxLength": 64})
+
+
+def _transfer_and_waitlist() -> dict[str, Any]:
+    return {
+        "/v1/reservations/{reservationId}/transfer-offers": {"post": operation(
+            "reservation_transfer_offer",
+            "The holder's one-time acceptance token for a live pre-commit hold (role "
+            "partner); addressed to toPartnerId or to any partner; a new offer replaces the "
+            "previous one",
+            {201: ok(201, "TransferOffer", "Created: the token is shown once")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferOfferRequest", False),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/reservations/{reservationId}/transfer": {"post": operation(
+            "reservation_transfer",
+            "Take over a hold with its acceptance token (role partner), atomically: version "
+            "+ 1, the caller holds it. 404 TRANSFER_TOKEN_INVALID (unknown, expired or "
+            "superseded token), 409 TRANSFER_TOKEN_USED, 403 TRANSFER_WRONG_PARTNER, 409 "
+            "TRANSFER_TO_SELF, 409 for a terminal or committing reservation, 429 when the "
+            "caller's hold cap is full",
+            {200: ok(200, "Reservation", "The reservation after the transfer")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferRequest"),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/waitlist": {"post": operation(
+            "waitlist_create",
+            "Wait for a slot (roles partner, system): when a hold covering it expires or is "
+            "cancelled, the script that frees it places the hold for the oldest live entry "
+            "whose whole slot is free (origin: waitlist); the entry counts against the "
+            "partner's hold cap. A slot free right now is handed over at once (state "
+            "fulfilled). resourceGroupId is refused with 400 WAITLIST_GROUP_NOT_SUPPORTED "
+            "until resource groups serve the waitlist",
+            {201: ok(201, "WaitlistEntry", "Created")},
+            errors=[400, 403, 404, 409], request=body("WaitlistRequest"))},
+        "/v1/waitlist/{entryId}": {
+            "get": operation(
+                "waitlist_get", "A waitlist entry: waiting, fulfilled (with reservationId), "
+                "expired or withdrawn", {200: ok(200, "WaitlistEntry")},
+                errors=[403, 404], parameters=[ENTRY_ID]),
+            "delete": operation(
+                "waitlist_withdraw", "Withdraw a waiting entry (roles partner, ops, admin); "
+                "409 WAITLIST_ENTRY_NOT_WAITING once fulfilled, expired or withdrawn",
+                {200: ok(200, "WaitlistEntry", "The entry, withdrawn")},
+                errors=[403, 404, 409], parameters=[ENTRY_ID]),
+        },
     }
 
 

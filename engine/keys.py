@@ -26,6 +26,8 @@ _ID_RE = re.compile(r"^(rsv|hld)_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 # Resource, vendor and partner ids become part of keys: keep them to a safe alphabet.
 # `$`, as the OpenAPI document's pattern (ECMA-262 has no \Z): the two must agree.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Waitlist entry ids carry their shard as reservation ids do (issue 16).
+_WAITLIST_ID_RE = re.compile(r"^wl_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 
 
 def stable_hash(value: str) -> int:
@@ -159,6 +161,55 @@ class KeySpace:
     def auth_failures(self, client_ip: str) -> str:
         """GCRA of failed authentications from one client IP."""
         return f"{self.ip_tag(client_ip)}:authfail"
+
+    # ---- hold transfer and waitlist (issue 16): under the resource's shard tag ---------
+    def transfer_offer(self, reservation_id: str) -> str:
+        """Hash: the reservation's live transfer offer (token digest, addressee, expiry,
+        used flag); one offer per reservation, a new one replaces it."""
+        return f"{self.tag(self.shard_of_id(reservation_id))}:xo:{reservation_id}"
+
+    def new_waitlist_entry_id(self, shard_key: str) -> str:
+        """An entry id on the shard of ``shard_key`` (its resource's ``shard_name``: the
+        entry lives beside the resource's unit keys, so the script that frees them serves
+        it)."""
+        return f"wl_{self.shard_of(shard_key)}_{ULID()}"
+
+    def shard_of_waitlist_id(self, entry_id: str) -> int:
+        """The shard a waitlist entry id carries; ``ValueError`` for anything else."""
+        match = _WAITLIST_ID_RE.match(entry_id)
+        if match is None:
+            raise ValueError(f"not a waitlist entry id: {entry_id!r}")
+        shard = int(match.group(1))
+        if shard >= self.shards:
+            raise ValueError(f"id names shard {shard} but there are {self.shards}")
+        return shard
+
+    @staticmethod
+    def waitlist_reservation_id(entry_id: str) -> str:
+        """The one reservation a waitlist entry can become: the same shard and ULID, so a
+        handoff is idempotent and never places two holds for one entry (mirrored in
+        ``lua/lib/serve_waitlist.lua``)."""
+        return "rsv" + entry_id.removeprefix("wl")
+
+    def waitlist_entry(self, entry_id: str) -> str:
+        """Hash: one waitlist entry (state, partner, slot, units, expiry, FIFO sequence)."""
+        return f"{self.tag(self.shard_of_waitlist_id(entry_id))}:wl:{entry_id}"
+
+    def waitlist_index(self, resource_id: str, shard: int) -> str:
+        """Sorted set: the resource's slots with waiting entries (member ``<first>:<last>``
+        units) scored by last unit. Scripts that free units derive it from the unit root
+        (``<tag>:wli:<resource>``, mirrored in lua/lib/serve_waitlist.lua)."""
+        return f"{self.tag(shard)}:wli:{resource_id}"
+
+    def waitlist_queue(self, resource_id: str, first_unit: int, last_unit: int,
+                       shard: int) -> str:
+        """Sorted set: one slot's waiting entries scored by the shard's sequence (FIFO)."""
+        return (f"{self.tag(shard)}:wlq:{resource_id}:"
+                f"{first_unit}:{last_unit}")
+
+    def waitlist_sequence(self, shard: int) -> str:
+        """Counter: the FIFO order of waitlist entries of one shard."""
+        return f"{self.tag(shard)}:wlseq"
 
     # ---- scan patterns (only the tag's own keys: a pattern never spans tags) -----------
     def unit_pattern(self, shard: int) -> str:

@@ -28,6 +28,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),
     "reservation.vendor-authorization": frozenset({VENDOR, SYSTEM}),
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # hold transfer and waitlist (issue 16): only partners hold, so only partners hand over
+    "reservation.transfer-offer": frozenset({PARTNER}),
+    "reservation.transfer": frozenset({PARTNER}),
+    "waitlist.create": frozenset({PARTNER, SYSTEM}),
+    "waitlist.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "waitlist.withdraw": frozenset({PARTNER, OPS, ADMIN, SYSTEM}),
     # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
     "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
     "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),

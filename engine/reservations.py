@@ -49,6 +49,8 @@ class Moved:
     deadline_ms: int
     reservation: Reservation | None = None
     resource_id: str | None = None  # the member a pooled hold chose (issue 16)
+    # Holds the same script placed for waitlist entries on the units it freed (issue 16).
+    handoffs: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +244,8 @@ class ReservationEngine:
         )
         if int(reply[0]) == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+        if int(reply[0]) == Outcome.CONFLICT and len(reply) > 3:
+            self._handed_off(reply[3])  # the slot's waitlist came first (issue 16)
         raise error_for(reply, resource_id=resource_id,
                         details={"reservationId": reservation_id, "shard": shard})
 
@@ -292,6 +296,16 @@ class ReservationEngine:
             else None
         raise error_for(reply, resource_id=conflicting,
                         details={"reservationId": reservation_id})
+
+    def _handed_off(self, flat) -> tuple:
+        """Holds a script placed for waitlist entries (issue 16): their cap slots pass from
+        the entries to the holds, queued (engine/waitlist.py)."""
+        from engine.waitlist import handoffs_from, pass_caps
+
+        handoffs = handoffs_from(flat)
+        if handoffs and self.limits is not None:
+            pass_caps(self.access, self.keys, handoffs)
+        return handoffs
 
     async def mark_ready(self, shards: list[int] | None = None) -> None:
         """Open shards for new holds (after their booked markers are rehydrated)."""
@@ -390,9 +404,12 @@ class ReservationEngine:
              s.record_retention_ms, reason])
         code = int(reply[0])
         if code == Outcome.OK:
+            handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
-                         reservation_from(reservation_id, reply[5], reply[6]))
+                         reservation_from(reservation_id, reply[5], reply[6]), handoffs)
         if code == Outcome.EXPIRED:  # it ended: free its cap slot
+            if len(reply) > 4:
+                self._handed_off(reply[4])
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op="modify", resource_id=resource.id,
                         details={"reservationId": reservation_id})
@@ -455,12 +472,16 @@ class ReservationEngine:
         if code == Outcome.OK:
             record = reservation_from(reservation_id, reply[5], reply[6]) if with_record \
                 else None
-            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record)
+            handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
+            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record,
+                          handoffs)
             await self._settle_cap(reply[4], reservation_id, moved.state, moved.deadline_ms,
                                    wait_cap)
             return moved
         if code in (Outcome.HOLD_LOST, Outcome.EXPIRED, Outcome.AVAILABILITY_CHANGED):
-            # it ended: free its cap slot
+            # it ended: free its cap slot; the units it freed served the waitlist (issue 16)
+            if len(reply) > 5:
+                self._handed_off(reply[5])
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op=op, details={"reservationId": reservation_id})
 

@@ -110,6 +110,10 @@ class Settings:
     pool_fit_window_units: int = 8  # best_fit looks this many units each side of a stay
     optimizer_min_gain_percent: int = 10  # `slotguard optimize --apply` moves only above it
 
+    # Hold transfer and waitlist handoff (issue 16).
+    transfer_offer_ttl_ms: int = 900_000  # an acceptance token lives this long by default
+    transfer_offer_max_ttl_ms: int = 86_400_000  # the longest ttlMs an offer may ask for
+    waitlist_max_ttl_ms: int = 7 * 86_400_000  # the longest ttlMs a waitlist entry may ask
     # Replay and parity (issue 17): the worker's parity cron (jobs/parity.py).
     parity_interval_s: int = 300  # 0: no parity cron in the worker
     parity_window_s: int = 3_600  # reservations changed within this window are replayed

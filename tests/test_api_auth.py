@@ -60,6 +60,12 @@ ALLOWED = {
     "group-create": {"vendor", "vendor-other", "admin", "system"},
     "group-read": ALL,
     "group-availability": ALL,
+    # hold transfer and waitlist (issue 16)
+    "transfer-offers": PARTNERS,
+    "transfer": PARTNERS,
+    "waitlist-create": PARTNERS | {"system"},
+    "waitlist-read": ALL,
+    "waitlist-withdraw": PARTNERS | {"ops", "admin", "system"},
     # Lists with cursors (issue 17): partners and vendors see their own rows only.
     "list-reservations": ALL,
     "list-bookings": ALL,
@@ -85,13 +91,32 @@ WEBHOOK_MISSING = {"webhook", "webhook-rotate", "webhook-test", "webhook-deliver
 GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
-                  "requester-authorization", "commit", "cancel", "extend", "modify"}
+                  "requester-authorization", "commit", "cancel", "extend", "modify",
+                  # p1's reservation or waitlist entry on v-confirm (issue 16)
+                  "transfer-offers", "waitlist-read", "waitlist-withdraw"}
 _ids = itertools.count(1)
 
 
 async def _request(client, world, route: str, key: str | None, rid: str):
     n = next(_ids)
     headers = world.auth(key) if key else {}
+    if route == "transfer-offers":
+        return await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                                 headers=headers)
+    if route == "transfer":  # an open offer of p1's: p1 itself is refused with 409
+        r = await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                              headers=world.auth("p1"))
+        return await client.post(f"/v1/reservations/{rid}/transfer",
+                                 json={"acceptanceToken": r.json()["acceptanceToken"]},
+                                 headers=headers)
+    if route == "waitlist-create":
+        return await client.post("/v1/waitlist", json={**_waitlist_body(n)}, headers=headers)
+    if route in ("waitlist-read", "waitlist-withdraw"):
+        r = await client.post("/v1/waitlist", json=_waitlist_body(n),
+                              headers=world.auth("p1"))
+        entry = r.json()["waitlistEntryId"]
+        method = client.get if route == "waitlist-read" else client.delete
+        return await method(f"/v1/waitlist/{entry}", headers=headers)
     if route == "create":
         return await client.post("/v1/reservations", json=create_body(start=600 + 60 * n),
                                  headers=headers)
@@ -124,6 +149,10 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "busy-block-delete":
         return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
                                    headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-read":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "calendar":
         return await client.put("/v1/vendors/v-confirm/calendars/cal1",
                                 content=b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:t\r\n"
@@ -186,6 +215,11 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route in LISTS:
         return await client.get(LISTS[route], headers=headers)
     raise AssertionError(route)
+
+
+def _waitlist_body(n: int) -> dict:
+    body = create_body(start=199_980 + 60 * n)
+    return {**body, "ttlMs": 60_000}
 
 
 async def _fresh_reservation(client, world) -> str:

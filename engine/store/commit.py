@@ -125,8 +125,9 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigi
 ON CONFLICT (id) DO UPDATE
 SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     expires_at = EXCLUDED.expires_at,
-    -- a move (reason 'modified') changes where the reservation sits
-    resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
+    -- a move (reason 'modified') changes where the reservation sits, a transfer
+    -- (reason 'transferred', issue 16) whose it is
+    partner_id = EXCLUDED.partner_id, resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
     slot_end = EXCLUDED.slot_end, block_start = EXCLUDED.block_start,
     block_end = EXCLUDED.block_end,
     failure_reason = coalesce(EXCLUDED.failure_reason, reservations.failure_reason),

@@ -40,11 +40,15 @@ INFO_FIELDS = ("partnerId", "vendorId", "resourceId", "requesterId", "slotStart"
 MOVE_FIELDS = tuple(f"moved{side}{name}" for side in ("From", "To")
                     for name in ("ResourceId", "SlotStart", "SlotEnd", "BlockStart",
                                  "BlockEnd"))
+# A transfer (lua/transfer_accept.lua, reason "transferred", issue 16): the partner that held
+# it and the one that holds it now; from it on the reservation's partner is the new one.
+TRANSFER_FIELDS = ("transferredFromPartnerId", "transferredToPartnerId")
 # Every field an entry may carry, in the order emit_transition.lua writes them (kept for
 # tooling and tests that build entries by hand).
 FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
                 "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
-                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken"]
+                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken",
+                *TRANSFER_FIELDS]
 # (resource, slot start, slot end, block start, block end) of one side of a move.
 Place = tuple[str, int, int, int, int]
 
@@ -103,6 +107,7 @@ class Entry:
     moved_from: Place | None = None  # a move: where the reservation was
     moved_to: Place | None = None  # and where it is now
     fence_token: int | None = None  # a commit's fencing token (issue 15)
+    transferred: tuple[str, str] | None = None  # a transfer: (from partner, to partner)
 
 
 class Batch:
@@ -179,6 +184,10 @@ class Batch:
                     fields = (fields[0], fields[1], entry.moved_to[0], fields[3],
                               *entry.moved_to[1:], fields[8])
                     info[entry.reservation_id] = fields
+                if entry.transferred is not None:
+                    # From this entry on the reservation is the new partner's.
+                    fields = (entry.transferred[1], *fields[1:])
+                    info[entry.reservation_id] = fields
                 row = index.get(event_id)
                 if row is not None:  # the same transition twice in one batch: written once
                     rows.append(row)
@@ -221,6 +230,9 @@ class Batch:
         moved = "" if entry.moved_to is None else (
             f',"modification":{{"from":{_place_json(entry.moved_from)},'
             f'"to":{_place_json(entry.moved_to)}}}')
+        if entry.transferred is not None:
+            moved += (f',"transfer":{{"fromPartnerId":{_json_string(entry.transferred[0])},'
+                      f'"toPartnerId":{_json_string(entry.transferred[1])}}}')
         self.audit.append(
             f'{{"fromState":{chr(34) + from_state + chr(34) if from_state else "null"},'
             f'"toState":"{to_state}",'
@@ -485,6 +497,15 @@ def parse_entry(named: dict[str, str], info: dict[str, Info]
         if not fence_token.isdigit() or len(fence_token) > 18:
             return None, "fenceToken must be a non-negative integer"
         fence_token = int(fence_token)
+    transferred = None
+    sides = [get(n) for n in TRANSFER_FIELDS]
+    if any(v is not None for v in sides):
+        if not all(sides):
+            return None, "missing fields: " + ", ".join(
+                n for n, v in zip(TRANSFER_FIELDS, sides) if not v)
+        if states != [from_state]:
+            return None, "a transfer keeps its state"
+        transferred = (sides[0], sides[1])
     return Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
                   metadata, get("idempotencyKey") or "", at, expires, moved_from,
-                  moved_to, fence_token), None
+                  moved_to, fence_token, transferred), None
