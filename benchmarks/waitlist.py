@@ -128,7 +128,7 @@ class Bench:
         return p, int(reply[3])
 
     async def wait_entry(self, p) -> str:
-        entry_id = self.keys.new_waitlist_entry_id(p.resource.id)
+        entry_id = self.keys.new_waitlist_entry_id(p.resource.shard_name)
         added = await self.waitlist.add(EntryPlacement(
             entry_id=entry_id, partner_id="p2", vendor=p.vendor, resource=p.resource,
             start_ms=p.start_ms, end_ms=p.end_ms, first_unit=p.first_unit,

@@ -59,10 +59,10 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "transfer_accept": [ks.reservation(rid), ks.history(rid), ks.transfer_offer(rid),
                             ks.events(shard)],
         "waitlist_add": [ks.unit_root(shard), ks.waitlist_entry(wid),
-                         ks.waitlist_index(RESOURCE), ks.waitlist_queue(RESOURCE, 10, 12),
+                         ks.waitlist_index(RESOURCE, shard), ks.waitlist_queue(RESOURCE, 10, 12, shard),
                          ks.waitlist_sequence(shard), ks.events(shard), ks.deadlines(shard)],
-        "waitlist_withdraw": [ks.waitlist_entry(wid), ks.waitlist_index(RESOURCE),
-                              ks.waitlist_queue(RESOURCE, 10, 12)],
+        "waitlist_withdraw": [ks.waitlist_entry(wid), ks.waitlist_index(RESOURCE, shard),
+                              ks.waitlist_queue(RESOURCE, 10, 12, shard)],
         "waitlist_read": [ks.waitlist_entry(wid)],
         "cap_waitlist": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
     }
