@@ -406,7 +406,8 @@ class ReservationEngine:
         if code == Outcome.OK:
             handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
-                         reservation_from(reservation_id, reply[5], reply[6]), handoffs)
+                         reservation_from(reservation_id, reply[5], reply[6]),
+                         handoffs=handoffs)
         if code == Outcome.EXPIRED:  # it ended: free its cap slot
             if len(reply) > 4:
                 self._handed_off(reply[4])
@@ -474,7 +475,7 @@ class ReservationEngine:
                 else None
             handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
             moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record,
-                          handoffs)
+                          handoffs=handoffs)
             await self._settle_cap(reply[4], reservation_id, moved.state, moved.deadline_ms,
                                    wait_cap)
             return moved
