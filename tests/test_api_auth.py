@@ -74,7 +74,10 @@ ALLOWED = {
     "admin-list-keys": {"admin", "system"},
     # events out (issue 14): every role manages its own tenancy's endpoints and stream
     "webhooks": ALL,
+    "webhooks-list": ALL,
     "webhook": ALL,
+    "webhook-update": ALL,
+    "webhook-delete": ALL,
     "webhook-rotate": ALL,
     "webhook-test": ALL,
     "webhook-deliveries": ALL,
@@ -86,8 +89,8 @@ LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings
          "admin-list-keys": "/v1/admin/keys"}
 # Allowed, on an endpoint that does not exist (404), or with a bad filter (400: decided
 # after the permission check).
-WEBHOOK_MISSING = {"webhook", "webhook-rotate", "webhook-test", "webhook-deliveries",
-                   "webhook-retry"}
+WEBHOOK_MISSING = {"webhook", "webhook-update", "webhook-delete", "webhook-rotate",
+                   "webhook-test", "webhook-deliveries", "webhook-retry"}
 GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
@@ -184,9 +187,15 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "webhooks":  # a public address literal: no DNS needed
         return await client.post("/v1/webhook-endpoints", headers=headers,
                                  json={"url": "https://93.184.216.34/hook", "events": ["*"]})
+    if route == "webhooks-list":
+        return await client.get("/v1/webhook-endpoints", headers=headers)
     missing = "/v1/webhook-endpoints/whe_nosuchendpoint"
     if route == "webhook":
         return await client.get(missing, headers=headers)
+    if route == "webhook-update":
+        return await client.patch(missing, headers=headers, json={"disabled": True})
+    if route == "webhook-delete":
+        return await client.delete(missing, headers=headers)
     if route == "webhook-rotate":
         return await client.post(f"{missing}/rotate-secret", headers=headers)
     if route == "webhook-test":
