@@ -42,12 +42,11 @@ ALLOWED = {
     "availability": ALL,
     # issue 13: a vendor key for its own vendor (another vendor's: 404), admin for any
     "schedule": VENDORS | {"admin", "system"},
+    "schedule-read": VENDORS | {"ops", "admin", "system"},  # after "schedule": one exists
     "busy-blocks": VENDORS | {"admin", "system"},
+    "busy-blocks-list": VENDORS | {"ops", "admin", "system"},
     "busy-block-delete": VENDORS | {"admin", "system"},
     "calendar": VENDORS | {"admin", "system"},
-    # issue 13's reads, as operations of their own (issue 17 counts operations, not paths)
-    "schedule-read": VENDORS | {"ops", "admin", "system"},
-    "busy-blocks-read": VENDORS | {"ops", "admin", "system"},
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
     "audit": {"ops", "admin", "system"},
@@ -141,21 +140,17 @@ async def _request(client, world, route: str, key: str | None, rid: str):
                                     d: [["00:00", "24:00"]]
                                     for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}},
                                 headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-list":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "busy-blocks":
         return await client.post("/v1/vendors/v-confirm/busy-blocks",
                                  json={"start": at(-10_000), "end": at(-9_000)},
                                  headers=headers)
-    if route == "schedule-read":
-        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
-    if route == "busy-blocks-read":
-        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "busy-block-delete":
         return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
                                    headers=headers)
-    if route == "schedule-read":
-        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
-    if route == "busy-blocks-read":
-        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "calendar":
         return await client.put("/v1/vendors/v-confirm/calendars/cal1",
                                 content=b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:t\r\n"
@@ -255,8 +250,8 @@ async def _auth_matrix(client, world):
                 expected = {403}
             elif route in ON_RESERVATION and key in OTHER_TENANT:
                 expected = {404}
-            elif route in ("availability", "schedule", "busy-blocks", "busy-block-delete",
-                           "calendar", "schedule-read", "busy-blocks-read") \
+            elif route in ("availability", "schedule", "schedule-read", "busy-blocks",
+                           "busy-blocks-list", "busy-block-delete", "calendar") \
                     and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
             elif route in GROUP_ROUTES and key == "vendor-other":
