@@ -22,6 +22,7 @@ ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_
                   "0005_manual_review", "0006_reservation_blocks",
                   "0007_availability",  # issue 13
                   "0010_fencing",  # issue 15
+                  "0012_list_indexes",  # issue 17
                   ]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
               "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters"}
