@@ -150,6 +150,8 @@ def test_errors_not_found_forbidden_unauthorized_bad_request(sg, live):
 def test_availability(sg):
     created = create(sg)
     read = sg.get_reservation(created.reservation_id)
+    # The reservation's own resource: with no resourceId the answer is the union over the
+    # vendor's resources (issue 13), and v-confirm's second room is free.
     avail = sg.availability("v-confirm", start_time=read.slot_start_time,
                             end_time=read.slot_end_time, slot_duration=15,
                             include_confidence=True, resource_id=read.resource_id)
