@@ -281,7 +281,10 @@ async def test_a_busy_block_over_a_live_reservation_fails_its_next_step(client, 
 async def test_extend_and_commit_are_revalidated_too(client, world):
     rid = (await hold(client, world, 60)).json()["reservationId"]  # instant, free: AUTH_BOTH
     await put_schedule(client, world, {"timeZone": "UTC", "weekly": {"tue": [["00:00", "09:00"]]}})
-    r = await client.post(f"/v1/reservations/{rid}/extend", json={}, headers=world.auth("p1"))
+    # An extension that moves the deadline later (one that cannot is refused before any
+    # revalidation, EXTEND_NOT_LATER, issue 17: the default TTL is below AUTHORIZED_BOTH's).
+    r = await client.post(f"/v1/reservations/{rid}/extend", json={"ttlMs": 3_600_000},
+                          headers=world.auth("p1"))
     assert r.status_code == 409 and r.json()["error"]["details"]["reasons"] == ["outside_hours"]
     rid = (await hold(client, world, 60 * 24 * 7 - 60 * 9 + 60)).json()  # next Tue 01:00
     assert "reservationId" in rid, rid
@@ -400,8 +403,9 @@ async def test_concurrent_creates_and_a_rules_change_never_leave_a_hold_in_a_blo
     assert len(created) + len(refused) == len(starts)
     for r in refused:
         assert r.json()["error"]["details"]["reasons"] == ["busy"]
-    for rid in created:  # placed before the block: its next step fails
-        r = await client.post(f"/v1/reservations/{rid}/extend", json={},
+    for rid in created:  # placed before the block: its next step fails (an extension
+        # that moves the deadline later: one that cannot is refused first, issue 17)
+        r = await client.post(f"/v1/reservations/{rid}/extend", json={"ttlMs": 3_600_000},
                               headers=world.auth("p1"))
         assert r.status_code == 409 and \
             r.json()["error"]["code"] == "FAILED_AVAILABILITY_CHANGED", r.text
