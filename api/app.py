@@ -63,6 +63,8 @@ def routes() -> list[BaseRoute]:
         Mount("/v1/admin", routes=[
             Route("/partners", admin.create_partner, methods=["POST"]),
             Route("/vendors", admin.create_vendor, methods=["POST"]),
+            # Payments (issue 12): a vendor's payment terms.
+            Route("/vendors/{vendorId}", admin.update_vendor, methods=["PATCH"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
             Route("/keys", admin.create_key, methods=["POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),

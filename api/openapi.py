@@ -269,6 +269,10 @@ def _paths() -> dict[str, Any]:
             "admin_create_vendor", "Create a vendor and its default resource (role admin)",
             {201: ok(201, "Vendor", "Created")}, errors=[403, 409],
             request=body("CreateVendorRequest"))},
+        "/v1/admin/vendors/{vendorId}": {"patch": operation(
+            "admin_update_vendor", "Change a vendor's payment terms (role admin; issue 12)",
+            {200: ok(200, "Vendor")}, errors=[403, 404],
+            request=body("UpdateVendorRequest"), parameters=[param("vendorId", "path", NAME)])},
         "/v1/admin/resources": {"post": operation(
             "admin_create_resource", "Create a resource of a vendor (role admin)",
             {201: ok(201, "Resource", "Created")}, errors=[403, 404, 409],

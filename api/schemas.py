@@ -22,6 +22,8 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from engine.keys import NAME_RE
 from engine.lifecycle import ACTORS as ACTOR_SET
 from engine.lifecycle import RESERVED_PARTNER_IDS, State
+from engine.payments.terms import (CURRENCIES, MAX_AMOUNT, MAX_CUTOFF_MINUTES,
+                                   REFUND_POLICIES, STRIPE_ACCOUNT_RE)
 from engine.permissions import ROLES
 from engine.reservations import MAX_METADATA_BYTES, MAX_TEXT
 from engine.service import INVISIBLE, MAX_TTL_MS
@@ -156,9 +158,38 @@ class CreateVendorRequest(Body):
     buffer_after_minutes: doc(int, minimum=0, maximum=1440,
                               description="a multiple of unitMinutes") | UnsetType = UNSET
     confirmation_required: bool | UnsetType = UNSET
-    payment_required: bool | UnsetType = UNSET
+    payment_required: doc(bool, description="default false: a free vendor") | UnsetType \
+        = UNSET
     timezone: text(64, {"enum": sorted(zoneinfo.available_timezones()),
                         "description": "an IANA time zone name"}) | UnsetType = UNSET
+    # Payment terms (issue 12).
+    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT,
+                      description="the requester's price, minor units") | UnsetType = UNSET
+    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT,
+                        description="the vendor's deposit, minor units") | UnsetType = UNSET
+    currency: text(3, {"enum": sorted(CURRENCIES), "description": "ISO 4217"}) | UnsetType \
+        = UNSET
+    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern,
+                                 "description": "connected account: the requester's price "
+                                                "is a direct charge on it"}) | UnsetType = UNSET
+    refund_policy: text(16, {"enum": list(REFUND_POLICIES)}) | UnsetType = UNSET
+    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES,
+                               description="with refundPolicy full_before") | UnsetType = UNSET
+
+
+class UpdateVendorRequest(Body):
+    """PATCH /v1/admin/vendors/{vendorId} (issue 12): the payment terms; a field given as
+    null clears an optional one."""
+
+    payment_required: bool | UnsetType = UNSET
+    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | None | UnsetType = UNSET
+    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | None | UnsetType = UNSET
+    currency: text(3, {"enum": sorted(CURRENCIES)}) | None | UnsetType = UNSET
+    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern}) | None | UnsetType \
+        = UNSET
+    refund_policy: text(16, {"enum": list(REFUND_POLICIES)}) | UnsetType = UNSET
+    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES) | None \
+        | UnsetType = UNSET
 
 
 class CreateResourceRequest(Body):
@@ -180,7 +211,7 @@ class CreateKeyRequest(Body):
 
 REQUESTS: tuple[type[Body], ...] = (
     CreateReservationRequest, ActionRequest, AuthorizationRequest, ExtendRequest,
-    ModifyReservationRequest, ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest,
+    ModifyReservationRequest, ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest, UpdateVendorRequest,
     CreateResourceRequest, CreateKeyRequest)
 
 
@@ -309,6 +340,12 @@ class Vendor(Out):
     payment_required: bool
     timezone: str
     default_resource_id: str
+    price_amount: int | None = None
+    deposit_amount: int | None = None
+    currency: str | None = None
+    stripe_account_id: str | None = None
+    refund_policy: doc(str, enum=list(REFUND_POLICIES)) = "full"
+    refund_cutoff_minutes: int | None = None
 
 
 class Resource(Out):

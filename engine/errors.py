@@ -174,6 +174,50 @@ class NotDue(EngineError):
     code = "NOT_DUE"
 
 
+# ---- Payments (issue 12) ------------------------------------------------------------------
+class PaymentError(EngineError):
+    """Base of the payment errors (engine/payments/)."""
+
+    code = "PAYMENT_ERROR"
+
+
+class PaymentDeclined(PaymentError):
+    """The card was declined (402); the reservation moved to FAILED_*_AUTH."""
+
+    code = "PAYMENT_DECLINED"
+
+
+class InvalidPaymentMethod(PaymentError):
+    """The payment method is unknown or unusable (400); nothing changed."""
+
+    code = "INVALID_PAYMENT_METHOD"
+
+
+class PaymentNotRequired(PaymentError):
+    """A payment call on a vendor that requires no payment (409)."""
+
+    code = "PAYMENT_NOT_REQUIRED"
+
+
+class PaymentTermsIncomplete(PaymentError):
+    """The vendor requires payment but states no price, deposit or currency (409)."""
+
+    code = "PAYMENT_TERMS_INCOMPLETE"
+
+
+class PaymentProviderError(PaymentError):
+    """The provider failed or could not be reached; retryable (503)."""
+
+    code = "PAYMENT_PROVIDER_ERROR"
+    retryable = True
+
+
+class InvalidWebhook(PaymentError):
+    """An inbound Stripe event whose signature does not verify (400)."""
+
+    code = "INVALID_WEBHOOK_SIGNATURE"
+
+
 # ---- the one table: script reply -> error ------------------------------------------------
 # Each entry builds the error from the reply (``reply[0]`` is the code, the rest is what the
 # script's header documents) and the caller's context: ``subject`` ("hold" or
