@@ -178,18 +178,17 @@ class CreateVendorRequest(Body):
 
 
 class UpdateVendorRequest(Body):
-    """PATCH /v1/admin/vendors/{vendorId} (issue 12): the payment terms; a field given as
-    null clears an optional one."""
+    """PATCH /v1/admin/vendors/{vendorId} (issue 12): the payment terms given change, the
+    others stay; a refundPolicy other than full_before clears refundCutoffMinutes."""
 
     payment_required: bool | UnsetType = UNSET
-    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | None | UnsetType = UNSET
-    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | None | UnsetType = UNSET
-    currency: text(3, {"enum": sorted(CURRENCIES)}) | None | UnsetType = UNSET
-    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern}) | None | UnsetType \
-        = UNSET
+    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | UnsetType = UNSET
+    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | UnsetType = UNSET
+    currency: text(3, {"enum": sorted(CURRENCIES)}) | UnsetType = UNSET
+    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern}) | UnsetType = UNSET
     refund_policy: text(16, {"enum": list(REFUND_POLICIES)}) | UnsetType = UNSET
-    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES) | None \
-        | UnsetType = UNSET
+    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES) | UnsetType \
+        = UNSET
 
 
 class CreateResourceRequest(Body):

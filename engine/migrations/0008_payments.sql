@@ -45,6 +45,10 @@ CREATE TABLE payment_intents (
     updated_at          timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (reservation_id, role, attempt)
 );
+-- At most one live intent per reservation and role: two concurrent authorizations cannot
+-- both hold money.
+CREATE UNIQUE INDEX payment_intents_live_idx ON payment_intents (reservation_id, role)
+    WHERE status NOT IN ('failed', 'canceled');
 CREATE INDEX payment_intents_open_idx ON payment_intents (status, created_at)
     WHERE status IN ('calling', 'requires_action', 'requires_capture', 'capturing');
 
