@@ -30,6 +30,9 @@ from engine.store import queries
 from engine.catalog_cache import CatalogCache
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
+from engine.payments.orchestrator import PaymentOrchestrator
+from engine.payments.provider import provider_from_settings
+from engine.payments_service import PaymentService
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
 
@@ -94,20 +97,32 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
+            reservation_service = ReservationService(engine, catalog, limits,
+                                                     load_stored=_stored_loader(rt.pool),
+                                                     rehydrate=rehydrate,
+                                                     idempotency=idempotency)
+            # Payments (issue 12): the provider when a Stripe key is set.
+            provider = provider_from_settings(settings)
+            orchestrator = None if provider is None else PaymentOrchestrator(
+                provider, rt.pool, engine, settings)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
                 api_keys=KeyResolver(rt.pool, settings.api_key_cache_ms,
                                      settings.api_key_negative_cache_ms),
-                reservations=ReservationService(engine, catalog, limits,
-                                                load_stored=_stored_loader(rt.pool),
-                                                rehydrate=rehydrate, idempotency=idempotency),
+                reservations=reservation_service,
                 idempotency=idempotency,
-                admin=AdminService(rt.pool, catalog, issue_key))
+                admin=AdminService(rt.pool, catalog, issue_key),
+                extra={"payments": PaymentService(reservation_service, rt.pool, orchestrator),
+                       "payment_provider": provider})
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
+            services = app.state.services
             app.state.services = None
+            provider = services.extra.get("payment_provider") if services else None
+            if provider is not None:
+                await provider.close()
             await rt.close()
 
     return Starlette(

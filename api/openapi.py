@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas
+from api import schemas, schemas_payments
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -92,7 +92,8 @@ def _settle(node: Any) -> Any:
 
 def components() -> dict[str, Any]:
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_payments.REQUESTS
+        + schemas_payments.RESPONSES, ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 

@@ -114,6 +114,11 @@ class ActionRequest(Body):
 
 class AuthorizationRequest(ActionRequest):
     outcome: text(16, {"enum": ["authorized", "failed"]}) | UnsetType = UNSET
+    # Payments (issue 12): a paying vendor's reservation is authorized with a payment
+    # method (a manual-capture PaymentIntent); outcome is for free vendors.
+    payment_method_id: text(203, {"pattern": "^pm_[A-Za-z0-9_]{1,200}$",
+                                  "description": "a Stripe PaymentMethod id, e.g. "
+                                                 "pm_card_visa"}) | UnsetType = UNSET
 
 
 class ExtendRequest(ActionRequest):
@@ -248,6 +253,35 @@ class StateTransition(Out):
     version: int
 
 
+# ---- Payments (issue 12) ------------------------------------------------------------------
+INTENT_STATUS = ["requires_payment_method", "requires_confirmation", "requires_action",
+                 "processing", "requires_capture", "succeeded", "canceled"]
+
+
+class PaymentState(Out):
+    """The seed's PaymentState; amounts in minor units of ``currency``."""
+
+    vendor_payment_intent_id: str | None = None
+    vendor_payment_intent_status: doc(str, enum=INTENT_STATUS) | None = None
+    vendor_authorized_at: OutTime | None = None
+    vendor_capture_id: str | None = None
+    vendor_next_action: dict[str, Any] | None = None
+    vendor_amount: int | None = None
+    vendor_refunded_amount: int = 0
+    requester_payment_intent_id: str | None = None
+    requester_payment_intent_status: doc(str, enum=INTENT_STATUS) | None = None
+    requester_authorized_at: OutTime | None = None
+    requester_capture_id: str | None = None
+    requester_next_action: dict[str, Any] | None = None
+    requester_amount: int | None = None
+    requester_refunded_amount: int = 0
+    vendor_capture_attempts: int = 0
+    requester_capture_attempts: int = 0
+    last_capture_error: str | None = None
+    currency: str | None = None
+
+
+
 class Reservation(Out):
     reservation_id: str
     state: StateName
@@ -263,6 +297,9 @@ class Reservation(Out):
     state_history: list[StateTransition]
     booking_id: str | None
     failure_reason: str | None
+    # Payments (issue 12): present for reservations of paying vendors.
+    payment_state: PaymentState | UnsetType = UNSET
+    next_action: dict[str, Any] | UnsetType = UNSET
 
 
 class AvailabilitySlot(Out):

@@ -70,7 +70,7 @@ class DrainStats:
 class CommitQueue:
     def __init__(self, access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
                  reservations: ReservationEngine, settings: Settings, consumer: str,
-                 metrics=None) -> None:
+                 metrics=None, payments=None) -> None:
         self.access = access
         self.redis = access.redis
         self.keys = keys
@@ -79,6 +79,10 @@ class CommitQueue:
         self.settings = settings
         self.consumer = consumer
         self.metrics = metrics
+        # Payments (issue 12): engine.payments.orchestrator.PaymentOrchestrator, or None.
+        # A paying reservation's commit captures both payments before its booking is
+        # written; a failed capture writes no booking (compensation, FAILED_COMMIT).
+        self.payments = payments
         self.stats = DrainStats()
         self.outages = 0  # shard batches waiting out an outage: the reclaimer stands by
         # Raw RESP connections (None where redis-py must serve: unix sockets): one per
@@ -200,10 +204,13 @@ class CommitQueue:
             return []
         started = time.perf_counter()
         events = [fields for _, fields in entries]
+        verdicts = await self._capture_payments(events) if self.payments is not None else {}
+        unpaid = {rid for rid, verdict in verdicts.items() if not verdict.book}
         async with self.pool.acquire() as conn:
             applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
                                         lookup=self._live_info,
-                                        before_commit=self._markers_before_commit)
+                                        before_commit=self._markers_before_commit,
+                                        unbookable=unpaid)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -223,7 +230,11 @@ class CommitQueue:
             elif result == EventResult.AVAILABILITY_CHANGED:
                 self.stats.availability_changed += 1
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
-                                                     outcome.conflicting_booking_id))
+                                                     outcome.conflicting_booking_id,
+                                                     paid=outcome.reservation_id in verdicts))
+            elif outcome.reservation_id in unpaid and result == EventResult.SUPERSEDED:
+                follow_ups.append(self._fail_unpaid(outcome.reservation_id,
+                                                    verdicts[outcome.reservation_id]))
             elif result == EventResult.REJECTED:
                 entry_id, fields = entries[position]
                 rejected.append((entry_id, fields, outcome.reason or "rejected"))
@@ -305,7 +316,33 @@ class CommitQueue:
                     "reason": "booked after Redis lost the reservation"}])
             self.stats.committed += 1
 
-    async def _fail_changed(self, reservation_id: str, conflicting: str | None) -> None:
+    async def _capture_payments(self, events: list) -> dict:
+        """Payments (issue 12): the verdict of each paying reservation committed in this
+        batch, after its captures (engine/payments/orchestrator.py ``capture_commits``)."""
+        commits = []
+        for fields in events:
+            named = fields if isinstance(fields, dict) else fields_dict(fields)
+            if named.get("toState") == "COMMIT_IN_PROGRESS" and named.get("reservationId"):
+                commits.append(named["reservationId"])
+        if not commits:
+            return {}
+        return await self.payments.capture_commits(commits)
+
+    async def _fail_unpaid(self, reservation_id: str, verdict) -> None:
+        """A paying commit whose payments failed (compensated already): FAILED_COMMIT, or
+        FAILED_AVAILABILITY_CHANGED when revalidation found the slot taken."""
+        try:
+            await self.reservations.act(reservation_id, verdict.action, actor="system",
+                                        reason=verdict.reason or "payment failed",
+                                        metadata={"compensation": True})
+        except (TerminalState, NotFound):
+            pass  # ended on an earlier delivery, or forgotten by Redis
+
+    async def _fail_changed(self, reservation_id: str, conflicting: str | None,
+                            paid: bool = False) -> None:
+        if paid:
+            # Captured, then the exclusion constraint refused the booking: refund both.
+            await self.payments.refuse_booking(reservation_id)
         try:
             await self.reservations.act(
                 reservation_id, "availability-changed", actor="system",

@@ -61,8 +61,15 @@ async def startup(ctx: dict) -> None:
     report = await rt.rehydrate_if_needed()
     if report is not None:
         log.info("rehydrated %s bookings (%s markers)", report.bookings, report.markers_written)
+    # Payments (issue 12): captures at commit when a Stripe key is set.
+    from engine.payments.orchestrator import PaymentOrchestrator
+    from engine.payments.provider import provider_from_settings
+
+    provider = provider_from_settings(settings)
+    ctx["payments"] = None if provider is None else PaymentOrchestrator(
+        provider, rt.pool, rt.reservations, settings)
     queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings,
-                        consumer_name(), metrics)
+                        consumer_name(), metrics, payments=ctx["payments"])
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
@@ -72,6 +79,8 @@ async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
         await asyncio.gather(ctx["drain"], return_exceptions=True)
+    if ctx.get("payments") is not None:
+        await ctx["payments"].provider.close()
     if "rt" in ctx:
         await ctx["rt"].close()
 

@@ -61,9 +61,9 @@ async def create_reservation(request: Request) -> Response:
 async def get_reservation(request: Request) -> Response:
     svc = services(request)
     caller = await principal(request)
-    found = await svc.reservations.read(caller, request.path_params["reservationId"],
-                                        client_ip(request))
-    return JSONResponse(reservation_view(found))
+    found, payment = await svc.extra["payments"].read(
+        caller, request.path_params["reservationId"], client_ip(request))
+    return JSONResponse(reservation_view(found, payment))
 
 
 def action_endpoint(action: str):
@@ -84,6 +84,18 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     caller = await principal(request)
     body = parse_body(await request.body(), request.headers.get("content-type"),
                       ACTION_SHAPES.get(action, ActionRequest), optional=True)
+    if action in ("vendor-authorization", "requester-authorization"):
+        # Payments (issue 12): with a payment method, a manual-capture PaymentIntent.
+        answer = await svc.extra["payments"].authorize(
+            caller, request.path_params["reservationId"], action,
+            payment_method_id=given(body.payment_method_id), outcome=given(body.outcome),
+            expected_version=parse_if_match(request.headers.get("if-match")),
+            reason=given(body.reason), metadata=given(body.metadata),
+            client_ip=client_ip(request), request_id=request_id(request))
+        # Waiting for 3-D Secure: 202 with nextAction, the reservation unchanged.
+        return JSONResponse(reservation_view(answer.reservation, answer.payment_state,
+                                             answer.next_action),
+                            status_code=202 if answer.next_action is not None else 200)
     moved = await svc.reservations.act(
         caller, request.path_params["reservationId"], action,
         outcome=given(getattr(body, "outcome", UNSET)),
