@@ -76,6 +76,7 @@ class Rule:
     action: str
     times: int | None = 1
     seconds: float = 0.0
+    status: int = 500  # of fail: 402 answers a card error (card_declined)
     release: asyncio.Event | None = None
     seen: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -123,9 +124,14 @@ class FaultProxy:
         if rule is not None:
             rule.seen.set()
         if action == "fail":
-            self.calls.append(Call(request.method, request.path, 500, action))
+            self.calls.append(Call(request.method, request.path, rule.status, action))
+            if rule.status == 402:
+                return web.json_response({"error": {
+                    "type": "card_error", "code": "card_declined",
+                    "message": "Your card was declined (injected)."}}, status=402)
             return web.json_response({"error": {"type": "api_error",
-                                                "message": "injected failure"}}, status=500)
+                                                "message": "injected failure"}},
+                                     status=rule.status)
         if action == "drop":
             self.calls.append(Call(request.method, request.path, None, action))
             request.transport.close()

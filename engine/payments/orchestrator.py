@@ -350,7 +350,7 @@ class PaymentOrchestrator:
             if intent.status != "canceled":
                 raise
         return await self._update(row, status="canceled", canceled_at=_now(),
-                                  last_error=reason[:500], next_action=None)
+                                  last_error=row.last_error or reason[:500], next_action=None)
 
     # ---- inbound events (3-D Secure) ---------------------------------------------------
     async def intent_event(self, intent: Intent, succeeded: bool) -> str:
