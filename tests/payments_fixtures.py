@@ -69,7 +69,8 @@ class Rule:
     """What to do with matching calls: ``action`` is fail (answer 500), drop (close without
     an answer), delay (wait ``seconds`` then forward), lose (forward, then close without
     passing the answer on) or hold (forward only once ``release`` is set); ``times`` calls
-    (None: all)."""
+    (None: all). ``hold`` never forwards; ``hold_answer`` forwards and then keeps the answer
+    until ``release``."""
 
     method: str
     path: str  # a regular expression, matched against the path
@@ -106,7 +107,7 @@ class FaultProxy:
     def forwarded(self, method: str, path: str) -> list[Call]:
         """Calls that reached localstripe (forwarded, lost or held ones)."""
         return [c for c in self.calls if c.method == method and re.fullmatch(path, c.path)
-                and c.action in ("forwarded", "lose", "delay", "hold")]
+                and c.action in ("forwarded", "lose", "delay", "hold_answer")]
 
     def _rule_for(self, method: str, path: str) -> Rule | None:
         for rule in self.rules:
@@ -138,14 +139,19 @@ class FaultProxy:
             raise ConnectionResetError("dropped")
         if action == "delay":
             await asyncio.sleep(rule.seconds)
-        if action == "hold":
+        if action == "hold":  # never forwarded: the caller dies waiting
+            self.calls.append(Call(request.method, request.path, None, action))
             await rule.release.wait()
+            request.transport.close()
+            raise ConnectionResetError("held, then dropped")
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in ("host", "content-length", "transfer-encoding")}
         answer = await self._client.request(request.method, self.upstream + request.path_qs,
                                             content=body, headers=headers)
-        if action == "lose":
+        if action in ("lose", "hold_answer"):
             self.calls.append(Call(request.method, request.path, None, action))
+            if action == "hold_answer":  # forwarded; the answer waits for the caller's death
+                await rule.release.wait()
             request.transport.close()
             raise ConnectionResetError("answer lost")
         self.calls.append(Call(request.method, request.path, answer.status_code, action))
