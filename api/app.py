@@ -23,7 +23,7 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, reservations
+from api.routes import admin, availability, health, ops, payments, reservations
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
@@ -32,7 +32,7 @@ from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.payments.orchestrator import PaymentOrchestrator
 from engine.payments.provider import provider_from_settings
-from engine.payments_service import PaymentService
+from engine.payments_service import BookingService, PaymentService
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.settings import Settings
 
@@ -58,6 +58,9 @@ def routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        # Payments (issue 12): booking cancellation with refunds, inbound Stripe events.
+        Route("/v1/bookings/{bookingId}/cancel", payments.cancel_booking, methods=["POST"]),
+        Route("/v1/stripe/webhook", payments.stripe_webhook, methods=["POST"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
@@ -114,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
                 extra={"payments": PaymentService(reservation_service, rt.pool, orchestrator),
+                       "bookings": BookingService(reservation_service, rt.pool, orchestrator),
                        "payment_provider": provider})
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield

@@ -28,6 +28,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),
     "reservation.vendor-authorization": frozenset({VENDOR, SYSTEM}),
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # payments (issue 12): the partner of the booking, its vendor, ops
+    "booking.cancel": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # operations
     "ops.release": frozenset({OPS, ADMIN, SYSTEM}),
     "ops.bulk-release": frozenset({OPS, ADMIN, SYSTEM}),
