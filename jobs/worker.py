@@ -100,7 +100,15 @@ async def reap(ctx: dict) -> int:
 async def reconcile_job(ctx: dict) -> dict:
     """Compare Redis and Postgres; fix the safe cases, escalate the rest. Idempotent."""
     report = await reconcile(ctx["rt"], ctx.get("metrics"))
-    return report.as_dict()
+    out = report.as_dict()
+    if ctx.get("payments") is not None:
+        # Payments (issue 12): authorizations whose reservation ended without a commit are
+        # cancelled; stale ones (past the capture window) too, their reservation cancelled.
+        from engine.payments.orchestrator import reservation_state
+
+        out["payments"] = await ctx["payments"].release_orphans(
+            reservation_state(ctx["rt"].reservations, ctx["rt"].pool))
+    return out
 
 
 async def watch_redis(ctx: dict) -> bool:

@@ -610,6 +610,24 @@ class PaymentOrchestrator:
         return {"released": released, "stale": stale}
 
 
+def reservation_state(engine, pool):
+    """``state_of`` for :meth:`PaymentOrchestrator.release_orphans`: the live Redis record's
+    state, else the Postgres snapshot's, else None (unknown: left alone)."""
+
+    async def state_of(reservation_id: str) -> str | None:
+        try:
+            found = await engine.get(reservation_id)
+        except Exception:
+            found = None
+        if found is not None:
+            return found.state.value
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT state FROM reservations WHERE id = $1",
+                                       reservation_id)
+
+    return state_of
+
+
 LIVE_STATES = {"HELD", "AWAITING_VENDOR_CONFIRMATION", "CONFIRMED_BY_VENDOR",
                "AWAITING_VENDOR_AUTH", "VENDOR_AUTHORIZED", "AWAITING_REQUESTER_AUTH",
                "AUTHORIZED_BOTH", "COMMIT_IN_PROGRESS", "COMMITTED"}
