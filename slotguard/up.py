@@ -23,6 +23,10 @@ from pathlib import Path
 
 DEMO_PARTNER = "demo-partner"
 DEMO_VENDOR = "demo-vendor"
+# The demo vendor requires payment (issue 12): the requester's price and the vendor's
+# deposit, in cents. Without SLOTGUARD_STRIPE_API_KEY `up` runs localstripe for them.
+DEMO_PRICE, DEMO_DEPOSIT, DEMO_CURRENCY = 5_000, 1_000, "usd"
+LOCAL_STRIPE_KEY = "sk_test_slotguard_local"
 
 
 @dataclass
@@ -33,6 +37,9 @@ class Stack:
     partner_key: str
     embedded: object | None
     children: list[subprocess.Popen]
+    vendor_key: str = ""
+    stripe: str = ""  # the Stripe API base the stack uses ("" = Stripe's own)
+    local_stripe: subprocess.Popen | None = None
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -50,11 +57,13 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-async def prepare(settings) -> str:
-    """Migrate, create the demo vendor and partner if missing, issue a partner key."""
+async def prepare(settings) -> tuple[str, str]:
+    """Migrate, create the demo vendor (payment required) and partner if missing, issue a
+    partner key and a vendor key."""
     from api.auth import issue_key
     from engine import directory
     from engine.db import create_pool, migrate
+    from engine.payments.terms import PaymentTerms
 
     await asyncio.to_thread(migrate, settings)
     pool = await create_pool(settings, max_size=2)
@@ -65,15 +74,46 @@ async def prepare(settings) -> str:
             except directory.AlreadyExists:
                 pass
             try:
-                await directory.create_vendor(conn, DEMO_VENDOR, unit_minutes=15,
-                                              confirmation_required=True,
-                                              payment_required=False)
+                await directory.create_vendor(
+                    conn, DEMO_VENDOR, unit_minutes=15, confirmation_required=True,
+                    terms=PaymentTerms(True, DEMO_PRICE, DEMO_DEPOSIT, DEMO_CURRENCY))
             except directory.AlreadyExists:
                 pass
             issued, _ = await issue_key(conn, "partner", partner_id=DEMO_PARTNER)
-            return issued.key
+            vendor, _ = await issue_key(conn, "vendor", vendor_id=DEMO_VENDOR)
+            return issued.key, vendor.key
     finally:
         await pool.close()
+
+
+def start_local_stripe(host: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """localstripe on a free port (``--from-scratch``: its store file is shared by every
+    instance on the machine, so it never reads it back)."""
+    import shutil
+
+    exe = shutil.which("localstripe", path=os.path.dirname(sys.executable)) \
+        or shutil.which("localstripe")
+    if exe is None:
+        raise RuntimeError("localstripe is not installed (pip install localstripe) and "
+                           "SLOTGUARD_STRIPE_API_KEY is not set")
+    port = free_port(host)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([exe, "--port", str(port), "--from-scratch"], cwd=data_dir,
+                            stdout=(data_dir / "localstripe.log").open("ab"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        request = urllib.request.Request(f"{url}/v1/customers",
+                                         headers={"Authorization": f"Bearer {LOCAL_STRIPE_KEY}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                return proc, url
+        except (urllib.error.URLError, OSError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("localstripe did not start") from None
+            time.sleep(0.2)
 
 
 def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 60) -> None:
@@ -105,9 +145,17 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
         embedded_redis, embedded_db = embedded.start()
         redis_url = redis_url or embedded_redis
         database_url = database_url or embedded_db
+    local_stripe, stripe_env = None, {}
     try:
+        if not os.environ.get("SLOTGUARD_STRIPE_API_KEY"):
+            local_stripe, stripe_url = start_local_stripe(host, data_dir)
+            stripe_env = {"SLOTGUARD_STRIPE_API_KEY": LOCAL_STRIPE_KEY,
+                          "SLOTGUARD_STRIPE_API_BASE": stripe_url,
+                          "SLOTGUARD_STRIPE_WEBHOOK_SECRET":
+                              os.environ.get("SLOTGUARD_STRIPE_WEBHOOK_SECRET")
+                              or "whsec_slotguard_local"}
         settings = Settings.from_env(redis_url=redis_url, database_url=database_url)
-        partner_key = asyncio.run(prepare(settings))
+        partner_key, vendor_key = asyncio.run(prepare(settings))
         if port is None:
             port = 8000 if port_is_free(host, 8000) else free_port(host)
         elif port == 0:
@@ -115,7 +163,7 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
         multiproc = data_dir / "metrics"
         metrics.reset_multiprocess_dir(multiproc)
         env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
-                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()))
+                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()), **stripe_env)
         cli = [sys.executable, "-m", "slotguard"]
         children = [
             subprocess.Popen([*cli, "serve", "--host", host, "--port", str(port)], env=env),
@@ -128,10 +176,16 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
             stop_children(children)
             raise
     except BaseException:
+        if local_stripe is not None:
+            stop_children([local_stripe])
         if embedded is not None:
             embedded.stop()
         raise
-    return Stack(api_url, redis_url, database_url, partner_key, embedded, children)
+    return Stack(api_url, redis_url, database_url, partner_key, embedded, children,
+                 vendor_key=vendor_key,
+                 stripe=stripe_env.get("SLOTGUARD_STRIPE_API_BASE")
+                 or os.environ.get("SLOTGUARD_STRIPE_API_BASE") or "Stripe",
+                 local_stripe=local_stripe)
 
 
 def stop_children(children: list[subprocess.Popen]) -> None:
@@ -148,26 +202,42 @@ def stop_children(children: list[subprocess.Popen]) -> None:
 
 def stop(stack: Stack) -> None:
     stop_children(stack.children)
+    if stack.local_stripe is not None:
+        stop_children([stack.local_stripe])
     if stack.embedded is not None:
         stack.embedded.stop()
 
 
 def banner(stack: Stack) -> str:
+    api, pk, vk = stack.api_url, stack.partner_key, stack.vendor_key
+    local = " (localstripe, local test server)" if stack.local_stripe is not None else ""
     return f"""
 slotguard is up.
-  API            {stack.api_url}   (OpenAPI: {stack.api_url}/openapi.json)
-  metrics        {stack.api_url}/metrics
+  API            {api}   (OpenAPI: {api}/openapi.json)
+  metrics        {api}/metrics
   Redis          {stack.redis_url}
   Postgres       {stack.database_url}
-  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, no payment)
+  Stripe         {stack.stripe}{local}
+  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, payment required:
+                 price {DEMO_PRICE} and deposit {DEMO_DEPOSIT} {DEMO_CURRENCY} cents)
   demo partner   {DEMO_PARTNER}
-  partner key    {stack.partner_key}
+  partner key    {pk}
+  vendor key     {vk}
+  test cards     pm_card_visa authorizes; pm_card_chargeCustomerFail (4000000000000341)
+                 is declined (402 PAYMENT_DECLINED)
 
-Try:
-  curl -s -X POST {stack.api_url}/v1/reservations \\
-    -H 'Authorization: Bearer {stack.partner_key}' -H 'Content-Type: application/json' \\
+Try (RID is the reservationId the first call answers):
+  curl -s -X POST {api}/v1/reservations \\
+    -H 'Authorization: Bearer {pk}' -H 'Content-Type: application/json' \\
     -d '{{"vendorId": "{DEMO_VENDOR}", "slotStartTime": "2030-01-01T09:00:00Z",
          "slotEndTime": "2030-01-01T10:00:00Z", "requesterId": "alice"}}'
+  curl -s -X POST {api}/v1/reservations/RID/vendor-confirmation -H 'Authorization: Bearer {vk}'
+  curl -s -X POST {api}/v1/reservations/RID/vendor-authorization -H 'Authorization: Bearer {vk}' \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId": "pm_card_visa"}}'
+  curl -s -X POST {api}/v1/reservations/RID/requester-authorization -H 'Authorization: Bearer {pk}' \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId": "pm_card_visa"}}'
+  curl -s -X POST {api}/v1/reservations/RID/commit -H 'Authorization: Bearer {pk}'
+  curl -s {api}/v1/reservations/RID -H 'Authorization: Bearer {pk}'   # COMMITTED
 
 Ctrl-C stops everything.
 """
