@@ -45,6 +45,9 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # payments (issue 12)
+    "admin-vendor-terms": {"admin", "system"},
+    "booking-cancel": ALL,
 }
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
@@ -93,6 +96,11 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/admin/keys", json={"role": "ops"}, headers=headers)
     if route == "admin-revoke":
         return await client.post("/v1/admin/keys/key_nosuchkey/revoke", headers=headers)
+    if route == "admin-vendor-terms":
+        return await client.patch("/v1/admin/vendors/v-other", json={"refundPolicy": "full"},
+                                  headers=headers)
+    if route == "booking-cancel":
+        return await client.post("/v1/bookings/bkg_nosuchbooking/cancel", headers=headers)
     raise AssertionError(route)
 
 
@@ -115,8 +123,8 @@ async def test_auth_matrix(client, world):
                 expected = {404}
             elif route == "availability" and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
-            elif route == "admin-revoke":
-                expected = {404}  # allowed; the key does not exist
+            elif route in ("admin-revoke", "booking-cancel"):
+                expected = {404}  # allowed; the key (booking) does not exist
             else:
                 expected = {200, 201, 202, 409}  # allowed (409: the state refuses the action)
             if r.status_code not in expected:
@@ -178,5 +186,7 @@ def test_every_route_is_in_the_matrix_and_the_document():
             prefix = route.path if sub is not route else ""
             served.add(prefix + sub.path)
     assert served == documented
-    public = {"/health/live", "/health/ready", "/metrics", "/openapi.json"}
+    # The Stripe webhook takes no API key: its signature authenticates it (issue 12).
+    public = {"/health/live", "/health/ready", "/metrics", "/openapi.json",
+              "/v1/stripe/webhook"}
     assert len(served - public) == len(ALLOWED)

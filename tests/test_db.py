@@ -19,7 +19,7 @@ from engine.settings import Settings
 from tests.conftest import DATABASE_URL
 
 ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_audit_log",
-                  "0005_manual_review", "0006_reservation_blocks"]
+                  "0005_manual_review", "0006_reservation_blocks", "0008_payments"]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
               "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters"}
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)

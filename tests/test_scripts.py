@@ -34,6 +34,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                                ks.events(shard), ks.deadlines(shard), ks.ready(shard)],
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
+        "free_booked": [ks.unit_root(shard)],  # payments (issue 12): a cancelled booking
         "read_units": [ks.unit_root(shard)],
         "release_unit": [ks.unit(RESOURCE, 123)],
         "rate_limit": [ks.partner_rate("p1")],
