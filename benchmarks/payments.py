@@ -214,6 +214,32 @@ async def ceiling(url: str, seconds: float, clients: int) -> dict:
             "bookings_per_s_bound": round(calls / elapsed / 4, 1)}
 
 
+async def growth(n: int) -> list[dict]:
+    """What bounds localstripe: one client, a fresh store, the mean time of an
+    authorization per 100 as the store grows (localstripe pickles its whole store to one
+    file on every write)."""
+    from engine.payments.provider import StripeProvider
+
+    proc, url, workdir = start_localstripe()
+    provider = StripeProvider(API_KEY, api_base=url)
+    out = []
+    try:
+        for block in range(0, n, 100):
+            started = time.perf_counter()
+            for i in range(100):
+                await provider.authorize(amount=1000, currency="usd",
+                                         payment_method="pm_card_visa", metadata={},
+                                         idempotency_key=f"g{block + i}", stripe_account=None)
+            out.append({"intents_before": block,
+                        "ms_per_authorization": round((time.perf_counter() - started) * 10, 2)})
+    finally:
+        await provider.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
 async def main_async(args) -> dict:
     from engine.settings import Settings
 
@@ -224,9 +250,12 @@ async def main_async(args) -> dict:
         stripe_api_key=API_KEY, stripe_api_base=url, partner_max_live_holds=0,
         partner_rate_per_minute=0, ip_rate_per_minute=0, drain_block_ms=50)
     try:
-        result = {"lifecycle": await lifecycle(settings, args.seconds, args.clients,
+        result = {"localstripe_fresh": await ceiling(url, args.seconds, args.clients),
+                  "lifecycle": await lifecycle(settings, args.seconds, args.clients,
                                                args.workers),
-                  "localstripe": await ceiling(url, args.seconds, args.clients)}
+                  "localstripe_after": await ceiling(url, args.seconds, args.clients)}
+        if args.growth:
+            result["localstripe_growth"] = await growth(args.growth)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(10)
@@ -251,6 +280,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--growth", type=int, default=0,
+                        help="also time N sequential authorizations on a fresh localstripe")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(main_async(args)), indent=2))
 
