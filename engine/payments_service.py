@@ -135,6 +135,17 @@ class PaymentService:
                                    done.row.next_action if done.row.status == "requires_action"
                                    else None)
 
+    async def cancel(self, principal: Principal, reservation_id: str, **kw):
+        """The ``cancel`` action; a paying reservation's authorizations are released at once
+        (reconciliation would find them later otherwise). Free reservations cost nothing
+        more."""
+        moved = await self.reservations.act(principal, reservation_id, "cancel", **kw)
+        if moved.payment_required and self.orchestrator is not None:
+            live = await self.orchestrator.live_rows([reservation_id])
+            for row in live.get(reservation_id, {}).values():
+                await self.orchestrator.release(row, reason="reservation cancelled")
+        return moved
+
     # ---- inbound Stripe events -------------------------------------------------------
     async def webhook(self, payload: bytes, signature: str | None) -> str:
         """``POST /v1/stripe/webhook``: the signature verified on the raw body (no API key:

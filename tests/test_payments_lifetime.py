@@ -42,7 +42,15 @@ async def test_reconciliation_cancels_orphaned_and_stale_authorizations(
     svc = pay_app.state.services
     orchestrator = orchestrator_of(pay_app)
     state_fn = reservation_state(svc.reservations.engine, svc.pool)
-    # Orphaned: the partner cancels after the vendor's deposit was authorized.
+    # The partner cancels after the vendor's deposit was authorized: released at once.
+    cancelled = await hold(pay_client, pay_world, start=5 * 24 * 60)
+    r = await authorize(pay_client, pay_world, cancelled, "vendor")
+    cancelled_pi = r.json()["paymentState"]["vendorPaymentIntentId"]
+    r = await pay_client.post(f"/v1/reservations/{cancelled}/cancel",
+                              headers=pay_world.auth("p1"))
+    assert r.status_code == 200 and r.json()["state"] == "CANCELLED"
+    assert (await stripe_intent(localstripe_url, cancelled_pi))["status"] == "canceled"
+    # Orphaned: ops release the hold (no payment step on that path): reconciliation finds it.
     orphan = await hold(pay_client, pay_world)
     r = await authorize(pay_client, pay_world, orphan, "vendor")
     orphan_pi = r.json()["paymentState"]["vendorPaymentIntentId"]
@@ -50,9 +58,10 @@ async def test_reconciliation_cancels_orphaned_and_stale_authorizations(
     live = await hold(pay_client, pay_world, start=3 * 24 * 60)
     r = await authorize(pay_client, pay_world, live, "vendor")
     live_pi = r.json()["paymentState"]["vendorPaymentIntentId"]
-    r = await pay_client.post(f"/v1/reservations/{orphan}/cancel",
-                              headers=pay_world.auth("p1"))
+    r = await pay_client.post(f"/v1/ops/reservations/{orphan}/release",
+                              headers=pay_world.auth("ops"), json={"reason": "test"})
     assert r.status_code == 200 and r.json()["state"] == "CANCELLED"
+    assert (await stripe_intent(localstripe_url, orphan_pi))["status"] == "requires_capture"
     report = await orchestrator.release_orphans(state_fn)
     assert report == {"released": 1, "stale": 0}
     assert (await stripe_intent(localstripe_url, orphan_pi))["status"] == "canceled"

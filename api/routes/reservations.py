@@ -3,6 +3,8 @@ request, makes one service call (engine/service.py decides every rule) and rende
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 from msgspec import UNSET
 from starlette.requests import Request
@@ -96,8 +98,10 @@ async def act_on_reservation(request: Request, action: str) -> Response:
         return JSONResponse(reservation_view(answer.reservation, answer.payment_state,
                                              answer.next_action),
                             status_code=202 if answer.next_action is not None else 200)
-    moved = await svc.reservations.act(
-        caller, request.path_params["reservationId"], action,
+    act = svc.extra["payments"].cancel if action == "cancel" else \
+        functools.partial(svc.reservations.act, action=action)
+    moved = await act(
+        caller, request.path_params["reservationId"],
         outcome=given(getattr(body, "outcome", UNSET)),
         expected_version=parse_if_match(request.headers.get("if-match")),
         reason=given(body.reason), metadata=given(body.metadata),
