@@ -88,6 +88,8 @@ class Call:
     path: str
     status: int | None  # None: no answer passed on
     action: str  # forwarded | fail | drop | lose | ...
+    account: str | None = None  # the Stripe-Account header
+    idempotency_key: str | None = None
 
 
 class FaultProxy:
@@ -121,11 +123,13 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         rule = self._rule_for(request.method, request.path)
+        extra = {"account": request.headers.get("Stripe-Account"),
+                 "idempotency_key": request.headers.get("Idempotency-Key")}
         action = rule.action if rule else "forwarded"
         if rule is not None:
             rule.seen.set()
         if action == "fail":
-            self.calls.append(Call(request.method, request.path, rule.status, action))
+            self.calls.append(Call(request.method, request.path, rule.status, action, **extra))
             if rule.status == 402:
                 return web.json_response({"error": {
                     "type": "card_error", "code": "card_declined",
@@ -134,13 +138,13 @@ class FaultProxy:
                                                 "message": "injected failure"}},
                                      status=rule.status)
         if action == "drop":
-            self.calls.append(Call(request.method, request.path, None, action))
+            self.calls.append(Call(request.method, request.path, None, action, **extra))
             request.transport.close()
             raise ConnectionResetError("dropped")
         if action == "delay":
             await asyncio.sleep(rule.seconds)
         if action == "hold":  # never forwarded: the caller dies waiting
-            self.calls.append(Call(request.method, request.path, None, action))
+            self.calls.append(Call(request.method, request.path, None, action, **extra))
             await rule.release.wait()
             request.transport.close()
             raise ConnectionResetError("held, then dropped")
@@ -149,12 +153,13 @@ class FaultProxy:
         answer = await self._client.request(request.method, self.upstream + request.path_qs,
                                             content=body, headers=headers)
         if action in ("lose", "hold_answer"):
-            self.calls.append(Call(request.method, request.path, None, action))
+            self.calls.append(Call(request.method, request.path, None, action, **extra))
             if action == "hold_answer":  # forwarded; the answer waits for the caller's death
                 await rule.release.wait()
             request.transport.close()
             raise ConnectionResetError("answer lost")
-        self.calls.append(Call(request.method, request.path, answer.status_code, action))
+        self.calls.append(Call(request.method, request.path, answer.status_code, action,
+                               **extra))
         return web.Response(body=answer.content, status=answer.status_code,
                             content_type="application/json")
 

@@ -54,6 +54,17 @@ async def test_cancel_booking_refunds_and_frees_the_slot(pay_client, pay_world, 
                                    "WHERE id = $1", booking)
         assert await conn.fetchval("SELECT count(*) FROM audit_log WHERE action = "
                                    "'booking.cancelled' AND reservation_id = $1", rid) == 1
+    # Direct charges: every call on the requester's intent of a vendor with a connected
+    # account carries Stripe-Account; the deposit is a platform charge.
+    account = "acct_1vendor" if vendor == "v-pay-late" else None
+    on_requester = [c for c in stripe_proxy.calls if requester_pi in c.path]
+    on_vendor = [c for c in stripe_proxy.calls if vendor_pi in c.path]
+    assert on_requester and {c.account for c in on_requester} == {account}
+    assert on_vendor and {c.account for c in on_vendor} == {None}
+    refund_calls = [c for c in stripe_proxy.calls if c.path == "/v1/refunds"]
+    assert sorted(c.idempotency_key for c in refund_calls) == sorted(
+        k for k, amount in ((f"requester-refund-{rid}-1", refunds[0]),
+                            (f"vendor-refund-{rid}-1", refunds[1])) if amount)
     refunds_made = len(stripe_proxy.forwarded("POST", "/v1/refunds"))
     # Idempotent: the same answer, no second refund.
     again = await pay_client.post(f"/v1/bookings/{booking}/cancel",
