@@ -226,7 +226,8 @@ class CommitQueue:
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
                 follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id,
-                                                 outcome.event_id))
+                                                 outcome.event_id,
+                                                 paid=outcome.reservation_id in verdicts))
             elif result == EventResult.AVAILABILITY_CHANGED:
                 self.stats.availability_changed += 1
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
@@ -293,11 +294,13 @@ class CommitQueue:
                         "restored", len(bookings))
 
     async def _finalize(self, reservation_id: str, booking_id: str | None,
-                        commit_event_id: str) -> None:
+                        commit_event_id: str, paid: bool = False) -> None:
         try:
             await self.reservations.act(reservation_id, "finalize-commit", actor="system",
                                         booking_id=booking_id or "")
             self.stats.committed += 1
+            if paid and booking_id:
+                await self.payments.annotate_booking(reservation_id, booking_id)
         except TerminalState as exc:
             if exc.details.get("state") != "COMMITTED":
                 await self._escalate("commit_after_terminal", reservation_id,

@@ -65,6 +65,9 @@ async def test_commit_captures_both_then_books(pay_client, pay_world, pay_app, s
     assert await booking_of(pay_app, rid) is not None
     assert await money(localstripe_url, vendor_pi) == ("succeeded", DEPOSIT)
     assert await money(localstripe_url, requester_pi) == ("succeeded", PRICE)
+    for pi in (vendor_pi, requester_pi):  # the seed's external reference after commit
+        assert (await stripe_intent(localstripe_url, pi))["metadata"]["booking_id"] == \
+            body["bookingId"]
     captures = [c.path for c in stripe_proxy.calls if c.path.endswith("/capture")]
     assert captures == [capture_path(vendor_pi), capture_path(requester_pi)]  # seed's order
     ps = body["paymentState"]

@@ -455,6 +455,22 @@ class PaymentOrchestrator:
                        AND tstzrange(b.block_start, b.block_end, '[)') &&
                            tstzrange(s.block_start, s.block_end, '[)'))""", rid))
 
+    async def annotate_booking(self, rid: str, booking_id: str) -> None:
+        """After COMMITTED: ``metadata.booking_id`` on both intents (the seed's external
+        reference). Best effort: a failure is journalled and logged, the booking stands."""
+        for row in await self.rows(rid):
+            if row.status != "succeeded" or row.intent_id is None:
+                continue
+            metadata = {"reservation_id": rid, "partner_id": row.partner_id,
+                        "attempt": str(row.attempt), "role": row.role,
+                        "booking_id": booking_id}
+            try:
+                await self._call(row, "annotate", f"annotate-{row.intent_id}",
+                                 self.provider.annotate(row.intent_id, metadata=metadata,
+                                                        stripe_account=row.stripe_account_id))
+            except ProviderError as exc:
+                log.warning("booking id not written to %s: %s", row.intent_id, exc.message)
+
     async def refuse_booking(self, rid: str) -> None:
         """Both captured, then the booking was refused (the slot was taken meanwhile): the
         decision turns to failed and everything captured is refunded."""

@@ -64,6 +64,9 @@ class PaymentProvider(Protocol):
     async def refund(self, intent_id: str, *, amount: int, idempotency_key: str,
                      stripe_account: str | None, metadata: dict[str, str]) -> str: ...
 
+    async def annotate(self, intent_id: str, *, metadata: dict[str, str],
+                       stripe_account: str | None) -> None: ...
+
     def verify_event(self, payload: bytes, signature: str | None) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
@@ -173,6 +176,13 @@ class StripeProvider:
             params={"payment_intent": intent_id, "amount": amount, "metadata": metadata},
             options=self._options(idempotency_key, stripe_account)))
         return obj.id
+
+    async def annotate(self, intent_id: str, *, metadata: dict[str, str],
+                       stripe_account: str | None) -> None:
+        """Set metadata keys on an intent (the booking id after commit)."""
+        await self._call(self.v1.payment_intents.update_async(
+            intent_id, params={"metadata": metadata},
+            options=self._options(None, stripe_account)))
 
     def verify_event(self, payload: bytes, signature: str | None) -> dict[str, Any]:
         """The event, once its ``Stripe-Signature`` verifies against the webhook secret
