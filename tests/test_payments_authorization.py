@@ -150,3 +150,27 @@ async def test_bad_authorizations_change_nothing(pay_client, pay_world, pay_app,
         held = await conn.fetchval("SELECT count(*) FROM payment_intents WHERE status NOT IN "
                                    "('failed', 'canceled')")
     assert held == 0
+
+
+async def test_three_d_secure_completed_by_a_re_poll(pay_client, pay_world, localstripe_url):
+    rid = await hold(pay_client, pay_world)
+    pm = await card_method(localstripe_url, "4000002760003184")
+    r = await authorize(pay_client, pay_world, rid, "vendor", pm=pm)
+    assert r.status_code == 202
+    pi = r.json()["paymentState"]["vendorPaymentIntentId"]
+    await authenticate_3ds(localstripe_url, pi)  # no webhook arrives
+    r = await authorize(pay_client, pay_world, rid, "vendor", pm=pm)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "AWAITING_REQUESTER_AUTH"
+    assert r.json()["paymentState"]["vendorPaymentIntentId"] == pi
+
+
+async def test_three_d_secure_failed_seen_by_a_re_poll(pay_client, pay_world, localstripe_url):
+    rid = await hold(pay_client, pay_world)
+    pm = await card_method(localstripe_url, "4000002760003184")
+    r = await authorize(pay_client, pay_world, rid, "vendor", pm=pm)
+    pi = r.json()["paymentState"]["vendorPaymentIntentId"]
+    await authenticate_3ds(localstripe_url, pi, success=False)
+    r = await authorize(pay_client, pay_world, rid, "vendor", pm=pm)
+    assert r.status_code == 402, r.text
+    assert r.json()["error"]["details"]["state"] == "FAILED_VENDOR_AUTH"

@@ -221,7 +221,24 @@ class PaymentOrchestrator:
             # Authorized earlier; the transition may not have run (a crash, a lost answer).
             return Authorized(row, await self._advance(row))
         if row.status == "requires_action":
-            return Authorized(row)
+            # A re-poll: the payer may have finished 3-D Secure since (the webhook may not
+            # have arrived); the intent at the provider decides.
+            try:
+                intent = await self._call(row, "retrieve", f"retrieve-{row.intent_id}",
+                                          self.provider.retrieve(row.intent_id,
+                                                                 stripe_account=account))
+            except ProviderError:
+                return Authorized(row)  # still waiting, as far as we know
+            if intent.status == "requires_action":
+                return Authorized(row)
+            if intent.status in ("requires_payment_method", "canceled"):
+                row = await self._update(row, status="failed", next_action=None,
+                                         last_error=f"3-D Secure: intent {intent.status}")
+                moved = await self._fail_auth(row, "authentication_failed")
+                raise PaymentDeclined("the payment was not authenticated", details={
+                    "reservationId": rid, "role": role,
+                    "state": getattr(getattr(moved, "state", None), "value", None)})
+            return await self._record_intent(row, intent)
         metadata = {"reservation_id": rid, "partner_id": reservation.partner_id,
                     "attempt": str(row.attempt), "role": role}
         try:
@@ -234,7 +251,7 @@ class PaymentOrchestrator:
             moved = await self._fail_auth(row, exc.code or "card_declined")
             raise PaymentDeclined("the card was declined", details={
                 "reservationId": rid, "role": role, "declineCode": exc.code,
-                "state": getattr(moved, "state", None)}) from None
+                "state": getattr(getattr(moved, "state", None), "value", None)}) from None
         except InvalidMethod as exc:
             await self._update(row, status="failed", last_error=exc.message[:500])
             raise InvalidPaymentMethod("the payment method is unknown or cannot be used",
