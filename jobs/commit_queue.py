@@ -329,7 +329,14 @@ class CommitQueue:
                 commits.append(named["reservationId"])
         if not commits:
             return {}
-        return await self.payments.capture_commits(commits)
+        # The records' payment flag, in one round trip: a paying reservation with no
+        # authorization recorded must fail, never book as a free one.
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in commits:
+            pipe.hget(self.keys.reservation(rid), "pr")
+        flags = await pipe.execute()
+        paying = {rid for rid, flag in zip(commits, flags) if flag in ("1", b"1")}
+        return await self.payments.capture_commits(commits, paying)
 
     async def _fail_unpaid(self, reservation_id: str, verdict) -> None:
         """A paying commit whose payments failed (compensated already): FAILED_COMMIT, or

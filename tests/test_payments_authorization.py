@@ -174,3 +174,16 @@ async def test_three_d_secure_failed_seen_by_a_re_poll(pay_client, pay_world, lo
     r = await authorize(pay_client, pay_world, rid, "vendor", pm=pm)
     assert r.status_code == 402, r.text
     assert r.json()["error"]["details"]["state"] == "FAILED_VENDOR_AUTH"
+
+
+async def test_concurrent_authorizations_hold_money_once(pay_client, pay_world, stripe_proxy):
+    import asyncio
+
+    rid = await hold(pay_client, pay_world)
+    answers = await asyncio.gather(*(authorize(pay_client, pay_world, rid, "vendor")
+                                     for _ in range(4)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(200) == 1 and set(statuses) <= {200, 409}, \
+        [r.text for r in answers]
+    assert len(stripe_proxy.forwarded("POST", "/v1/payment_intents")) == 1
+    assert (await state_of(pay_client, pay_world, rid))["state"] == "AWAITING_REQUESTER_AUTH"

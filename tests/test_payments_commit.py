@@ -178,3 +178,20 @@ async def test_free_vendor_commits_without_payments(pay_client, pay_world, pay_a
     body = await state_of(pay_client, pay_world, rid)
     assert body["state"] == "COMMITTED" and "paymentState" not in body
     assert stripe_proxy.calls == []
+
+
+async def test_paying_reservation_without_authorizations_never_books(
+        pay_client, pay_world, pay_app, stripe_proxy):
+    """Steps moved past the payment API (the engine called directly): the worker finds no
+    authorization for a paying reservation and fails it instead of booking it free."""
+    engine = pay_app.state.services.reservations.engine
+    rid = await hold(pay_client, pay_world)
+    await engine.act(rid, "vendor-authorization", actor="system")
+    await engine.act(rid, "requester-authorization", actor="system")
+    await commit(pay_client, pay_world, rid)
+    await drain(queue_for(pay_app))
+    body = await state_of(pay_client, pay_world, rid)
+    assert body["state"] == "FAILED_COMMIT"
+    assert body["stateHistory"][-1]["reason"] == "authorization_missing"
+    assert await booking_of(pay_app, rid) is None
+    assert stripe_proxy.calls == []

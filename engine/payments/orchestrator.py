@@ -60,7 +60,7 @@ AUTH_ACTIONS = {"vendor": ("vendor-authorization", "vendor-authorization-failed"
 _COLUMNS = """reservation_id, role, attempt, idempotency_key, partner_id, vendor_id, amount,
     currency, stripe_account_id, payment_method_id, intent_id, status, next_action,
     authorized_at, capture_attempts, captured_at, capture_id, canceled_at, refunded_amount,
-    refund_id, last_error, created_at"""
+    refund_id, last_error, created_at, updated_at"""
 
 
 @dataclass(slots=True)
@@ -87,6 +87,10 @@ class PaymentRow:
     refund_id: str | None
     last_error: str | None
     created_at: datetime
+    updated_at: datetime
+
+    def updated_at_or_created(self) -> datetime:
+        return self.updated_at or self.created_at
 
     @classmethod
     def of(cls, row) -> PaymentRow:
@@ -216,7 +220,17 @@ class PaymentOrchestrator:
         rid = reservation.reservation_id
         amount = vendor.deposit_amount if role == "vendor" else vendor.price_amount
         account = vendor.stripe_account_id if role == "requester" else None
-        row = await self._claim(reservation, vendor, role, amount, account, payment_method)
+        row, created = await self._claim(reservation, vendor, role, amount, account,
+                                         payment_method)
+        if row.status == "calling" and not created and \
+                (_now() - row.updated_at_or_created()).total_seconds() * 1000 \
+                < 2 * self.settings.stripe_timeout_ms:
+            # Another request is calling Stripe for this role right now.
+            from engine.errors import IdempotencyInProgress
+
+            raise IdempotencyInProgress("an authorization of this reservation is in progress",
+                                        details={"reservationId": rid, "role": role},
+                                        retry_after_ms=1000, code="PAYMENT_IN_PROGRESS")
         if row.status in ("requires_capture", "succeeded"):
             # Authorized earlier; the transition may not have run (a crash, a lost answer).
             return Authorized(row, await self._advance(row))
@@ -271,7 +285,7 @@ class PaymentOrchestrator:
         return await self._record_intent(row, intent)
 
     async def _claim(self, reservation, vendor, role, amount, account,
-                     payment_method) -> PaymentRow:
+                     payment_method) -> tuple[PaymentRow, bool]:
         """The role's live row, or a new attempt's row written before any call."""
         rid = reservation.reservation_id
         async with self.pool.acquire() as conn:
@@ -282,7 +296,7 @@ class PaymentOrchestrator:
                     "role = $2 AND status <> ALL($3::text[])", rid, role,
                     ["failed", "canceled"])
                 if live is not None:
-                    return PaymentRow.of(live)
+                    return PaymentRow.of(live), False
                 attempt = 1 + (await conn.fetchval(
                     "SELECT coalesce(max(attempt), 0) FROM payment_intents "
                     "WHERE reservation_id = $1 AND role = $2", rid, role))
@@ -294,7 +308,7 @@ class PaymentOrchestrator:
                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {_COLUMNS}""",
                     rid, role, attempt, key, reservation.partner_id, vendor.id, amount,
                     vendor.currency, account, payment_method)
-        return PaymentRow.of(found)
+        return PaymentRow.of(found), True
 
     async def _record_intent(self, row: PaymentRow, intent: Intent) -> Authorized:
         if intent.status == "requires_capture":
@@ -397,9 +411,12 @@ class PaymentOrchestrator:
         return "failed"
 
     # ---- capture at commit -------------------------------------------------------------
-    async def capture_commits(self, reservation_ids: list[str]) -> dict[str, CommitVerdict]:
+    async def capture_commits(self, reservation_ids: list[str],
+                              paying: set[str] = frozenset()) -> dict[str, CommitVerdict]:
         """For the reservations committed in a batch: the payment verdict of every one that
-        has payments (free ones are not in the answer and book as before)."""
+        has payments or whose record says its vendor requires payment (``paying``: one with
+        no authorization at all fails, never books free); free ones are not in the answer
+        and book as before."""
         by_id = {rid: rid for rid in reservation_ids}
         rows = await self.live_rows(list(by_id))
         async with self.pool.acquire() as conn:
@@ -409,7 +426,7 @@ class PaymentOrchestrator:
             failed_rows = {r[0] for r in await conn.fetch(
                 "SELECT DISTINCT reservation_id FROM payment_intents "
                 "WHERE reservation_id = ANY($1::text[])", list(by_id))}
-        paid = set(rows) | set(decided) | failed_rows
+        paid = set(rows) | set(decided) | failed_rows | (set(paying) & set(by_id))
         verdicts = await asyncio.gather(*(
             self._capture_one(by_id[rid], rows.get(rid, {}), decided.get(rid))
             for rid in paid))
