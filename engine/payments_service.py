@@ -283,10 +283,9 @@ class BookingService:
                     continue
                 want = (cancellation["requester_refund_amount"] if row.role == "requester"
                         else cancellation["vendor_refund_amount"])
-                if want and row.refunded_amount < want:
+                if want:
                     try:
-                        await self.orchestrator.refund(row, want - row.refunded_amount,
-                                                       "booking_cancelled")
+                        await self.orchestrator.refund_to(row, want, "booking_cancelled")
                     except Exception as exc:
                         from engine.errors import PaymentProviderError
 

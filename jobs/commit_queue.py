@@ -336,7 +336,15 @@ class CommitQueue:
             pipe.hget(self.keys.reservation(rid), "pr")
         flags = await pipe.execute()
         paying = {rid for rid, flag in zip(commits, flags) if flag in ("1", b"1")}
-        return await self.payments.capture_commits(commits, paying)
+        from engine.payments.provider import Retryable
+
+        try:
+            return await self.payments.capture_commits(commits, paying)
+        except Retryable as exc:
+            # Stripe unreachable past the retries while a decision is being carried out
+            # (a cancel or refund of compensation): an outage, not the entries' fault. The
+            # batch is held and retried (no delivery spent); the recorded decision goes on.
+            raise PaymentProviderUnreachable(f"payment provider: {exc.message}") from exc
 
     async def _fail_unpaid(self, reservation_id: str, verdict) -> None:
         """A paying commit whose payments failed (compensated already): FAILED_COMMIT, or
@@ -566,6 +574,10 @@ class CommitQueue:
                             break
                 except Exception as exc:
                     log.warning("reclaim of shard %s failed: %r", shard, exc)
+
+
+class PaymentProviderUnreachable(ConnectionError):
+    """Payments (issue 12): the provider failed past its retries mid-decision (an outage)."""
 
 
 def is_outage(exc: BaseException) -> bool:

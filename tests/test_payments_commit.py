@@ -195,3 +195,35 @@ async def test_paying_reservation_without_authorizations_never_books(
     assert body["stateHistory"][-1]["reason"] == "authorization_missing"
     assert await booking_of(pay_app, rid) is None
     assert stripe_proxy.calls == []
+
+
+async def test_compensation_outlasting_the_provider_is_held_then_finished(
+        pay_client, pay_world, pay_app, stripe_proxy, localstripe_url):
+    """7b while refunds fail too: the batch is held as an outage (nothing acknowledged, no
+    booking, the deposit captured and recorded), and the next delivery finishes the same
+    decision: one refund, FAILED_COMMIT."""
+    from jobs.commit_queue import PaymentProviderUnreachable, is_outage
+
+    rid = await authorized_both(pay_client, pay_world)
+    vendor_pi, requester_pi = await intents(pay_client, pay_world, rid)
+    stripe_proxy.add("POST", capture_path(requester_pi), "fail", times=None)
+    stripe_proxy.add("POST", "/v1/refunds", "fail", times=None)
+    await commit(pay_client, pay_world, rid)
+    queue = queue_for(pay_app)
+    await queue.ensure_groups()
+    shard = pay_app.state.services.keyspace.shard_of_id(rid)
+    entries = await queue.read_new(shard)
+    with pytest.raises(PaymentProviderUnreachable) as caught:
+        await queue.process(shard, entries)
+    assert is_outage(caught.value)
+    assert (await state_of(pay_client, pay_world, rid))["state"] == "COMMIT_IN_PROGRESS"
+    assert await booking_of(pay_app, rid) is None
+    assert await money(localstripe_url, vendor_pi) == ("succeeded", DEPOSIT)
+    stripe_proxy.rules.clear()  # Stripe is back
+    await queue.process(shard, entries)
+    body = await state_of(pay_client, pay_world, rid)
+    assert body["state"] == "FAILED_COMMIT"
+    assert await money(localstripe_url, vendor_pi) == ("succeeded", 0)  # refunded
+    assert await money(localstripe_url, requester_pi) == ("canceled", 0)
+    assert len(stripe_proxy.forwarded("POST", "/v1/refunds")) == 1
+    assert not stripe_proxy.forwarded("POST", capture_path(requester_pi))

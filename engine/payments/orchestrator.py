@@ -590,8 +590,8 @@ class PaymentOrchestrator:
                     row = await self._update(row, status="requires_capture")
                     row = await self.release(row, reason=reason)
                     done[row.role] = "canceled"
-            if row.status == "succeeded" and row.refunded_amount < row.amount:
-                await self.refund(row, row.amount - row.refunded_amount, "compensation")
+            if row.status == "succeeded":
+                await self.refund_to(row, row.amount, "compensation")
                 done[row.role] = "refunded"
             elif row.status == "canceled" and row.role not in done:
                 done[row.role] = "canceled"
@@ -605,27 +605,39 @@ class PaymentOrchestrator:
                                  {"reason": reason, "payments": done})
         return done
 
-    async def refund(self, row: PaymentRow, amount: int, why: str) -> PaymentRow:
-        """Refund ``amount`` of a captured intent once: the amount is recorded first."""
+    async def refund_to(self, row: PaymentRow, target: int, why: str) -> PaymentRow:
+        """Make the refunded total of a captured intent ``target`` (minor units), once:
+        the target is recorded before any call, and what the provider already refunded
+        (an earlier call whose answer was lost) is asked before refunding the rest."""
+        target = min(target, row.amount)
         async with self.pool.acquire() as conn:
             found = await conn.fetchrow(
-                f"""UPDATE payment_intents SET refunded_amount = refunded_amount + $4,
+                f"""UPDATE payment_intents SET refunded_amount = greatest(refunded_amount, $4),
                     updated_at = now() WHERE reservation_id = $1 AND role = $2 AND attempt = $3
-                    AND refunded_amount + $4 <= amount RETURNING {_COLUMNS}""",
-                row.reservation_id, row.role, row.attempt, amount)
-        if found is None:
-            return row  # refunded already
+                    RETURNING {_COLUMNS}""", row.reservation_id, row.role, row.attempt, target)
         row = PaymentRow.of(found)
-        key = idempotency_key(f"{row.role}-refund", row.reservation_id, row.attempt)
+        account = row.stripe_account_id
 
         async def call(n: int):
+            done = await self._call(row, "refunded", f"refunded-{row.intent_id}",
+                                    self.provider.refunded(row.intent_id,
+                                                           stripe_account=account))
+            if done >= target:
+                return None
+            async with self.pool.acquire() as conn:
+                attempt = 1 + await conn.fetchval(
+                    "SELECT count(*) FROM payment_calls WHERE reservation_id = $1 AND role = $2"
+                    " AND operation = 'refund'", row.reservation_id, row.role)
+            key = idempotency_key(f"{row.role}-refund", row.reservation_id, attempt)
             return await self._call(row, "refund", key, self.provider.refund(
-                row.intent_id, amount=amount, idempotency_key=key,
-                stripe_account=row.stripe_account_id,
+                row.intent_id, amount=target - done, idempotency_key=key,
+                stripe_account=account,
                 metadata={"reservation_id": row.reservation_id, "reason": why}))
 
         refund_id = await self._retrying(call)
-        return await self._update(row, refund_id=refund_id)
+        if refund_id is not None:
+            row = await self._update(row, refund_id=refund_id)
+        return row
 
     # ---- reconciliation ----------------------------------------------------------------
     async def release_orphans(self, state_of) -> dict[str, int]:

@@ -67,6 +67,8 @@ class PaymentProvider(Protocol):
     async def annotate(self, intent_id: str, *, metadata: dict[str, str],
                        stripe_account: str | None) -> None: ...
 
+    async def refunded(self, intent_id: str, *, stripe_account: str | None) -> int: ...
+
     def verify_event(self, payload: bytes, signature: str | None) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
@@ -176,6 +178,16 @@ class StripeProvider:
             params={"payment_intent": intent_id, "amount": amount, "metadata": metadata},
             options=self._options(idempotency_key, stripe_account)))
         return obj.id
+
+    async def refunded(self, intent_id: str, *, stripe_account: str | None) -> int:
+        """How much of the intent's charge is refunded (minor units), as the provider
+        says: what a refund interrupted before its answer did."""
+        intent = await self.retrieve(intent_id, stripe_account=stripe_account)
+        if intent.latest_charge is None:
+            return 0
+        charge = await self._call(self.v1.charges.retrieve_async(
+            intent.latest_charge, options=self._options(None, stripe_account)))
+        return int(getattr(charge, "amount_refunded", 0) or 0)
 
     async def annotate(self, intent_id: str, *, metadata: dict[str, str],
                        stripe_account: str | None) -> None:
