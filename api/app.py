@@ -23,17 +23,19 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, ops, payments, reservations
+from api.routes import admin, availability, health, lists, ops, payments, reservations
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
+from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.runtime import Runtime
 from engine.payments.orchestrator import PaymentOrchestrator
 from engine.payments.provider import provider_from_settings
 from engine.payments_service import BookingService, PaymentService
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
+from engine.list_service import ListService
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.api")
@@ -50,14 +52,28 @@ def routes() -> list[BaseRoute]:
         Route("/health/ready", health.ready, methods=["GET"]),
         Route("/metrics", health.prometheus, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/reservations", reservations.create_reservation, methods=["POST"]),
+        Route("/v1/reservations", lists.by_method(  # lists with cursors (issue 17)
+            POST=reservations.create_reservation, GET=lists.list_reservations),
+            methods=["GET", "POST"]),
         Route("/v1/reservations/{reservationId}", reservations.get_reservation,
               methods=["GET"]),
         *action_routes,
         Route("/v1/reservations/{reservationId}/modify", reservations.modify_reservation,
               methods=["POST"]),
+        # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
+        Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks", availability.list_busy_blocks,
+              methods=["GET"]),
+        Route("/v1/vendors/{vendorId}/busy-blocks/{blockId}", availability.delete_busy_block,
+              methods=["DELETE"]),
+        Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
+              methods=["PUT"]),
+        Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
         # Payments (issue 12): booking cancellation with refunds, inbound Stripe events.
         Route("/v1/bookings/{bookingId}/cancel", payments.cancel_booking, methods=["POST"]),
         Route("/v1/stripe/webhook", payments.stripe_webhook, methods=["POST"]),
@@ -67,12 +83,15 @@ def routes() -> list[BaseRoute]:
             Route("/audit", ops.audit_query, methods=["GET"]),
         ]),
         Mount("/v1/admin", routes=[
-            Route("/partners", admin.create_partner, methods=["POST"]),
-            Route("/vendors", admin.create_vendor, methods=["POST"]),
+            Route("/partners", lists.by_method(  # GET: issue 17
+                POST=admin.create_partner, GET=lists.list_partners), methods=["GET", "POST"]),
+            Route("/vendors", lists.by_method(  # GET: issue 17
+                POST=admin.create_vendor, GET=lists.list_vendors), methods=["GET", "POST"]),
             # Payments (issue 12): a vendor's payment terms.
             Route("/vendors/{vendorId}", admin.update_vendor, methods=["PATCH"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
-            Route("/keys", admin.create_key, methods=["POST"]),
+            Route("/keys", lists.by_method(  # GET: issue 17
+                POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
     ]
@@ -100,10 +119,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await rt.rehydrate_if_needed()
 
             idempotency = IdempotencyStore(rt.access, rt.keys, settings)
-            reservation_service = ReservationService(engine, catalog, limits,
-                                                     load_stored=_stored_loader(rt.pool),
-                                                     rehydrate=rehydrate,
-                                                     idempotency=idempotency)
+            # Issue 13: the vendors' availability rules, shared with the create path.
+            availability_service = AvailabilityService(rt.pool, rt.access, rt.keys, catalog,
+                                                       settings)
+            reservation_service = ReservationService(
+                engine, catalog, limits, load_stored=_stored_loader(rt.pool),
+                rehydrate=rehydrate, idempotency=idempotency,
+                availability=availability_service)
             # Payments (issue 12): the provider when a Stripe key is set.
             provider = provider_from_settings(settings)
             orchestrator = None if provider is None else PaymentOrchestrator(
@@ -116,9 +138,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 reservations=reservation_service,
                 idempotency=idempotency,
                 admin=AdminService(rt.pool, catalog, issue_key),
+                availability=availability_service,
+                lists=ListService(rt.pool, reservation_service.throttle),
                 extra={"payments": PaymentService(reservation_service, rt.pool, orchestrator),
                        "bookings": BookingService(reservation_service, rt.pool, orchestrator),
                        "payment_provider": provider})
+            availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
@@ -134,7 +159,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         middleware=[Middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                                max_header_count=settings.max_header_count,
                                max_header_bytes=settings.max_header_bytes,
-                               body_read_timeout_ms=settings.body_read_timeout_ms)],
+                               body_read_timeout_ms=settings.body_read_timeout_ms,
+                               calendar_body_bytes=settings.max_calendar_bytes)],
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )

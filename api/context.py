@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -14,9 +15,9 @@ from api.auth import KeyResolver
 from engine import metrics
 from engine.access import RedisAccess
 from engine.catalog_cache import CatalogCache
-from engine.errors import RateLimited
 from engine.idempotency import IdempotencyStore
 from engine.keys import KeySpace
+from engine.list_service import ListService
 from engine.permissions import Principal
 from engine.service import AdminService, ReservationService
 from engine.settings import Settings, trusted_networks
@@ -37,6 +38,8 @@ class Services:
     idempotency: IdempotencyStore
     admin: AdminService | None = None
     extra: dict = field(default_factory=dict)
+    availability: Any = None  # engine.availability_service.AvailabilityService (issue 13)
+    lists: ListService | None = None  # lists with cursors (issue 17)
 
 
 def services(request: Request) -> Services:
@@ -122,9 +125,5 @@ def request_id(request: Request) -> str:
 async def throttle(request: Request, caller: Principal) -> None:
     """Count the request against its client IP and its key; 429 when over either limit.
     Called after validation, so a refused request has written nothing."""
-    try:
-        await services(request).reservations.throttle(caller, client_ip(request))
-    except RateLimited as exc:
-        scope = "ip" if "clientIp" in exc.details else "partner"
-        metrics.RATE_LIMIT_REJECTIONS.labels(scope=scope).inc()
-        raise
+    # A refusal is counted once, by the error handler (api/errors.py count_refusal).
+    await services(request).reservations.throttle(caller, client_ip(request))

@@ -73,8 +73,14 @@ STATUS: dict[type[e.EngineError], int] = {
     e.PaymentTermsIncomplete: 409,
     e.PaymentProviderError: 503,
     e.InvalidWebhook: 400,
+    e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,
+    # Availability engine (issue 13).
+    e.SlotRefused: 409,
+    e.RulesStale: 503,
+    e.AvailabilityChanged: 409,
+    e.UnsupportedCalendarType: 415,
 }
 
 
@@ -92,10 +98,21 @@ def envelope(code: str, message: str, details: dict[str, Any] | None, retryable:
     return {"error": {
         "code": code,
         "message": message,
-        "details": details or {},
+        "details": _integral(details) if details else {},
         "retryable": retryable,
         "retryAfter": retry_after_seconds(retry_after_ms),
     }}
+
+
+def _integral(value: Any) -> Any:
+    """Integral floats as integers (issue 17: ``unitMinutes: 30``, never ``30.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def retry_after_seconds(retry_after_ms: int | None) -> int | None:
@@ -129,7 +146,20 @@ def engine_error_response(exc: e.EngineError) -> Response:
 # ---- Starlette exception handlers (keyed by class in create_app) -----------------------
 async def handle_engine_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, e.EngineError)
+    count_refusal(exc)
     return engine_error_response(exc)
+
+
+def count_refusal(exc: e.EngineError) -> None:
+    """403s and rate-limit 429s in their counters (issue 17); 401s are counted where the
+    key is resolved (api/context.py), hold caps where they are refused (engine/service.py)."""
+    from engine import metrics
+
+    if isinstance(exc, Forbidden):
+        metrics.AUTH_FAILURES.labels(reason="forbidden").inc()
+    elif isinstance(exc, e.RateLimited):
+        scope = "ip" if "clientIp" in exc.details else "partner"
+        metrics.RATE_LIMIT_REJECTIONS.labels(scope=scope).inc()
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

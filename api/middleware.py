@@ -68,9 +68,12 @@ class EdgeMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, max_header_count: int,
-                 max_header_bytes: int, body_read_timeout_ms: int) -> None:
+                 max_header_bytes: int, body_read_timeout_ms: int,
+                 calendar_body_bytes: int = 0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # ICS imports (issue 13) carry whole calendars: their own, larger limit.
+        self.calendar_body_bytes = calendar_body_bytes
         self.max_header_count = max_header_count
         self.max_header_bytes = max_header_bytes
         self.body_timeout_s = body_read_timeout_ms / 1000
@@ -109,6 +112,8 @@ class EdgeMiddleware:
         response_started = False
         answered = False  # the edge answered 408 for the app: drop what the app still sends
         limit = self.max_body_bytes
+        if self.calendar_body_bytes and _CALENDAR_PATH.match(scope.get("path", "")):
+            limit = self.calendar_body_bytes
         received = 0
         deadline = (asyncio.get_running_loop().time() + self.body_timeout_s
                     if self.body_timeout_s and has_body else None)
@@ -151,12 +156,12 @@ class EdgeMiddleware:
 
         try:
             if content_length is not None and _too_large(content_length, limit):
-                await self._refuse_too_large(edge_send)
+                await self._refuse_too_large(edge_send, limit)
                 return
             await self.app(scope, edge_receive, edge_send)
         except BodyTooLarge:
             if not response_started:
-                await self._refuse_too_large(edge_send)
+                await self._refuse_too_large(edge_send, limit)
         except ClientDisconnect:  # the client left (or the edge timed its body out)
             status = 499
         except Exception:
@@ -174,11 +179,14 @@ class EdgeMiddleware:
                     _HTTP_SERIES[key] = series
             series.observe(time.perf_counter() - started)
 
-    async def _refuse_too_large(self, send: Send) -> None:
+    async def _refuse_too_large(self, send: Send, limit: int) -> None:
         response = error_response(413, "BODY_TOO_LARGE",
-                                  f"the body exceeds {self.max_body_bytes} bytes",
-                                  details={"maxBytes": self.max_body_bytes})
+                                  f"the body exceeds {limit} bytes",
+                                  details={"maxBytes": limit})
         await response({"type": "http"}, _no_receive, send)
+
+
+_CALENDAR_PATH = re.compile(r"^/v1/vendors/[^/]+/calendars/[^/]+$")
 
 
 def _too_large(content_length: bytes, limit: int) -> bool:

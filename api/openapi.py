@@ -91,9 +91,12 @@ def _settle(node: Any) -> Any:
 
 
 def components() -> dict[str, Any]:
+    from api import schemas_lists  # lists with cursors (issue 17)
+
     _, generated = msgspec.json.schema_components(
-        schemas.REQUESTS + schemas.RESPONSES + schemas_payments.REQUESTS
-        + schemas_payments.RESPONSES, ref_template="#/components/schemas/{name}")
+        schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
+        + schemas_payments.REQUESTS + schemas_payments.RESPONSES,
+        ref_template="#/components/schemas/{name}")
     return {**_settle(generated), **ALTERNATIVES, **_json_values()}
 
 
@@ -234,20 +237,6 @@ def _paths() -> dict[str, Any]:
         "/v1/reservations/{reservationId}": {"get": operation(
             "get_reservation", "A reservation with its state history",
             {200: ok(200, "Reservation")}, errors=[403, 404], parameters=[RESERVATION_ID])},
-        "/v1/vendors/{vendorId}/availability": {"get": operation(
-            "vendor_availability", "Free, held and booked slots of a vendor",
-            {200: ok(200, "Availability")}, errors=[400, 403, 404],
-            parameters=[
-                param("vendorId", "path", NAME),
-                param("startTime", "query", TIME, required=True),
-                param("endTime", "query", TIME, required=True),
-                param("slotDuration", "query", {"type": "integer", "minimum": 1,
-                                                "maximum": 10080, "default": 60},
-                      description="minutes; a multiple of the vendor's unit"),
-                param("includeConfidence", "query", {"type": "boolean", "default": False}),
-                param("resourceId", "query", NAME,
-                      description="a resource of the vendor (default: its default resource)"),
-            ])},
         "/v1/ops/reservations/{reservationId}/release": {"post": operation(
             "ops_release", "Manual release (roles ops, admin)",
             {200: ok(200, "Reservation")}, errors=[403, 404, 409],
@@ -298,8 +287,88 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
-    paths.update(_payments())
+    paths.update(_availability_paths())
+    paths.update(_payments())  # issue 12
+    from api import openapi_tools  # issue 17: lists with cursors, ETags
+
+    openapi_tools.add_paths(paths)
+    openapi_tools.add_etags(paths)
     return paths
+
+
+# ---- availability engine (issue 13): self-contained as well ----------------------------------
+VENDOR_ID = param("vendorId", "path", NAME)
+ETAG = {"ETag": {"description": "the quoted computedVersion", "schema": {"type": "string"}}}
+AVAILABILITY_TEXT = (
+    "Every slot of the grid [startTime, endTime), available or not. reasons (empty when "
+    "available) come from the fixed vocabulary outside_hours, busy, tentative, held, booked, "
+    "minimum_notice, beyond_horizon, in_past, buffer; confidence: 1.0 free in hours, 0.8 "
+    "near a buffer, 0.6 notice or horizon not met, 0.4 outside hours, 0.2 tentative, 0.0 "
+    "busy, held, booked or in the past. computedVersion hashes every input (schedule, "
+    "busy blocks, live holds and bookings of the range) and is the ETag; If-None-Match "
+    "answers 304. With no resourceId on a vendor of several resources the slots are the "
+    "union (available when any resource is; resourceIds names them). Roles partner, vendor "
+    "(its own), ops, admin.")
+
+
+def _availability_paths() -> dict[str, Any]:
+    rules_errors = [400, 403, 404]
+    return {
+        "/v1/vendors/{vendorId}/availability": {"get": operation(
+            "vendor_availability", AVAILABILITY_TEXT,
+            {200: ok(200, "Availability", headers=ETAG),
+             304: {"description": "Not modified: If-None-Match names the current version",
+                   "headers": ETAG}},
+            errors=[400, 403, 404],
+            parameters=[
+                VENDOR_ID,
+                param("startTime", "query", TIME, required=True),
+                param("endTime", "query", TIME, required=True),
+                param("slotDuration", "query", {"type": "integer", "minimum": 1,
+                                                "maximum": 10080},
+                      description="minutes, a multiple of the vendor's unit; default the "
+                                  "schedule's slotDurationMinutes, else 60"),
+                param("includeConfidence", "query", {"type": "boolean", "default": False}),
+                param("resourceId", "query", NAME,
+                      description="one resource of the vendor (default: the union of all)"),
+                param("explain", "query", {"type": "boolean", "default": False},
+                      description="list every rule applied to each slot (at most 96 slots)"),
+                param("If-None-Match", "header", {"type": "string", "maxLength": 256}),
+            ])},
+        "/v1/vendors/{vendorId}/schedule": {
+            "put": operation(
+                "put_vendor_schedule", "Set the vendor's working hours in an IANA zone "
+                "(roles vendor for its own vendor, admin); answers what GET will",
+                {200: ok(200, "Schedule")}, errors=rules_errors,
+                request=body("ScheduleBody"), parameters=[VENDOR_ID]),
+            "get": operation(
+                "get_vendor_schedule", "The vendor's schedule as PUT accepted it, defaults "
+                "filled (404 NO_SCHEDULE: always open)", {200: ok(200, "Schedule")},
+                errors=[403, 404], parameters=[VENDOR_ID])},
+        "/v1/vendors/{vendorId}/busy-blocks": {
+            "post": operation(
+                "create_busy_block", "Block an interval (busy or tentative); "
+                "live reservations over it fail FAILED_AVAILABILITY_CHANGED at their next "
+                "step", {201: ok(201, "BusyBlock", "Created")}, errors=rules_errors,
+                request=body("BusyBlockRequest"), parameters=[VENDOR_ID]),
+            "get": operation(
+                "list_busy_blocks", "The vendor's busy blocks (manual and imported)",
+                {200: ok(200, "BusyBlockList")}, errors=[403, 404], parameters=[VENDOR_ID])},
+        "/v1/vendors/{vendorId}/busy-blocks/{blockId}": {"delete": operation(
+            "delete_busy_block", "Remove a busy block", {200: ok(200, "DeletedBusyBlock")},
+            errors=[403, 404],
+            parameters=[VENDOR_ID, param("blockId", "path", {"type": "string",
+                                                              "minLength": 1,
+                                                              "maxLength": 64})])},
+        "/v1/vendors/{vendorId}/calendars/{calendarId}": {"put": operation(
+            "put_vendor_calendar", "Replace one calendar's busy blocks with an ICS body "
+            "(RRULE, EXDATE, RECURRENCE-ID expanded over the horizon; TRANSPARENT and "
+            "CANCELLED ignored; TENTATIVE tentative)",
+            {200: ok(200, "CalendarImport")}, errors=[400, 403, 404, 413, 415],
+            request={"required": True,
+                     "content": {"text/calendar": {"schema": {"type": "string"}}}},
+            parameters=[VENDOR_ID, param("calendarId", "path", NAME)])},
+    }
 
 
 # ---- payments (issue 12) ---------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from engine.availability import REASONS as AVAILABILITY_REASONS
 from engine.keys import NAME_RE
 from engine.lifecycle import ACTORS as ACTOR_SET
 from engine.lifecycle import RESERVED_PARTNER_IDS, State
@@ -123,7 +124,10 @@ class AuthorizationRequest(ActionRequest):
 
 class ExtendRequest(ActionRequest):
     ttl_ms: doc(int, minimum=1000, maximum=MAX_TTL_MS,
-                description="beyond the maximum hold time: 409") | UnsetType = UNSET
+                description="the new deadline is now + ttlMs (default: the hold TTL). "
+                            "When that is not after the current deadline: 409 "
+                            "EXTEND_NOT_LATER and no extension is spent; beyond the maximum "
+                            "hold time: 409 MAX_HOLD_DURATION") | UnsetType = UNSET
 
 
 class ModifyReservationRequest(Body):
@@ -307,10 +311,15 @@ class AvailabilitySlot(Out):
     end_time: OutTime
     is_available: bool
     status: doc(str, enum=["free", "held", "booked"])
-    reasons: list[str]
+    reasons: doc(list[str], items={"enum": list(AVAILABILITY_REASONS)},
+                 description="why the slot is unavailable (empty when available)")
     computed_at: OutTime
     computed_version: str
     confidence: doc(float, minimum=0, maximum=1) | UnsetType = UNSET  # includeConfidence
+    # Issue 13: with no resourceId on a vendor of several resources, the ones it is free on;
+    # with explain=true, every rule applied to the slot.
+    resource_ids: list[str] | UnsetType = UNSET
+    explain: list[dict[str, Any]] | UnsetType = UNSET
 
 
 class AvailabilityMetadata(Out):
@@ -320,13 +329,16 @@ class AvailabilityMetadata(Out):
 
 class Availability(Out):
     vendor_id: str
-    resource_id: str
+    resource_id: doc(str, description="the resource asked for; with no resourceId on a "
+                     "vendor of several resources, its default resource (the slots are the "
+                     "union over resourceIds)")
     start_time: OutTime
     end_time: OutTime
     computed_at: OutTime
     computed_version: str
     slots: list[AvailabilitySlot]
     metadata: AvailabilityMetadata
+    resource_ids: list[str] | UnsetType = UNSET  # issue 13: the resources the union covers
 
 
 class Released(Out):
@@ -358,7 +370,11 @@ class AuditEntry(Out):
 
 
 class AuditPage(Out):
-    entries: list[AuditEntry]
+    entries: doc(list[AuditEntry], description="deprecated: the same rows as data")
+    # Issue 17: a cursor, and the rows under the name every list uses.
+    data: list[AuditEntry]
+    next_cursor: doc(str | None, description="opaque; pass it as startingAfter for the "
+                                             "next page; null on the last page")
 
 
 class Partner(Out):
@@ -415,3 +431,13 @@ class Ready(Out):
 RESPONSES: tuple[type[Out], ...] = (
     Error, CreateReservationResponse, Reservation, Availability, BulkReleaseResult, AuditPage,
     Partner, Vendor, Resource, ApiKey, Live, Ready)
+
+
+# Availability engine (issue 13): its bodies live in api/schemas_availability.py.
+from api.schemas_availability import (  # noqa: E402  (needs the base classes above)
+    AVAILABILITY_REQUESTS,
+    AVAILABILITY_RESPONSES,
+)
+
+REQUESTS = REQUESTS + AVAILABILITY_REQUESTS
+RESPONSES = RESPONSES + AVAILABILITY_RESPONSES

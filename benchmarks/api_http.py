@@ -185,7 +185,9 @@ def _cleanup(prefix: str, schema: str) -> None:
     settings = Settings.from_env()
 
     async def go() -> None:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        from engine.connection import open_redis
+
+        client = open_redis(settings, decode_responses=False, health_check_interval=0)
         async for key in client.scan_iter(match=f"{prefix}*", count=1000):
             await client.unlink(key)
         await client.aclose()

@@ -47,6 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep keys, schema and logs for inspection")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--fail-on-target", action="store_true",
+                        help="exit 1 when any target is missed (listed at the end either way)")
+    # Issue 17: load a running deployment through its API only (benchmarks/target.py).
+    parser.add_argument("--target", metavar="URL",
+                        help="a running slotguard API to load through HTTP only (no server "
+                             "access; the verifier reads back through the API); needs --key")
+    parser.add_argument("--key", metavar="KEY", help="--target: a partner API key")
+    parser.add_argument("--vendor", metavar="ID", default=None,
+                        help="--target: the vendor to book (default demo-vendor, the one "
+                             "`slotguard up` creates)")
+    parser.add_argument("--vendor-key", metavar="KEY", default=None,
+                        help="--target: that vendor's key, for the create-confirm-commit walk")
+    parser.add_argument("--admin-key", metavar="KEY", default=None,
+                        help="--target: an admin key; the bench then creates a vendor of its "
+                             "own (instant, free) instead of using --vendor")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -92,24 +107,80 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(stderr=True)
+    if getattr(args, "target", None):
+        from benchmarks.target import main as target_main
+
+        return target_main(args, console)
+    if getattr(args, "key", None) or getattr(args, "vendor_key", None) \
+            or getattr(args, "admin_key", None):
+        raise SystemExit("slotguard bench: --key, --vendor-key and --admin-key go with "
+                         "--target URL (see --help)")
     names = parse_scenarios(args.scenarios)
     config = build_config(args)
     results = asyncio.run(_run(args, names, config, console))
-    from benchmarks.report import (console_table, summary_lines, targets_table, write_json,
-                                   write_report)
+    return finish(args, results, console)
 
-    console.print(console_table(results))
+
+def finish(args: argparse.Namespace, results: dict[str, Any], console) -> int:
+    """Tables, summary, files, the missed targets, and the exit code."""
+    from benchmarks.report import (console_table, missed_targets, summary_lines,
+                                   targets_table, write_json, write_report)
+
+    print_wide(console, console_table(results))
     for line in summary_lines(results):
-        console.print(line, markup=False, highlight=False)
-    console.print(targets_table(results))
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if results.get("targets"):
+        print_wide(console, targets_table(results))
     if args.json:
         write_json(results, args.json)
-        console.print(f"results: {args.json}")
+        console.print(f"results: {args.json}", soft_wrap=True)
     if args.report:
-        console.print(f"report: {write_report(results, args.report)}")
+        console.print(f"report: {write_report(results, args.report)}", soft_wrap=True)
+    missed = missed_targets(results)
+    if missed:
+        console.print(f"missed targets ({len(missed)}):", soft_wrap=True)
+        for line in missed:
+            console.print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("missed targets: none", soft_wrap=True)
+    if getattr(args, "fail_on_target", False) and missed and results["exit_code"] == 0:
+        results["exit_code"] = 1
+        console.print("--fail-on-target: exit 1", soft_wrap=True)
     console.print(f"{results['violations']} violations in {results['seconds']} s; "
-                  f"exit {results['exit_code']}")
+                  f"exit {results['exit_code']}", soft_wrap=True)
     return results["exit_code"]
+
+
+def print_wide(console, renderable) -> None:
+    """A table at its natural width: cut to the terminal on a terminal, whole in a log
+    (rich would fold it to 80 columns when the output is not a terminal)."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    from rich.console import Console
+
+    from rich.measure import Measurement
+
+    natural = Measurement.get(console, console.options.update_width(10_000), renderable)
+    width = max(80, natural.maximum)
+    Console(file=console.file, width=width, color_system=None).print(renderable)
+
+
+def describe_servers(settings, source: str) -> str:
+    """Which servers a run uses, passwords hidden (the console names them, issue 17)."""
+    return (f"servers ({source}): redis {redact(settings.redis_url)}, postgres "
+            f"{redact(settings.database_url)}; key prefix {settings.key_prefix}, schema "
+            f"{settings.db_schema}")
+
+
+def redact(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def _run(args, names: list[str], config: BenchConfig, console) -> dict[str, Any]:
@@ -130,7 +201,11 @@ async def _run(args, names: list[str], config: BenchConfig, console) -> dict[str
     env = await asyncio.to_thread(BenchEnv.start, schema=args.schema, shards=args.shards,
                                   keep=args.keep)
     results["servers"] = {"source": env.server_source, "key_prefix": env.settings.key_prefix,
-                          "schema": env.settings.db_schema}
+                          "schema": env.settings.db_schema,
+                          "redis": redact(env.settings.redis_url),
+                          "postgres": redact(env.settings.database_url)}
+    console.print(describe_servers(env.settings, env.server_source), markup=False,
+                  highlight=False, soft_wrap=True)
     progress = Progress(TextColumn("{task.description:<48}"), BarColumn(), TextColumn(
         "{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=console,
         disable=args.no_progress, transient=False)

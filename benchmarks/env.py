@@ -136,7 +136,9 @@ class BenchEnv:
         from benchmarks.baseline_app import PG_ENDPOINT_DDL, pg_endpoint_schema
 
         await asyncio.to_thread(migrate, self.settings)
-        self.redis = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        from engine.connection import open_redis
+
+        self.redis = open_redis(self.settings, health_check_interval=0)
         self.pool = await create_pool(self.settings, max_size=4)
         async with self.pool.acquire() as conn:
             await conn.execute(BASELINE_DDL)
@@ -188,8 +190,19 @@ class BenchEnv:
             if not getattr(self, "keep", False):
                 prefix = self.settings.key_prefix
                 removed["keys"] = await delete_matching(self.redis, f"{prefix}*")
-                # arq's cron bookkeeping (arq:job:cron:<prefix>reap:..., arq:result:...).
-                removed["keys"] += await delete_matching(self.redis, f"arq:*{prefix}*")
+                # arq's cron bookkeeping (arq:job:cron:<prefix>reap:..., arq:result:...),
+                # on arq's own Redis where it has one (SLOTGUARD_ARQ_REDIS_URL, issue 15).
+                arq = self.redis
+                if self.settings.arq_redis_url:
+                    arq = aioredis.Redis.from_url(self.settings.arq_redis_url,
+                                                  decode_responses=True)
+                try:
+                    removed["keys"] += await delete_matching(arq, f"arq:*{prefix}*")
+                    if arq is not self.redis:
+                        removed["keys"] += await delete_matching(arq, f"{prefix}*")
+                finally:
+                    if arq is not self.redis:
+                        await arq.aclose()
             await self.redis.aclose()
         if self.pool is not None:
             await self.pool.close()

@@ -1,11 +1,16 @@
 """A small HTTP/1.1 load client: raw asyncio streams, one keep-alive connection per task.
 
-No client library: httpx and aiohttp spend more CPU per request than the server under test
-on this kind of machine, and then the figure is the client's. Each process measures its own
+No client library on the wire: httpx and aiohttp spend more CPU per request than the server
+under test on this kind of machine, and then the figure is the client's. The partner routes
+are the partner client's (``slotguard.client.RequestBuilder`` builds each request, its
+``http11`` writes the bytes, ``ApiError.from_response`` reads an error): one definition of
+paths, bodies and headers for the client, the bench and the locustfile. The bench does not
+retry: a 429/5xx is an error of the phase, counted, not hidden. Each process measures its own
 CPU (``client_cpu_per_process`` in the results; near 1.0 means the client was the limit).
 
 Kinds: ``create`` (POST /v1/reservations, then cancel a win when ``release_winners``),
 ``walk`` (create, vendor-confirmation, commit: the lifecycle through the API),
+``create_commit`` (create, commit: an instant, free vendor's lifecycle),
 ``hello`` (GET /hello on the baseline app: the HTTP ceiling) and ``bare_hold``
 (POST /holds on the baseline app: one bare EVALSHA per request), ``pg_endpoint`` (POST
 /pg/bookings on the baseline app: one asyncpg INSERT ... ON CONFLICT DO NOTHING against an
@@ -23,6 +28,7 @@ import orjson
 from benchmarks import history as h
 from benchmarks.load import LoadSpec, ResourceSpec, Workload, iso
 from benchmarks.stats import Recorder
+from slotguard.client import ApiError, RequestBuilder, http11
 
 
 class HttpError(Exception):
@@ -77,7 +83,8 @@ def build_request(method: str, path: str, host: str, body: bytes = b"",
 
 class HttpWorkload(Workload):
     def __init__(self, kind: str) -> None:
-        if kind not in ("create", "walk", "hello", "bare_hold", "pg_endpoint"):
+        if kind not in ("create", "walk", "create_commit", "hello", "bare_hold",
+                        "pg_endpoint"):
             raise ValueError(f"unknown HTTP workload {kind!r}")
         self.kind = kind
 
@@ -97,6 +104,7 @@ class HttpWorkload(Workload):
         for conn in conns:
             self.free.put_nowait(conn)
         self.hello = build_request("GET", "/hello", self.hostname)
+        self.routes = RequestBuilder()
         self.pg_table = http.get("pg_table", "")
 
     async def close(self) -> None:
@@ -130,6 +138,10 @@ class HttpWorkload(Workload):
         reservation_id = await self._create(resource, start, end, rec, out)
         if reservation_id is None:
             return
+        if self.kind == "create_commit":  # an instant, free vendor: straight to commit
+            await self._act(reservation_id, "commit", h.COMMIT, self.partner_auth, rec, out,
+                            resource)
+            return
         if self.kind == "create":
             if self.release:  # in the history, not in the rate: decisions/s as elsewhere
                 await self._act(reservation_id, "cancel", h.CANCEL, self.partner_auth, None,
@@ -144,13 +156,11 @@ class HttpWorkload(Workload):
 
     async def _create(self, resource, start, end, rec, out) -> str | None:
         first, last = resource.units(start, end)
-        body = orjson.dumps({"vendorId": resource.vendor_id, "resourceId": resource.id,
-                             "slotStartTime": iso(start), "slotEndTime": iso(end),
-                             "requesterId": "bench"})
-        headers = dict(self.partner_auth)
-        if self.idempotency:
-            headers["idempotency-key"] = uuid.uuid4().hex
-        raw = build_request("POST", "/v1/reservations", self.hostname, body, headers)
+        call = self.routes.create_reservation(
+            vendor_id=resource.vendor_id, resource_id=resource.id, slot_start_time=iso(start),
+            slot_end_time=iso(end), requester_id="bench",
+            idempotency_key=uuid.uuid4().hex if self.idempotency else None)
+        raw = http11(call, self.hostname, self.partner_auth)
         status, payload, sent, answered = await self._timed(raw)
         if status == 201:
             rid = orjson.loads(payload)["reservationId"]
@@ -158,11 +168,11 @@ class HttpWorkload(Workload):
             out.append(h.Entry(h.CREATE, h.OK, rid, resource.id, first, last, sent, answered))
             return rid
         if status == 409:
-            details = _details(payload)
+            details = ApiError.from_response(status, payload, {}).details
             rec.record(h.CONFLICT, sent, answered)
             out.append(h.Entry(h.CREATE, h.CONFLICT, "", resource.id, first, last, sent,
                                answered, holder=details.get("conflictingReservationId", ""),
-                               unit=int(details.get("conflictingUnit", -1))))
+                               unit=_unit(details)))
             return None
         rec.record(h.ERROR, sent, answered)
         out.append(h.Entry(h.CREATE, h.ERROR, "", resource.id, first, last, sent, answered,
@@ -180,8 +190,7 @@ class HttpWorkload(Workload):
         return status, payload, sent, time.monotonic()
 
     async def _act(self, rid, action, op, auth, rec, out, resource) -> bool:
-        raw = build_request("POST", f"/v1/reservations/{rid}/{action}", self.hostname, b"",
-                            auth)
+        raw = http11(self.routes.act(rid, action), self.hostname, auth)
         status, payload, sent, answered = await self._timed(raw)
         ok = status in (200, 202)
         if rec is not None:
@@ -250,8 +259,9 @@ class HttpWorkload(Workload):
                                table=self.pg_table))
 
 
-def _details(payload: bytes) -> dict:
+def _unit(details: dict) -> int:
+    """The conflicting unit index when the server names one (-1 when it does not)."""
     try:
-        return orjson.loads(payload)["error"].get("details") or {}
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        return int(details.get("conflictingUnit", -1))
+    except (TypeError, ValueError):
+        return -1

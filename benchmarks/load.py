@@ -61,11 +61,12 @@ class Pattern:
     resources: tuple[ResourceSpec, ...]
     hot_slots: int = 4
     span_units: int = 2_000
+    t0: int = T0  # where the intervals start (bench --target picks a day of its own)
 
     def picker(self, rng: random.Random, task_index: int, task_count: int):
         if self.kind == "hot":
             slots = [(self.resources[k % len(self.resources)],
-                      T0 + (k // len(self.resources)) * 8 * self.resources[0].unit_ms)
+                      self.t0 + (k // len(self.resources)) * 8 * self.resources[0].unit_ms)
                      for k in range(self.hot_slots)]
 
             def hot():
@@ -75,7 +76,7 @@ class Pattern:
         if self.kind == "storm":
             def storm():
                 resource = rng.choice(self.resources)
-                start = T0 + rng.randrange(self.span_units) * resource.unit_ms
+                start = self.t0 + rng.randrange(self.span_units) * resource.unit_ms
                 return resource, start, start + rng.randrange(1, 5) * resource.unit_ms
             return storm
         counter = iter(range(task_index, 1 << 62, task_count))
@@ -84,7 +85,7 @@ class Pattern:
             n = next(counter)
             resource = self.resources[n % len(self.resources)]
             gap = 2 + (resource.buffer_before_ms + resource.buffer_after_ms) // resource.unit_ms
-            start = T0 + (n // len(self.resources)) * gap * resource.unit_ms
+            start = self.t0 + (n // len(self.resources)) * gap * resource.unit_ms
             return resource, start, start + resource.unit_ms
         return distinct
 
@@ -139,8 +140,11 @@ class RedisHolds(Workload):
         s = spec.settings
         self.settings = s
         self.release = spec.release_winners
-        self.client = aioredis.Redis.from_url(s.redis_url, decode_responses=True,
-                                              max_connections=spec.concurrency + 8)
+        from engine.connection import open_redis
+
+        # A cluster client when SLOTGUARD_REDIS_CLUSTER is set (issue 15).
+        self.client = open_redis(s, max_connections=spec.concurrency + 8,
+                                 health_check_interval=0)
         self.access = RedisAccess(self.client, batch_max=s.redis_batch_max,
                                   max_inflight=s.redis_max_inflight_batches)
         await self.access.load_scripts()

@@ -158,6 +158,22 @@ def targets_table(results: dict[str, Any]):
     return table
 
 
+def missed_targets(results: dict[str, Any]) -> list[str]:
+    """Every target this run measured and missed, one line each (the run's own targets and
+    the scenarios')."""
+    lines = []
+    for row in results.get("targets", []):
+        if row.get("met") is False:
+            lines.append(f"{row['target']}: {_fmt(row['value'])} (bound {row['direction']} "
+                         f"{row['bound']:g}; {row['measured']})")
+    for name, scenario in results.get("scenarios", {}).items():
+        for target in scenario.get("targets", []):
+            if target.get("met") is False:
+                lines.append(f"{name}: {target['target']}: {target['value']} "
+                             f"(bound {target['direction']} {target['bound']})")
+    return lines
+
+
 def _fmt(value: Any) -> str:
     return "—" if value is None else f"{value:,.3f}".rstrip("0").rstrip(".") \
         if isinstance(value, float) else f"{value:,}"
@@ -205,9 +221,9 @@ def write_report(results: dict[str, Any], directory: Path) -> Path:
             continue
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for phase, s in phases.items():
-            ax.plot(range(len(s["timeline_per_s"])), s["timeline_per_s"], marker=".",
-                    label=phase)
-        ax.set_xlabel("second of the phase")
+            xs, ys = throughput_series(s)
+            ax.plot(xs, ys, marker=".", label=phase)
+        ax.set_xlabel("seconds into the phase")
         ax.set_ylabel("completed operations / s")
         ax.set_title(f"{name}: throughput over time")
         ax.legend(fontsize="small")
@@ -236,6 +252,17 @@ def write_report(results: dict[str, Any], directory: Path) -> Path:
     (directory / "report.md").write_text(markdown)
     (directory / "report.html").write_text(render_html(results, plots))
     return directory / "report.md"
+
+
+def throughput_series(phase: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(seconds, ops/s) of a phase: per 100 ms when recorded (a 0.7 s --quick phase is 7
+    points, not 2), else per second; the last, partial bucket is left out."""
+    tenths = phase.get("timeline_per_100ms") or []
+    if len(tenths) > 1:
+        tenths = tenths[:-1]
+        return [round((i + 0.5) / 10, 2) for i in range(len(tenths))], list(tenths)
+    per_s = phase.get("timeline_per_s") or []
+    return [i + 0.5 for i in range(len(per_s))], list(per_s)
 
 
 def scale_plots(results: dict[str, Any], directory: Path, plt) -> list[tuple[str, str, str]]:

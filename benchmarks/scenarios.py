@@ -551,7 +551,9 @@ class Run:
         from engine.resources import Resource, ResourceCatalog
 
         s = self.env.settings.replace(key_prefix=self.env.settings.key_prefix + "mem:")
-        client = aioredis.Redis.from_url(s.redis_url, decode_responses=True)
+        from engine.connection import open_redis
+
+        client = open_redis(s, health_check_interval=0)
         try:
             keys = KeySpace(s.key_prefix, s.shards)
             catalog = ResourceCatalog([Resource(f"mem-{i}") for i in range(16)])
@@ -608,12 +610,26 @@ class Run:
             entries.append(h.Entry(h.COMMIT, h.OK, rid, r.id, 0, -1, sent, time.monotonic()))
             return rid
 
+        label = "lifecycle: building the drain backlog"
         if self.progress:
-            self.progress("lifecycle: building the drain backlog", 0.0)
+            self.progress(label, 0.0)
         ids: list[str] = []
+        built = 0
+        step = max(1, c.drain_backlog // 100)
+
+        async def counted(i: int) -> str:
+            nonlocal built
+            rid = await one(i)
+            built += 1
+            if self.progress and built % step == 0:  # the bar moves while it builds
+                self.progress(label, built / c.drain_backlog)
+            return rid
+
         for start in range(0, c.drain_backlog, 1000):
-            ids += await asyncio.gather(*(one(i) for i in range(
+            ids += await asyncio.gather(*(counted(i) for i in range(
                 start, min(c.drain_backlog, start + 1000))))
+        if self.progress:
+            self.progress(label, 1.0)
         # The backlog's bookings are the only ones of their vendor from T0 on: counted
         # through the live-end index (never a scan of a table that may hold 10^6 rows).
         since = datetime.fromtimestamp(T0 / 1000, UTC)

@@ -26,6 +26,8 @@ class Recorder:
     histogram: HdrHistogram = field(default_factory=new_histogram)
     outcomes: dict[str, int] = field(default_factory=dict)
     timeline: list[int] = field(default_factory=list)  # completions per second since start
+    # Completions per 100 ms since start: a short (--quick) phase still plots as a curve.
+    timeline_100ms: list[int] = field(default_factory=list)
     cpu_s: float = 0.0
     wall_s: float = 0.0
 
@@ -38,10 +40,15 @@ class Recorder:
             while len(self.timeline) <= second:
                 self.timeline.append(0)
             self.timeline[second] += 1
+            tenth = int((answered - self.started) * 10)
+            while len(self.timeline_100ms) <= tenth:
+                self.timeline_100ms.append(0)
+            self.timeline_100ms[tenth] += 1
 
     def to_wire(self) -> dict[str, Any]:
         return {"started": self.started, "histogram": self.histogram.encode(),
-                "outcomes": self.outcomes, "timeline": self.timeline, "cpu_s": self.cpu_s,
+                "outcomes": self.outcomes, "timeline": self.timeline,
+                "timeline_100ms": self.timeline_100ms, "cpu_s": self.cpu_s,
                 "wall_s": self.wall_s}
 
 
@@ -50,6 +57,7 @@ def merge(wires: list[dict[str, Any]]) -> dict[str, Any]:
     histogram = new_histogram()
     outcomes: dict[str, int] = {}
     timeline: list[int] = []
+    tenths: list[int] = []
     for wire in wires:
         histogram.decode_and_add(wire["histogram"])
         for key, value in wire["outcomes"].items():
@@ -58,6 +66,10 @@ def merge(wires: list[dict[str, Any]]) -> dict[str, Any]:
             while len(timeline) <= i:
                 timeline.append(0)
             timeline[i] += value
+        for i, value in enumerate(wire.get("timeline_100ms", ())):
+            while len(tenths) <= i:
+                tenths.append(0)
+            tenths[i] += value
     total = sum(outcomes.values())
     wall = max((w["wall_s"] for w in wires), default=0.0)
     cpu = sum(w["cpu_s"] for w in wires)
@@ -72,6 +84,8 @@ def merge(wires: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_cdf_ms": [[p, histogram.get_value_at_percentile(p) / 1000]
                            for p in CDF_POINTS] if total else [],
         "timeline_per_s": timeline,
+        # ops/s over each 100 ms of the phase (completions in the bucket x 10).
+        "timeline_per_100ms": [count * 10 for count in tenths],
         "client_processes": len(wires),
         "client_cpu_s": round(cpu, 3),
         # Near 1.0 per process means the load generator itself was saturated.

@@ -108,7 +108,10 @@ async def scan_redis(client: aioredis.Redis, keys: KeySpace) -> RedisState:
             if fields:
                 state.reservations[rid] = _text(fields)
     for chunk in _chunks(unit_keys, 5000):
-        values = await client.mget([key for _, key in chunk])
+        names = [key for _, key in chunk]
+        # A cluster client reads keys of several slots with one MGET per slot.
+        values = await (client.mget_nonatomic(names) if hasattr(client, "mget_nonatomic")
+                        else client.mget(names))
         for (unit, _), value in zip(chunk, values):
             if value is not None:
                 state.units[unit] = value.decode() if isinstance(value, bytes) else value

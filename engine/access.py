@@ -45,6 +45,9 @@ class RedisAccess:
         observe=None,
         raw: bool = True,
         backoff_max_s: float = 1.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        cluster_retry_s: float = 2.0,
     ) -> None:
         self.redis = redis
         # The hot path: batches written straight in RESP on one pipelined connection
@@ -56,6 +59,10 @@ class RedisAccess:
         if self.wire is not None:
             self.wire.backoff_max_s = max(BACKOFF_MIN_S, backoff_max_s)
             self.wire.setup = [("SCRIPT", "LOAD", s.source) for s in self.scripts.values()]
+            if hasattr(self.wire, "wait_replicas"):  # a ClusterWire (engine/resp_cluster.py)
+                self.wire.wait_replicas = wait_replicas
+                self.wire.wait_timeout_ms = wait_timeout_ms
+                self.wire.retry_window_s = cluster_retry_s
         self._reloading: asyncio.Task | None = None
         self._pending: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future]] = []
         self._inflight = 0
@@ -83,7 +90,15 @@ class RedisAccess:
             return await self.redis.eval(script.source, len(keys), *keys, *args)
 
     async def load_scripts(self) -> None:
-        """Register every script at start-up (EVALSHA then hits without a fallback)."""
+        """Register every script at start-up (EVALSHA then hits without a fallback); in a
+        cluster on every master (a master that does not answer raises ConnectionError)."""
+        if hasattr(self.redis, "nodes_manager"):
+            from engine.connection import per_node
+
+            for script in self.scripts.values():
+                await per_node(self.redis, lambda nodes, s=script: self.redis.execute_command(
+                    "SCRIPT LOAD", s.source, target_nodes=nodes), primaries=True)
+            return
         pipe = self.redis.pipeline(transaction=False)
         for script in self.scripts.values():
             pipe.script_load(script.source)
@@ -103,6 +118,12 @@ class RedisAccess:
 
     async def scripts_loaded(self) -> bool:
         shas = [s.sha for s in self.scripts.values()]
+        if hasattr(self.redis, "nodes_manager"):
+            from engine.connection import per_node
+
+            found = await per_node(self.redis, lambda nodes: self.redis.execute_command(
+                "SCRIPT EXISTS", *shas, target_nodes=nodes), primaries=True)
+            return all(all(reply) for reply in found.values())
         return all(await self.redis.script_exists(*shas))
 
     # ---- batching ---------------------------------------------------------------------

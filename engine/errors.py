@@ -36,6 +36,11 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Availability engine (issue 13): -25 .. -29.
+    RULES_STALE = -25
+    AVAILABILITY_CHANGED = -26
+    # Partner-readable details (issue 17): -45 .. -49.
+    EXTEND_NOT_LATER = -45
 
 
 class EngineError(Exception):
@@ -168,6 +173,24 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- partner-readable details (issue 17) ---------------------------------------------
+class ExtendNotLater(EngineError):
+    """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
+    no extension is spent."""
+
+    code = "EXTEND_NOT_LATER"
+
+
+def _extend_not_later(reply: list, ctx: dict) -> EngineError:
+    from engine.times import format_time
+
+    deadline, requested = int(reply[1]), int(reply[2])
+    return ExtendNotLater(
+        "the extension would not move the deadline later; nothing was spent",
+        details={**ctx["details"], "expiresAt": format_time(deadline),
+                 "requestedExpiresAt": format_time(requested)})
+
+
 class NotDue(EngineError):
     """The reaper asked to expire a reservation whose deadline has not passed."""
 
@@ -216,6 +239,41 @@ class InvalidWebhook(PaymentError):
     """An inbound Stripe event whose signature does not verify (400)."""
 
     code = "INVALID_WEBHOOK_SIGNATURE"
+
+
+# ---- availability engine (issue 13) ------------------------------------------------------
+class SlotRefused(EngineError):
+    """The vendor's availability rules refuse the slot (outside hours, busy, tentative, in
+    the past, inside the minimum notice, beyond the horizon, in a buffer):
+    ``details.reasons`` lists why, from engine/availability.py REASONS."""
+
+    code = "SLOT_UNAVAILABLE"
+
+
+class RulesStale(EngineError):
+    """The hold script saw a newer revision of the vendor's availability rules than the
+    caller checked the slot against; the caller reloads them and tries again."""
+
+    code = "AVAILABILITY_RULES_STALE"
+    retryable = True
+
+    def __init__(self, message: str, *, revision: str, details: dict[str, Any] | None = None
+                 ) -> None:
+        super().__init__(message, details=details, retry_after_ms=100)
+        self.revision = revision
+
+
+class UnsupportedCalendarType(EngineError):
+    """A calendar import whose body is not ``text/calendar``."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class AvailabilityChanged(EngineError):
+    """Revalidation: the reservation's slot became unavailable (a busy block or new hours
+    over it); the reservation is now FAILED_AVAILABILITY_CHANGED."""
+
+    code = "FAILED_AVAILABILITY_CHANGED"
 
 
 # ---- the one table: script reply -> error ------------------------------------------------
@@ -306,6 +364,14 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    Outcome.RULES_STALE: lambda reply, ctx: RulesStale(
+        "the vendor's availability rules changed", revision=str(reply[1]),
+        details=dict(ctx["details"])),
+    Outcome.AVAILABILITY_CHANGED: lambda reply, ctx: AvailabilityChanged(
+        f"the slot became unavailable ({reply[4]}); the reservation failed",
+        details={**ctx["details"], "state": str(reply[1]), "version": int(reply[2]),
+                 "reasons": [r for r in str(reply[4]).split(",") if r]}),
+    Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",
         details=dict(ctx["details"]), retry_after_ms=1000),

@@ -82,6 +82,13 @@ class KeySpace:
     def hold(self, hold_id: str) -> str:
         return f"{self.tag(self.shard_of_id(hold_id))}:h:{hold_id}"
 
+    # ---- availability rules (issue 13) -------------------------------------------------
+    def availability_revision(self, resource_id: str) -> str:
+        """The revision of the availability rules of the resource's vendor, beside the
+        resource's units: the hold script compares it with the revision the caller checked
+        the slot against (engine/availability_rules.py)."""
+        return f"{self.tag(self.shard_of(resource_id))}:avr:{resource_id}"
+
     # ---- reservations (tag of the shard the id carries) -------------------------------
     def reservation(self, reservation_id: str) -> str:
         return f"{self.tag(self.shard_of_id(reservation_id))}:r:{reservation_id}"

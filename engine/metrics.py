@@ -169,6 +169,17 @@ PARTNER_HOLDS = Gauge(
     "Holds per partner over the reputation window, by outcome (placed|committed).",
     ["partner", "outcome"], multiprocess_mode="livemax", registry=REGISTRY)
 
+# Replay and parity (issue 17): events of the last parity run (the worker's cron, or
+# `slotguard parity`) that disagree with the audit log, by status (engine/parity.py).
+PARITY_STATUSES = ("diff", "missing", "extra")
+PARITY_DRIFT_EVENTS = Gauge(
+    "slotguard_parity_drift_events",
+    "Replay events of the last parity run that disagree with the audit log, by status "
+    "(diff|missing|extra).",
+    ["status"], multiprocess_mode="livemax", registry=REGISTRY)
+# Not pre-initialised: a livemax child writes a file per process at creation, and every
+# process importing this module (the CLI too) would leave one behind.
+
 for _scope in LIMIT_SCOPES:
     RATE_LIMIT_REJECTIONS.labels(scope=_scope)
     CAP_REJECTIONS.labels(scope=_scope)

@@ -64,12 +64,12 @@ def check_query(resource: Resource, start_ms: int, end_ms: int, slot_minutes: in
         raise ValidationError("slotDuration must be a positive multiple of the vendor's unit",
                               code="SLOT_DURATION_NOT_ALIGNED",
                               details={"field": "slotDuration",
-                                       "unitMinutes": resource.unit_ms / MINUTE_MS})
+                                       "unitMinutes": resource.unit_ms // MINUTE_MS})
     if start_ms % resource.unit_ms or end_ms % resource.unit_ms:
         raise ValidationError("startTime and endTime must sit on the vendor's unit grid",
                               code="SLOT_NOT_ALIGNED",
                               details={"field": "startTime",
-                                       "unitMinutes": resource.unit_ms / MINUTE_MS})
+                                       "unitMinutes": resource.unit_ms // MINUTE_MS})
     if (end_ms - start_ms) // slot_ms > MAX_SLOTS:
         raise ValidationError("the range holds too many slots", code="RANGE_TOO_LARGE",
                               details={"field": "slotDuration", "maxSlots": MAX_SLOTS})

@@ -30,6 +30,9 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # payments (issue 12): the partner of the booking, its vendor, ops
     "booking.cancel": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
+    "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
+    "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),
     # operations
     "ops.release": frozenset({OPS, ADMIN, SYSTEM}),
     "ops.bulk-release": frozenset({OPS, ADMIN, SYSTEM}),
@@ -40,6 +43,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
+    "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "admin.vendors.list": frozenset({ADMIN, SYSTEM}),
+    "admin.partners.list": frozenset({ADMIN, SYSTEM}),
+    "admin.keys.list": frozenset({ADMIN, SYSTEM}),
 }
 
 # The lifecycle actor recorded as ``triggeredBy`` when a role acts.

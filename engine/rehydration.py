@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from engine.access import RedisAccess
+from engine.connection import is_cluster, per_node
 from engine.keys import KeySpace
 from engine.store.commit import BOOKING_LOCK, BOOKING_UNLOCK
 from engine.store.queries import Booking, bookings_to_rehydrate
@@ -42,7 +43,13 @@ class RehydrationReport:
 
 
 async def redis_run_id(access: RedisAccess) -> str:
-    return (await access.redis.info("server"))["run_id"]
+    """The Redis's run id; for a cluster, every master's (``node=run id`` sorted, joined),
+    so a restart or a failover of any master changes it (and triggers rehydration)."""
+    if not is_cluster(access.redis):
+        return (await access.redis.info("server"))["run_id"]
+    infos = await per_node(access.redis, lambda nodes: access.redis.execute_command(
+        "INFO", "server", target_nodes=nodes), primaries=True)
+    return ",".join(f"{name}={info['run_id']}" for name, info in sorted(infos.items()))
 
 
 async def is_rehydrated(access: RedisAccess, keys: KeySpace) -> bool:
@@ -110,6 +117,27 @@ async def restore_booked_markers(access: RedisAccess, keys: KeySpace, catalog: R
     return Restored(written, overwritten, unknown)
 
 
+# The newest fencing token committed per resource (issue 15; the partial index on
+# (resource_key, fence_token) of 0010_fencing serves it).
+_NEWEST_FENCES = """
+SELECT r.id, m.token
+FROM (SELECT resource_key, max(fence_token) AS token FROM bookings
+      WHERE fence_token IS NOT NULL GROUP BY resource_key) m
+JOIN resources r ON r.key = m.resource_key"""
+
+
+async def raise_fences(access: RedisAccess, keys: KeySpace, conn: asyncpg.Connection) -> int:
+    """Raise every resource's fencing counter to its newest committed token (a Redis that
+    lost its data would otherwise issue tokens older than bookings already in Postgres, and
+    the fence in Postgres would refuse the new commits). Before the shards open; answers
+    how many counters were raised."""
+    rows = await conn.fetch(_NEWEST_FENCES)
+    replies = await asyncio.gather(*(
+        access.call("raise_fence", [keys.fence(resource_id)], [token])
+        for resource_id, token in rows))
+    return sum(1 for (_, token), reply in zip(rows, replies) if int(reply[1]) == token)
+
+
 async def rehydrate(access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
                     catalog: ResourceCatalog, settings: Settings) -> RehydrationReport:
     """Write the booked markers of every booking not yet ended, then open every shard."""
@@ -123,6 +151,7 @@ async def rehydrate(access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
         try:
             bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
             restored = await restore_booked_markers(access, keys, catalog, settings, bookings)
+            await raise_fences(access, keys, conn)
             pipe = access.redis.pipeline(transaction=False)
             for shard in range(keys.shards):
                 pipe.set(keys.ready(shard), run_id)

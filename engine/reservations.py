@@ -94,6 +94,10 @@ class Placement:
     metadata_text: str
     idempotency_key: str
     triggered_by: str
+    # The availability rules revision the slot was checked against (issue 13); '' when the
+    # caller checked none. The hold script refuses it as RULES_STALE once a newer one is
+    # published beside the resource's units.
+    rules_revision: str = ""
 
 
 class ReservationEngine:
@@ -172,7 +176,7 @@ class ReservationEngine:
                 p.block_end_ms, int(vendor.confirmation_required), int(vendor.payment_required),
                 p.metadata_text, p.idempotency_key, p.triggered_by, s.hold_ttl_ms,
                 s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
-                s.record_retention_ms]
+                s.record_retention_ms, p.rules_revision]
         if self.limits is None:
             for result in await asyncio.gather(*admission, return_exceptions=True):
                 if isinstance(result, BaseException):
@@ -217,7 +221,8 @@ class ReservationEngine:
             "create_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
              self.keys.history(reservation_id), self.keys.fence(resource_id),
-             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard),
+             self.keys.availability_revision(resource_id)],
             argv,
         )
         if int(reply[0]) == Outcome.OK:
@@ -390,7 +395,8 @@ class ReservationEngine:
             await self._settle_cap(reply[4], reservation_id, moved.state, moved.deadline_ms,
                                    wait_cap)
             return moved
-        if code in (Outcome.HOLD_LOST, Outcome.EXPIRED):  # it ended: free its cap slot
+        if code in (Outcome.HOLD_LOST, Outcome.EXPIRED, Outcome.AVAILABILITY_CHANGED):
+            # it ended: free its cap slot
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op=op, details={"reservationId": reservation_id})
 

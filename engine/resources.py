@@ -43,7 +43,7 @@ class Resource:
         if start_ms % self.unit_ms or end_ms % self.unit_ms:
             raise ValidationError(
                 "start and end must sit on the resource's unit grid",
-                details={"unitMinutes": self.unit_ms / MINUTE_MS},
+                details={"unitMinutes": self.unit_ms // MINUTE_MS},
             )
         first = (start_ms - self.buffer_before_ms) // self.unit_ms
         last = (end_ms + self.buffer_after_ms) // self.unit_ms - 1

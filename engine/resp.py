@@ -112,7 +112,13 @@ class ScriptConnection:
 
     @classmethod
     def like(cls, client) -> ScriptConnection | None:
-        """A connection to the same server as a redis-py client (None for unix sockets)."""
+        """A connection to the same server as a redis-py client (None for unix sockets).
+        For a :class:`redis.asyncio.cluster.RedisCluster`, a
+        :class:`engine.resp_cluster.ClusterWire` (one connection per node, routed by slot)."""
+        if not hasattr(client, "connection_pool") and hasattr(client, "nodes_manager"):
+            from engine.resp_cluster import ClusterWire
+
+            return ClusterWire(client)
         kwargs = client.connection_pool.connection_kwargs
         if "path" in kwargs or "host" not in kwargs:
             return None

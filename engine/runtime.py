@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.access import RedisAccess
 from engine.connection import (
+    check_cluster_mode,
     check_eviction_policy,
     eviction_allowed,
     eviction_policy,
@@ -66,12 +67,16 @@ class Runtime:
         redis = open_redis(settings, max_connections=None)
         keys = KeySpace(settings.key_prefix, settings.shards)
         try:
+            await check_cluster_mode(redis, settings)
             await check_eviction_policy(redis, settings)
             await record_shard_count(redis, keys.shard_count(), settings)
             access = RedisAccess(redis, batch_max=settings.redis_batch_max,
                                  max_inflight=settings.redis_max_inflight_batches,
                                  observe=observe,
-                                 backoff_max_s=settings.redis_reconnect_backoff_max_ms / 1000)
+                                 backoff_max_s=settings.redis_reconnect_backoff_max_ms / 1000,
+                                 wait_replicas=settings.redis_wait_replicas,
+                                 wait_timeout_ms=settings.redis_wait_timeout_ms,
+                                 cluster_retry_s=settings.redis_cluster_retry_ms / 1000)
             await access.load_scripts()
             pool = await create_pool(settings, max_size=pool_max_size)
         except BaseException:
@@ -213,6 +218,7 @@ async def preflight(settings: Settings) -> None:
     try:
         while True:
             try:
+                await check_cluster_mode(redis, settings)
                 await check_eviction_policy(redis, settings)
                 await record_shard_count(redis, KeySpace(settings.key_prefix, settings.shards)
                                          .shard_count(), settings)
@@ -233,4 +239,7 @@ def preflight_or_message(settings: Settings) -> str | None:
         asyncio.run(preflight(settings))
     except UnsafeRedis as exc:
         return exc.message
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        return (f"the Redis at {settings.redis_url} does not answer after "
+                f"{PREFLIGHT_WAIT_S:.0f} s: {exc}")
     return None

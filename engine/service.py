@@ -23,6 +23,7 @@ Round trips (the access layer coalesces the calls of one event-loop turn into on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
@@ -41,11 +42,12 @@ from engine.errors import (
     NotFound,
     NotReady,
     PaymentRequired,
+    RulesStale,
     TerminalState,
     ValidationError,
 )
 from engine.idempotency import IdempotencyStore, StoredResponse, check_key
-from engine.lifecycle import ADMIN, OPS, PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
+from engine.lifecycle import PARTNER, SYSTEM, SYSTEM_SCOPE, TERMINAL, VENDOR, State
 from engine.limits import Limits
 from engine.permissions import Principal, can_see, require
 from engine.reservations import (
@@ -63,7 +65,8 @@ MIN_TTL_MS = 1_000
 MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
 AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
                       "resourceId"}
-AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit"}
+AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit",
+               "startingAfter"}
 # Kept for callers that named the old constant: the partner scope of system-created
 # reservations (engine/lifecycle.py SYSTEM_SCOPE, which no partner id can equal).
 SYSTEM_PARTNER = SYSTEM_SCOPE
@@ -137,8 +140,11 @@ class _Replay(Exception):
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
                  *, load_stored=None, rehydrate=None,
-                 idempotency: IdempotencyStore | None = None) -> None:
+                 idempotency: IdempotencyStore | None = None, availability=None) -> None:
         self.engine = engine
+        # engine.availability_service.AvailabilityService (issue 13): the vendor's hours,
+        # busy blocks, notice and horizon checked before a placement or a move.
+        self.availability = availability
         self.catalog = catalog
         self.limits = limits
         self.keys = engine.keys
@@ -219,7 +225,7 @@ class ReservationService:
             raise ValidationError("slotStartTime and slotEndTime must sit on the vendor's "
                                   "unit grid", code="SLOT_NOT_ALIGNED",
                                   details={"field": "slotStartTime",
-                                           "unitMinutes": resource.unit_ms / MINUTE_MS})
+                                           "unitMinutes": resource.unit_ms // MINUTE_MS})
         units = ((end_ms + resource.buffer_after_ms)
                  - (start_ms - resource.buffer_before_ms)) // resource.unit_ms
         if units > self.settings.max_hold_units:
@@ -243,6 +249,7 @@ class ReservationService:
             metadata_text=orjson.dumps(_with_request_id(req.metadata, req.request_id)).decode(),
             idempotency_key=key or "", triggered_by=principal.actor,
             reservation_id=self._reservation_id(scope, resource.id, key))
+        placement = await self._check_availability(placement, start_ms, end_ms)
         claimed = False
 
         async def claim() -> None:
@@ -263,7 +270,7 @@ class ReservationService:
         except EngineError as exc:
             if isinstance(exc, HoldConflict):
                 metrics.HOLDS_CONFLICTED.inc()
-                exc = _conflict_for(principal, exc)
+                exc = await self._readable_conflict(principal, exc, resource)
             elif isinstance(exc, CapExceeded):
                 metrics.CAP_REJECTIONS.labels(scope="partner").inc()
             if not claimed:
@@ -284,9 +291,22 @@ class ReservationService:
             self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
         return Answer(status, body)
 
+    async def _check_availability(self, placement, start_ms: int, end_ms: int):
+        """Issue 13: the slot against the vendor's availability rules (in the past, minimum
+        notice, horizon, hours, busy blocks: 409 SLOT_UNAVAILABLE), before any write and
+        without a Redis call; the hold script confirms the rules' revision."""
+        if self.availability is None:
+            return placement
+        revision = await self.availability.check_placement(placement.vendor,
+                                                           placement.resource, start_ms, end_ms)
+        return dataclasses.replace(placement, rules_revision=revision)
+
     async def _place(self, placement, admission: list[Awaitable]) -> Moved:
         try:
             return await self.engine.place(placement, admission)
+        except RulesStale:
+            # Issue 13: the vendor's availability changed since this process cached it.
+            return await self.availability.retry_stale(self.engine.place, placement)
         except NotReady:
             # Redis lost its data (restart): restore the booked markers, then retry once
             # (the admission already passed; the cap slot is taken again idempotently).
@@ -302,6 +322,14 @@ class ReservationService:
             return self.keys.new_reservation_id(resource_id)
         raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
         return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
+
+    async def _readable_conflict(self, principal: Principal, exc: HoldConflict,
+                                 resource: Resource) -> HoldConflict:
+        """ISO times, and the holder only when the caller may know it (issue 17)."""
+        from engine.conflicts import readable_conflict
+
+        return await readable_conflict(principal, exc, resource, self.engine.access.redis,
+                                       self.keys)
 
     # ---- reads ------------------------------------------------------------------------
     async def read(self, principal: Principal, reservation_id: str,
@@ -412,7 +440,11 @@ class ReservationService:
                                   details={"field": "resourceId", "resourceId": resource.id})
         self._check_slot(resource, start_ms, end_ms)
         now = clock.now_ms() if now_ms is None else now_ms
-        if start_ms < now:
+        if self.availability is not None:
+            # Issue 13: the past, notice, horizon, hours and blocks: 409 SLOT_UNAVAILABLE.
+            await self.availability.check_move(current.vendor_id, resource, start_ms, end_ms,
+                                               now)
+        elif start_ms < now:
             raise ValidationError("slotStartTime is in the past", code="SLOT_IN_PAST",
                                   details={"field": "slotStartTime"})
         try:
@@ -423,7 +455,7 @@ class ReservationService:
                 partner_scope=self._tenancy(principal)[0], wait_cap=False)
         except HoldConflict as exc:
             metrics.HOLDS_CONFLICTED.inc()
-            raise _conflict_for(principal, exc) from None
+            raise await self._readable_conflict(principal, exc, resource) from None
         except NotFound:
             raise _not_found(reservation_id) from None
         assert moved.reservation is not None
@@ -517,6 +549,13 @@ class ReservationService:
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""
+        return (await self.audit_page(principal, pool, pairs, client_ip))[0]
+
+    async def audit_page(self, principal: Principal, pool, pairs: list[tuple[str, str]],
+                         client_ip: str | None = None) -> tuple[list, str | None]:
+        """A page of audit rows, oldest first, and the cursor of the next page (issue 17:
+        ``startingAfter``; None on the last page)."""
+        from engine import cursor
         from engine.store import queries
 
         require(principal, "ops.audit")
@@ -528,14 +567,23 @@ class ReservationService:
             if name in query and not 0 < len(query[name]) <= 128:
                 raise ValidationError(f"{name} must be 1..128 characters",
                                       code="INVALID_PARAMETER", details={"field": name})
+        filters = {k: v for k, v in query.items() if k not in ("limit", cursor.FIELD)}
+        after_id = None
+        if cursor.FIELD in query:
+            (after_id,) = cursor.decode(query[cursor.FIELD], "audit", filters, (int,))
         await self.throttle(principal, client_ip)
         if since is not None and until is not None and until <= since:
-            return []  # since <= at < until: an empty range
+            return [], None  # since <= at < until: an empty range
         async with pool.acquire() as conn:
-            return await queries.query_audit(
+            rows = await queries.query_audit(
                 conn, reservation_id=query.get("reservationId"),
                 resource_id=query.get("resourceId"), actor=query.get("actor"),
-                since=_datetime(since), until=_datetime(until), limit=limit)
+                since=_datetime(since), until=_datetime(until), after_id=after_id,
+                limit=limit + 1)
+        if len(rows) <= limit:
+            return rows, None
+        rows = rows[:limit]
+        return rows, cursor.encode("audit", [rows[-1].id], filters)
 
 
 # ---- the rules of the request ----------------------------------------------------------------
@@ -600,15 +648,6 @@ def _with_request_id(metadata: dict[str, Any] | None, request_id: str) -> dict[s
 
 def _not_found(reservation_id: str) -> NotFound:
     return NotFound("reservation not found", details={"reservationId": reservation_id})
-
-
-def _conflict_for(principal: Principal, exc: HoldConflict) -> HoldConflict:
-    """Partners and vendors learn what collides, not another tenant's reservation id."""
-    if principal.role in (OPS, ADMIN, SYSTEM):
-        return exc
-    details = {k: v for k, v in exc.details.items() if k != "conflictingReservationId"}
-    return HoldConflict(exc.message, holder=exc.holder, unit=exc.unit, booked=exc.booked,
-                        details=details)
 
 
 async def _first_error(results: list) -> None:

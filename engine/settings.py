@@ -14,6 +14,8 @@ from typing import Any
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
+LOG_FORMATS = ("plain", "json")
+
 # Fields whose environment variable is not SLOTGUARD_<NAME>.
 _PLAIN_ENV = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
 
@@ -104,6 +106,30 @@ class Settings:
     # keeps a card authorization 7 days; the margin is one day).
     payment_capture_window_ms: int = 6 * 86_400_000
 
+    # Replay and parity (issue 17): the worker's parity cron (jobs/parity.py).
+    parity_interval_s: int = 300  # 0: no parity cron in the worker
+    parity_window_s: int = 3_600  # reservations changed within this window are replayed
+    parity_settle_s: int = 60  # ... except those changed more recently (still in flight)
+
+    # Availability engine (issue 13).
+    availability_rules_cache_ms: int = 60_000  # cached rules reloaded at this age at the latest
+    max_busy_blocks: int = 5_000  # busy blocks per vendor (manual and imported together)
+    max_calendar_bytes: int = 2_000_000  # an ICS body larger than this is refused (413)
+
+    # CLI, lists and ops hygiene (issue 17).
+    # When set, /metrics (API and `slotguard worker --metrics-port`) needs
+    # `Authorization: Bearer <token>`.
+    metrics_token: str = dataclasses.field(default="", repr=False)
+    metrics_partner_series: int = 50  # partners with their own reputation series (rest: _other)
+    log_format: str = "plain"  # plain | json: one format for the API, the worker and `up`
+
+    # Redis Cluster (issue 15).
+    redis_cluster: bool = False  # REDIS_URL is a seed node of a Redis Cluster (no db number)
+    arq_redis_url: str = ""  # a small non-cluster Redis for arq's cron queue (cluster mode)
+    redis_wait_replicas: int = 1  # cluster mode: WAIT for this many replicas after a batch
+    redis_wait_timeout_ms: int = 100  # ... for at most this long (then a second without)
+    redis_cluster_retry_ms: int = 2_000  # TRYAGAIN/CLUSTERDOWN/LOADING re-sent this long
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if environ is None else environ
@@ -134,6 +160,18 @@ class Settings:
                 raise SettingsError(f"{env_name(name)} must be >= 1")
         if not self.db_schema.replace("_", "").isalnum():
             raise SettingsError("SLOTGUARD_DB_SCHEMA must be letters, digits and underscores")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"SLOTGUARD_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                                f"got {self.log_format!r}")
+        if self.redis_cluster:
+            from urllib.parse import urlparse
+
+            db = urlparse(self.redis_url).path.strip("/")
+            if db not in ("", "0"):
+                raise SettingsError(
+                    f"REDIS_URL names database {db}, but a Redis Cluster has only database 0:"
+                    " with SLOTGUARD_REDIS_CLUSTER=true, REDIS_URL is a seed node "
+                    "(redis://host:port)")
         try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:

@@ -18,8 +18,10 @@ def partner_label(partner_id: str, *, plain: bool) -> str:
 
 
 class WorkerMetrics:
-    def __init__(self, *, partner_labels: bool = False) -> None:
+    def __init__(self, *, partner_labels: bool = False,
+                 partner_series: int = m.MAX_PARTNER_SERIES) -> None:
         self.partner_labels = partner_labels
+        self.partner_series = partner_series  # SLOTGUARD_METRICS_PARTNER_SERIES (issue 17)
 
     def observe_script(self, script: str, seconds: float, batch_size: int) -> None:
         m.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
@@ -56,4 +58,5 @@ class WorkerMetrics:
 
     def partner_reputation(self, counts: dict[str, tuple[int, int]]) -> None:
         m.publish_partner_reputation(
-            {partner_label(p, plain=self.partner_labels): c for p, c in counts.items()})
+            {partner_label(p, plain=self.partner_labels): c for p, c in counts.items()},
+            limit=self.partner_series)

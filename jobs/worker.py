@@ -9,6 +9,8 @@ background task (one blocking reader per shard). Cron jobs:
   reservations and emits their events exactly once, even with several workers racing.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
+- ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
+  recently changed reservations against their audit rows (jobs/parity.py, issue 17).
 
 Every job is idempotent: arq delivers at least once.
 
@@ -41,6 +43,7 @@ from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
 from engine.settings import Settings
 from jobs.commit_queue import CommitQueue
+from jobs.parity import parity_job
 from jobs.reconcile import reconcile
 from jobs.reputation import publish_reputation
 
@@ -124,6 +127,26 @@ async def watch_redis(ctx: dict) -> bool:
     return report is not None
 
 
+def arq_redis_url(settings: Settings) -> str:
+    """Where arq keeps its cron queue: ``SLOTGUARD_ARQ_REDIS_URL``, else ``REDIS_URL``.
+
+    arq writes a job's queue entry, job key and in-progress key in one MULTI; their key
+    names are fixed by arq (``arq:job:<id>`` ...), so on a Redis Cluster they fall in
+    different slots and the cluster refuses them (CROSSSLOT), and arq's client speaks to
+    one node only. arq carries no hot-path work here (the commit queue is the shard
+    streams, read by the drain on the cluster); it only schedules the cron jobs (reaper,
+    Redis watch, reconciliation, reputation), so in cluster mode it gets a small
+    non-cluster Redis of its own, and a worker without one refuses to start."""
+    if settings.redis_cluster:
+        if not settings.arq_redis_url:
+            raise UnsafeRedis(
+                "SLOTGUARD_REDIS_CLUSTER=true needs SLOTGUARD_ARQ_REDIS_URL: arq's queue "
+                "cannot live on a Redis Cluster (CROSSSLOT); give the worker a small "
+                "non-cluster Redis for it")
+        return settings.arq_redis_url
+    return settings.arq_redis_url or settings.redis_url
+
+
 def _every(interval_s: float) -> dict:
     """arq cron fields for "every interval" (whole seconds dividing a minute or an hour)."""
     interval = max(1, round(interval_s))
@@ -147,10 +170,13 @@ def worker_settings(settings: Settings, metrics=None) -> type:
                  **_every(settings.reconcile_interval_s)),
             cron(publish_reputation, name=f"{prefix}reputation", run_at_startup=True,
                  **_every(10)),
+            # Replay and parity (issue 17): drift counts for SlotguardParityDrift.
+            *([cron(parity_job, name=f"{prefix}parity", **_every(settings.parity_interval_s))]
+              if settings.parity_interval_s else []),
         ]
         on_startup = startup
         on_shutdown = shutdown
-        redis_settings = RedisSettings.from_dsn(settings.redis_url)
+        redis_settings = RedisSettings.from_dsn(arq_redis_url(settings))
         queue_name = f"{prefix}arq:queue"
         health_check_key = f"{prefix}arq:health-check"
         ctx = {"settings": settings, "metrics": metrics}

@@ -8,6 +8,8 @@
   KEYS[6] <prefix>{sg:<shard>}:deadlines         deadline index (zset id -> deadline ms)
   KEYS[7] <prefix>{sg:<shard>}:ready             set once the shard's booked markers are
                                                  rehydrated from Postgres (lost with the data)
+  KEYS[8] (optional) <prefix>{sg:<shard>}:avr:<resource>  the vendor's availability rules
+                                                 revision (issue 13)
   ARGV[1] reservation id
   ARGV[2] partner id
   ARGV[3] vendor id
@@ -29,10 +31,13 @@
   ARGV[19] authorized stage ttl ms
   ARGV[20] max units one hold may cover
   ARGV[21] record retention ms after a terminal state
+  ARGV[22] (optional) the availability rules revision the caller checked the slot against
+           ('' = no check); another revision in KEYS[8] ('0' when absent) is RULES_STALE
   Returns: {1, state, version, deadline_ms, fence_token, created_at_ms}; a retry of a
            creation that already landed returns the same reply
   Errors (negative integers): -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason),
-           -3 HOLD_ID_REUSED, -18 NOT_READY (booked markers not rehydrated since Redis lost data)
+           -3 HOLD_ID_REUSED, -18 NOT_READY (booked markers not rehydrated since Redis lost data),
+           -25 RULES_STALE (+ the revision now published)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -72,6 +77,13 @@ if existing then
     return {OUTCOME.OK, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
   end
   return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
+end
+
+-- Availability rules (issue 13): the caller checked the slot against the vendor's rules at
+-- revision ARGV[22]; a newer one published beside the units means they changed meanwhile.
+if KEYS[8] and ARGV[22] and ARGV[22] ~= '' then
+  local published = redis.call('GET', KEYS[8]) or '0'
+  if published ~= ARGV[22] then return {OUTCOME.RULES_STALE, published} end
 end
 
 local holder, at = first_conflict(unit_root, resource, first, last, id)

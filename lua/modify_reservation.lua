@@ -94,6 +94,8 @@ local v = rec.v + 1
 local old = {rec.rs, rec.s, rec.e, rec.bs, rec.be}
 rec.rs, rec.s, rec.e, rec.f, rec.l = resource, ARGV[7], ARGV[8], first, last
 rec.bs, rec.be = ARGV[11], ARGV[12]
+-- Issue 13: the new slot was checked against the vendor's availability; an old flag goes.
+redis.call('HDEL', record_key, 'ua')
 redis.call('HSET', record_key, 'v', v, 'rs', rec.rs, 's', rec.s, 'e', rec.e, 'f', first,
   'l', last, 'bs', rec.bs, 'be', rec.be)
 emit_transition(events_key, history_key, rec, state, {state}, v, actor, 'modified', metadata,

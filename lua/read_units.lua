@@ -1,10 +1,12 @@
 --[[ Read the occupancy of units [first, last] of one resource, without writing anything.
   KEYS[1] <prefix>{sg:<shard>}:u:   unit root; unit keys are <root><resource>:<index>
+  KEYS[2] (optional) <prefix>{sg:<shard>}:avr:<resource>   the vendor's availability rules
+          revision (issue 13), answered as the fourth element ('0' when never published)
   ARGV[1] resource id
   ARGV[2] first unit index
   ARGV[3] last unit index (inclusive)
   ARGV[4] max units one read may cover
-  Returns: {1, occupancy, holders} where occupancy has one character per unit, in order:
+  Returns: {1, occupancy, holders[, rules revision]} where occupancy has one character per unit, in order:
            '.' free, 'h' held (a live hold or reservation), 'b' booked (a booked marker);
            holders lists each distinct holder of a held unit once, in order of first unit
   Errors (negative integers): -2 INVALID (+ reason)
@@ -32,5 +34,8 @@ for i = first, last do
       holders[#holders + 1] = holder
     end
   end
+end
+if KEYS[2] then
+  return {OUTCOME.OK, table.concat(out), holders, redis.call('GET', KEYS[2]) or '0'}
 end
 return {OUTCOME.OK, table.concat(out), holders}

@@ -32,7 +32,11 @@
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
            (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
-           -17 NOT_DUE (expire before the deadline: + deadline)
+           -17 NOT_DUE (expire before the deadline: + deadline),
+           -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
+           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons)
+           -45 EXTEND_NOT_LATER (now + ttl is not after the deadline: nothing spent,
+           + deadline, + now + ttl)
 ]]
 --@include @outcomes
 --@include @lifecycle
@@ -75,6 +79,8 @@ if TERMINAL[rec.st] then return {OUTCOME.TERMINAL, rec.st} end
 
 local now = now_ms()
 local state = rec.st
+-- Issue 13: the vendor's availability no longer allows the slot (flagged on the record).
+local unavailable = redis.call('HGET', record_key, 'ua')
 local overdue = PRE_COMMIT[state] and rec.dl <= now
 
 -- Apply `path` (states after the current one): CAS already checked, so every step is
@@ -93,9 +99,19 @@ local function apply(path, why, code)
     from = s
   end
   local v = rec.v + #path
+  -- Fencing (issue 15): the commit decision takes a token from the resource's fencing
+  -- counter (the one hold tokens come from, same hash tag); the booking row carries it and
+  -- Postgres refuses a booking older than one already committed on its units
+  -- (engine/migrations/0010_fencing.sql).
+  local extra
+  if final == 'COMMIT_IN_PROGRESS' then
+    local token = redis.call('INCR', string.sub(unit_root, 1, -4) .. ':fence:' .. rec.rs)
+    redis.call('HSET', record_key, 'ct', token)
+    extra = {'fenceToken', token}
+  end
   -- One commit-queue entry for the whole path (waived steps included).
   emit_transition(events_key, history_key, rec, state, path, v, actor, why, metadata, ik, now,
-    TERMINAL[final] and '' or deadline)
+    TERMINAL[final] and '' or deadline, false, extra)
   local fields = {'st', final, 'v', v, 'dl', deadline}
   if final:sub(1, 7) == 'FAILED_' then
     fields[#fields + 1] = 'fr'; fields[#fields + 1] = why ~= '' and why or final
@@ -121,8 +137,16 @@ if op == 'extend' then
   if overdue then return apply({EXPIRES_AS[state]}, 'deadline passed', OUTCOME.EXPIRED) end
   local ext_ttl, max_total, max_ext = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
   if not ext_ttl or ext_ttl <= 0 or not max_total or not max_ext then return {OUTCOME.INVALID, 'bad extension'} end
+  -- An extension that cannot move the deadline later spends nothing (issue 17).
+  if now + ext_ttl <= rec.dl then return {OUTCOME.EXTEND_NOT_LATER, rec.dl, now + ext_ttl} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
-  local deadline = math.max(rec.dl, now + ext_ttl)
+  if unavailable then
+    local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
+      OUTCOME.AVAILABILITY_CHANGED)
+    reply[#reply + 1] = unavailable
+    return reply
+  end
+  local deadline = now + ext_ttl
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
   if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
@@ -153,6 +177,13 @@ local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
 if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
   -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
   return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
+end
+
+if forward and PRE_COMMIT[state] and unavailable then
+  local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
+    OUTCOME.AVAILABILITY_CHANGED)
+  reply[#reply + 1] = unavailable
+  return reply
 end
 
 local path = walk_auto_steps({action.to}, rec.cr == '1', rec.pr == '1')

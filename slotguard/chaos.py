@@ -21,6 +21,19 @@ Faults (``--faults``, comma-separated, in the order given):
 - ``worker-stop``: a worker ``SIGSTOP``-ed mid-drain for ``--seconds`` (at least twice
   ``SLOTGUARD_RECLAIM_IDLE_MS``, so the other worker reclaims its entries), then
   ``SIGCONT``; recovery = until its entries were acknowledged by someone.
+- ``cluster-failover`` (``--cluster N`` only): the master serving the vendor's shard
+  ``kill -9``; its replica is promoted by the cluster; API and workers ride through without
+  a restart; recovery = from the kill to the next commit accepted through the API. The old
+  master is started again afterwards (it rejoins as a replica, for the next round).
+- ``client-pause``: ``CLIENT PAUSE`` of ``--pause-ms`` (2 s) on Redis (every master of a
+  cluster); recovery = from the pause's end to the next commit accepted.
+- ``network-stall`` (single Redis only): the API reaches Redis through a loopback proxy of
+  ours (:mod:`slotguard.stall_proxy`) that stops forwarding for ``--stall-seconds``, then
+  forwards what waited; recovery = from the stall's end to the next commit accepted.
+
+``--cluster N`` runs the hot path on a local Redis Cluster of N masters with a replica each
+(:mod:`slotguard.local_cluster`; arq's cron queue on the embedded single Redis);
+``--rounds R`` injects the list R times (the full run: 20 of each kind).
 
 Settings are production defaults except what the run needs (no rate limit or cap, API keys
 cached through a Postgres outage); ``SLOTGUARD_*`` variables in the environment override
@@ -42,7 +55,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FAULTS = ("postgres-outage", "redis-restart", "worker-kill", "api-kill", "worker-stop")
+FAULTS = ("postgres-outage", "redis-restart", "worker-kill", "api-kill", "worker-stop",
+          "cluster-failover", "client-pause", "network-stall")
+DEFAULT_FAULTS = ("postgres-outage", "redis-restart", "worker-kill", "api-kill", "worker-stop",
+                  "client-pause", "network-stall")
+CLUSTER_FAULTS = ("postgres-outage", "worker-kill", "api-kill", "worker-stop",
+                  "cluster-failover", "client-pause")
+SINGLE_ONLY = {"redis-restart", "network-stall"}
 READY_TARGET_S = 2.0  # issue 11: readiness back within 2 s of the servers
 COMMITS_BEFORE = 5
 COMMITS_AFTER = 5
@@ -54,8 +73,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run private Redis and Postgres servers, the API and two workers on "
                     "loopback, drive partner traffic and inject each fault in turn. Exit 1 "
                     "on any invariant violation.")
-    chaos.add_argument("--faults", default=",".join(FAULTS),
-                       help=f"comma-separated, in order (default: {','.join(FAULTS)})")
+    chaos.add_argument("--faults", default=None,
+                       help=f"comma-separated, in order, from {', '.join(FAULTS)} (default: "
+                            f"{','.join(DEFAULT_FAULTS)}; with --cluster "
+                            f"{','.join(CLUSTER_FAULTS)})")
+    chaos.add_argument("--cluster", type=int, default=0, metavar="N",
+                       help="run on a local Redis Cluster of N masters (>= 1), a replica each")
+    chaos.add_argument("--rounds", type=int, default=1,
+                       help="inject the whole list this many times (default 1)")
+    chaos.add_argument("--pause-ms", type=int, default=2000,
+                       help="CLIENT PAUSE length of client-pause (default 2000)")
+    chaos.add_argument("--stall-seconds", type=float, default=3.0,
+                       help="how long network-stall stops forwarding (default 3)")
     chaos.add_argument("--seconds", type=float, default=180.0,
                        help="how long Postgres stays down and a worker stays stopped "
                             "(default 180)")
@@ -87,12 +116,25 @@ class FaultResult:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
+    if args.faults is None:
+        args.faults = ",".join(CLUSTER_FAULTS if args.cluster else DEFAULT_FAULTS)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
         print(f"error: unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}",
               file=sys.stderr)
         return 2
+    if args.cluster < 0 or args.rounds < 1 or args.pause_ms < 1 or args.stall_seconds <= 0:
+        print("error: --cluster must be >= 0, --rounds >= 1, --pause-ms >= 1 and "
+              "--stall-seconds > 0", file=sys.stderr)
+        return 2
+    wrong = sorted(set(faults) & SINGLE_ONLY) if args.cluster else \
+        sorted(set(faults) & {"cluster-failover"})
+    if wrong:
+        where = "a single Redis (not --cluster)" if args.cluster else "--cluster N"
+        print(f"error: fault(s) {wrong} need {where}", file=sys.stderr)
+        return 2
+    faults = faults * args.rounds
     if args.seconds <= 0 or args.redis_down_seconds < 0:
         print("error: --seconds must be > 0 and --redis-down-seconds >= 0", file=sys.stderr)
         return 2
@@ -116,7 +158,9 @@ async def run(faults: list[str], args: argparse.Namespace, data_dir: Path
 
     overrides = {k: v for k, v in os.environ.items() if k.startswith("SLOTGUARD_")}
     results: list[FaultResult] = []
-    async with FaultStack(data_dir / "stack", workers=2, env=overrides) as stack:
+    async with FaultStack(data_dir / "stack", workers=2, env=overrides,
+                          cluster=getattr(args, "cluster", 0),
+                          stall_proxy="network-stall" in faults) as stack:
         machine = describe_machine(stack)
         print(f"slotguard chaos: {', '.join(faults)}; API {stack.api_url}; "
               f"reclaim {stack.settings.reclaim_idle_ms} ms, max deliveries "
@@ -223,7 +267,69 @@ async def _until_acknowledged(stack, name: str, since: float,
     return None
 
 
+async def _cluster_failover(stack, traffic, args, problems) -> float | None:
+    from redis.crc import key_slot
+
+    from engine.keys import KeySpace
+    from slotguard.fault_harness import VENDOR
+
+    cluster = stack.cluster
+    keys = KeySpace(stack.settings.key_prefix, stack.settings.shards)
+    slot = key_slot(keys.events(keys.shard_of(VENDOR)).encode())
+    master = await asyncio.to_thread(cluster.node_of_slot, slot)
+    cluster.kill(master)
+    killed_at = time.monotonic()
+    try:
+        await asyncio.to_thread(cluster.wait_promoted, master, slot, 120)
+    except Exception as exc:  # the cluster itself did not fail over
+        problems.append(f"no replica promoted: {exc}")
+    recovered = None
+    if await traffic.wait_commits(1, timeout_s=120):
+        recovered = time.monotonic() - killed_at
+    # The old master comes back as a replica of the new one: the next round has a replica.
+    await asyncio.to_thread(cluster.restart, master)
+    try:
+        await asyncio.to_thread(cluster.wait_healthy, 120)
+    except Exception as exc:
+        problems.append(f"cluster not healthy after the old master rejoined: {exc}")
+    return recovered
+
+
+async def _client_pause(stack, traffic, args, problems) -> float | None:
+    import redis.asyncio as aioredis
+
+    if stack.cluster is not None:
+        urls = [stack.cluster.url_of(n)
+                for n in await asyncio.to_thread(stack.cluster.master_nodes)]
+    else:
+        urls = [stack.servers.redis_url]
+    for url in urls:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await client.execute_command("CLIENT", "PAUSE", args.pause_ms, "ALL")
+        finally:
+            await client.aclose()
+    await asyncio.sleep(args.pause_ms / 1000)
+    ended_at = time.monotonic()
+    if await traffic.wait_commits(1, timeout_s=120):
+        return time.monotonic() - ended_at
+    return None
+
+
+async def _network_stall(stack, traffic, args, problems) -> float | None:
+    stack.proxy.stall()
+    await asyncio.sleep(args.stall_seconds)
+    stack.proxy.resume()
+    resumed_at = time.monotonic()
+    if await traffic.wait_commits(1, timeout_s=120):
+        return time.monotonic() - resumed_at
+    return None
+
+
 FAULT_STEPS = {
+    "cluster-failover": _cluster_failover,
+    "client-pause": _client_pause,
+    "network-stall": _network_stall,
     "postgres-outage": _postgres_outage,
     "redis-restart": _redis_restart,
     "worker-kill": _worker_kill,

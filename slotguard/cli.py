@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from slotguard import __version__
+from slotguard import __version__, cli_errors, envfile
 
 # ---- registration point ----------------------------------------------------------------
 SUBCOMMAND_MODULES: list[str] = [
@@ -27,13 +27,27 @@ SUBCOMMAND_MODULES: list[str] = [
     "slotguard.cli_up",  # up (embedded servers + api + worker)
     "slotguard.cli_bench",  # bench (benchmarks/)
     "slotguard.chaos",  # chaos (the fault suite's long forms, issue 11)
+    "slotguard.cli_replay",  # replay, parity (issue 17)
+    "slotguard.cli_availability",  # availability: schedules, busy blocks, calendars (issue 13)
+    "slotguard.cli_status",  # status (issue 17)
 ]
+
+# Commands that talk to Redis/Postgres: they take their servers from the environment, else
+# from the `.slotguard/env` that `slotguard up` writes, else the defaults (slotguard/
+# envfile.py), and say which on stderr. `up` is not one: it decides its own servers.
+SERVER_COMMANDS = {"serve", "worker", "migrate", "partners", "vendors", "keys", "bench",
+                   "status", "replay", "parity"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slotguard", description="Redis-centric, high-throughput hold engine.")
+    parser = cli_errors.Parser(
+        prog="slotguard", description="Redis-centric, high-throughput hold engine.",
+        epilog="Servers: REDIS_URL / DATABASE_URL when set, else the .slotguard/env that "
+               "`slotguard up` writes, else the local standard ports. Failures are one line "
+               "on stderr: exit 2 for usage, 1 at run time.")
     parser.add_argument("--version", action="version", version=f"slotguard {__version__}")
+    parser.add_argument(cli_errors.DEBUG_FLAG, action="store_true",
+                        help="show the traceback of a failure (also after the subcommand)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         try:
@@ -47,8 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = cli_errors.debug_requested(argv)
+    args = build_parser().parse_args(cli_errors.strip_debug(argv))
+    prog = " ".join(["slotguard", args.command, *([args.action] if isinstance(
+        getattr(args, "action", None), str) else [])])
+    servers = None
+    if args.command in SERVER_COMMANDS:
+        try:
+            servers = envfile.apply()
+        except (envfile.EnvFileError, OSError) as exc:
+            return cli_errors.fail(prog, str(exc), cli_errors.RUNTIME_EXIT)
+        args.servers = servers  # where each came from (the environment now holds them all)
+        if getattr(args, "announce_servers", True):
+            print(f"{prog}: {servers.describe()}", file=sys.stderr, flush=True)
+    return cli_errors.run(args.func, args, prog=prog, debug=debug, servers=servers)
 
 
 # ---- this module's subcommands ------------------------------------------------------------
@@ -72,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create_partner.add_argument("--id", required=True, dest="partner_id")
     create_partner.add_argument("--name", default=None)
     create_partner.set_defaults(func=cmd_partners_create)
+    list_partners = partners_sub.add_parser("list", help="list partners")
+    list_partners.set_defaults(func=cmd_partners_list)
 
     vendors = subparsers.add_parser("vendors", help="manage vendors")
     vendors_sub = vendors.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -104,6 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                help="with --refund-policy full_before")
     create_vendor.add_argument("--timezone", default="UTC")
     create_vendor.set_defaults(func=cmd_vendors_create)
+    list_vendors = vendors_sub.add_parser("list", help="list vendors")
+    list_vendors.set_defaults(func=cmd_vendors_list)
 
     keys = subparsers.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -117,11 +148,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke_key = keys_sub.add_parser("revoke", help="revoke an API key by its id")
     revoke_key.add_argument("key_id")
     revoke_key.set_defaults(func=cmd_keys_revoke)
+    list_keys = keys_sub.add_parser("list", help="list API keys (ids and prefixes; never a "
+                                                 "secret)")
+    list_keys.set_defaults(func=cmd_keys_list)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    import uvicorn.config
 
     from engine.settings import Settings
 
@@ -132,14 +165,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    log_config = {**uvicorn.config.LOGGING_CONFIG}
-    log_config["formatters"] = {**log_config["formatters"], "slotguard": {
-        "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}}
-    log_config["handlers"] = {**log_config["handlers"], "slotguard": {
-        "class": "logging.StreamHandler", "formatter": "slotguard",
-        "stream": "ext://sys.stderr"}}
-    log_config["loggers"] = {**log_config["loggers"], "slotguard": {
-        "handlers": ["slotguard"], "level": args.log_level.upper(), "propagate": False}}
+    from slotguard.logs import uvicorn_config
+
+    # One format (SLOTGUARD_LOG_FORMAT) for our loggers and uvicorn's (issue 17).
+    log_config = uvicorn_config(settings.log_format, args.log_level)
     # Forwarded headers are ours to judge (SLOTGUARD_TRUSTED_PROXIES, api/context.py), never
     # uvicorn's: by default it trusts X-Forwarded-For from loopback.
     # The protocol bounds request heads and read times (api/guard.py); h11's own limit is
@@ -206,6 +235,11 @@ def cmd_vendors_create(args: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from api.auth import issue_key
 
+    if args.role == "partner" and not args.partner_id:
+        raise cli_errors.UsageError("a partner key needs --partner PARTNER_ID")
+    if args.role == "vendor" and not args.vendor_id:
+        raise cli_errors.UsageError("a vendor key needs --vendor VENDOR_ID")
+
     async def run(conn):
         issued, stored = await issue_key(conn, args.role, partner_id=args.partner_id,
                                          vendor_id=args.vendor_id)
@@ -225,23 +259,61 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return _with_connection(run)
 
 
+def cmd_partners_list(args: argparse.Namespace) -> int:
+    async def run(conn):
+        rows = await conn.fetch("SELECT id, name, active FROM partners ORDER BY id")
+        _table(["partner", "name", "active"],
+               [[r["id"], r["name"], "yes" if r["active"] else "no"] for r in rows])
+
+    return _with_connection(run)
+
+
+def cmd_vendors_list(args: argparse.Namespace) -> int:
+    from engine import directory
+
+    async def run(conn):
+        vendors = await directory.list_vendors(conn)
+        _table(["vendor", "unit", "confirmation", "payment", "timezone"],
+               [[v.id, f"{v.unit_minutes} min",
+                 "required" if v.confirmation_required else "waived",
+                 "required" if v.payment_required else "waived", v.timezone]
+                for v in vendors])
+
+    return _with_connection(run)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    async def run(conn):
+        rows = await conn.fetch("""SELECT id, prefix, role, partner_id, vendor_id, revoked_at
+                                   FROM api_keys ORDER BY created_at, id""")
+        _table(["key", "prefix", "role", "tenant", "revoked"],
+               [[r["id"], r["prefix"], r["role"], r["partner_id"] or r["vendor_id"] or "-",
+                 "yes" if r["revoked_at"] else "no"] for r in rows])
+
+    return _with_connection(run)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    """Plain columns on stdout (no width limit: a log keeps every character)."""
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
 def _with_connection(run) -> int:
     """Run ``run(conn)`` on one connection to the configured schema; errors to stderr."""
     from engine import db
-    from engine.errors import EngineError
     from engine.settings import Settings
 
     settings = Settings.from_env()
 
     async def go() -> int:
+        # Failures reach slotguard/cli_errors.py, which prints them as one line.
         pool = await db.create_pool(settings, min_size=1, max_size=1)
         try:
             async with pool.acquire() as conn:
                 await run(conn)
             return 0
-        except EngineError as exc:
-            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-            return 1
         finally:
             await pool.close()
 

@@ -1,4 +1,4 @@
-"""``slotguard up [--port N]``: embedded servers (unless REDIS_URL/DATABASE_URL are set),
+"""``slotguard up [--port N] [--cluster N]``: embedded servers (unless REDIS_URL/DATABASE_URL are set),
 migrations, a demo vendor and partner key, the API and a worker; Ctrl-C stops it all."""
 
 from __future__ import annotations
@@ -14,10 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--data-dir", type=Path, default=Path(".slotguard"),
                     help="where the embedded servers keep their data")
+    up.add_argument("--cluster", type=int, default=0, metavar="N",
+                    help="run the hot path on a local Redis Cluster of N masters (a replica "
+                         "each); the single Redis keeps arq's cron queue")
     up.set_defaults(func=cmd_up)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import sys
+
     from slotguard.up import run
 
-    return run(args.host, args.port, args.data_dir)
+    if args.cluster < 0:
+        print("error: --cluster must be >= 1 (0: no cluster)", file=sys.stderr)
+        return 2
+    return run(args.host, args.port, args.data_dir, args.cluster)

@@ -22,29 +22,59 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
-
     from engine import metrics
     from engine.runtime import preflight_or_message
     from engine.settings import Settings
     from jobs.metrics import WorkerMetrics
     from jobs.worker import run
 
+    from engine.errors import UnsafeRedis
+    from jobs.worker import arq_redis_url
+
     settings = Settings.from_env()
+    try:
+        arq_redis_url(settings)
+    except UnsafeRedis as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     refusal = preflight_or_message(settings)  # an evicting Redis, another shard count
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO,
-                        format='{"at":"%(asctime)s","level":"%(levelname)s",'
-                               '"logger":"%(name)s","message":"%(message)s"}')
+    from slotguard.logs import configure
+
+    configure(settings.log_format)  # the API's format (issue 17)
     # arq logs every cron run (the reaper runs every second) at INFO: keep its warnings only.
     logging.getLogger("arq.worker").setLevel(logging.WARNING)
     logging.getLogger("slotguard.worker").info("worker starting (pid %s)", os.getpid())
     if args.metrics_port:
-        # Loopback by default: the exposition has no authentication.
-        start_http_server(args.metrics_port,
-                          addr=args.metrics_host or settings.worker_metrics_host,
-                          registry=metrics.exposition_registry())
-    run(settings, WorkerMetrics(partner_labels=settings.metrics_partner_labels))
+        # Loopback by default; SLOTGUARD_METRICS_TOKEN asks for a bearer token (issue 17).
+        serve_metrics(args.metrics_port, args.metrics_host or settings.worker_metrics_host,
+                      metrics.exposition_registry(), settings.metrics_token)
+    run(settings, WorkerMetrics(partner_labels=settings.metrics_partner_labels,
+                                partner_series=settings.metrics_partner_series))
     return 0
+
+
+def serve_metrics(port: int, host: str, registry, token: str):
+    """The worker's ``/metrics`` in a daemon thread; with ``token``, only for
+    ``Authorization: Bearer <token>`` (else 401)."""
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler, make_wsgi_app
+
+    from engine.metrics_auth import authorized
+
+    exposition = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if not authorized(environ.get("HTTP_AUTHORIZATION"), token):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", "Bearer")])
+            return [b"a bearer token is required (SLOTGUARD_METRICS_TOKEN)\n"]
+        return exposition(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

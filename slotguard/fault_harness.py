@@ -138,7 +138,8 @@ class FaultStack:
     """
 
     def __init__(self, data_dir: Path | str, *, workers: int = 2,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cluster: int = 0,
+                 stall_proxy: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.servers = FaultServers(self.data_dir / "servers")
@@ -150,6 +151,14 @@ class FaultStack:
         self.keys = Keys()
         self.env: dict[str, str] = {}
         self.settings = None
+        # Issue 15: a local Redis Cluster of ``cluster`` masters (with a replica each) for
+        # the hot path, the embedded single Redis then keeping arq's cron queue; or, on a
+        # single Redis, the API reaching it through a proxy that can stall.
+        self.cluster_masters = cluster
+        self.cluster = None  # slotguard.local_cluster.LocalCluster
+        self.want_proxy = stall_proxy and not cluster
+        self.proxy = None  # slotguard.stall_proxy.StallProxy
+        self.api_env: dict[str, str] = {}
 
     @property
     def api_url(self) -> str:
@@ -174,6 +183,22 @@ class FaultStack:
                     if not k.startswith("SLOTGUARD_") and k not in ("REDIS_URL", "DATABASE_URL")}
         self.env.update(self.extra_env, REDIS_URL=redis_url, DATABASE_URL=database_url,
                         PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()))
+        if self.cluster_masters:
+            from slotguard.local_cluster import LocalCluster
+
+            self.cluster = LocalCluster(masters=self.cluster_masters, replicas=1,
+                                        base_dir=self.data_dir / "cluster")
+            await asyncio.to_thread(self.cluster.start)
+            self.env.update(REDIS_URL=self.cluster.seed_url, SLOTGUARD_REDIS_CLUSTER="true",
+                            SLOTGUARD_ARQ_REDIS_URL=redis_url)
+        elif self.want_proxy:
+            from urllib.parse import urlparse
+
+            from slotguard.stall_proxy import StallProxy
+
+            target = urlparse(redis_url)
+            self.proxy = StallProxy(target.hostname, target.port).start()
+            self.api_env = {"REDIS_URL": self.proxy.url}
         self.settings = Settings.from_env(self.env)
         self.keys = await prepare(self.settings)
         self.api_port = free_port()
@@ -195,6 +220,10 @@ class FaultStack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         self.servers.stop()
 
     # ---- our processes ----------------------------------------------------------------
@@ -212,7 +241,8 @@ class FaultStack:
         else:
             raise ValueError(f"no process named {name!r}")
         with open(self.log_path(name), "ab") as out:
-            proc = subprocess.Popen(args, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+            env = {**self.env, **self.api_env} if name == "api" else self.env
+            proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=embedded._death_signal_setter(signal.SIGTERM))
         self.procs[name] = proc
@@ -241,11 +271,12 @@ class FaultStack:
         """Commit-queue entries delivered to this worker and not yet acknowledged."""
         import redis.asyncio as aioredis
 
+        from engine.connection import open_redis
         from engine.keys import KeySpace
         from jobs.commit_queue import GROUP
 
         keys = KeySpace(self.settings.key_prefix, self.settings.shards)
-        client = aioredis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        client = open_redis(self.settings, health_check_interval=0)
         try:
             pending = 0
             for shard in range(keys.shards):

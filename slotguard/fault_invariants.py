@@ -90,8 +90,10 @@ async def check(calls: list[Call], settings: Settings, *,
     """Wait until settled (bounded), then check; the report lists every violation."""
     keys = KeySpace(settings.key_prefix, settings.shards)
     report = InvariantReport()
-    redis = aioredis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                    socket_timeout=5, socket_connect_timeout=5)
+    from engine.connection import open_redis
+
+    redis = open_redis(settings, socket_timeout=5, socket_connect_timeout=5,
+                       health_check_interval=0)
     try:
         quiet_s = 2 * settings.reconcile_interval_s + 10
         stores, report.settle_s = await _settle(calls, settings, keys, redis, settle_bound_s,

@@ -2,9 +2,10 @@
 
 Each flow is what a partner does: create a reservation (``Idempotency-Key``), the vendor
 confirms (the vendor's policy waives payment, so both authorizations are passed through and
-recorded by the engine), then the partner commits (about 70 %) or cancels. A step that gets
-no answer, a 5xx or a 429 is retried with a short pause, as a real partner would, until
-it gets a definite answer or the traffic stops. Every request and its answer (or the
+recorded by the engine), then the partner commits (about 70 %) or cancels. Calls go through
+the partner client (:mod:`slotguard.client`): a step that gets no answer, a 5xx, a 429 or a
+409 in-progress is retried (same ``Idempotency-Key``) with a short pause, as a real partner
+would, until it gets a definite answer or the traffic stops. Every request and its answer (or the
 transport error) goes into :attr:`Traffic.history`, which the invariant checker reads whole.
 
 Slots come from a window that slides with the flow count, so partners keep contending for
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from slotguard.client import ApiError, AsyncClient, Attempt, RetryExhausted, RetryPolicy
 from slotguard.fault_harness import UNIT_MINUTES, VENDOR
 
 T0_MS = 1_924_992_000_000  # 2031-01-01T00:00:00Z
@@ -89,9 +91,21 @@ class Traffic:
 
     # ---- driving -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        # The partner client's retry loop (slotguard/client.py), with a flat short pause
+        # and no bound on tries: a step is retried until a definite answer or the stop.
+        policy = RetryPolicy(attempts=10**9, base_delay_s=RETRY_PAUSE_S,
+                             max_delay_s=RETRY_PAUSE_S, rng=random.Random(self.random.random()))
+
+        async def pause(seconds: float) -> None:
+            try:
+                await asyncio.wait_for(stop.wait(), seconds)
+            except TimeoutError:
+                return
+            raise _Stopped
+
         limits = httpx.Limits(max_connections=self.concurrency * 2)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S,
-                                     limits=limits) as client:
+        async with AsyncClient(self.base_url, timeout=REQUEST_TIMEOUT_S, limits=limits,
+                               policy=policy, sleep=pause) as client:
             await asyncio.gather(*(self._partner_loop(client, stop)
                                    for _ in range(self.concurrency)))
 
@@ -125,61 +139,64 @@ class Traffic:
             await asyncio.sleep(0.05)
         return True
 
-    async def _partner_loop(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+    async def _partner_loop(self, client: AsyncClient, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await self._flow(client, stop)
 
-    async def _flow(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+    async def _flow(self, client: AsyncClient, stop: asyncio.Event) -> None:
         flow = self._flows
         self._flows += 1
         partner = self.random.choice(sorted(self.partner_keys))
         start = T0_MS + (flow // WINDOW_STEP_FLOWS
                          + self.random.randrange(WINDOW_UNITS)) * UNIT_MS
         end = start + self.random.randint(1, 4) * UNIT_MS
-        body = {"vendorId": VENDOR, "slotStartTime": iso(start), "slotEndTime": iso(end),
-                "requesterId": f"req-{flow}"}
-        partner_auth = {"Authorization": f"Bearer {self.partner_keys[partner]}"}
-        created = await self._call(client, stop, flow, partner, "create", None,
-                                   "/v1/reservations", body,
-                                   {**partner_auth, "Idempotency-Key": f"flow-{flow}"},
-                                   slot=(start, end))
+        as_partner = client.with_key(self.partner_keys[partner])
+        created = await self._call(
+            as_partner, flow, partner, "create", None, (start, end),
+            lambda c: c.create_reservation(vendor_id=VENDOR, slot_start_time=iso(start),
+                                           slot_end_time=iso(end), requester_id=f"req-{flow}",
+                                           idempotency_key=f"flow-{flow}"))
         if created is None or created.status != 201:
             return
         rid = created.rid
-        vendor_auth = {"Authorization": f"Bearer {self.vendor_key}"}
-        confirmed = await self._call(client, stop, flow, partner, "vendor-confirmation", rid,
-                                     f"/v1/reservations/{rid}/vendor-confirmation", None,
-                                     vendor_auth)
+        confirmed = await self._call(client.with_key(self.vendor_key), flow, partner,
+                                     "vendor-confirmation", rid, None,
+                                     lambda c: c.vendor_confirmation(rid))
         if confirmed is None or confirmed.status != 200 or stop.is_set():
             return
         last = "commit" if self.random.random() < self.commit_ratio else "cancel"
-        await self._call(client, stop, flow, partner, last, rid,
-                         f"/v1/reservations/{rid}/{last}", None, partner_auth)
+        await self._call(as_partner, flow, partner, last, rid, None,
+                         lambda c: c.act(rid, last))
 
-    async def _call(self, client: httpx.AsyncClient, stop: asyncio.Event, flow: int,
-                    partner: str, action: str, rid: str | None, path: str, body: dict | None,
-                    headers: dict, slot: tuple[int, int] | None = None) -> Call | None:
-        """POST until a definite answer (retrying no answer, 5xx and 429); the last call."""
-        last = None
-        while not stop.is_set():
-            call = Call(flow, partner, action, rid, t0=time.monotonic(), t1=0.0, slot=slot)
-            try:
-                r = await client.post(path, json=body, headers=headers)
-                call.status = r.status_code
-                payload = _json(r)
+    async def _call(self, client: AsyncClient, flow: int, partner: str, action: str,
+                    rid: str | None, slot: tuple[int, int] | None, send) -> Call | None:
+        """One logical call through the client, every try recorded; the last try's record
+        (None when the traffic stopped before the first)."""
+        tries: list[Call] = []
+
+        def record(attempt: Attempt) -> None:
+            call = Call(flow, partner, action, rid, t0=attempt.t0, t1=attempt.t1, slot=slot)
+            if attempt.response is not None:
+                call.status = attempt.response.status_code
+                payload = _json(attempt.response)
                 error = payload.get("error") if isinstance(payload.get("error"), dict) else None
                 call.code = error.get("code") if error else None
                 call.state = payload.get("state")
                 call.rid = call.rid or payload.get("reservationId")
-            except httpx.HTTPError as exc:
-                call.error = type(exc).__name__
-            call.t1 = time.monotonic()
+            else:
+                call.error = type(attempt.error).__name__
             self.history.append(call)
-            last = call
-            if call.definite:
-                return call
-            await asyncio.sleep(RETRY_PAUSE_S)
-        return last
+            tries.append(call)
+
+        try:
+            await send(client.with_options(on_attempt=record))
+        except (ApiError, RetryExhausted, _Stopped):
+            pass  # recorded: a definite refusal, or no definite answer before the stop
+        return tries[-1] if tries else None
+
+
+class _Stopped(Exception):
+    """The traffic stopped while a call waited to retry."""
 
 
 def _json(response: httpx.Response) -> dict:

@@ -10,6 +10,7 @@ stops everything in order: API, worker, then the embedded servers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from slotguard import envfile
+
 DEMO_PARTNER = "demo-partner"
 DEMO_VENDOR = "demo-vendor"
 # The demo vendor requires payment (issue 12): the requester's price and the vendor's
@@ -30,16 +33,28 @@ LOCAL_STRIPE_KEY = "sk_test_slotguard_local"
 
 
 @dataclass
+class DemoKeys:
+    partner: str
+    vendor: str
+    ops: str
+
+
+@dataclass
 class Stack:
     api_url: str
     redis_url: str
     database_url: str
-    partner_key: str
+    keys: DemoKeys
     embedded: object | None
     children: list[subprocess.Popen]
-    vendor_key: str = ""
-    stripe: str = ""  # the Stripe API base the stack uses ("" = Stripe's own)
-    local_stripe: subprocess.Popen | None = None
+    env_file: Path | None = None
+
+    @property
+    def partner_key(self) -> str:
+        return self.keys.partner
+    cluster: object | None = None  # slotguard.local_cluster.LocalCluster (--cluster N)
+    stripe: str = "Stripe"  # the Stripe API base the stack uses (issue 12)
+    local_stripe: subprocess.Popen | None = None  # localstripe, when `up` started it
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -57,9 +72,10 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-async def prepare(settings) -> tuple[str, str]:
-    """Migrate, create the demo vendor (payment required) and partner if missing, issue a
-    partner key and a vendor key."""
+async def prepare(settings) -> DemoKeys:
+    """Migrate, create the demo vendor (payment required, issue 12) and partner if missing,
+    issue a partner, a vendor and an ops key (new ones each start: plaintext keys are never
+    stored)."""
     from api.auth import issue_key
     from engine import directory
     from engine.db import create_pool, migrate
@@ -79,9 +95,10 @@ async def prepare(settings) -> tuple[str, str]:
                     terms=PaymentTerms(True, DEMO_PRICE, DEMO_DEPOSIT, DEMO_CURRENCY))
             except directory.AlreadyExists:
                 pass
-            issued, _ = await issue_key(conn, "partner", partner_id=DEMO_PARTNER)
+            partner, _ = await issue_key(conn, "partner", partner_id=DEMO_PARTNER)
             vendor, _ = await issue_key(conn, "vendor", vendor_id=DEMO_VENDOR)
-            return issued.key, vendor.key
+            ops, _ = await issue_key(conn, "ops")
+            return DemoKeys(partner.key, vendor.key, ops.key)
     finally:
         await pool.close()
 
@@ -132,30 +149,48 @@ def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 60
     raise RuntimeError(f"the API at {url} was not ready within {timeout_s:.0f}s")
 
 
-def start(host: str, port: int | None, data_dir: Path) -> Stack:
+def start(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> Stack:
+    """``cluster`` > 0: the hot path on a local Redis Cluster of that many masters (a
+    replica each, under ``<data dir>/cluster``, started afresh); the embedded (or
+    ``REDIS_URL``) single Redis then keeps arq's cron queue (SLOTGUARD_ARQ_REDIS_URL)."""
     from engine import metrics
     from engine.settings import Settings
     from slotguard.embedded import EmbeddedServers
 
     redis_url = os.environ.get("REDIS_URL")
     database_url = os.environ.get("DATABASE_URL")
-    embedded = None
+    embedded = local_cluster = None
     if not (redis_url and database_url):
         embedded = EmbeddedServers(data_dir)
         embedded_redis, embedded_db = embedded.start()
         redis_url = redis_url or embedded_redis
         database_url = database_url or embedded_db
-    local_stripe, stripe_env = None, {}
+    extra: dict[str, str] = {}
+    local_stripe = None
     try:
         if not os.environ.get("SLOTGUARD_STRIPE_API_KEY"):
+            # Payments (issue 12): a local Stripe-compatible server for the paying demo.
             local_stripe, stripe_url = start_local_stripe(host, data_dir)
-            stripe_env = {"SLOTGUARD_STRIPE_API_KEY": LOCAL_STRIPE_KEY,
+            extra.update({"SLOTGUARD_STRIPE_API_KEY": LOCAL_STRIPE_KEY,
                           "SLOTGUARD_STRIPE_API_BASE": stripe_url,
                           "SLOTGUARD_STRIPE_WEBHOOK_SECRET":
                               os.environ.get("SLOTGUARD_STRIPE_WEBHOOK_SECRET")
-                              or "whsec_slotguard_local"}
-        settings = Settings.from_env(redis_url=redis_url, database_url=database_url)
-        partner_key, vendor_key = asyncio.run(prepare(settings))
+                              or "whsec_slotguard_local"})
+        if cluster:
+            import shutil
+
+            from slotguard.local_cluster import LocalCluster
+
+            cluster_dir = (data_dir / "cluster").resolve()
+            shutil.rmtree(cluster_dir, ignore_errors=True)  # nothing in it outlives a run
+            local_cluster = LocalCluster(masters=cluster, replicas=1, base_dir=cluster_dir)
+            local_cluster.start()
+            extra.update({"SLOTGUARD_REDIS_CLUSTER": "true",
+                          "SLOTGUARD_ARQ_REDIS_URL": redis_url})
+            redis_url = local_cluster.seed_url
+        settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
+                                     redis_cluster=bool(cluster))
+        keys = asyncio.run(prepare(settings))
         if port is None:
             port = 8000 if port_is_free(host, 8000) else free_port(host)
         elif port == 0:
@@ -163,7 +198,7 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
         multiproc = data_dir / "metrics"
         metrics.reset_multiprocess_dir(multiproc)
         env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
-                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()), **stripe_env)
+                   PROMETHEUS_MULTIPROC_DIR=str(multiproc.resolve()), **extra)
         cli = [sys.executable, "-m", "slotguard"]
         children = [
             subprocess.Popen([*cli, "serve", "--host", host, "--port", str(port)], env=env),
@@ -178,14 +213,34 @@ def start(host: str, port: int | None, data_dir: Path) -> Stack:
     except BaseException:
         if local_stripe is not None:
             stop_children([local_stripe])
+        if local_cluster is not None:
+            local_cluster.stop()
         if embedded is not None:
             embedded.stop()
         raise
-    return Stack(api_url, redis_url, database_url, partner_key, embedded, children,
-                 vendor_key=vendor_key,
-                 stripe=stripe_env.get("SLOTGUARD_STRIPE_API_BASE")
-                 or os.environ.get("SLOTGUARD_STRIPE_API_BASE") or "Stripe",
-                 local_stripe=local_stripe)
+    stack = Stack(api_url, redis_url, database_url, keys, embedded, children,
+                  cluster=local_cluster,
+                  stripe=extra.get("SLOTGUARD_STRIPE_API_BASE")
+                  or os.environ.get("SLOTGUARD_STRIPE_API_BASE") or "Stripe",
+                  local_stripe=local_stripe)
+    stack.env_file = write_env_file(stack, settings, data_dir, extra)
+    return stack
+
+
+def write_env_file(stack: Stack, settings, data_dir: Path,
+                   extra: dict[str, str] | None = None) -> Path:
+    """``<data dir>/env``: the servers for every other command (slotguard/envfile.py)."""
+    values = {envfile.API_URL: stack.api_url, "REDIS_URL": stack.redis_url,
+              "DATABASE_URL": stack.database_url, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
+              "SLOTGUARD_SHARDS": str(settings.shards)}
+    # cluster mode: SLOTGUARD_REDIS_CLUSTER, SLOTGUARD_ARQ_REDIS_URL; the local Stripe server
+    # (issue 12: its base and its dummy test key, so a worker started from here captures)
+    values.update(extra or {})
+    if settings.key_prefix:
+        values["SLOTGUARD_KEY_PREFIX"] = settings.key_prefix
+    path = envfile.path_for(data_dir)
+    envfile.write(path, values)
+    return path
 
 
 def stop_children(children: list[subprocess.Popen]) -> None:
@@ -201,50 +256,105 @@ def stop_children(children: list[subprocess.Popen]) -> None:
 
 
 def stop(stack: Stack) -> None:
+    if stack.env_file is not None:
+        envfile.remove(stack.env_file)
     stop_children(stack.children)
     if stack.local_stripe is not None:
         stop_children([stack.local_stripe])
+    if stack.cluster is not None:
+        stack.cluster.stop()
     if stack.embedded is not None:
         stack.embedded.stop()
 
 
+def demo_slot(now_s: float | None = None) -> tuple[str, str]:
+    """A slot for the banner's walk: tomorrow at this time, on the 15-minute grid (each
+    start of `up` offers another one, so walking it again after a restart is not a 409)."""
+    from datetime import UTC, datetime
+
+    unit_s = 15 * 60
+    start = (int(now_s if now_s is not None else time.time()) // unit_s + 1) * unit_s + 86_400
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    return (datetime.fromtimestamp(start, UTC).strftime(fmt),
+            datetime.fromtimestamp(start + 2 * unit_s, UTC).strftime(fmt))
+
+
+def walk(stack: Stack, now_s: float | None = None) -> str:
+    """Copy-paste shell lines that take one reservation to COMMITTED (curl and sed only)."""
+    start, end = demo_slot(now_s)
+    return f"""  export SG={stack.api_url}
+  export PARTNER_KEY={stack.keys.partner}
+  export VENDOR_KEY={stack.keys.vendor}
+  # 1. the partner holds a slot: AWAITING_VENDOR_CONFIRMATION
+  RID=$(curl -s -X POST $SG/v1/reservations -H "Authorization: Bearer $PARTNER_KEY" \\
+    -H 'Content-Type: application/json' \\
+    -d '{{"vendorId":"{DEMO_VENDOR}","slotStartTime":"{start}","slotEndTime":"{end}","requesterId":"alice"}}' \\
+    | sed -E 's/.*"reservationId":"([^"]+)".*/\\1/'); echo $RID
+  # 2. the vendor confirms: AWAITING_VENDOR_AUTH (this vendor requires payment)
+  curl -s -X POST $SG/v1/reservations/$RID/vendor-confirmation -H "Authorization: Bearer $VENDOR_KEY"; echo
+  # 3. the vendor's deposit is authorized with a test card: AWAITING_REQUESTER_AUTH
+  curl -s -X POST $SG/v1/reservations/$RID/vendor-authorization -H "Authorization: Bearer $VENDOR_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId":"pm_card_visa"}}'; echo
+  # 4. the requester's price is authorized: AUTHORIZED_BOTH
+  curl -s -X POST $SG/v1/reservations/$RID/requester-authorization -H "Authorization: Bearer $PARTNER_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId":"pm_card_visa"}}'; echo
+  # 5. the partner commits: 202 COMMIT_IN_PROGRESS; the worker captures both, then books
+  curl -s -X POST $SG/v1/reservations/$RID/commit -H "Authorization: Bearer $PARTNER_KEY"; echo
+  # 6. read it back: COMMITTED (a moment after the commit)
+  curl -s $SG/v1/reservations/$RID -H "Authorization: Bearer $PARTNER_KEY"; echo"""
+
+
+def _origin(stack: Stack, name: str) -> str:
+    """Where ``up`` took a server from: the environment variable, or its embedded one."""
+    if os.environ.get(name):
+        return f"(from {name})"
+    data_dir = getattr(stack.embedded, "data_dir", None)
+    return f"(embedded, data in {data_dir})" if data_dir else "(embedded)"
+
+
 def banner(stack: Stack) -> str:
-    api, pk, vk = stack.api_url, stack.partner_key, stack.vendor_key
-    local = " (localstripe, local test server)" if stack.local_stripe is not None else ""
+    local = " (localstripe, a local test server)" if stack.local_stripe is not None else ""
+    env_line = (f"  env file       {stack.env_file}  (every slotguard command here uses "
+                f"these servers)\n" if stack.env_file else "")
     return f"""
 slotguard is up.
-  API            {api}   (OpenAPI: {api}/openapi.json)
-  metrics        {api}/metrics
-  Redis          {stack.redis_url}
-  Postgres       {stack.database_url}
+  API            {stack.api_url}   (OpenAPI: {stack.api_url}/openapi.json)
+  metrics        {stack.api_url}/metrics
+  Redis          {stack.redis_url}{_cluster_line(stack)}   {_origin(stack, "REDIS_URL")}
+  Postgres       {stack.database_url}   {_origin(stack, "DATABASE_URL")}
   Stripe         {stack.stripe}{local}
-  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, payment required:
+{env_line}  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, payment required:
                  price {DEMO_PRICE} and deposit {DEMO_DEPOSIT} {DEMO_CURRENCY} cents)
   demo partner   {DEMO_PARTNER}
-  partner key    {pk}
-  vendor key     {vk}
+  partner key    {stack.keys.partner}
+  vendor key     {stack.keys.vendor}
+  ops key        {stack.keys.ops}
   test cards     pm_card_visa authorizes; pm_card_chargeCustomerFail (4000000000000341)
                  is declined (402 PAYMENT_DECLINED)
 
-Try (RID is the reservationId the first call answers):
-  curl -s -X POST {api}/v1/reservations \\
-    -H 'Authorization: Bearer {pk}' -H 'Content-Type: application/json' \\
-    -d '{{"vendorId": "{DEMO_VENDOR}", "slotStartTime": "2030-01-01T09:00:00Z",
-         "slotEndTime": "2030-01-01T10:00:00Z", "requesterId": "alice"}}'
-  curl -s -X POST {api}/v1/reservations/RID/vendor-confirmation -H 'Authorization: Bearer {vk}'
-  curl -s -X POST {api}/v1/reservations/RID/vendor-authorization -H 'Authorization: Bearer {vk}' \\
-    -H 'Content-Type: application/json' -d '{{"paymentMethodId": "pm_card_visa"}}'
-  curl -s -X POST {api}/v1/reservations/RID/requester-authorization -H 'Authorization: Bearer {pk}' \\
-    -H 'Content-Type: application/json' -d '{{"paymentMethodId": "pm_card_visa"}}'
-  curl -s -X POST {api}/v1/reservations/RID/commit -H 'Authorization: Bearer {pk}'
-  curl -s {api}/v1/reservations/RID -H 'Authorization: Bearer {pk}'   # COMMITTED
+A reservation from hold to COMMITTED (copy and paste):
+{walk(stack)}
 
-Ctrl-C stops everything.
+More: `slotguard status`, `slotguard keys list`, `slotguard keys create --role partner
+--partner demo-partner`. Ctrl-C stops everything.
 """
 
 
-def run(host: str, port: int | None, data_dir: Path) -> int:
-    stack = start(host, port, data_dir)
+def _cluster_line(stack: Stack) -> str:
+    if stack.cluster is None:
+        return ""
+    masters = stack.cluster.masters
+    return (f" (seed of a Redis Cluster: {masters} master{'s' if masters > 1 else ''}, "
+            f"a replica each)")
+
+
+def run(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> int:
+    from engine.settings import Settings
+    from slotguard.logs import configure
+
+    configure(Settings.from_env().log_format)  # the format of the API and worker (issue 17)
+    log = logging.getLogger("slotguard.up")
+    stack = start(host, port, data_dir, cluster)
     stopping = False
 
     def on_signal(signum, frame):  # turn SIGTERM into the same clean stop as Ctrl-C
@@ -261,11 +371,11 @@ def run(host: str, port: int | None, data_dir: Path) -> int:
         while not stopping:
             for child in stack.children:
                 if child.poll() is not None:
-                    print(f"slotguard: {child.args[3]} exited ({child.returncode}); stopping",
-                          file=sys.stderr, flush=True)
+                    log.error("slotguard: %s exited (%s); stopping", child.args[3],
+                              child.returncode)
                     stopping, code = True, 1
             time.sleep(0.3)
     finally:
-        print("slotguard: stopping", flush=True)
+        log.info("slotguard: stopping")
         stop(stack)
     return code

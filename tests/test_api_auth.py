@@ -10,7 +10,10 @@ import pytest
 
 from api.app import routes
 from api.openapi import openapi_document
+from engine import clock
+from engine.clock import ManualClock
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
+    T0_MS,
     api_settings,
     app,
     at,
@@ -37,6 +40,11 @@ ALLOWED = {
     "extend": PARTNERS | {"system"},
     "modify": PARTNERS | {"ops", "admin", "system"},
     "availability": ALL,
+    # issue 13: a vendor key for its own vendor (another vendor's: 404), admin for any
+    "schedule": VENDORS | {"admin", "system"},
+    "busy-blocks": VENDORS | {"admin", "system"},
+    "busy-block-delete": VENDORS | {"admin", "system"},
+    "calendar": VENDORS | {"admin", "system"},
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
     "audit": {"ops", "admin", "system"},
@@ -45,10 +53,19 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # Lists with cursors (issue 17): partners and vendors see their own rows only.
+    "list-reservations": ALL,
+    "list-bookings": ALL,
+    "admin-list-partners": {"admin", "system"},
+    "admin-list-vendors": {"admin", "system"},
+    "admin-list-keys": {"admin", "system"},
     # payments (issue 12)
     "admin-vendor-terms": {"admin", "system"},
     "booking-cancel": ALL,
 }
+LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings",
+         "admin-list-partners": "/v1/admin/partners", "admin-list-vendors": "/v1/admin/vendors",
+         "admin-list-keys": "/v1/admin/keys"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
                   "requester-authorization", "commit", "cancel", "extend", "modify"}
@@ -73,6 +90,24 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.get("/v1/vendors/v-confirm/availability",
                                 params={"startTime": at(0), "endTime": at(60)},
                                 headers=headers)
+    if route == "schedule":
+        return await client.put("/v1/vendors/v-confirm/schedule",
+                                json={"timeZone": "UTC", "horizonDays": 730, "weekly": {
+                                    d: [["00:00", "24:00"]]
+                                    for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}},
+                                headers=headers)
+    if route == "busy-blocks":
+        return await client.post("/v1/vendors/v-confirm/busy-blocks",
+                                 json={"start": at(-10_000), "end": at(-9_000)},
+                                 headers=headers)
+    if route == "busy-block-delete":
+        return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
+                                   headers=headers)
+    if route == "calendar":
+        return await client.put("/v1/vendors/v-confirm/calendars/cal1",
+                                content=b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:t\r\n"
+                                        b"END:VCALENDAR\r\n",
+                                headers={**headers, "Content-Type": "text/calendar"})
     if route == "release":
         return await client.post(f"/v1/ops/reservations/{rid}/release",
                                  json={"reason": "test"}, headers=headers)
@@ -101,6 +136,8 @@ async def _request(client, world, route: str, key: str | None, rid: str):
                                   headers=headers)
     if route == "booking-cancel":
         return await client.post("/v1/bookings/bkg_nosuchbooking/cancel", headers=headers)
+    if route in LISTS:
+        return await client.get(LISTS[route], headers=headers)
     raise AssertionError(route)
 
 
@@ -112,6 +149,13 @@ async def _fresh_reservation(client, world) -> str:
 
 
 async def test_auth_matrix(client, world):
+    # The schedule route (issue 13) gives v-confirm a horizon: the clock Python decides by
+    # stands a day before the slots the matrix holds, so they stay within it.
+    with clock.use(ManualClock(T0_MS - 86_400_000)):
+        await _auth_matrix(client, world)
+
+
+async def _auth_matrix(client, world):
     failures = []
     for route, allowed in ALLOWED.items():
         for key in sorted(ALL):
@@ -121,8 +165,11 @@ async def test_auth_matrix(client, world):
                 expected = {403}
             elif route in ON_RESERVATION and key in OTHER_TENANT:
                 expected = {404}
-            elif route == "availability" and key == "vendor-other":
+            elif route in ("availability", "schedule", "busy-blocks", "busy-block-delete",
+                           "calendar") and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
+            elif route == "busy-block-delete":
+                expected = {404}  # allowed; the block does not exist
             elif route in ("admin-revoke", "booking-cancel"):
                 expected = {404}  # allowed; the key (booking) does not exist
             else:
@@ -189,4 +236,6 @@ def test_every_route_is_in_the_matrix_and_the_document():
     # The Stripe webhook takes no API key: its signature authenticates it (issue 12).
     public = {"/health/live", "/health/ready", "/metrics", "/openapi.json",
               "/v1/stripe/webhook"}
-    assert len(served - public) == len(ALLOWED)
+    operations = [(path, method) for path, item in openapi_document()["paths"].items()
+                  for method in item if path not in public]
+    assert len(operations) == len(ALLOWED)

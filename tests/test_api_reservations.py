@@ -169,17 +169,28 @@ async def test_availability_reports_held_and_buffers(client, world):
                       headers=world.auth("p1"))
     r = await client.get("/v1/vendors/v-confirm/availability",
                          params={"startTime": T0, "endTime": at(180), "slotDuration": "30",
-                                 "includeConfidence": "true"}, headers=world.auth("p2"))
+                                 "includeConfidence": "true", "resourceId": "v-confirm"},
+                         headers=world.auth("p2"))
     assert r.status_code == 200, r.text
     body = r.json()
     slots = {s["startTime"]: s for s in body["slots"]}
     assert len(slots) == 6
     assert slots[at(60)]["status"] == "held" and not slots[at(60)]["isAvailable"]
-    assert slots[at(60)]["confidence"] == 0.0
-    # [30, 60) is free but a hold of it would need the buffer unit [60, 75).
+    assert slots[at(60)]["confidence"] == 0.0 and slots[at(60)]["reasons"] == ["held"]
+    # [30, 60) is free but a hold of it would need the buffer unit [60, 75) (issue 13's
+    # vocabulary: "buffer", confidence 0.8).
     assert slots[at(30)]["status"] == "free" and not slots[at(30)]["isAvailable"]
-    assert slots[at(30)]["reasons"] == ["buffer_conflict"]
+    assert slots[at(30)]["reasons"] == ["buffer"] and slots[at(30)]["confidence"] == 0.8
     assert slots[at(0)]["isAvailable"] and slots[at(0)]["confidence"] == 1.0
+    assert slots[at(0)]["reasons"] == []
+    # With no resourceId the vendor's two resources are one union: room2 is free.
+    r = await client.get("/v1/vendors/v-confirm/availability",
+                         params={"startTime": T0, "endTime": at(180), "slotDuration": "30"},
+                         headers=world.auth("p2"))
+    union = {s["startTime"]: s for s in r.json()["slots"]}
+    assert r.json()["resourceIds"] == ["v-confirm", "v-confirm-room2"]
+    assert union[at(60)]["isAvailable"] and union[at(60)]["resourceIds"] == ["v-confirm-room2"]
+    assert union[at(0)]["resourceIds"] == ["v-confirm", "v-confirm-room2"]
     # [90, 120) needs [90, 135) free: the hold [60, 105) (buffer included) touches it.
     assert slots[at(120)]["isAvailable"]
     assert body["metadata"]["confidenceThreshold"] == 0.5

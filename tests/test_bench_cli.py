@@ -44,6 +44,12 @@ def test_quick_run_end_to_end_writes_valid_json_and_leaves_nothing(tmp_path):
     assert (tmp_path / "report" / "report.md").exists()
     assert (tmp_path / "report" / "hot_slot-latency-cdf.png").exists()
     check_issue_10_outputs(results, tmp_path / "report")
+    # Issue 17: the console names the servers; missed targets are listed at the end; a
+    # 0.4 s phase has a throughput curve per 100 ms.
+    assert f"servers (environment): redis {REDIS_URL}" in proc.stderr
+    assert any(line.startswith("missed targets") for line in proc.stderr.splitlines())
+    hot = results["scenarios"]["hot_slot"]["phases"]["api"]
+    assert len(hot["timeline_per_100ms"]) >= 3
 
     # Nothing left: no key of the run's prefix, no schema, no process of ours.
     prefix = results["servers"]["key_prefix"]

@@ -8,9 +8,10 @@ import multiprocessing
 import random
 from collections import defaultdict
 
-import redis.asyncio as aioredis
+import pytest
 
 from engine.access import RedisAccess
+from engine.connection import open_redis
 from engine.errors import HoldConflict
 from benchmarks.holds import BOOKED_PREFIX, HoldEngine
 from engine.keys import KeySpace
@@ -35,10 +36,13 @@ def contention_catalog() -> ResourceCatalog:
     )
 
 
-def _worker(prefix: str, seed: int, attempts: int, start, identical: bool, out):
+def _worker(prefix: str, seed: int, attempts: int, start, identical: bool, out,
+            target: tuple[str, bool] = (REDIS_URL, False)):
     async def run():
-        settings = Settings.from_env({}, redis_url=REDIS_URL, key_prefix=prefix, shards=8)
-        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        redis_url, cluster = target
+        settings = Settings.from_env({}, redis_url=redis_url, redis_cluster=cluster,
+                                     key_prefix=prefix, shards=8)
+        client = open_redis(settings)
         access = RedisAccess(client)
         keys = KeySpace(prefix, settings.shards)
         catalog = contention_catalog()
@@ -81,12 +85,20 @@ def _worker(prefix: str, seed: int, attempts: int, start, identical: bool, out):
     out.put(asyncio.run(run()))
 
 
-def run_processes(prefix: str, attempts: int, identical: bool) -> list[tuple]:
+@pytest.fixture
+def contention_target() -> tuple[str, bool]:
+    """The Redis the processes contend on: (REDIS_URL, cluster mode). The cluster suite
+    (tests/cluster/conftest.py) overrides it with its local cluster."""
+    return (REDIS_URL, False)
+
+
+def run_processes(prefix: str, attempts: int, identical: bool,
+                  target: tuple[str, bool] = (REDIS_URL, False)) -> list[tuple]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     start = ctx.Barrier(PROCESSES)
     procs = [ctx.Process(target=_worker, args=(prefix, seed, attempts, start, identical,
-                                                queue)) for seed in range(PROCESSES)]
+                                                queue, target)) for seed in range(PROCESSES)]
     for p in procs:
         p.start()
     results = []
@@ -98,8 +110,9 @@ def run_processes(prefix: str, attempts: int, identical: bool) -> list[tuple]:
     return results
 
 
-async def test_overlapping_random_intervals_from_several_processes(redis, prefix):
-    results = run_processes(prefix, attempts=150, identical=False)
+async def test_overlapping_random_intervals_from_several_processes(redis, prefix,
+                                                                  contention_target):
+    results = run_processes(prefix, attempts=150, identical=False, target=contention_target)
     assert len(results) == PROCESSES * 150
     winners = [r for r in results if r[0] == "ok"]
     conflicts = [r for r in results if r[0] == "conflict"]
@@ -135,8 +148,9 @@ async def test_overlapping_random_intervals_from_several_processes(redis, prefix
         assert len(values) == len(set(values)), resource
 
 
-async def test_identical_requests_from_several_processes_one_winner(redis, prefix):
-    results = run_processes(prefix, attempts=60, identical=True)
+async def test_identical_requests_from_several_processes_one_winner(redis, prefix,
+                                                                   contention_target):
+    results = run_processes(prefix, attempts=60, identical=True, target=contention_target)
     winners = [r for r in results if r[0] == "ok"]
     assert len(winners) == 1
     assert {r[1] for r in results if r[0] == "conflict"} == {winners[0][1]}

@@ -19,7 +19,12 @@ from engine.settings import Settings
 from tests.conftest import DATABASE_URL
 
 ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_audit_log",
-                  "0005_manual_review", "0006_reservation_blocks", "0008_payments"]
+                  "0005_manual_review", "0006_reservation_blocks",
+                  "0007_availability",  # issue 13
+                  "0008_payments",  # issue 12
+                  "0010_fencing",  # issue 15
+                  "0012_list_indexes",  # issue 17
+                  ]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
               "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters"}
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)

@@ -147,8 +147,9 @@ async def test_bad_input_changes_nothing(app, client, world, redis):
         ("p1", move_body(60, extra=1), 400, "UNKNOWN_FIELD"),
         ("p1", move_body(60, resourceId=7), 400, None),
         ("p1", move_body(60, 60 * 24 * 30), 400, "SLOT_TOO_LONG"),
+        # Issue 13: a slot in the past is refused by the availability rules, with the reason.
         ("p1", {"slotStartTime": "2020-01-01T09:00:00Z", "slotEndTime": "2020-01-01T10:00:00Z"},
-         400, "SLOT_IN_PAST"),
+         409, "SLOT_UNAVAILABLE"),
         ("p1", move_body(60, resourceId="other-room"), 400, "RESOURCE_VENDOR_MISMATCH"),
         ("p1", move_body(60, resourceId="no-such-room"), 404, "UNKNOWN_RESOURCE"),
         ("p2", move_body(60), 404, "NOT_FOUND"),  # another tenant's reservation

@@ -27,7 +27,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "read_hold": [ks.hold(hid)],
         "create_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                                ks.fence(RESOURCE), ks.events(shard), ks.deadlines(shard),
-                               ks.ready(shard)],
+                               ks.ready(shard), ks.availability_revision(RESOURCE)],
         "transition": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                        ks.events(shard), ks.deadlines(shard)],
         "modify_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
@@ -35,7 +35,10 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "free_booked": [ks.unit_root(shard)],  # payments (issue 12): a cancelled booking
-        "read_units": [ks.unit_root(shard)],
+        "read_units": [ks.unit_root(shard), ks.availability_revision(RESOURCE)],
+        "availability_publish": [ks.availability_revision(RESOURCE)],
+        "availability_flag": [ks.reservation(rid)],
+        "raise_fence": [ks.fence(RESOURCE)],  # issue 15
         "release_unit": [ks.unit(RESOURCE, 123)],
         "rate_limit": [ks.partner_rate("p1")],
         "cap_acquire": [ks.partner_holds("p1"), ks.partner_reputation("p1")],

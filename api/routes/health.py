@@ -12,6 +12,7 @@ from api import schemas
 from api.views import JSONResponse
 from engine import metrics
 from engine.connection import eviction_allowed, eviction_policy
+from engine.metrics_auth import authorized
 from engine.rehydration import is_rehydrated
 
 READY_TIMEOUT_S = 2.0
@@ -69,6 +70,15 @@ async def _postgres(svc) -> bool:
 
 
 async def prometheus(request: Request) -> Response:
+    svc = getattr(request.app.state, "services", None)
+    token = svc.settings.metrics_token if svc is not None else ""
+    authorization = request.headers.get("authorization")
+    if not authorized(authorization, token):  # SLOTGUARD_METRICS_TOKEN (issue 17)
+        metrics.AUTH_FAILURES.labels(
+            reason="missing" if not authorization else "unknown_key").inc()
+        return error_response(401, "METRICS_TOKEN_REQUIRED",
+                              "GET /metrics needs Authorization: Bearer <SLOTGUARD_METRICS_TOKEN>",
+                              headers={"WWW-Authenticate": "Bearer"})
     metrics.reap_dead_processes()
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)

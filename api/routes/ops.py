@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from api.context import client_ip, principal, services
+from api.etag import with_etag
 from api.schemas import AuditEntry, AuditPage, BulkReleaseRequest, ReleaseRequest
 from api.validation import format_time, given, invalid, parse_body
 from api.views import JSONResponse, reservation_view
@@ -26,7 +27,7 @@ async def release(request: Request) -> Response:
     released = await services(request).reservations.release(
         caller, request.path_params["reservationId"], body.reason, client_ip(request))
     metrics.HOLDS_RELEASED.inc()
-    return JSONResponse(reservation_view(released))
+    return with_etag(JSONResponse(reservation_view(released)), released.version)
 
 
 async def bulk_release(request: Request) -> Response:
@@ -65,10 +66,11 @@ async def bulk_release(request: Request) -> Response:
 
 async def audit_query(request: Request) -> Response:
     caller = await principal(request)
-    rows = await services(request).reservations.audit(
+    rows, cursor = await services(request).reservations.audit_page(
         caller, services(request).pool, request.query_params.multi_items(),
         client_ip(request))
-    return JSONResponse(AuditPage(entries=[_audit_view(r) for r in rows]))
+    entries = [_audit_view(r) for r in rows]
+    return JSONResponse(AuditPage(entries=entries, data=entries, next_cursor=cursor))
 
 
 def _audit_view(row: queries.AuditEntry) -> AuditEntry:

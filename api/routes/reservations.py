@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from api.context import client_ip, principal, request_id, services
 from api.errors import engine_error_response
+from api.etag import not_modified, not_modified_response, with_etag
 from api.idempotency import REPLAY_HEADER
 from api.schemas import (ActionRequest, AuthorizationRequest, CreateReservationRequest,
                          ExtendRequest, ModifyReservationRequest)
@@ -65,7 +66,11 @@ async def get_reservation(request: Request) -> Response:
     caller = await principal(request)
     found, payment = await svc.extra["payments"].read(
         caller, request.path_params["reservationId"], client_ip(request))
-    return JSONResponse(reservation_view(found, payment))
+    # A paying reservation's paymentState moves without its version (captures, refunds):
+    # it is never answered 304 (its ETag is still the version If-Match compares).
+    if payment is None and not_modified(request.headers.get("if-none-match"), found.version):
+        return not_modified_response(found.version)
+    return with_etag(JSONResponse(reservation_view(found, payment)), found.version)
 
 
 def action_endpoint(action: str):
@@ -112,7 +117,7 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     # The state this action's own transition wrote: a commit is always accepted, never
     # reported as a later state some worker reached meanwhile.
     status = 202 if moved.state == State.COMMIT_IN_PROGRESS and action == "commit" else 200
-    return JSONResponse(reservation_view(moved), status_code=status)
+    return with_etag(JSONResponse(reservation_view(moved), status_code=status), moved.version)
 
 
 async def modify_reservation(request: Request) -> Response:
@@ -126,4 +131,4 @@ async def modify_reservation(request: Request) -> Response:
         slot_start=body.slot_start_time, slot_end=body.slot_end_time,
         expected_version=parse_if_match(request.headers.get("if-match")),
         client_ip=client_ip(request), request_id=request_id(request))
-    return JSONResponse(reservation_view(moved))
+    return with_etag(JSONResponse(reservation_view(moved)), moved.version)

@@ -147,18 +147,20 @@ WHERE r.id = m.id AND r.version > m.version AND m.metadata <> '{}'
 _BOOKING_ROWS = f"""
 SELECT b.id, b.reservation_id, r.key, b.resource_id, b.vendor_id, b.partner_id,
        b.requester_id, {_ts("b.slot_start")}, {_ts("b.slot_end")}, {_ts("b.block_start")},
-       {_ts("b.block_end")}
+       {_ts("b.block_end")}, b.fence_token
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::int[])
+            $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::int[],
+            $12::bigint[])
      WITH ORDINALITY
      AS b(id, reservation_id, resource_id, vendor_id, partner_id, requester_id, slot_start,
-          slot_end, block_start, block_end, version, ord)
+          slot_end, block_start, block_end, version, fence_token, ord)
 JOIN resources r ON r.id = b.resource_id
-WHERE (SELECT m.version > b.version AND m.state <> ALL($12::text[])
+WHERE (SELECT m.version > b.version AND m.state <> ALL($13::text[])
        FROM reservations m WHERE m.id = b.reservation_id) IS NOT TRUE"""
 _BOOKING_COLUMNS = """
 INSERT INTO bookings (id, reservation_id, resource_key, resource_id, vendor_id, partner_id,
-                      requester_id, slot_start, slot_end, block_start, block_end)"""
+                      requester_id, slot_start, slot_end, block_start, block_end,
+                      fence_token)"""
 # Fast form: skips reservations booked by an earlier delivery (a key probe each) and inserts
 # plainly; a unique or exclusion violation sends the batch to the careful form.
 _INSERT_BOOKINGS = f"""{_BOOKING_COLUMNS}{_BOOKING_ROWS}
@@ -177,7 +179,7 @@ SELECT bk.id FROM bookings bk JOIN resources r ON r.id = $1
 WHERE int8range(bk.resource_key, bk.resource_key, '[]') && int8range(r.key, r.key, '[]')
   AND tstzrange(bk.block_start, bk.block_end, '[)')
       && tstzrange({_ts("$2::bigint")}, {_ts("$3::bigint")}, '[)')
-  AND bk.cancelled_at IS NULL AND bk.reservation_id <> $4
+  AND (bk.cancelled_at IS NULL OR bk.fence_token > $5) AND bk.reservation_id <> $4
 ORDER BY bk.block_start LIMIT 1
 """
 
@@ -370,7 +372,7 @@ async def _insert_bookings_carefully(conn: asyncpg.Connection, batch: Batch, row
         except asyncpg.ExclusionViolationError:
             conflicts[row] = await conn.fetchval(
                 _FIND_CONFLICT, batch.resource_id[row], batch.block_start[row],
-                batch.block_end[row], batch.reservation_id[row])
+                batch.block_end[row], batch.reservation_id[row], batch.fence_token[row])
     return inserted, conflicts
 
 

@@ -44,7 +44,7 @@ MOVE_FIELDS = tuple(f"moved{side}{name}" for side in ("From", "To")
 # tooling and tests that build entries by hand).
 FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
                 "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
-                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS]
+                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken"]
 # (resource, slot start, slot end, block start, block end) of one side of a move.
 Place = tuple[str, int, int, int, int]
 
@@ -102,6 +102,7 @@ class Entry:
     expires: int | None
     moved_from: Place | None = None  # a move: where the reservation was
     moved_to: Place | None = None  # and where it is now
+    fence_token: int | None = None  # a commit's fencing token (issue 15)
 
 
 class Batch:
@@ -114,7 +115,7 @@ class Batch:
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected", "entries", "info")
+                 "rejected", "entries", "info", "fence_token")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -122,6 +123,7 @@ class Batch:
          self.at_ms, self.partner_id, self.vendor_id, self.resource_id, self.requester_id,
          self.slot_start, self.slot_end, self.block_start, self.block_end, self.created_at,
          self.expires_at, self.audit) = ([] for _ in range(21))
+        self.fence_token: list[int | None] = []  # per row: the commit's fencing token
         self.rows: list[list[int]] = []  # per entry: its rows (empty: rejected or deferred)
         self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
         self.entries: list[Entry | None] = []  # per position; None when rejected
@@ -203,6 +205,7 @@ class Batch:
         self.block_end.append(block_end)
         self.created_at.append(created)
         self.expires_at.append(entry.expires)
+        self.fence_token.append(entry.fence_token)
         # The audit row's metadata, as JSON text Postgres parses once (states come from a
         # closed set, so only reason and key need escaping; metadata is a validated
         # object): the same jsonb as jsonb_build_object, at a fraction of its cost.
@@ -255,7 +258,7 @@ class Batch:
                 [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
                 [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
                 [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
-                [self.version[r] for r in rows]]
+                [self.version[r] for r in rows], [self.fence_token[r] for r in rows]]
 
     def snapshot_columns(self, latest: Iterable[int], booked: dict[str, str]) -> list[list[Any]]:
         # ON CONFLICT DO UPDATE may touch a row once per statement: one row per reservation,
@@ -427,6 +430,11 @@ def parse_entry(named: dict[str, str], info: dict[str, Info]
         return None, error
     if moved_to is not None and states != [from_state]:
         return None, "a move keeps its state"
+    fence_token = get("fenceToken")
+    if fence_token is not None:
+        if not fence_token.isdigit() or len(fence_token) > 18:
+            return None, "fenceToken must be a non-negative integer"
+        fence_token = int(fence_token)
     return Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
                   metadata, get("idempotencyKey") or "", at, expires, moved_from,
-                  moved_to), None
+                  moved_to, fence_token), None

@@ -124,7 +124,7 @@ async def query_audit(conn: asyncpg.Connection, *, reservation_id: str | None = 
     Page with ``after_id`` = the last ``id`` of the previous page (keyset, stable under
     concurrent appends).
     """
-    if not 1 <= limit <= MAX_AUDIT_PAGE:
+    if not 1 <= limit <= MAX_AUDIT_PAGE + 1:  # + 1: the row that shows a next page exists
         raise ValidationError(f"limit must be between 1 and {MAX_AUDIT_PAGE}",
                               details={"field": "limit"})
     if since is not None and until is not None and until <= since:
