@@ -23,13 +23,16 @@ from api.auth import KeyResolver, issue_key
 from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
-from api.routes import admin, availability, health, lists, ops, payments, reservations
+from api.routes import admin, availability, health, lists, ops, reservations, waitlist
+from api.routes import payments, webhooks
+from api.routes import pool as pool_routes
 from api.views import JSONResponse
 from engine import metrics
 from engine.store import queries
 from engine.catalog_cache import CatalogCache
 from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
+from engine.pool import GroupService
 from engine.runtime import Runtime
 from engine.payments.orchestrator import PaymentOrchestrator
 from engine.payments.provider import provider_from_settings
@@ -37,11 +40,52 @@ from engine.payments_service import BookingService, PaymentService
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.list_service import ListService
 from engine.settings import Settings
+from engine.webhook_events import emit_bulk_release
+from engine.webhook_service import WebhookService
+from engine.transfer import TransferEngine
+from engine.transfer_service import TransferService
+from engine.waitlist import WaitlistEngine
+from engine.waitlist_service import WaitlistService
 
 log = logging.getLogger("slotguard.api")
 
 
 def routes() -> list[BaseRoute]:
+    return one_route_per_path(_routes())
+
+
+def one_route_per_path(table: list[BaseRoute]) -> list[BaseRoute]:
+    """Routes that share a path become one Route dispatching by method.
+
+    Starlette answers a method a path lacks with the ``Allow`` of the first Route matching
+    that path, so two Routes for one path (``GET`` and ``PUT …/schedule``) would each hide
+    the other's methods from a 405 (and from OPTIONS). Features add their Routes to the table
+    one method at a time; this joins them.
+    """
+    merged: list[BaseRoute] = []
+    by_path: dict[str, dict[str, object]] = {}
+    for route in table:
+        if isinstance(route, Mount):
+            merged.append(Mount(route.path, routes=one_route_per_path(list(route.routes))))
+        elif isinstance(route, Route) and route.methods:
+            handlers = by_path.get(route.path)
+            if handlers is None:
+                handlers = by_path[route.path] = {}
+                merged.append(route)
+            for method in route.methods - {"HEAD"}:
+                handlers[method] = route.endpoint
+        else:
+            merged.append(route)
+    joined: list[BaseRoute] = []
+    for route in merged:
+        handlers = by_path.get(route.path) if isinstance(route, Route) else None
+        if handlers and set(handlers) != route.methods - {"HEAD"}:
+            route = Route(route.path, lists.by_method(**handlers), methods=sorted(handlers))
+        joined.append(route)
+    return joined
+
+
+def _routes() -> list[BaseRoute]:
     action_routes = [
         Route(f"/v1/reservations/{{reservationId}}/{action}",
               reservations.action_endpoint(action), methods=["POST"])
@@ -63,6 +107,13 @@ def routes() -> list[BaseRoute]:
         # Availability engine (issue 13).
         Route("/v1/vendors/{vendorId}/availability", availability.vendor_availability,
               methods=["GET"]),
+        # Resource groups and their availability (issue 16, pool).
+        Route("/v1/vendors/{vendorId}/resource-groups", pool_routes.create_group,
+              methods=["POST"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}", pool_routes.group,
+              methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/vendors/{vendorId}/resource-groups/{groupId}/availability",
+              pool_routes.group_availability, methods=["GET"]),
         Route("/v1/vendors/{vendorId}/schedule", availability.put_schedule, methods=["PUT"]),
         Route("/v1/vendors/{vendorId}/schedule", availability.get_schedule, methods=["GET"]),
         Route("/v1/vendors/{vendorId}/busy-blocks", availability.create_busy_block,
@@ -74,6 +125,13 @@ def routes() -> list[BaseRoute]:
         Route("/v1/vendors/{vendorId}/calendars/{calendarId}", availability.put_calendar,
               methods=["PUT"]),
         Route("/v1/bookings", lists.list_bookings, methods=["GET"]),  # issue 17
+        # Hold transfer and waitlist handoff (issue 16).
+        Route("/v1/reservations/{reservationId}/transfer-offers", waitlist.transfer_offer,
+              methods=["POST"]),
+        Route("/v1/reservations/{reservationId}/transfer", waitlist.transfer,
+              methods=["POST"]),
+        Route("/v1/waitlist", waitlist.create_entry, methods=["POST"]),
+        Route("/v1/waitlist/{entryId}", waitlist.entry, methods=["GET", "DELETE"]),
         # Payments (issue 12): booking cancellation with refunds, inbound Stripe events.
         Route("/v1/bookings/{bookingId}/cancel", payments.cancel_booking, methods=["POST"]),
         Route("/v1/stripe/webhook", payments.stripe_webhook, methods=["POST"]),
@@ -94,6 +152,19 @@ def routes() -> list[BaseRoute]:
                 POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
             Route("/keys/{keyId}/revoke", admin.revoke_key, methods=["POST"]),
         ]),
+        # Events out (issue 14): webhook endpoints, deliveries, the live stream.
+        Route("/v1/webhook-endpoints", webhooks.endpoints, methods=["GET", "POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}", webhooks.endpoint,
+              methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/webhook-endpoints/{endpointId}/rotate-secret", webhooks.rotate_secret,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/test", webhooks.test_endpoint,
+              methods=["POST"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries", webhooks.list_deliveries,
+              methods=["GET"]),
+        Route("/v1/webhook-endpoints/{endpointId}/deliveries/{deliveryId}/retry",
+              webhooks.retry_delivery, methods=["POST"]),
+        Route("/v1/events/stream", webhooks.event_stream_route, methods=["GET"]),
     ]
 
 
@@ -125,7 +196,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             reservation_service = ReservationService(
                 engine, catalog, limits, load_stored=_stored_loader(rt.pool),
                 rehydrate=rehydrate, idempotency=idempotency,
-                availability=availability_service)
+                availability=availability_service,
+                on_bulk_release=_bulk_release_event(rt.pool))
+            # Resource groups (issue 16, pool): pooled holds resolve their group here.
+            groups = GroupService(rt.pool, catalog, rt.keys, settings.pool_max_members,
+                                  access=rt.access, throttle=reservation_service.throttle,
+                                  max_range_ms=settings.max_query_range_ms)
+            reservation_service.groups = groups
             # Payments (issue 12): the provider when a Stripe key is set.
             provider = provider_from_settings(settings)
             orchestrator = None if provider is None else PaymentOrchestrator(
@@ -140,9 +217,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 admin=AdminService(rt.pool, catalog, issue_key),
                 availability=availability_service,
                 lists=ListService(rt.pool, reservation_service.throttle),
-                extra={"payments": PaymentService(reservation_service, rt.pool, orchestrator),
+                webhooks=WebhookService(rt.pool, settings),
+                extra={"groups": groups,
+                       # Payments (issue 12).
+                       "payments": PaymentService(reservation_service, rt.pool, orchestrator),
                        "bookings": BookingService(reservation_service, rt.pool, orchestrator),
-                       "payment_provider": provider})
+                       "payment_provider": provider},
+                # Hold transfer and waitlist handoff (issue 16).
+                transfers=TransferService(
+                    reservation_service, TransferEngine(rt.access, rt.keys, limits), rt.pool),
+                waitlist=WaitlistService(
+                    reservation_service, WaitlistEngine(rt.access, rt.keys, settings)))
             availability_service.reservations = reservation_service
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
@@ -164,6 +249,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         exception_handlers=errors.exception_handlers(),
         lifespan=lifespan,
     )
+
+
+def _bulk_release_event(pool):
+    async def emit(*args) -> None:
+        await emit_bulk_release(pool, *args)
+
+    return emit
 
 
 def _stored_loader(pool):

@@ -21,6 +21,7 @@ from engine.list_service import ListService
 from engine.permissions import Principal
 from engine.service import AdminService, ReservationService
 from engine.settings import Settings, trusted_networks
+from engine.webhook_service import WebhookService
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Services:
     reservations: ReservationService
     idempotency: IdempotencyStore
     admin: AdminService | None = None
+    webhooks: WebhookService | None = None  # events out (issue 14)
+    transfers: Any = None  # engine.transfer_service.TransferService (issue 16)
+    waitlist: Any = None  # engine.waitlist_service.WaitlistService (issue 16)
     extra: dict = field(default_factory=dict)
     availability: Any = None  # engine.availability_service.AvailabilityService (issue 13)
     lists: ListService | None = None  # lists with cursors (issue 17)

@@ -73,6 +73,16 @@ STATUS: dict[type[e.EngineError], int] = {
     e.PaymentTermsIncomplete: 409,
     e.PaymentProviderError: 503,
     e.InvalidWebhook: 400,
+    e.PoolFull: 409,  # issue 16 (pool)
+    e.GroupNotColocated: 409,
+    e.LiveHoldsOnResource: 409,
+    e.ModifyMultiResource: 409,
+    # Hold transfer and waitlist handoff (issue 16); TransferTokenInvalid is a NotFound.
+    e.TransferTokenUsed: 409,
+    e.TransferWrongPartner: 403,
+    e.TransferToSelf: 409,
+    e.WaitlistNotWaiting: 409,
+    e.NotSupported: 400,  # a documented part of the contract not served yet
     e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas, schemas_payments
+from api import schemas, schemas_payments, schemas_waitlist, schemas_webhooks
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -92,12 +92,36 @@ def _settle(node: Any) -> Any:
 
 def components() -> dict[str, Any]:
     from api import schemas_lists  # lists with cursors (issue 17)
+    from api import schemas_pool  # resource groups (issue 16, pool)
 
     _, generated = msgspec.json.schema_components(
         schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
+        + schemas_webhooks.STRUCTS
+        + schemas_pool.REQUESTS + schemas_pool.RESPONSES
+        + schemas_waitlist.STRUCTS
         + schemas_payments.REQUESTS + schemas_payments.RESPONSES,
         ref_template="#/components/schemas/{name}")
-    return {**_settle(generated), **ALTERNATIVES, **_json_values()}
+    settled = _settle(generated)
+    settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
+    return {**settled, **ALTERNATIVES, **_json_values()}
+
+
+def _create_forms(schema: dict[str, Any]) -> dict[str, Any]:
+    """A create is one of three forms (issue 16): a slot of a resource, a pooled slot of a
+    resource group, or items. One Struct decodes them all; the document states the forms."""
+    props = schema["properties"]
+    common = ["vendorId", "requesterId", "metadata", "idempotencyKey"]
+    slot = ["slotStartTime", "slotEndTime"]
+
+    def form(names: list[str], required: list[str]) -> dict[str, Any]:
+        return obj({n: props[n] for n in names}, ["vendorId", "requesterId", *required])
+
+    return {"description": schema.get("description", ""), "oneOf": [
+        form(common + slot + ["resourceId"], slot),
+        form(common + slot + ["resourceGroupId", "nearResourceId", "nearZone"],
+             [*slot, "resourceGroupId"]),
+        form(common + ["items"], ["items"]),
+    ]}
 
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
@@ -287,13 +311,56 @@ def _paths() -> dict[str, Any]:
     for action in ACTION_DOCS:
         paths[f"/v1/reservations/{{reservationId}}/{action}"] = _action(action)
     paths["/v1/reservations/{reservationId}/modify"] = _modify()
+    paths.update(_pool_paths())
     paths.update(_availability_paths())
+    paths.update(_events_out())
     paths.update(_payments())  # issue 12
     from api import openapi_tools  # issue 17: lists with cursors, ETags
 
     openapi_tools.add_paths(paths)
     openapi_tools.add_etags(paths)
-    return paths
+    # Transfer and waitlist (issue 16) beside the other partner routes, before ops and admin.
+    ordered: dict[str, Any] = {}
+    for path, item in paths.items():
+        if path.startswith("/v1/ops/") and "/v1/waitlist" not in ordered:
+            ordered.update(_transfer_and_waitlist())
+        ordered[path] = item
+    return ordered
+
+
+# ---- resource groups (issue 16, pool): self-contained like _modify -----------------------
+def _pool_paths() -> dict[str, Any]:
+    vendor, group = param("vendorId", "path", NAME), param("groupId", "path", NAME)
+    item = "/v1/vendors/{vendorId}/resource-groups/{groupId}"
+    return {
+        "/v1/vendors/{vendorId}/resource-groups": {"post": operation(
+            "create_resource_group", "Create a resource group (room type) of the vendor's "
+            "resources with an assignment strategy (roles vendor, admin)",
+            {201: ok(201, "ResourceGroup", "Created")}, errors=[403, 404, 409],
+            request=body("CreateResourceGroupRequest"), parameters=[vendor])},
+        item: {
+            "get": operation("get_resource_group", "A resource group",
+                             {200: ok(200, "ResourceGroup")}, errors=[403, 404],
+                             parameters=[vendor, group]),
+            "patch": operation("update_resource_group",
+                               "Change a group's members or strategy (roles vendor, admin)",
+                               {200: ok(200, "ResourceGroup")}, errors=[403, 404, 409],
+                               request=body("UpdateResourceGroupRequest"),
+                               parameters=[vendor, group]),
+            "delete": operation("delete_resource_group", "Delete a group (roles vendor, admin)",
+                                {204: {"description": "Deleted"}}, errors=[403, 404],
+                                parameters=[vendor, group]),
+        },
+        item + "/availability": {"get": operation(
+            "resource_group_availability",
+            "Free members of a group per slot (a member is free when a hold of the slot, "
+            "buffers included, would succeed on it now)",
+            {200: ok(200, "GroupAvailability")}, errors=[400, 403, 404],
+            parameters=[vendor, group, param("startTime", "query", TIME, required=True),
+                        param("endTime", "query", TIME, required=True),
+                        param("slotDuration", "query", {"type": "integer", "minimum": 1,
+                                                        "maximum": 10080, "default": 60})])},
+    }
 
 
 # ---- availability engine (issue 13): self-contained as well ----------------------------------
@@ -406,6 +473,132 @@ def _modify() -> dict[str, Any]:
         {200: ok(200, "Reservation", "The reservation after the move")},
         errors=[400, 403, 404, 409, 412], request=body("ModifyReservationRequest"),
         parameters=[RESERVATION_ID, IF_MATCH])}
+
+
+# ---- events out (issue 14): self-contained as well
+def _events_out() -> dict[str, Any]:
+    endpoint_id = param("endpointId", "path", {"type": "string", "minLength": 1,
+                                                "maxLength": 64})
+    delivery_id = param("deliveryId", "path", {"type": "string", "minLength": 1,
+                                                "maxLength": 64})
+    tenancy = ("; a partner key manages its partner's endpoints, a vendor key its "
+               "vendor's, ops/admin keys the ops endpoints")
+    return {
+        "/v1/webhook-endpoints": {
+            "post": operation(
+                "webhook_endpoint_create",
+                "Register a webhook endpoint; its secret is answered this once" + tenancy,
+                {201: ok(201, "CreatedWebhookEndpoint", "Created")}, errors=[403],
+                request=body("CreateWebhookEndpointRequest")),
+            "get": operation("webhook_endpoint_list", "The caller's webhook endpoints",
+                             {200: ok(200, "WebhookEndpointList")}, errors=[403]),
+        },
+        "/v1/webhook-endpoints/{endpointId}": {
+            "get": operation("webhook_endpoint_get", "One webhook endpoint",
+                             {200: ok(200, "WebhookEndpoint")}, errors=[403, 404],
+                             parameters=[endpoint_id]),
+            "patch": operation(
+                "webhook_endpoint_update", "Change url, events, disabled or description",
+                {200: ok(200, "WebhookEndpoint")}, errors=[403, 404],
+                request=body("UpdateWebhookEndpointRequest"), parameters=[endpoint_id]),
+            "delete": operation("webhook_endpoint_delete",
+                                "Delete an endpoint and its delivery log",
+                                {204: {"description": "Deleted"}}, errors=[403, 404],
+                                parameters=[endpoint_id]),
+        },
+        "/v1/webhook-endpoints/{endpointId}/rotate-secret": {"post": operation(
+            "webhook_endpoint_rotate_secret",
+            "A new secret; the previous one keeps signing beside it for "
+            "SLOTGUARD_WEBHOOK_SECRET_OVERLAP_S (24 h)",
+            {200: ok(200, "RotatedWebhookSecret")}, errors=[403, 404],
+            parameters=[endpoint_id])},
+        "/v1/webhook-endpoints/{endpointId}/test": {"post": operation(
+            "webhook_endpoint_test", "Queue a signed ping to this endpoint (the worker sends "
+            "it; its delivery is in the log)",
+            {202: ok(202, "WebhookDelivery", "Queued")}, errors=[403, 404],
+            parameters=[endpoint_id])},
+        "/v1/webhook-endpoints/{endpointId}/deliveries": {"get": operation(
+            "webhook_delivery_list", "The endpoint's deliveries, newest first",
+            {200: ok(200, "WebhookDeliveryPage")}, errors=[400, 403, 404],
+            parameters=[endpoint_id,
+                        param("cursor", "query", {"type": "string", "minLength": 1,
+                                                  "maxLength": 64, "pattern": NO_NUL},
+                              description="nextCursor of the previous page"),
+                        param("limit", "query", {"type": "integer", "minimum": 1,
+                                                 "maximum": 100, "default": 50}),
+                        param("status", "query", {"type": "string", "enum": [
+                            "pending", "delivered", "failed", "dead"]})])},
+        "/v1/webhook-endpoints/{endpointId}/deliveries/{deliveryId}/retry": {"post": operation(
+            "webhook_delivery_retry", "Send a delivery again now, with the same webhook-id",
+            {202: ok(202, "WebhookDelivery", "Queued")}, errors=[403, 404],
+            parameters=[endpoint_id, delivery_id])},
+        "/v1/events/stream": {"get": operation(
+            "events_stream",
+            "Server-Sent Events of the caller's tenancy; each message's id is its stream "
+            "position, Last-Event-ID resumes after it; a heartbeat comment every 15 s",
+            {200: {"description": "text/event-stream",
+                   "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+            errors=[400, 403, 404],
+            parameters=[
+                param("vendorId", "query", NAME),
+                param("types", "query", {"type": "string", "minLength": 1,
+                                         "maxLength": 1000, "pattern": NO_NUL},
+                      description="comma-separated event types"),
+                param("Last-Event-ID", "header", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                      description="resume after this stream position"),
+                param("lastEventId", "query", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                      description="the same, for clients that cannot set headers "
+                                  "(the header wins)"),
+            ])},
+    }
+
+
+# ---- hold transfer and waitlist (issue 16): self-contained, as modify is
+ENTRY_ID = param("entryId", "path", {"type": "string", "minLength": 1, "maxLength": 64})
+
+
+def _transfer_and_waitlist() -> dict[str, Any]:
+    return {
+        "/v1/reservations/{reservationId}/transfer-offers": {"post": operation(
+            "reservation_transfer_offer",
+            "The holder's one-time acceptance token for a live pre-commit hold (role "
+            "partner); addressed to toPartnerId or to any partner; a new offer replaces the "
+            "previous one",
+            {201: ok(201, "TransferOffer", "Created: the token is shown once")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferOfferRequest", False),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/reservations/{reservationId}/transfer": {"post": operation(
+            "reservation_transfer",
+            "Take over a hold with its acceptance token (role partner), atomically: version "
+            "+ 1, the caller holds it. 404 TRANSFER_TOKEN_INVALID (unknown, expired or "
+            "superseded token), 409 TRANSFER_TOKEN_USED, 403 TRANSFER_WRONG_PARTNER, 409 "
+            "TRANSFER_TO_SELF, 409 for a terminal or committing reservation, 429 when the "
+            "caller's hold cap is full",
+            {200: ok(200, "Reservation", "The reservation after the transfer")},
+            errors=[400, 403, 404, 409, 412], request=body("TransferRequest"),
+            parameters=[RESERVATION_ID, IF_MATCH])},
+        "/v1/waitlist": {"post": operation(
+            "waitlist_create",
+            "Wait for a slot (roles partner, system): when a hold covering it expires or is "
+            "cancelled, the script that frees it places the hold for the oldest live entry "
+            "whose whole slot is free (origin: waitlist); the entry counts against the "
+            "partner's hold cap. A slot free right now is handed over at once (state "
+            "fulfilled). resourceGroupId is refused with 400 WAITLIST_GROUP_NOT_SUPPORTED "
+            "until resource groups serve the waitlist",
+            {201: ok(201, "WaitlistEntry", "Created")},
+            errors=[400, 403, 404, 409], request=body("WaitlistRequest"))},
+        "/v1/waitlist/{entryId}": {
+            "get": operation(
+                "waitlist_get", "A waitlist entry: waiting, fulfilled (with reservationId), "
+                "expired or withdrawn", {200: ok(200, "WaitlistEntry")},
+                errors=[403, 404], parameters=[ENTRY_ID]),
+            "delete": operation(
+                "waitlist_withdraw", "Withdraw a waiting entry (roles partner, ops, admin); "
+                "409 WAITLIST_ENTRY_NOT_WAITING once fulfilled, expired or withdrawn",
+                {200: ok(200, "WaitlistEntry", "The entry, withdrawn")},
+                errors=[403, 404, 409], parameters=[ENTRY_ID]),
+        },
+    }
 
 
 @cache

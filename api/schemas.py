@@ -97,15 +97,36 @@ class Out(Struct, rename="camel", kw_only=True):
 
 
 # ---- requests ---------------------------------------------------------------------------
-class CreateReservationRequest(Body):
-    vendor_id: Name
+class ReservationItem(Body):
+    """One item of a multi-resource reservation (issue 16)."""
+
+    resource_id: Name
     slot_start_time: Time
     slot_end_time: Time
+
+
+class CreateReservationRequest(Body):
+    """One of three forms (the OpenAPI document states them as a ``oneOf``; the route and
+    the service decide which was meant): a slot of ``resourceId`` (default: the vendor's
+    default resource), a slot of a member of ``resourceGroupId`` (a pooled hold), or
+    ``items`` (a multi-resource reservation, 1..20 items, all or nothing)."""
+
+    vendor_id: Name
     requester_id: text(MAX_TEXT, REQUESTER_DOC)
+    slot_start_time: Time | UnsetType = UNSET
+    slot_end_time: Time | UnsetType = UNSET
     resource_id: Name | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
     idempotency_key: text(255, {"minLength": 1, "pattern": "^[\\x20-\\x7e]+$"}) | UnsetType \
         = UNSET
+    # A pooled hold (issue 16): a member of this resource group is chosen by its strategy
+    # (instead of resourceId); nearResourceId anchors an `adjacent` group's choice.
+    resource_group_id: Name | UnsetType = UNSET
+    near_resource_id: Name | UnsetType = UNSET
+    near_zone: Name | UnsetType = UNSET  # an adjacent group's zone to take a member of
+    # Documented 1..20; the service answers NO_ITEMS / TOO_MANY_ITEMS (the body size limit
+    # refuses 1,000 items first, 413).
+    items: doc(list[ReservationItem], minItems=1, maxItems=20) | UnsetType = UNSET
 
 
 class ActionRequest(Body):
@@ -236,12 +257,20 @@ class Error(Out):
     error: ErrorDetail
 
 
+class ReservationItemOut(Out):
+    resource_id: str
+    slot_start_time: OutTime
+    slot_end_time: OutTime
+
+
 class CreateReservationResponse(Out):
     reservation_id: str
     state: StateName
     expires_at: OutTime
     vendor_confirmation_required: bool
     estimated_confirmation_time: OutTime
+    resource_id: str | UnsetType = UNSET  # the resource held (a pooled hold's chosen member)
+    items: list[ReservationItemOut] | UnsetType = UNSET  # a multi-resource reservation
 
 
 class StateTransition(Out):
@@ -304,6 +333,7 @@ class Reservation(Out):
     # Payments (issue 12): present for reservations of paying vendors.
     payment_state: PaymentState | UnsetType = UNSET
     next_action: dict[str, Any] | UnsetType = UNSET
+    items: list[ReservationItemOut] | UnsetType = UNSET  # a multi-resource reservation
 
 
 class AvailabilitySlot(Out):

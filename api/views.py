@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from starlette.responses import Response
 
 from api import schemas
 from api.validation import format_time
 from engine import clock
-from engine.occupancy import CONFIDENCE_THRESHOLD, Availability
 from engine.reservations import Reservation
 from engine.service import Created
 
@@ -36,7 +36,12 @@ def created_view(created: Created) -> schemas.CreateReservationResponse:
         vendor_confirmation_required=vendor.confirmation_required,
         # The vendor has until the hold's deadline; an instant-book vendor has confirmed.
         estimated_confirmation_time=(expires_at if vendor.confirmation_required
-                                     else format_time(clock.now_ms())))
+                                     else format_time(clock.now_ms())),
+        resource_id=created.resource_id or UNSET,
+        items=UNSET if not created.items else [
+            schemas.ReservationItemOut(resource_id=r, slot_start_time=format_time(s),
+                                       slot_end_time=format_time(e))
+            for r, s, e in created.items])
 
 
 def reservation_view(r: Reservation, payment: dict[str, Any] | None = None,
@@ -61,7 +66,10 @@ def reservation_view(r: Reservation, payment: dict[str, Any] | None = None,
         payment_state=msgspec.UNSET if payment is None
         else msgspec.convert(payment, schemas.PaymentState, from_attributes=False,
                              str_keys=True),
-        next_action=msgspec.UNSET if next_action is None else next_action)
+        next_action=msgspec.UNSET if next_action is None else next_action,
+        items=UNSET if not getattr(r, "items", None) else [
+            schemas.ReservationItemOut(resource_id=i[0], slot_start_time=format_time(i[1]),
+                                       slot_end_time=format_time(i[2])) for i in r.items])
 
 
 def history_view(h: dict[str, Any]) -> schemas.StateTransition:
@@ -76,24 +84,3 @@ def history_view(h: dict[str, Any]) -> schemas.StateTransition:
         timestamp=format_time(h["timestamp_ms"]),
         idempotency_key=h.get("idempotencyKey"),
         version=h["version"])
-
-
-def availability_view(vendor_id: str, a: Availability,
-                      include_confidence: bool) -> schemas.Availability:
-    computed_at = format_time(a.computed_at_ms)
-    return schemas.Availability(
-        vendor_id=vendor_id,
-        resource_id=a.resource_id,
-        start_time=format_time(a.start_ms),
-        end_time=format_time(a.end_ms),
-        computed_at=computed_at,
-        computed_version=a.computed_version,
-        slots=[schemas.AvailabilitySlot(
-            start_time=format_time(s.start_ms), end_time=format_time(s.end_ms),
-            is_available=s.is_available, status=s.status, reasons=s.reasons,
-            computed_at=computed_at, computed_version=a.computed_version,
-            confidence=s.confidence if include_confidence else msgspec.UNSET)
-            for s in a.slots],
-        metadata=schemas.AvailabilityMetadata(
-            confidence_threshold=CONFIDENCE_THRESHOLD,
-            computation_time_ms=round(a.computation_ms, 3)))

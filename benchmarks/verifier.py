@@ -22,6 +22,7 @@ Checks (each violation names the ids involved):
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable
@@ -126,11 +127,18 @@ def live_claims(state: RedisState) -> dict[str, tuple[str, int, int, str]]:
             claims[hold_id] = (rec["r"], int(rec["f"]), int(rec["l"]), hold_id)
     for rid, rec in state.reservations.items():
         st = rec.get("st")
-        if st == "COMMITTED":
-            claims[rid] = (rec["rs"], int(rec["f"]), int(rec["l"]), BOOKED_PREFIX + rid)
-        elif st == "COMMIT_IN_PROGRESS" or (
-                st not in TERMINAL and int(rec.get("dl") or 0) > state.now_ms + EXPIRY_SLACK_MS):
-            claims[rid] = (rec["rs"], int(rec["f"]), int(rec["l"]), rid)
+        # A multi-resource reservation (issue 16) claims every item: rid, rid#1, rid#2, ...
+        places = ([(i[0], int(i[3]), int(i[4])) for i in json.loads(rec["it"])]
+                  if rec.get("it") else [(rec.get("rs"), int(rec.get("f") or 0),
+                                          int(rec.get("l") or -1))])
+        for k, (resource, first, last) in enumerate(places):
+            claim = rid if k == 0 else f"{rid}#{k}"
+            if st == "COMMITTED":
+                claims[claim] = (resource, first, last, BOOKED_PREFIX + rid)
+            elif st == "COMMIT_IN_PROGRESS" or (
+                    st not in TERMINAL
+                    and int(rec.get("dl") or 0) > state.now_ms + EXPIRY_SLACK_MS):
+                claims[claim] = (resource, first, last, rid)
     return claims
 
 
@@ -202,7 +210,9 @@ async def load_postgres(conn: asyncpg.Connection, tables: Iterable[str],
     for row in await conn.fetch("SELECT id, state, booking_id FROM reservations"):
         state.reservations[row["id"]] = dict(row)
     for row in await conn.fetch(
-            "SELECT reservation_id, id FROM bookings WHERE cancelled_at IS NULL"):
+            # One row per item of a multi-resource reservation (issue 16): item 0 carries
+            # the reservation's booking id; the others are its items.
+            "SELECT reservation_id, id FROM bookings WHERE cancelled_at IS NULL AND item = 0"):
         state.bookings_by_reservation.setdefault(row["reservation_id"], []).append(row["id"])
     wanted = sorted(set(ids_of_interest))
     for table in tables:

@@ -109,7 +109,8 @@ class RulesCache:
         try:
             async with self.pool.acquire() as conn:
                 rules = await store.load_rules(conn, vendor_id)
-                resource_ids = [r.id for r in await _resources(conn, vendor_id)] \
+                # (id, shard key): the revision lives beside the resource's units (issue 16)
+                resource_ids = [(r.id, r.shard_key) for r in await _resources(conn, vendor_id)] \
                     if publish else []
             self.remember(rules)
             if publish:
@@ -128,10 +129,10 @@ class RulesCache:
         if current is None or current[0].revision <= rules.revision:
             self._rules[rules.vendor_id] = (rules, clock.monotonic())
 
-    async def publish(self, rules: Rules, resource_ids: list[str]) -> None:
+    async def publish(self, rules: Rules, resource_ids: list[tuple[str, str]]) -> None:
         await asyncio.gather(*(self.access.call(
-            "availability_publish", [self.keys.availability_revision(rid)], [rules.revision])
-            for rid in resource_ids))
+            "availability_publish", [self.keys.availability_revision(rid, shard_key)],
+            [rules.revision]) for rid, shard_key in resource_ids))
 
     async def observed(self, vendor_id: str, revisions: list[str], rules: Rules) -> Rules:
         """Revisions read from Redis beside the units: reload when any is not ours."""
@@ -279,7 +280,7 @@ class AvailabilityService:
         vendor's change can break. Answers how many are flagged now."""
         async with self.pool.acquire() as conn:
             resources = {r.id: r for r in await _resources(conn, rules.vendor_id)}
-        shards = {self.keys.shard_of(rid) for rid in resources}
+        shards = {self.keys.shard_of(r.shard_key) for r in resources.values()}
         redis = self.access.redis
         flagged = 0
         now = clock.now_ms()
@@ -345,7 +346,8 @@ class AvailabilityService:
         """A modify's new slot against current rules: the published revision is read (one
         GET; a modify is not on the create path) and the rules reloaded when it differs."""
         rules = await self.rules.get(vendor_id)
-        published = await self.access.redis.get(self.keys.availability_revision(resource.id))
+        published = await self.access.redis.get(
+            self.keys.availability_revision(resource.id, resource.shard_name))
         rules = await self.rules.observed(vendor_id, [published or "0"], rules)
         self.refuse(rules, resource, start_ms, end_ms, now_ms)
 
@@ -433,8 +435,8 @@ class AvailabilityService:
         first = (start_ms - resource.buffer_before_ms) // unit
         last = (end_ms + resource.buffer_after_ms) // unit - 1
         reply = await self.access.call(
-            "read_units", [self.keys.unit_root(self.keys.shard_of(resource.id)),
-                           self.keys.availability_revision(resource.id)],
+            "read_units", [self.keys.unit_root(self.keys.shard_of(resource.shard_name)),
+                           self.keys.availability_revision(resource.id, resource.shard_name)],
             [resource.id, first, last, last - first + 1])
         if int(reply[0]) != 1:
             raise ValidationError(str(reply[1]))

@@ -89,13 +89,14 @@ class StoredResource:
     buffer_before_minutes: int
     buffer_after_minutes: int
     created_at: datetime
+    shard_key: str  # what picks its Redis shard: its own id (before 0011) or its vendor's
 
     def to_engine(self) -> Resource:
         """The hold engine's view: the same unit grid and buffers in milliseconds."""
         return Resource(self.id, unit_ms=self.unit_minutes * MINUTE_MS,
                         buffer_before_ms=self.buffer_before_minutes * MINUTE_MS,
                         buffer_after_ms=self.buffer_after_minutes * MINUTE_MS,
-                        vendor_id=self.vendor_id)
+                        vendor_id=self.vendor_id, shard_key=self.shard_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,9 +235,15 @@ async def update_vendor_terms(conn: asyncpg.Connection, vendor_id: str,
 async def create_resource(conn: asyncpg.Connection, resource_id: str, vendor_id: str, *,
                           unit_minutes: int | None = None,
                           buffer_before_minutes: int | None = None,
-                          buffer_after_minutes: int | None = None) -> StoredResource:
-    """A resource of a vendor; unit and buffers default to the vendor's."""
+                          buffer_after_minutes: int | None = None,
+                          shard_key: str | None = None) -> StoredResource:
+    """A resource of a vendor; unit and buffers default to the vendor's. Its shard key is
+    the vendor's id (a vendor's resources share one Redis hash tag, so one script can hold
+    several of them); ``shard_key`` overrides it (tests of resources created before
+    migration 0011, whose key is their own id)."""
     _check_name("resourceId", resource_id)
+    if shard_key is not None:
+        _check_name("shardKey", shard_key)
     vendor = await get_vendor(conn, vendor_id)
     unit = vendor.unit_minutes if unit_minutes is None else unit_minutes
     before = vendor.buffer_before_minutes if buffer_before_minutes is None else buffer_before_minutes
@@ -245,9 +252,9 @@ async def create_resource(conn: asyncpg.Connection, resource_id: str, vendor_id:
     try:
         row = await conn.fetchrow(
             f"""INSERT INTO resources (id, vendor_id, unit_minutes, buffer_before_minutes,
-                   buffer_after_minutes)
-               VALUES ($1, $2, $3, $4, $5) RETURNING {columns(StoredResource)}""",
-            resource_id, vendor_id, unit, before, after)
+                   buffer_after_minutes, shard_key)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING {columns(StoredResource)}""",
+            resource_id, vendor_id, unit, before, after, shard_key or vendor_id)
     except asyncpg.UniqueViolationError:
         raise AlreadyExists(f"resource {resource_id!r} already exists",
                             details={"resourceId": resource_id}) from None

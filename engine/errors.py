@@ -36,9 +36,19 @@ class Outcome(IntEnum):
     NOT_DUE = -17
     NOT_READY = -18
     FOREIGN_RESOURCE = -19
+    # Pooled holds (issue 16, pool): -30 .. -34.
+    POOL_FULL = -30
+    MULTI_RESOURCE = -31
+    # Hold transfer and waitlist handoff (issue 16, waitlist helper: -35 .. -39).
+    TRANSFER_TOKEN_INVALID = -35
+    TRANSFER_TOKEN_USED = -36
+    TRANSFER_WRONG_PARTNER = -37
+    TRANSFER_TO_SELF = -38
+    WAITLIST_NOT_WAITING = -39
     # Availability engine (issue 13): -25 .. -29.
     RULES_STALE = -25
     AVAILABILITY_CHANGED = -26
+    SLOT_REFUSED = -27
     # Partner-readable details (issue 17): -45 .. -49.
     EXTEND_NOT_LATER = -45
 
@@ -173,6 +183,66 @@ class ModifyCrossShard(EngineError):
     code = "MODIFY_CROSS_SHARD"
 
 
+# ---- resource groups and pooled holds (issue 16, pool) -----------------------------------
+class PoolFull(EngineError):
+    """No member of the resource group is free for the whole slot (checked atomically over
+    every member in one script: never reported while a member is free)."""
+    code = "POOL_FULL"
+
+
+class GroupNotColocated(EngineError):
+    """A group's members live under different shard hash tags, so one script cannot choose
+    among them: re-key the vendor (``slotguard rekey``)."""
+    code = "GROUP_NOT_COLOCATED"
+
+
+class ModifyMultiResource(EngineError):
+    """A reservation of several items is not moved (modify moves one resource's hold)."""
+    code = "MODIFY_MULTI_RESOURCE"
+
+
+class LiveHoldsOnResource(EngineError):
+    """A re-key was refused: a resource it would move still has live holds."""
+    code = "LIVE_HOLDS"
+
+
+# ---- hold transfer and waitlist handoff (issue 16) -----------------------------------------
+class TransferTokenInvalid(NotFound):
+    """No live transfer offer of this reservation matches the token (unknown, expired, or
+    the reservation changed hands since the offer): answered as not found, so a token that
+    fails tells nothing about the reservation."""
+
+    code = "TRANSFER_TOKEN_INVALID"
+
+
+class TransferTokenUsed(EngineError):
+    """The acceptance token was already used (a token is good for one transfer)."""
+
+    code = "TRANSFER_TOKEN_USED"
+
+
+class TransferWrongPartner(EngineError):
+    """The offer names another partner than the caller."""
+
+    code = "TRANSFER_WRONG_PARTNER"
+
+
+class TransferToSelf(EngineError):
+    """The holder cannot accept (or address) a transfer of its own hold."""
+
+    code = "TRANSFER_TO_SELF"
+
+
+class WaitlistNotWaiting(EngineError):
+    """The waitlist entry is no longer waiting (fulfilled, expired or withdrawn)."""
+
+    code = "WAITLIST_ENTRY_NOT_WAITING"
+
+
+class NotSupported(EngineError):
+    """A documented part of the contract this deployment does not serve yet."""
+
+    code = "NOT_SUPPORTED"
 # ---- partner-readable details (issue 17) ---------------------------------------------
 class ExtendNotLater(EngineError):
     """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
@@ -364,6 +434,24 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         "the resource does not belong to the reservation's vendor",
         code="RESOURCE_VENDOR_MISMATCH",
         details={**ctx["details"], "field": "resourceId", "resourceId": ctx.get("resource_id")}),
+    Outcome.POOL_FULL: lambda reply, ctx: PoolFull(
+        "no member of the resource group is free for the whole slot",
+        details={**ctx["details"], "members": int(reply[1])}),
+    Outcome.MULTI_RESOURCE: lambda reply, ctx: ModifyMultiResource(
+        "a multi-resource reservation cannot be moved", details=dict(ctx["details"])),
+    # Hold transfer and waitlist handoff (issue 16).
+    Outcome.TRANSFER_TOKEN_INVALID: lambda reply, ctx: TransferTokenInvalid(
+        "no live transfer offer of this reservation matches the token",
+        details=dict(ctx["details"])),
+    Outcome.TRANSFER_TOKEN_USED: _plain(TransferTokenUsed,
+                                        "this acceptance token was already used"),
+    Outcome.TRANSFER_WRONG_PARTNER: _plain(TransferWrongPartner,
+                                           "the transfer offer is addressed to another partner"),
+    Outcome.TRANSFER_TO_SELF: _plain(TransferToSelf,
+                                     "the partner already holds this reservation"),
+    Outcome.WAITLIST_NOT_WAITING: lambda reply, ctx: WaitlistNotWaiting(
+        f"the waitlist entry is {reply[1]}, no longer waiting",
+        details={**ctx["details"], "state": str(reply[1])}),
     Outcome.RULES_STALE: lambda reply, ctx: RulesStale(
         "the vendor's availability rules changed", revision=str(reply[1]),
         details=dict(ctx["details"])),
@@ -371,6 +459,9 @@ ERRORS: dict[Outcome, Callable[[list, dict], EngineError]] = {
         f"the slot became unavailable ({reply[4]}); the reservation failed",
         details={**ctx["details"], "state": str(reply[1]), "version": int(reply[2]),
                  "reasons": [r for r in str(reply[4]).split(",") if r]}),
+    Outcome.SLOT_REFUSED: lambda reply, ctx: SlotRefused(
+        "the vendor's availability refuses this slot",
+        details={**ctx["details"], "reasons": str(reply[1]).split(",")}),
     Outcome.EXTEND_NOT_LATER: _extend_not_later,
     Outcome.NOT_READY: lambda reply, ctx: NotReady(
         "booked markers are being restored; try again shortly",

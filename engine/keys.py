@@ -1,7 +1,11 @@
 """The Redis key layout: the only module that formats a key string.
 
 Every key of a resource lives under one hash tag ``{sg:<shard>}`` where
-``shard = crc32(resource) mod shards``, so each Lua call touches one hash slot and the same
+``shard = crc32(shard key) mod shards``; a resource's shard key is stored with it
+(``resources.shard_key``, migration 0011): its own id for resources created before, its
+vendor's id for newer ones (so a vendor's resources share a tag, while vendors spread over
+the shards). Code that knows only a resource id (plain holds, benchmarks) passes the id,
+which is its shard key unless the catalog says otherwise. So each Lua call touches one hash slot and the same
 scripts run on a single Redis or a Redis Cluster. Partner-scoped keys (rate limits, caps,
 idempotency) live under ``{sg:p:<partner>}``. A configurable prefix, outside the tag, keeps
 deployments (and tests) that share a Redis apart.
@@ -22,6 +26,8 @@ _ID_RE = re.compile(r"^(rsv|hld)_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 # Resource, vendor and partner ids become part of keys: keep them to a safe alphabet.
 # `$`, as the OpenAPI document's pattern (ECMA-262 has no \Z): the two must agree.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+# Waitlist entry ids carry their shard as reservation ids do (issue 16).
+_WAITLIST_ID_RE = re.compile(r"^wl_(\d{1,5})_([0-9A-HJKMNP-TV-Z]{26})\Z")
 
 
 def stable_hash(value: str) -> int:
@@ -35,8 +41,9 @@ class KeySpace:
     shards: int
 
     # ---- shards and ids -------------------------------------------------------------
-    def shard_of(self, resource_id: str) -> int:
-        return stable_hash(resource_id) % self.shards
+    def shard_of(self, shard_key: str) -> int:
+        """The shard of a shard key (a resource's ``shard_name``; its id by default)."""
+        return stable_hash(shard_key) % self.shards
 
     def tag(self, shard: int) -> str:
         return f"{self.prefix}{{sg:{shard}}}"
@@ -47,11 +54,12 @@ class KeySpace:
     def ip_tag(self, client_ip: str) -> str:
         return f"{self.prefix}{{sg:ip:{client_ip}}}"
 
-    def new_hold_id(self, resource_id: str) -> str:
-        return f"hld_{self.shard_of(resource_id)}_{ULID()}"
+    def new_hold_id(self, shard_key: str) -> str:
+        return f"hld_{self.shard_of(shard_key)}_{ULID()}"
 
-    def new_reservation_id(self, resource_id: str) -> str:
-        return f"rsv_{self.shard_of(resource_id)}_{ULID()}"
+    def new_reservation_id(self, shard_key: str) -> str:
+        """A reservation id on the shard of ``shard_key`` (a resource's ``shard_name``)."""
+        return f"rsv_{self.shard_of(shard_key)}_{ULID()}"
 
     def shard_of_id(self, hold_or_reservation_id: str) -> int:
         """The shard an id carries; ``ValueError`` for anything that is not one of ours."""
@@ -73,21 +81,27 @@ class KeySpace:
         """
         return f"{self.tag(shard)}:u:"
 
-    def unit(self, resource_id: str, unit_index: int) -> str:
-        return f"{self.unit_root(self.shard_of(resource_id))}{resource_id}:{unit_index}"
+    def unit(self, resource_id: str, unit_index: int, shard_key: str | None = None) -> str:
+        shard = self.shard_of(shard_key or resource_id)
+        return f"{self.unit_root(shard)}{resource_id}:{unit_index}"
 
-    def fence(self, resource_id: str) -> str:
-        return f"{self.tag(self.shard_of(resource_id))}:fence:{resource_id}"
+    def fence(self, resource_id: str, shard_key: str | None = None) -> str:
+        return f"{self.fence_root(self.shard_of(shard_key or resource_id))}{resource_id}"
+
+    def fence_root(self, shard: int) -> str:
+        """Fencing counters are ``<fence_root><resource>``: a pooled hold's script appends
+        the member it chose (lua/create_pooled_reservation.lua), as unit keys do."""
+        return f"{self.tag(shard)}:fence:"
 
     def hold(self, hold_id: str) -> str:
         return f"{self.tag(self.shard_of_id(hold_id))}:h:{hold_id}"
 
     # ---- availability rules (issue 13) -------------------------------------------------
-    def availability_revision(self, resource_id: str) -> str:
+    def availability_revision(self, resource_id: str, shard_key: str | None = None) -> str:
         """The revision of the availability rules of the resource's vendor, beside the
         resource's units: the hold script compares it with the revision the caller checked
         the slot against (engine/availability_rules.py)."""
-        return f"{self.tag(self.shard_of(resource_id))}:avr:{resource_id}"
+        return f"{self.tag(self.shard_of(shard_key or resource_id))}:avr:{resource_id}"
 
     # ---- reservations (tag of the shard the id carries) -------------------------------
     def reservation(self, reservation_id: str) -> str:
@@ -147,6 +161,55 @@ class KeySpace:
     def auth_failures(self, client_ip: str) -> str:
         """GCRA of failed authentications from one client IP."""
         return f"{self.ip_tag(client_ip)}:authfail"
+
+    # ---- hold transfer and waitlist (issue 16): under the resource's shard tag ---------
+    def transfer_offer(self, reservation_id: str) -> str:
+        """Hash: the reservation's live transfer offer (token digest, addressee, expiry,
+        used flag); one offer per reservation, a new one replaces it."""
+        return f"{self.tag(self.shard_of_id(reservation_id))}:xo:{reservation_id}"
+
+    def new_waitlist_entry_id(self, shard_key: str) -> str:
+        """An entry id on the shard of ``shard_key`` (its resource's ``shard_name``: the
+        entry lives beside the resource's unit keys, so the script that frees them serves
+        it)."""
+        return f"wl_{self.shard_of(shard_key)}_{ULID()}"
+
+    def shard_of_waitlist_id(self, entry_id: str) -> int:
+        """The shard a waitlist entry id carries; ``ValueError`` for anything else."""
+        match = _WAITLIST_ID_RE.match(entry_id)
+        if match is None:
+            raise ValueError(f"not a waitlist entry id: {entry_id!r}")
+        shard = int(match.group(1))
+        if shard >= self.shards:
+            raise ValueError(f"id names shard {shard} but there are {self.shards}")
+        return shard
+
+    @staticmethod
+    def waitlist_reservation_id(entry_id: str) -> str:
+        """The one reservation a waitlist entry can become: the same shard and ULID, so a
+        handoff is idempotent and never places two holds for one entry (mirrored in
+        ``lua/lib/serve_waitlist.lua``)."""
+        return "rsv" + entry_id.removeprefix("wl")
+
+    def waitlist_entry(self, entry_id: str) -> str:
+        """Hash: one waitlist entry (state, partner, slot, units, expiry, FIFO sequence)."""
+        return f"{self.tag(self.shard_of_waitlist_id(entry_id))}:wl:{entry_id}"
+
+    def waitlist_index(self, resource_id: str, shard: int) -> str:
+        """Sorted set: the resource's slots with waiting entries (member ``<first>:<last>``
+        units) scored by last unit. Scripts that free units derive it from the unit root
+        (``<tag>:wli:<resource>``, mirrored in lua/lib/serve_waitlist.lua)."""
+        return f"{self.tag(shard)}:wli:{resource_id}"
+
+    def waitlist_queue(self, resource_id: str, first_unit: int, last_unit: int,
+                       shard: int) -> str:
+        """Sorted set: one slot's waiting entries scored by the shard's sequence (FIFO)."""
+        return (f"{self.tag(shard)}:wlq:{resource_id}:"
+                f"{first_unit}:{last_unit}")
+
+    def waitlist_sequence(self, shard: int) -> str:
+        """Counter: the FIFO order of waitlist entries of one shard."""
+        return f"{self.tag(shard)}:wlseq"
 
     # ---- scan patterns (only the tag's own keys: a pattern never spans tags) -----------
     def unit_pattern(self, shard: int) -> str:

@@ -169,6 +169,35 @@ PARTNER_HOLDS = Gauge(
     "Holds per partner over the reputation window, by outcome (placed|committed).",
     ["partner", "outcome"], multiprocess_mode="livemax", registry=REGISTRY)
 
+# Events out (issue 14). outcome of a delivery: one of WEBHOOK_DELIVERY_OUTCOMES (final
+# fates); of an attempt: one of WEBHOOK_ATTEMPT_OUTCOMES.
+WEBHOOK_DELIVERY_OUTCOMES = ("delivered", "failed", "dead")
+WEBHOOK_ATTEMPT_OUTCOMES = ("success", "retry", "final")
+WEBHOOK_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+WEBHOOK_DELIVERIES = Counter(
+    "slotguard_webhook_deliveries",
+    "Webhook deliveries that reached a final outcome (delivered|failed|dead).",
+    ["outcome"], registry=REGISTRY)
+WEBHOOK_ATTEMPTS = Counter(
+    "slotguard_webhook_attempts",
+    "Webhook delivery attempts, by outcome (success|retry|final).",
+    ["outcome"], registry=REGISTRY)
+WEBHOOK_ATTEMPT_SECONDS = Histogram(
+    "slotguard_webhook_attempt_seconds",
+    "Time of one webhook attempt, request to response (or timeout).",
+    buckets=WEBHOOK_SECONDS_BUCKETS, registry=REGISTRY)
+WEBHOOK_DEAD_DELIVERIES = Counter(
+    "slotguard_webhook_dead_deliveries",
+    "Webhook deliveries that went dead after the last attempt of the retry schedule.",
+    registry=REGISTRY)
+WEBHOOK_ENDPOINTS_DISABLED = Counter(
+    "slotguard_webhook_endpoints_disabled",
+    "Webhook endpoints disabled for failing longer than SLOTGUARD_WEBHOOK_DISABLE_AFTER_S.",
+    registry=REGISTRY)
+for _outcome in WEBHOOK_DELIVERY_OUTCOMES:
+    WEBHOOK_DELIVERIES.labels(outcome=_outcome)
+for _outcome in WEBHOOK_ATTEMPT_OUTCOMES:
+    WEBHOOK_ATTEMPTS.labels(outcome=_outcome)
 # Replay and parity (issue 17): events of the last parity run (the worker's cron, or
 # `slotguard parity`) that disagree with the audit log, by status (engine/parity.py).
 PARITY_STATUSES = ("diff", "missing", "extra")

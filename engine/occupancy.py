@@ -80,7 +80,7 @@ async def held_by(access: RedisAccess, keys: KeySpace, resource: Resource, start
                   end_ms: int) -> list[str]:
     """Distinct holders (reservation or hold ids) of live holds touching ``[start, end)``."""
     first, last = start_ms // resource.unit_ms, -(-end_ms // resource.unit_ms) - 1
-    reply = await access.call("read_units", [keys.unit_root(keys.shard_of(resource.id))],
+    reply = await access.call("read_units", [keys.unit_root(keys.shard_of(resource.shard_name))],
                               [resource.id, first, last, last - first + 1])
     if int(reply[0]) != Outcome.OK:
         raise ValidationError(str(reply[1]))
@@ -94,7 +94,7 @@ async def availability(access: RedisAccess, keys: KeySpace, resource: Resource,
     unit = resource.unit_ms
     first = (start_ms - resource.buffer_before_ms) // unit
     last = (end_ms + resource.buffer_after_ms) // unit - 1
-    shard = keys.shard_of(resource.id)
+    shard = keys.shard_of(resource.shard_name)
     reply = await access.call("read_units", [keys.unit_root(shard)],
                               [resource.id, first, last, last - first + 1])
     if int(reply[0]) != Outcome.OK:

@@ -79,7 +79,7 @@ async def load(conn, reservation_id: str) -> dict[str, Any]:
         "booking_id, failure_reason FROM reservations WHERE id = $1", reservation_id)
     booking = await conn.fetchrow(
         "SELECT id, resource_id, slot_start, slot_end, cancelled_at FROM bookings "
-        "WHERE reservation_id = $1", reservation_id)
+        "WHERE reservation_id = $1 AND item = 0", reservation_id)  # item 0: issue 16
     return {"audit": audit, "history": history, "row": row, "booking": booking}
 
 

@@ -30,6 +30,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # payments (issue 12): the partner of the booking, its vendor, ops
     "booking.cancel": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # hold transfer and waitlist (issue 16): only partners hold, so only partners hand over
+    "reservation.transfer-offer": frozenset({PARTNER}),
+    "reservation.transfer": frozenset({PARTNER}),
+    "waitlist.create": frozenset({PARTNER, SYSTEM}),
+    "waitlist.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "waitlist.withdraw": frozenset({PARTNER, OPS, ADMIN, SYSTEM}),
     # availability inputs (issue 13): a vendor key for its own vendor (require_vendor_scope)
     "availability.rules.read": frozenset({VENDOR, OPS, ADMIN, SYSTEM}),
     "availability.rules.write": frozenset({VENDOR, ADMIN, SYSTEM}),
@@ -43,6 +49,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin.resources.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.create": frozenset({ADMIN, SYSTEM}),
     "admin.keys.revoke": frozenset({ADMIN, SYSTEM}),
+    # events out (issue 14): each role manages its own tenancy's endpoints and stream
+    "webhooks.manage": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    "events.stream": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # resource groups (issue 16, pool): the vendor manages its own, admin any
+    "groups.write": frozenset({VENDOR, ADMIN, SYSTEM}),
+    "groups.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # Lists with cursors (issue 17): tenancy narrows partners and vendors to their own rows.
     "reservation.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     "booking.list": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),

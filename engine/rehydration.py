@@ -102,11 +102,12 @@ async def restore_booked_markers(access: RedisAccess, keys: KeySpace, catalog: R
         if booking.resource_id not in catalog:
             unknown.append(booking)
             continue
-        unit_ms = catalog.get(booking.resource_id).unit_ms
+        resource = catalog.get(booking.resource_id)
+        unit_ms = resource.unit_ms
         first, last = booking.block_start_ms // unit_ms, booking.block_end_ms // unit_ms - 1
         expires_at = booking.block_end_ms + settings.booked_marker_retention_ms
         calls.append(access.call("restore_markers",
-                                 [keys.unit_root(keys.shard_of(booking.resource_id))],
+                                 [keys.unit_root(keys.shard_of(resource.shard_name))],
                                  [booking.resource_id, first, last, booking.reservation_id,
                                   expires_at]))
         owners.append(booking.reservation_id)

@@ -48,6 +48,9 @@ class Moved:
     version: int
     deadline_ms: int
     reservation: Reservation | None = None
+    resource_id: str | None = None  # the member a pooled hold chose (issue 16)
+    # Holds the same script placed for waitlist entries on the units it freed (issue 16).
+    handoffs: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,9 @@ class Reservation:
     idempotency_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A multi-resource reservation's items (issue 16): (resource, slot start ms, slot end
+    # ms, first unit, last unit, block start ms, block end ms); None for one resource.
+    items: list[tuple] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,10 @@ class Placement:
     # caller checked none. The hold script refuses it as RULES_STALE once a newer one is
     # published beside the resource's units.
     rules_revision: str = ""
+    pool: Any = None  # engine.pool.PoolChoice: a pooled hold picks among these (issue 16)
+    # A multi-resource reservation (issue 16): every item as (resource, slot start ms, slot
+    # end ms, first unit, last unit, block start ms, block end ms), held all or nothing.
+    items: tuple | None = None
 
 
 class ReservationEngine:
@@ -157,7 +167,7 @@ class ReservationEngine:
         first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
         block_start, block_end = resource.unit_span_ms(first, last)
         return Placement(
-            reservation_id=reservation_id or self.keys.new_reservation_id(resource.id),
+            reservation_id=reservation_id or self.keys.new_reservation_id(resource.shard_name),
             partner_id=partner_id, vendor=vendor, resource=resource, start_ms=start_ms,
             end_ms=end_ms, first_unit=first, last_unit=last, block_start_ms=block_start,
             block_end_ms=block_end, requester_id=requester_id, metadata_text=metadata_text,
@@ -181,7 +191,7 @@ class ReservationEngine:
             for result in await asyncio.gather(*admission, return_exceptions=True):
                 if isinstance(result, BaseException):
                     raise result
-            return await self._hold(p.reservation_id, resource.id, argv)
+            return await self._hold(p.reservation_id, resource, argv, p.pool, p.items)
         # The cap entry expires with the deadline the new reservation will stop under (the
         # vendor's policy decides it), plus a margin for the clock between the two scripts:
         # no third call is needed to move it.
@@ -208,27 +218,94 @@ class ReservationEngine:
 
     async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
         try:
-            return await self._hold(p.reservation_id, p.resource.id, argv)
+            return await self._hold(p.reservation_id, p.resource, argv, p.pool, p.items)
         except EngineError:  # a definite answer: nothing was held, give the slot back
             if cap_added:
                 self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
             raise
 
-    async def _hold(self, reservation_id: str, resource_id: str, argv: list) -> Moved:
-        shard = self.keys.shard_of(resource_id)
+    async def _hold(self, reservation_id: str, resource: Resource, argv: list,
+                    pool: Any = None, items: tuple | None = None) -> Moved:
+        if items is not None:
+            return await self._hold_items(reservation_id, resource, argv, items)
+        if pool is not None:
+            return await self._hold_pooled(reservation_id, resource, argv, pool)
+        resource_id = resource.id
+        shard = self.keys.shard_of(resource.shard_name)
         reply = await call_with_retry(
             self.access,
             "create_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
-             self.keys.history(reservation_id), self.keys.fence(resource_id),
+             self.keys.history(reservation_id),
+             self.keys.fence(resource_id, resource.shard_name),
              self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard),
-             self.keys.availability_revision(resource_id)],
+             self.keys.availability_revision(resource_id, resource.shard_name)],
             argv,
         )
         if int(reply[0]) == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]))
+        if int(reply[0]) == Outcome.CONFLICT and len(reply) > 3:
+            self._handed_off(reply[3])  # the slot's waitlist came first (issue 16)
         raise error_for(reply, resource_id=resource_id,
                         details={"reservationId": reservation_id, "shard": shard})
+
+    async def _hold_pooled(self, reservation_id: str, resource: Resource, argv: list,
+                           pool: Any) -> Moved:
+        """A pooled hold (lua/create_pooled_reservation.lua): ``argv`` is the single-resource
+        creation's, re-laid for the pooled script with the candidates in strategy order."""
+        shard = self.keys.shard_of(resource.shard_name)
+        s = self.settings
+        candidates: list = []
+        for member, first, last, block_start, block_end in pool.candidates:
+            candidates += [member.id, first, last, block_start, block_end]
+        pooled_argv = [argv[0], argv[1], argv[2], pool.group_id, argv[4], argv[5], argv[6],
+                       "tightest" if pool.tightest else "first", s.pool_fit_window_units,
+                       argv[11], argv[12], argv[13], argv[14], argv[15], argv[16], argv[17],
+                       argv[18], argv[19], argv[20], len(pool.candidates), *candidates]
+        reply = await call_with_retry(
+            self.access, "create_pooled_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.fence_root(shard),
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
+            pooled_argv)
+        if int(reply[0]) == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
+                         resource_id=str(reply[6]))
+        raise error_for(reply, resource_id=None,
+                        details={"reservationId": reservation_id,
+                                 "resourceGroupId": pool.group_id})
+
+    async def _hold_items(self, reservation_id: str, resource: Resource, argv: list,
+                          items: tuple) -> Moved:
+        """A multi-resource hold (lua/create_multi_reservation.lua): every item or none."""
+        shard = self.keys.shard_of(resource.shard_name)
+        items_text = orjson.dumps([list(i) for i in items]).decode()
+        multi_argv = [argv[0], argv[1], argv[2], argv[4], argv[11], argv[12], argv[13],
+                      argv[14], argv[15], argv[16], argv[17], argv[18], argv[19], argv[20],
+                      items_text]
+        reply = await call_with_retry(
+            self.access, "create_multi_reservation",
+            [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
+             self.keys.history(reservation_id), self.keys.fence_root(shard),
+             self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
+            multi_argv)
+        if int(reply[0]) == Outcome.OK:
+            return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
+                         resource_id=resource.id)
+        conflicting = items[int(reply[3]) - 1][0] if int(reply[0]) == Outcome.CONFLICT \
+            else None
+        raise error_for(reply, resource_id=conflicting,
+                        details={"reservationId": reservation_id})
+
+    def _handed_off(self, flat) -> tuple:
+        """Holds a script placed for waitlist entries (issue 16): their cap slots pass from
+        the entries to the holds, queued (engine/waitlist.py)."""
+        from engine.waitlist import handoffs_from, pass_caps
+
+        handoffs = handoffs_from(flat)
+        if handoffs and self.limits is not None:
+            pass_caps(self.access, self.keys, handoffs)
+        return handoffs
 
     async def mark_ready(self, shards: list[int] | None = None) -> None:
         """Open shards for new holds (after their booked markers are rehydrated)."""
@@ -291,7 +368,7 @@ class ReservationEngine:
     async def modify(self, reservation_id: str, *, actor: str, resource: Resource,
                      start_ms: int, end_ms: int, expected_version: int | None = None,
                      metadata: dict[str, Any] | None = None, partner_scope: str = "",
-                     wait_cap: bool = True) -> Moved:
+                     wait_cap: bool = True, reason: str = "") -> Moved:
         """Move a live pre-commit reservation to ``[start_ms, end_ms)`` on ``resource`` (its
         own or another of its vendor's under the same hash tag) in ONE script
         (lua/modify_reservation.lua): all or nothing, same id, version + 1, deadline
@@ -308,7 +385,7 @@ class ReservationEngine:
         except ValueError:
             raise NotFound("reservation not found",
                            details={"reservationId": reservation_id}) from None
-        if self.keys.shard_of(resource.id) != shard:
+        if self.keys.shard_of(resource.shard_name) != shard:
             raise ModifyCrossShard(
                 "the resource lives under another shard's hash tag than the reservation: "
                 "a move there is not atomic yet", details={"reservationId": reservation_id,
@@ -324,12 +401,15 @@ class ReservationEngine:
             [reservation_id, actor, "" if expected_version is None else expected_version,
              partner_scope, resource.id, resource.vendor_id or "", start_ms, end_ms, first,
              last, block_start, block_end, s.max_hold_units, metadata_text(metadata),
-             s.record_retention_ms])
+             s.record_retention_ms, reason])
         code = int(reply[0])
         if code == Outcome.OK:
+            handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
-                         reservation_from(reservation_id, reply[5], reply[6]))
+                         reservation_from(reservation_id, reply[5], reply[6]), handoffs)
         if code == Outcome.EXPIRED:  # it ended: free its cap slot
+            if len(reply) > 4:
+                self._handed_off(reply[4])
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op="modify", resource_id=resource.id,
                         details={"reservationId": reservation_id})
@@ -351,13 +431,14 @@ class ReservationEngine:
                                                      start=0, num=limit)
 
     async def reap(self, shard: int, limit: int = 500) -> list[Moved]:
-        """Expire every overdue reservation of one shard (the reaper's tick)."""
-        moved = []
-        for reservation_id in await self.due(shard, limit):
-            result = await self.expire(reservation_id)
-            if result is not None:
-                moved.append(result)
-        return moved
+        """Expire every overdue reservation of one shard (the reaper's tick).
+
+        The expiries are sent at once (the access layer pipelines them in batches): one
+        at a time, a round trip each, the reaper fell seconds behind its deadlines under
+        load (issue 14, benchmarks/RESULTS.md)."""
+        results = await asyncio.gather(*(self.expire(reservation_id)
+                                         for reservation_id in await self.due(shard, limit)))
+        return [result for result in results if result is not None]
 
     async def _transition(self, reservation_id: str, op: str, actor: str,
                           expected_version: int | None, reason: str, metadata: str,
@@ -391,12 +472,16 @@ class ReservationEngine:
         if code == Outcome.OK:
             record = reservation_from(reservation_id, reply[5], reply[6]) if with_record \
                 else None
-            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record)
+            handoffs = self._handed_off(reply[7]) if len(reply) > 7 else ()
+            moved = Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]), record,
+                          handoffs)
             await self._settle_cap(reply[4], reservation_id, moved.state, moved.deadline_ms,
                                    wait_cap)
             return moved
         if code in (Outcome.HOLD_LOST, Outcome.EXPIRED, Outcome.AVAILABILITY_CHANGED):
-            # it ended: free its cap slot
+            # it ended: free its cap slot; the units it freed served the waitlist (issue 16)
+            if len(reply) > 5:
+                self._handed_off(reply[5])
             await self._settle_cap(reply[3], reservation_id, State(reply[1]), 0, wait_cap)
         raise error_for(reply, op=op, details={"reservationId": reservation_id})
 
@@ -452,6 +537,7 @@ def reservation_from(reservation_id: str, raw: list, history: list) -> Reservati
         metadata=orjson.loads(rec.get("md") or "{}"),
         history=[step for e in history
                  for step in _history_entries(reservation_id, e, rec)],
+        items=[tuple(i) for i in orjson.loads(rec["it"])] if rec.get("it") else None,
     )
 
 

@@ -25,6 +25,15 @@ class Resource:
     buffer_before_ms: int = 0
     buffer_after_ms: int = 0
     vendor_id: str = ""
+    # The string whose hash picks the resource's shard (engine/keys.py): its own id for
+    # resources created before migration 0011 (nothing moved), its vendor's id for newer
+    # ones, so a vendor's resources share one hash tag (pooled and multi-resource holds).
+    shard_key: str = ""
+
+    @property
+    def shard_name(self) -> str:
+        """What ``KeySpace.shard_of`` hashes for this resource."""
+        return self.shard_key or self.id
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.id):

@@ -60,11 +60,9 @@ from engine.reservations import (
 from engine.resources import MINUTE_MS, Resource, Vendor
 from engine.times import parse_range, parse_time
 
+MAX_ITEMS = 20  # items of one multi-resource reservation (issue 16)
 MAX_TTL_MS = 86_400_000  # the largest extension asked for; the hold's own limit is lower
 MIN_TTL_MS = 1_000
-MAX_SLOT_MINUTES = 7 * 24 * 60  # the longest availability slot asked for
-AVAILABILITY_QUERY = {"startTime", "endTime", "slotDuration", "includeConfidence",
-                      "resourceId"}
 AUDIT_QUERY = {"reservationId", "resourceId", "actor", "since", "until", "limit",
                "startingAfter"}
 # Kept for callers that named the old constant: the partner scope of system-created
@@ -102,20 +100,27 @@ class CreateRequest:
 
     vendor_id: str
     resource_id: str | None
-    slot_start: str
-    slot_end: str
+    slot_start: str | None
+    slot_end: str | None
     requester_id: str
     metadata: dict[str, Any] | None
     idempotency_key: str | None  # the body's idempotencyKey
     request_id: str = "-"
     fingerprint: str | None = None  # of the canonical request, when a key is given
     idempotency_header: str | None = None  # the Idempotency-Key header
+    resource_group_id: str | None = None  # a pooled hold (issue 16): a member is chosen
+    near_resource_id: str | None = None  # the adjacent strategy's anchor for this hold
+    near_zone: str | None = None  # or a zone of the adjacent group
+    # A multi-resource reservation (issue 16): (resourceId, slotStartTime, slotEndTime) each.
+    items: tuple[tuple[Any, Any, Any], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Created:
     moved: Moved
     vendor: Vendor
+    resource_id: str | None = None  # the resource held (a pooled hold's chosen member)
+    items: tuple | None = None  # a multi-resource reservation's (resource, start ms, end ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +145,14 @@ class _Replay(Exception):
 class ReservationService:
     def __init__(self, engine: ReservationEngine, catalog: CatalogCache, limits: Limits,
                  *, load_stored=None, rehydrate=None,
-                 idempotency: IdempotencyStore | None = None, availability=None) -> None:
+                 idempotency: IdempotencyStore | None = None, availability=None,
+                 on_bulk_release=None, groups=None) -> None:
         self.engine = engine
         # engine.availability_service.AvailabilityService (issue 13): the vendor's hours,
         # busy blocks, notice and horizon checked before a placement or a move.
         self.availability = availability
+        # engine.pool.GroupService: resource groups for pooled holds (issue 16).
+        self.groups = groups
         self.catalog = catalog
         self.limits = limits
         self.keys = engine.keys
@@ -156,6 +164,9 @@ class ReservationService:
         self._load_stored = load_stored
         # async () -> None: restore booked markers when Redis reports it lost them.
         self._rehydrate = rehydrate
+        # async (bulk id, at ms, actor, key id, reason, released, failed) -> None: the ops
+        # event of a bulk release (issue 14, engine/webhook_events.emit_bulk_release).
+        self._on_bulk_release = on_bulk_release
 
     # ---- who is asking ------------------------------------------------------------------
     @staticmethod
@@ -202,6 +213,15 @@ class ReservationService:
         """Everything creation checks before its first write, in the order of refusals."""
         require(principal, "reservation.create")
         vendor = await self.catalog.vendor(req.vendor_id)
+        if req.items is not None:
+            return await self._validate_items(vendor, req)
+        if req.resource_group_id is not None:
+            return await self._validate_pooled(principal, vendor, req)
+        for name, value in (("nearResourceId", req.near_resource_id),
+                            ("nearZone", req.near_zone)):
+            if value is not None:
+                raise ValidationError(f"{name} goes with resourceGroupId",
+                                      code="INVALID_FIELD", details={"field": name})
         resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
@@ -218,6 +238,102 @@ class ReservationService:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
         return vendor, resource, start_ms, end_ms
+
+    async def _validate_pooled(self, principal: Principal, vendor: Vendor, req: CreateRequest):
+        """A pooled create (issue 16): the group, then every member's grid, then the rest.
+        Answers the first member (its shard is every member's) and the PoolChoice."""
+        from engine.pool import PoolChoice
+
+        if req.resource_id is not None:
+            raise ValidationError("give resourceId or resourceGroupId, not both",
+                                  code="INVALID_FIELD", details={"field": "resourceGroupId"})
+        if self.groups is None:
+            raise ValidationError("resource groups are not enabled", code="INVALID_FIELD",
+                                  details={"field": "resourceGroupId"})
+        group, members = await self.groups.resolve(vendor, req.resource_group_id)
+        if req.near_resource_id is not None and (req.near_resource_id not in group.resource_ids
+                                                 or group.strategy != "adjacent"):
+            raise ValidationError("nearResourceId must be a member of an adjacent group",
+                                  code="INVALID_FIELD", details={"field": "nearResourceId"})
+        if req.near_zone is not None and (req.near_zone not in dict(group.zones)
+                                          or group.strategy != "adjacent"):
+            raise ValidationError("nearZone must be a zone of an adjacent group",
+                                  code="INVALID_FIELD", details={"field": "nearZone"})
+        start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
+                                       "slotEndTime")
+        by_id = {m.id: m for m in members}
+        candidates = []
+        for rid in group.candidate_order(req.near_resource_id, req.near_zone):
+            member = by_id[rid]
+            self._check_slot(member, start_ms, end_ms)
+            first, last = member.units(start_ms, end_ms, self.settings.max_hold_units)
+            candidates.append((member, first, last, *member.unit_span_ms(first, last)))
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
+        if vendor.payment_required and not self.engine.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured yet", details={"vendorId": vendor.id})
+        choice = PoolChoice(group.group_id, group.strategy == "best_fit", tuple(candidates))
+        return vendor, (members[0], choice), start_ms, end_ms
+
+    async def _validate_items(self, vendor: Vendor, req: CreateRequest):
+        """A multi-resource create (issue 16): 1..MAX_ITEMS items of the vendor's resources
+        under one hash tag, not overlapping one another; answers the first item's resource
+        and ("items", ...) for the engine (None for a single item: a plain create)."""
+        for name, value in (("slotStartTime", req.slot_start), ("slotEndTime", req.slot_end),
+                            ("resourceId", req.resource_id),
+                            ("resourceGroupId", req.resource_group_id),
+                            ("nearResourceId", req.near_resource_id),
+                            ("nearZone", req.near_zone)):
+            if value is not None:
+                raise ValidationError(f"items replace {name}", code="INVALID_FIELD",
+                                      details={"field": name})
+        if not req.items:
+            raise ValidationError("items must list at least one item", code="NO_ITEMS",
+                                  details={"field": "items"})
+        if len(req.items) > MAX_ITEMS:
+            raise ValidationError(f"a reservation has at most {MAX_ITEMS} items",
+                                  code="TOO_MANY_ITEMS",
+                                  details={"field": "items", "maximum": MAX_ITEMS,
+                                           "items": len(req.items)})
+        items, resources = [], []
+        for position, (resource_id, start, end) in enumerate(req.items):
+            resource = await self.catalog.resource(resource_id)
+            if resource.vendor_id and resource.vendor_id != vendor.id:
+                raise ValidationError("the resource does not belong to the vendor",
+                                      code="RESOURCE_VENDOR_MISMATCH",
+                                      details={"field": f"items[{position}].resourceId",
+                                               "resourceId": resource.id,
+                                               "vendorId": vendor.id})
+            start_ms, end_ms = parse_range(start, end, f"items[{position}].slotStartTime",
+                                           f"items[{position}].slotEndTime")
+            self._check_slot(resource, start_ms, end_ms)
+            first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
+            items.append((resource.id, start_ms, end_ms, first, last,
+                          *resource.unit_span_ms(first, last)))
+            resources.append(resource)
+        if len({self.keys.shard_of(r.shard_name) for r in resources}) > 1:
+            from engine.errors import GroupNotColocated
+
+            raise GroupNotColocated("the items' resources live under different shard hash "
+                                    "tags; re-key the vendor (slotguard rekey) first",
+                                    code="ITEMS_NOT_COLOCATED",
+                                    details={"field": "items", "vendorId": vendor.id})
+        for i, a in enumerate(items):
+            for b in items[:i]:
+                if a[0] == b[0] and a[3] <= b[4] and b[3] <= a[4]:
+                    raise ValidationError("two items overlap on one resource (buffers "
+                                          "included)", code="ITEMS_OVERLAP",
+                                          details={"field": "items", "resourceId": a[0]})
+        check_requester(req.requester_id)
+        check_metadata(req.metadata)
+        idempotency_key(req.idempotency_header, req.idempotency_key)
+        if vendor.payment_required and not self.engine.payments_enabled:
+            raise PaymentRequired("this vendor requires payment and no payment provider is "
+                                  "configured yet", details={"vendorId": vendor.id})
+        choice = ("items", tuple(items) if len(items) > 1 else None, tuple(items))
+        return vendor, (resources[0], choice), items[0][1], items[0][2]
 
     def _check_slot(self, resource: Resource, start_ms: int, end_ms: int) -> None:
         """The slot on the resource's unit grid and within the units one hold may cover."""
@@ -241,6 +357,12 @@ class ReservationService:
         docstring). With an Idempotency-Key the answer (a success or a definite client
         error) is stored for replay; a replay answers the stored bytes."""
         vendor, resource, start_ms, end_ms = await self.validate_create(principal, req)
+        pool = multi = listed = None
+        if isinstance(resource, tuple):  # pooled or items: (first resource, the choice)
+            resource, pool = resource
+            if isinstance(pool, tuple):  # ("items", items for the engine or None, all)
+                _, multi, listed = pool
+                pool = None
         scope = self.scope_of(principal)
         key = idempotency_key(req.idempotency_header, req.idempotency_key)
         placement = self.engine.placement(
@@ -248,8 +370,15 @@ class ReservationService:
             end_ms=end_ms, requester_id=req.requester_id,
             metadata_text=orjson.dumps(_with_request_id(req.metadata, req.request_id)).decode(),
             idempotency_key=key or "", triggered_by=principal.actor,
-            reservation_id=self._reservation_id(scope, resource.id, key))
-        placement = await self._check_availability(placement, start_ms, end_ms)
+            reservation_id=self._reservation_id(scope, resource.shard_name, key))
+        if pool is not None:  # issue 16: members the vendor's availability refuses drop out
+            placement = dataclasses.replace(
+                placement, pool=await self._available_members(vendor, pool, start_ms, end_ms))
+        elif multi is not None:  # issue 16: every item against the vendor's availability
+            await self._check_items_availability(vendor, multi)
+            placement = dataclasses.replace(placement, items=multi)
+        else:
+            placement = await self._check_availability(placement, start_ms, end_ms)
         claimed = False
 
         async def claim() -> None:
@@ -270,7 +399,11 @@ class ReservationService:
         except EngineError as exc:
             if isinstance(exc, HoldConflict):
                 metrics.HOLDS_CONFLICTED.inc()
-                exc = await self._readable_conflict(principal, exc, resource)
+                # A multi-resource conflict names its item's resource (issue 16).
+                named = exc.details.get("resourceId")
+                held = self.catalog.catalog.get(named) if named in self.catalog.catalog \
+                    else resource
+                exc = await self._readable_conflict(principal, exc, held)
             elif isinstance(exc, CapExceeded):
                 metrics.CAP_REJECTIONS.labels(scope="partner").inc()
             if not claimed:
@@ -286,7 +419,8 @@ class ReservationService:
                 self.idempotency.abandon_soon(scope, key, req.fingerprint)
             raise
         metrics.HOLDS_PLACED.inc()
-        status, body = render(Created(moved, vendor))
+        status, body = render(Created(moved, vendor, moved.resource_id or resource.id,
+                                      tuple(i[:3] for i in listed) if listed else None))
         if claimed:
             self.idempotency.complete_soon(scope, key, req.fingerprint, status, body)
         return Answer(status, body)
@@ -300,6 +434,29 @@ class ReservationService:
         revision = await self.availability.check_placement(placement.vendor,
                                                            placement.resource, start_ms, end_ms)
         return dataclasses.replace(placement, rules_revision=revision)
+
+    async def _available_members(self, vendor: Vendor, pool, start_ms: int, end_ms: int):
+        """Issue 16 with issue 13: a pooled hold's candidates the vendor's rules allow (busy
+        blocks may be per resource); none left: the first member's refusal (409)."""
+        if self.availability is None:
+            return pool
+        from engine import availability as av
+
+        rules = await self.availability.rules.get(vendor.id)
+        now = clock.now_ms()
+        allowed = tuple(c for c in pool.candidates
+                        if not av.refusals(rules, c[0].id, start_ms, end_ms, now))
+        if not allowed:
+            self.availability.refuse(rules, pool.candidates[0][0], start_ms, end_ms, now)
+        return dataclasses.replace(pool, candidates=allowed)
+
+    async def _check_items_availability(self, vendor: Vendor, items: tuple) -> None:
+        """Each item of a multi-resource reservation against the vendor's rules (409)."""
+        if self.availability is None:
+            return
+        for resource_id, start_ms, end_ms, *_ in items:
+            await self.availability.check_placement(
+                vendor, await self.catalog.resource(resource_id), start_ms, end_ms)
 
     async def _place(self, placement, admission: list[Awaitable]) -> Moved:
         try:
@@ -315,13 +472,13 @@ class ReservationService:
             await self._rehydrate()
             return await self.engine.place(placement)
 
-    def _reservation_id(self, scope: str, resource_id: str, key: str | None) -> str:
+    def _reservation_id(self, scope: str, shard_key: str, key: str | None) -> str:
         """With an idempotency key the id is derived from it, so a retry after a crash
         between the hold and the stored response lands on the same reservation."""
         if key is None:
-            return self.keys.new_reservation_id(resource_id)
+            return self.keys.new_reservation_id(shard_key)
         raw = hashlib.sha256(f"{scope}\n{key}".encode()).digest()[:16]
-        return f"rsv_{self.keys.shard_of(resource_id)}_{ULID.from_bytes(raw)}"
+        return f"rsv_{self.keys.shard_of(shard_key)}_{ULID.from_bytes(raw)}"
 
     async def _readable_conflict(self, principal: Principal, exc: HoldConflict,
                                  resource: Resource) -> HoldConflict:
@@ -469,8 +626,9 @@ class ReservationService:
         reason = check_reason(reason)
         self._known_id(reservation_id)
         await self.throttle(principal, client_ip)
-        return await self._apply(principal, reservation_id, "cancel", None, reason, None,
-                                 None, ("", ""))
+        # Who released it rides on the event (hold.manually_released, issue 14).
+        return await self._apply(principal, reservation_id, "cancel", None, reason,
+                                 {"releasedBy": principal.key_id}, None, ("", ""))
 
     async def bulk_release(self, principal: Principal, reason: Any, *,
                            reservation_ids: list[str] | None = None,
@@ -495,57 +653,24 @@ class ReservationService:
                                                         resource, start_ms, end_ms)
                                if h.startswith("rsv_")]
         released, failed = [], []
+        # One hold.bulk_released event names them all; each cancel carries its id (issue 14).
+        bulk_id = f"blk_{ULID()}"
+        marker = {"bulkReleaseId": bulk_id, "releasedBy": principal.key_id}
         for rid in reservation_ids or []:
             try:
                 self._known_id(rid)
-                moved = await self._apply(principal, rid, "cancel", None, reason, None, None,
+                moved = await self._apply(principal, rid, "cancel", None, reason, marker, None,
                                           ("", ""))
                 released.append({"reservationId": rid, "state": moved.state.value})
             except EngineError as exc:
                 failed.append({"reservationId": rid, "code": exc.code, "message": exc.message})
+        if released and self._on_bulk_release is not None:
+            await self._on_bulk_release(bulk_id, clock.now_ms(), principal.actor,
+                                        principal.key_id, reason, released, failed)
         return {"released": released, "failed": failed}
 
 
-    # ---- availability and audit ----------------------------------------------------------
-    async def availability(self, principal: Principal, vendor_id: str,
-                           pairs: list[tuple[str, str]], client_ip: str | None = None):
-        """Slots of a vendor's resource: who (403), what (404), then the query's rules."""
-        from engine import occupancy
-
-        require(principal, "availability.read")
-        if principal.role == VENDOR and principal.vendor_id != vendor_id:
-            raise NotFound(f"unknown vendor {vendor_id!r}", code="UNKNOWN_VENDOR",
-                           details={"vendorId": vendor_id})
-        query = query_dict(pairs, AVAILABILITY_QUERY)
-        vendor = await self.catalog.vendor(vendor_id)
-        resource = await self.catalog.resource(query.get("resourceId")
-                                               or vendor.default_resource_id)
-        for name in ("startTime", "endTime"):
-            if name not in query:
-                raise ValidationError(f"{name} is required", code="MISSING_PARAMETER",
-                                      details={"field": name})
-        start_ms = parse_time(query["startTime"], "startTime")
-        end_ms = parse_time(query["endTime"], "endTime")
-        slot_minutes = parse_int(query.get("slotDuration", "60"), "slotDuration", 1,
-                                 MAX_SLOT_MINUTES)
-        include_confidence = parse_bool(query.get("includeConfidence", "false"),
-                                        "includeConfidence")
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId"})
-        slot_ms = occupancy.check_query(resource, start_ms, end_ms, slot_minutes,
-                                        self.settings.max_query_range_ms)
-        # A read writes nothing: the limiter and the units go in one round trip.
-        result, *limited = await asyncio.gather(
-            occupancy.availability(self.engine.access, self.keys, resource, start_ms, end_ms,
-                                   slot_ms),
-            *self._rate_checks(principal, client_ip), return_exceptions=True)
-        await _first_error(limited)
-        if isinstance(result, BaseException):
-            raise result
-        return result, include_confidence
-
+    # ---- audit (availability: engine/availability_service.py, issue 13) ---------------------
     async def audit(self, principal: Principal, pool, pairs: list[tuple[str, str]],
                     client_ip: str | None = None) -> list:
         """Audit rows (ops, admin, system), filters checked before the limiter and Postgres."""

@@ -106,6 +106,28 @@ class Settings:
     # keeps a card authorization 7 days; the margin is one day).
     payment_capture_window_ms: int = 6 * 86_400_000
 
+    # Events out: webhooks and the live stream (issue 14).
+    webhook_timeout_ms: int = 5_000  # one delivery attempt, connect to last byte
+    # Delays (seconds, decimals allowed) between attempts: 8 delays = 9 attempts (~18 h).
+    webhook_retry_schedule_s: str = "5,30,120,600,1800,7200,21600,43200"
+    webhook_allow_private: bool = False  # accept private/loopback endpoint URLs (tests)
+    webhook_disable_after_s: int = 259_200  # an endpoint failing this long is disabled (3 d)
+    webhook_secret_overlap_s: int = 86_400  # a rotated-out secret keeps signing this long
+    webhook_poll_ms: int = 200  # the delivery loop looks for due deliveries this often
+    webhook_concurrency: int = 32  # attempts in flight per worker process
+    webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint
+    events_stream_heartbeat_ms: int = 15_000  # SSE comment line when nothing else was sent
+    events_stream_poll_ms: int = 250  # SSE reads new events this often
+
+    # Resource groups, pooled holds, optimizer (issue 16, pool).
+    pool_max_members: int = 200  # members one resource group may have
+    pool_fit_window_units: int = 8  # best_fit looks this many units each side of a stay
+    optimizer_min_gain_percent: int = 10  # `slotguard optimize --apply` moves only above it
+
+    # Hold transfer and waitlist handoff (issue 16).
+    transfer_offer_ttl_ms: int = 900_000  # an acceptance token lives this long by default
+    transfer_offer_max_ttl_ms: int = 86_400_000  # the longest ttlMs an offer may ask for
+    waitlist_max_ttl_ms: int = 7 * 86_400_000  # the longest ttlMs a waitlist entry may ask
     # Replay and parity (issue 17): the worker's parity cron (jobs/parity.py).
     parity_interval_s: int = 300  # 0: no parity cron in the worker
     parity_window_s: int = 3_600  # reservations changed within this window are replayed
@@ -173,6 +195,14 @@ class Settings:
                     " with SLOTGUARD_REDIS_CLUSTER=true, REDIS_URL is a seed node "
                     "(redis://host:port)")
         try:
+            webhook_retry_schedule(self.webhook_retry_schedule_s)
+        except ValueError as exc:
+            raise SettingsError(f"SLOTGUARD_WEBHOOK_RETRY_SCHEDULE_S: {exc}") from None
+        if min(self.webhook_timeout_ms, self.webhook_concurrency,
+               self.webhook_endpoint_concurrency) < 1:
+            raise SettingsError("SLOTGUARD_WEBHOOK_TIMEOUT_MS, SLOTGUARD_WEBHOOK_CONCURRENCY "
+                                "and SLOTGUARD_WEBHOOK_ENDPOINT_CONCURRENCY must be >= 1")
+        try:
             trusted_networks(self.trusted_proxies)
         except ValueError as exc:
             raise SettingsError(f"SLOTGUARD_TRUSTED_PROXIES: {exc}") from None
@@ -184,6 +214,14 @@ def trusted_networks(spec: str) -> tuple:
 
     return tuple(ipaddress.ip_network(part.strip(), strict=False)
                  for part in spec.split(",") if part.strip())
+
+
+def webhook_retry_schedule(spec: str) -> tuple[float, ...]:
+    """``SLOTGUARD_WEBHOOK_RETRY_SCHEDULE_S`` parsed: the delays (s) between attempts."""
+    delays = tuple(float(part) for part in spec.split(",") if part.strip())
+    if not delays or any(not 0 <= d <= 7 * 86_400 for d in delays):
+        raise ValueError(f"need comma-separated delays of 0..604800 s, got {spec!r}")
+    return delays
 
 
 def env_name(field_name: str) -> str:

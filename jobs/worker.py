@@ -8,6 +8,7 @@ background task (one blocking reader per shard). Cron jobs:
 - ``reap`` (every ``SLOTGUARD_REAPER_INTERVAL_MS``, default every second): expires overdue
   reservations and emits their events exactly once, even with several workers racing.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
+- webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 - ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
   recently changed reservations against their audit rows (jobs/parity.py, issue 17).
@@ -42,6 +43,8 @@ from redis.exceptions import RedisError
 from engine.errors import UnsafeRedis
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.db import create_pool
+from engine.webhook_delivery import Dispatcher
 from jobs.commit_queue import CommitQueue
 from jobs.parity import parity_job
 from jobs.reconcile import reconcile
@@ -76,12 +79,19 @@ async def startup(ctx: dict) -> None:
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
+    # Webhook delivery (issue 14): its own task and its own Postgres connections, so a slow
+    # receiver never holds the drain and a busy drain never starves the deliveries.
+    ctx["webhook_pool"] = await create_pool(settings, max_size=4)
+    ctx["webhooks"] = asyncio.create_task(
+        Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
 
 
 async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
-        await asyncio.gather(ctx["drain"], return_exceptions=True)
+        await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
+    if "webhook_pool" in ctx:
+        await ctx["webhook_pool"].close()
     if ctx.get("payments") is not None:
         await ctx["payments"].provider.close()
     if "rt" in ctx:
@@ -91,9 +101,9 @@ async def shutdown(ctx: dict) -> None:
 async def reap(ctx: dict) -> int:
     """Expire overdue reservations on every shard. Idempotent: racing reapers emit once."""
     rt: Runtime = ctx["rt"]
-    moved = 0
-    for shard in range(rt.keys.shards):
-        moved += len(await rt.reservations.reap(shard))
+    # every shard at once: their expiries share the access layer's pipelined batches
+    moved = sum(map(len, await asyncio.gather(*(rt.reservations.reap(shard)
+                                                  for shard in range(rt.keys.shards)))))
     metrics = ctx.get("metrics")
     if metrics is not None:
         await metrics.observe_queues(ctx["queue"])

@@ -35,7 +35,11 @@
            ('' = no check); another revision in KEYS[8] ('0' when absent) is RULES_STALE
   Returns: {1, state, version, deadline_ms, fence_token, created_at_ms}; a retry of a
            creation that already landed returns the same reply
-  Errors (negative integers): -1 CONFLICT (+ holder, + unit index), -2 INVALID (+ reason),
+  Derived keys (issue 16, waitlist handoff): before taking units the resource's waitlist is
+  served (lua/lib/serve_waitlist.lua, keys built from the unit root, same hash tag), so a
+  slot whose hold lapsed goes to its oldest waiting entry, never to this caller first.
+  Errors (negative integers): -1 CONFLICT (+ holder, + unit index[, + {handoffs}: holds placed
+           for waitlist entries by this call, as lua/transition.lua reports them]), -2 INVALID (+ reason),
            -3 HOLD_ID_REUSED, -18 NOT_READY (booked markers not rehydrated since Redis lost data),
            -25 RULES_STALE (+ the revision now published)
 ]]
@@ -47,6 +51,7 @@
 --@include lib/emit_transition.lua
 --@include lib/walk_auto_steps.lua
 --@include lib/settle.lua
+--@include lib/serve_waitlist.lua
 
 local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
 local fence_key, events_key, deadlines_key, ready_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -86,8 +91,14 @@ if KEYS[8] and ARGV[22] and ARGV[22] ~= '' then
   if published ~= ARGV[22] then return {OUTCOME.RULES_STALE, published} end
 end
 
+-- Waiting entries first (issue 16): a slot whose hold lapsed is theirs before it is ours.
+local handoffs = serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last,
+  now_ms())
 local holder, at = first_conflict(unit_root, resource, first, last, id)
-if holder then return {OUTCOME.CONFLICT, holder, at} end
+if holder then
+  if #handoffs > 0 then return {OUTCOME.CONFLICT, holder, at, handoffs} end
+  return {OUTCOME.CONFLICT, holder, at}
+end
 
 local now = now_ms()
 local cr, pr = ARGV[12] == '1', ARGV[13] == '1'

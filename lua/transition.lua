@@ -27,25 +27,35 @@
   ARGV[17] tenancy: the caller's partner scope ('' = any); another partner's id is NOT_FOUND
   ARGV[18] tenancy: the caller's vendor ('' = any); another vendor's id is NOT_FOUND
   ARGV[19] '1': the reply also carries the record and history as they are after the call
-  Returns: {1, state, version, deadline_ms, partner id[, {field, value, ...}, {history JSON, ...}]}
+  Derived keys (issue 16, waitlist handoff): a call that frees units serves the resource's
+  waitlist in this same script (lua/lib/serve_waitlist.lua), building the waitlist, record
+  and fence keys it needs from the unit root (same hash tag, as unit keys are).
+  Returns: {1, state, version, deadline_ms, partner id[, {field, value, ...}, {history JSON, ...}]
+           [, {handoff reservation id, partner id, entry id, deadline, ...}]}: the handoffs
+           (holds placed for waitlist entries) come 8th, after the record and history (empty
+           lists when not asked for), and only when there are some
   Errors (negative integers): -2 INVALID (+ reason), -4 NOT_FOUND, -6 EXTENSION_LIMIT,
            -7 MAX_DURATION, -8 INVALID_TRANSITION (+ current state), -9 VERSION_MISMATCH
            (+ current version), -10 HOLD_LOST (now FAILED_AVAILABILITY_CHANGED, + state, + version, + partner),
            -11 TERMINAL (+ state), -16 EXPIRED (overdue: now expired, + state, + version, + partner),
            -17 NOT_DUE (expire before the deadline: + deadline),
            -26 AVAILABILITY_CHANGED (the record is flagged by lua/availability_flag.lua: now
-           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons)
+           FAILED_AVAILABILITY_CHANGED, + state, + version, + partner, + reasons),
+           -27 SLOT_REFUSED (extend of a slot that has begun: + 'in_past'),
            -45 EXTEND_NOT_LATER (now + ttl is not after the deadline: nothing spent,
-           + deadline, + now + ttl)
+           + deadline, + now + ttl);
+           HOLD_LOST, EXPIRED and AVAILABILITY_CHANGED carry the handoffs 6th (after the
+           reasons, '' for the first two) when there are some
 ]]
 --@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
---@include lib/owns_all.lua
+--@include lib/owns_items.lua
 --@include lib/load_reservation.lua
 --@include lib/emit_transition.lua
 --@include lib/walk_auto_steps.lua
 --@include lib/settle.lua
+--@include lib/serve_waitlist.lua
 
 local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
 local events_key, deadlines_key = KEYS[4], KEYS[5]
@@ -56,10 +66,16 @@ local ttl = {hold = tonumber(ARGV[8]), confirmed = tonumber(ARGV[9]),
 local retention, marker_retention = tonumber(ARGV[11]), tonumber(ARGV[12])
 
 -- The reply of a successful call: what the caller's response shows, as this call left it.
-local function answer(state, version, deadline, partner)
-  if ARGV[19] ~= '1' then return {OUTCOME.OK, state, version, deadline, partner} end
-  return {OUTCOME.OK, state, version, deadline, partner, redis.call('HGETALL', record_key),
-    redis.call('LRANGE', history_key, 0, -1)}
+local function answer(state, version, deadline, partner, handoffs)
+  local out = {OUTCOME.OK, state, version, deadline, partner}
+  if ARGV[19] == '1' then
+    out[6] = redis.call('HGETALL', record_key)
+    out[7] = redis.call('LRANGE', history_key, 0, -1)
+  end
+  if handoffs and #handoffs > 0 then
+    out[6] = out[6] or {}; out[7] = out[7] or {}; out[8] = handoffs
+  end
+  return out
 end
 
 if not retention or not marker_retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
@@ -122,8 +138,23 @@ local function apply(path, why, code)
   redis.call('HSET', record_key, unpack(fields))
   settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention,
     marker_retention, now)
-  if code then return {code, final, v, rec.p} end
-  return answer(final, v, deadline, rec.p)
+  local handoffs
+  if TERMINAL[final] and final ~= 'COMMITTED' then
+    -- The units are free: the resource's waitlist is served before anyone else can take them.
+    -- Every item of a multi-resource reservation frees its units: each serves its waitlist.
+    handoffs = {}
+    for _, item in ipairs(items_of(rec)) do
+      for _, h in ipairs(serve_waitlist(unit_root, events_key, deadlines_key, item.rs, item.f,
+          item.l, now)) do
+        handoffs[#handoffs + 1] = h
+      end
+    end
+  end
+  if code then
+    if handoffs and #handoffs > 0 then return {code, final, v, rec.p, '', handoffs} end
+    return {code, final, v, rec.p}
+  end
+  return answer(final, v, deadline, rec.p, handoffs)
 end
 
 if op == 'expire' then
@@ -140,15 +171,17 @@ if op == 'extend' then
   -- An extension that cannot move the deadline later spends nothing (issue 17).
   if now + ext_ttl <= rec.dl then return {OUTCOME.EXTEND_NOT_LATER, rec.dl, now + ext_ttl} end
   if rec.x >= max_ext then return {OUTCOME.EXTENSION_LIMIT} end
+  -- Issue 13: a slot that has begun is in the past; holding it longer holds nothing.
+  if (tonumber(rec.s) or math.huge) <= now then return {OUTCOME.SLOT_REFUSED, 'in_past'} end
   if unavailable then
     local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
       OUTCOME.AVAILABILITY_CHANGED)
-    reply[#reply + 1] = unavailable
+    reply[5] = unavailable
     return reply
   end
   local deadline = now + ext_ttl
   if deadline - tonumber(rec.c) > max_total then return {OUTCOME.MAX_DURATION} end
-  if not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+  if not owns_items(unit_root, rec, id) then
     return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
   end
   local v = rec.v + 1
@@ -174,7 +207,7 @@ if overdue then
 end
 
 local forward = action.to ~= 'CANCELLED' and action.to:sub(1, 7) ~= 'FAILED_'
-if forward and PRE_COMMIT[state] and not owns_all(unit_root, rec.rs, rec.f, rec.l, id) then
+if forward and PRE_COMMIT[state] and not owns_items(unit_root, rec, id) then
   -- Mandatory revalidation: the hold lost a unit, so the slot changed under us.
   return apply({'FAILED_AVAILABILITY_CHANGED'}, 'hold lost', OUTCOME.HOLD_LOST)
 end
@@ -182,7 +215,7 @@ end
 if forward and PRE_COMMIT[state] and unavailable then
   local reply = apply({'FAILED_AVAILABILITY_CHANGED'}, 'availability changed: ' .. unavailable,
     OUTCOME.AVAILABILITY_CHANGED)
-  reply[#reply + 1] = unavailable
+  reply[5] = unavailable
   return reply
 end
 

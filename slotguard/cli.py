@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "slotguard.cli_up",  # up (embedded servers + api + worker)
     "slotguard.cli_bench",  # bench (benchmarks/)
     "slotguard.chaos",  # chaos (the fault suite's long forms, issue 11)
+    "slotguard.cli_pool",  # rekey, optimize (issue 16, pool)
     "slotguard.cli_replay",  # replay, parity (issue 17)
     "slotguard.cli_availability",  # availability: schedules, busy blocks, calendars (issue 13)
     "slotguard.cli_status",  # status (issue 17)
@@ -36,7 +37,9 @@ SUBCOMMAND_MODULES: list[str] = [
 # from the `.slotguard/env` that `slotguard up` writes, else the defaults (slotguard/
 # envfile.py), and say which on stderr. `up` is not one: it decides its own servers.
 SERVER_COMMANDS = {"serve", "worker", "migrate", "partners", "vendors", "keys", "bench",
-                   "status", "replay", "parity"}
+                   "status", "replay", "parity", "availability"}
+# Long-running servers keep stderr for their logs (one line per refusal at start).
+QUIET_COMMANDS = {"serve", "worker"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (envfile.EnvFileError, OSError) as exc:
             return cli_errors.fail(prog, str(exc), cli_errors.RUNTIME_EXIT)
         args.servers = servers  # where each came from (the environment now holds them all)
-        if getattr(args, "announce_servers", True):
+        # `bench --target URL` uses no server of ours: it names its target itself.
+        if getattr(args, "announce_servers", args.command not in QUIET_COMMANDS) \
+                and not getattr(args, "target", None):
             print(f"{prog}: {servers.describe()}", file=sys.stderr, flush=True)
     return cli_errors.run(args.func, args, prog=prog, debug=debug, servers=servers)
 

@@ -320,11 +320,57 @@ class _Routes:
 
     def audit(self, *, reservation_id: str | None = None, resource_id: str | None = None,
               actor: str | None = None, since: str | None = None, until: str | None = None,
-              limit: int | None = None):
+              limit: int | None = None, starting_after: str | None = None):
         params = _clean({"reservationId": reservation_id, "resourceId": resource_id,
-                         "actor": actor, "since": since, "until": until, "limit": limit})
+                         "actor": actor, "since": since, "until": until, "limit": limit,
+                         "startingAfter": starting_after})
         return self._run(Call("GET", "/v1/ops/audit", params=params,
                               result=schemas.AuditPage))
+
+    # Lists with cursors: one page each (``data``, ``next_cursor``); ``pages()`` walks them.
+    def list_reservations(self, *, state: str | None = None, vendor_id: str | None = None,
+                          from_time: str | None = None, to_time: str | None = None,
+                          limit: int | None = None, starting_after: str | None = None):
+        """``GET /v1/reservations`` (a partner sees its own) → ReservationList."""
+        from api import schemas_lists
+
+        params = _clean({"state": state, "vendorId": vendor_id, "from": from_time,
+                         "to": to_time, "limit": limit, "startingAfter": starting_after})
+        return self._run(Call("GET", "/v1/reservations", params=params,
+                              result=schemas_lists.ReservationList))
+
+    def list_bookings(self, *, vendor_id: str | None = None, from_time: str | None = None,
+                      to_time: str | None = None, limit: int | None = None,
+                      starting_after: str | None = None):
+        from api import schemas_lists
+
+        params = _clean({"vendorId": vendor_id, "from": from_time, "to": to_time,
+                         "limit": limit, "startingAfter": starting_after})
+        return self._run(Call("GET", "/v1/bookings", params=params,
+                              result=schemas_lists.BookingList))
+
+    def list_partners(self, *, limit: int | None = None, starting_after: str | None = None):
+        from api import schemas_lists
+
+        return self._run(Call("GET", "/v1/admin/partners", result=schemas_lists.PartnerList,
+                              params=_clean({"limit": limit, "startingAfter": starting_after})))
+
+    def list_vendors(self, *, limit: int | None = None, starting_after: str | None = None):
+        from api import schemas_lists
+
+        return self._run(Call("GET", "/v1/admin/vendors", result=schemas_lists.VendorList,
+                              params=_clean({"limit": limit, "startingAfter": starting_after})))
+
+    def list_keys(self, *, role: str | None = None, partner_id: str | None = None,
+                  vendor_id: str | None = None, limit: int | None = None,
+                  starting_after: str | None = None):
+        """``GET /v1/admin/keys``: records, never a secret → ApiKeyList."""
+        from api import schemas_lists
+
+        params = _clean({"role": role, "partnerId": partner_id, "vendorId": vendor_id,
+                         "limit": limit, "startingAfter": starting_after})
+        return self._run(Call("GET", "/v1/admin/keys", params=params,
+                              result=schemas_lists.ApiKeyList))
 
     # Management (role admin).
     def create_partner(self, partner_id: str, name: str | None = None):

@@ -34,10 +34,13 @@ API_URL = "SLOTGUARD_API_URL"
 UP_PID = "SLOTGUARD_UP_PID"
 # What the file may carry, in the order it is written. Anything else in it is ignored.
 SERVER_VARS = (API_URL, "REDIS_URL", "DATABASE_URL")
-DATA_VARS = ("SLOTGUARD_DB_SCHEMA", "SLOTGUARD_KEY_PREFIX", "SLOTGUARD_SHARDS")
+DATA_VARS = ("SLOTGUARD_DB_SCHEMA", "SLOTGUARD_KEY_PREFIX", "SLOTGUARD_SHARDS",
+             # `slotguard up --cluster N` (issue 15): how to talk to the file's Redis
+             "SLOTGUARD_REDIS_CLUSTER", "SLOTGUARD_ARQ_REDIS_URL")
 KNOWN_VARS = (*SERVER_VARS, *DATA_VARS, UP_PID)
 DATA_SERVER = {"SLOTGUARD_DB_SCHEMA": "DATABASE_URL", "SLOTGUARD_KEY_PREFIX": "REDIS_URL",
-               "SLOTGUARD_SHARDS": "REDIS_URL"}
+               "SLOTGUARD_SHARDS": "REDIS_URL", "SLOTGUARD_REDIS_CLUSTER": "REDIS_URL",
+               "SLOTGUARD_ARQ_REDIS_URL": "REDIS_URL"}
 
 _LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 

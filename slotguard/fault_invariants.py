@@ -83,6 +83,7 @@ class Stores:
     unit_ms: dict[str, int]  # resource id -> unit length
     dead_letters: int
     stream_backlog: int  # entries still in the commit streams (pending or not)
+    shard_keys: dict[str, str] | None = None  # resource id -> shard key (migration 0011)
 
 
 async def check(calls: list[Call], settings: Settings, *,
@@ -194,8 +195,9 @@ async def _read(calls, settings: Settings, keys: KeySpace, redis) -> Stores:
         history: dict[str, list[str]] = {}
         for r in await conn.fetch("SELECT reservation_id, event_id FROM reservation_history"):
             history.setdefault(r["reservation_id"], []).append(r["event_id"])
-        unit_ms = {r["id"]: r["unit_minutes"] * 60_000
-                   for r in await conn.fetch("SELECT id, unit_minutes FROM resources")}
+        rows = await conn.fetch("SELECT id, unit_minutes, shard_key FROM resources")
+        unit_ms = {r["id"]: r["unit_minutes"] * 60_000 for r in rows}
+        shard_keys = {r["id"]: r["shard_key"] for r in rows}
         dead_pg = await conn.fetchval("SELECT count(*) FROM dead_letters")
         await conn.execute("COMMIT")
     finally:
@@ -215,7 +217,8 @@ async def _read(calls, settings: Settings, keys: KeySpace, redis) -> Stores:
         except aioredis.ResponseError:  # no group yet (no worker started on this Redis)
             pass
     return Stores(records, pg_rows, bookings, audit, history, unit_ms,
-                  dead_letters=max(dead_pg, dead_redis), stream_backlog=backlog)
+                  dead_letters=max(dead_pg, dead_redis), stream_backlog=backlog,
+                  shard_keys=shard_keys)
 
 
 # ---- the checks -----------------------------------------------------------------------
@@ -328,7 +331,7 @@ async def _check_units(s: Stores, keys: KeySpace, redis) -> list[str]:
             continue
         block = range(int(red["bs"]) // unit, (int(red["be"]) - 1) // unit + 1)
         for index in block:
-            key = keys.unit(resource, index)
+            key = f"{keys.unit_root(keys.shard_of_id(rid))}{resource}:{index}"
             if state == "COMMITTED":
                 expect[key] = f"B|{rid}"
             elif state in LIVE:
@@ -338,7 +341,8 @@ async def _check_units(s: Stores, keys: KeySpace, redis) -> list[str]:
     for rid, b in booked.items():
         unit = s.unit_ms[b["resource_id"]]
         for index in range(b["block_start"] // unit, (b["block_end"] - 1) // unit + 1):
-            expect[keys.unit(b["resource_id"], index)] = f"B|{rid}"
+            expect[keys.unit(b["resource_id"], index,
+                             (s.shard_keys or {}).get(b["resource_id"]))] = f"B|{rid}"
     out = []
     names = sorted(set(expect) | set(leaks))
     pipe = redis.pipeline(transaction=False)

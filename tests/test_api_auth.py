@@ -45,6 +45,9 @@ ALLOWED = {
     "busy-blocks": VENDORS | {"admin", "system"},
     "busy-block-delete": VENDORS | {"admin", "system"},
     "calendar": VENDORS | {"admin", "system"},
+    # issue 13's reads, as operations of their own (issue 17 counts operations, not paths)
+    "schedule-read": VENDORS | {"ops", "admin", "system"},
+    "busy-blocks-read": VENDORS | {"ops", "admin", "system"},
     "release": {"ops", "admin", "system"},
     "bulk-release": {"ops", "admin", "system"},
     "audit": {"ops", "admin", "system"},
@@ -53,12 +56,30 @@ ALLOWED = {
     "admin-resources": {"admin", "system"},
     "admin-keys": {"admin", "system"},
     "admin-revoke": {"admin", "system"},
+    # resource groups (issue 16, pool): the vendor its own, admin any; reads by every role
+    "group-create": {"vendor", "vendor-other", "admin", "system"},
+    "group-read": ALL,
+    "group-availability": ALL,
+    # hold transfer and waitlist (issue 16)
+    "transfer-offers": PARTNERS,
+    "transfer": PARTNERS,
+    "waitlist-create": PARTNERS | {"system"},
+    "waitlist-read": ALL,
+    "waitlist-withdraw": PARTNERS | {"ops", "admin", "system"},
     # Lists with cursors (issue 17): partners and vendors see their own rows only.
     "list-reservations": ALL,
     "list-bookings": ALL,
     "admin-list-partners": {"admin", "system"},
     "admin-list-vendors": {"admin", "system"},
     "admin-list-keys": {"admin", "system"},
+    # events out (issue 14): every role manages its own tenancy's endpoints and stream
+    "webhooks": ALL,
+    "webhook": ALL,
+    "webhook-rotate": ALL,
+    "webhook-test": ALL,
+    "webhook-deliveries": ALL,
+    "webhook-retry": ALL,
+    "events-stream": ALL,
     # payments (issue 12)
     "admin-vendor-terms": {"admin", "system"},
     "booking-cancel": ALL,
@@ -66,15 +87,39 @@ ALLOWED = {
 LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings",
          "admin-list-partners": "/v1/admin/partners", "admin-list-vendors": "/v1/admin/vendors",
          "admin-list-keys": "/v1/admin/keys"}
+# Allowed, on an endpoint that does not exist (404), or with a bad filter (400: decided
+# after the permission check).
+WEBHOOK_MISSING = {"webhook", "webhook-rotate", "webhook-test", "webhook-deliveries",
+                   "webhook-retry"}
+GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
-                  "requester-authorization", "commit", "cancel", "extend", "modify"}
+                  "requester-authorization", "commit", "cancel", "extend", "modify",
+                  # p1's reservation or waitlist entry on v-confirm (issue 16)
+                  "transfer-offers", "waitlist-read", "waitlist-withdraw"}
 _ids = itertools.count(1)
 
 
 async def _request(client, world, route: str, key: str | None, rid: str):
     n = next(_ids)
     headers = world.auth(key) if key else {}
+    if route == "transfer-offers":
+        return await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                                 headers=headers)
+    if route == "transfer":  # an open offer of p1's: p1 itself is refused with 409
+        r = await client.post(f"/v1/reservations/{rid}/transfer-offers", json={},
+                              headers=world.auth("p1"))
+        return await client.post(f"/v1/reservations/{rid}/transfer",
+                                 json={"acceptanceToken": r.json()["acceptanceToken"]},
+                                 headers=headers)
+    if route == "waitlist-create":
+        return await client.post("/v1/waitlist", json={**_waitlist_body(n)}, headers=headers)
+    if route in ("waitlist-read", "waitlist-withdraw"):
+        r = await client.post("/v1/waitlist", json=_waitlist_body(n),
+                              headers=world.auth("p1"))
+        entry = r.json()["waitlistEntryId"]
+        method = client.get if route == "waitlist-read" else client.delete
+        return await method(f"/v1/waitlist/{entry}", headers=headers)
     if route == "create":
         return await client.post("/v1/reservations", json=create_body(start=600 + 60 * n),
                                  headers=headers)
@@ -100,9 +145,17 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/vendors/v-confirm/busy-blocks",
                                  json={"start": at(-10_000), "end": at(-9_000)},
                                  headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-read":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "busy-block-delete":
         return await client.delete("/v1/vendors/v-confirm/busy-blocks/blk_nosuchblock",
                                    headers=headers)
+    if route == "schedule-read":
+        return await client.get("/v1/vendors/v-confirm/schedule", headers=headers)
+    if route == "busy-blocks-read":
+        return await client.get("/v1/vendors/v-confirm/busy-blocks", headers=headers)
     if route == "calendar":
         return await client.put("/v1/vendors/v-confirm/calendars/cal1",
                                 content=b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:t\r\n"
@@ -136,9 +189,45 @@ async def _request(client, world, route: str, key: str | None, rid: str):
                                   headers=headers)
     if route == "booking-cancel":
         return await client.post("/v1/bookings/bkg_nosuchbooking/cancel", headers=headers)
+    if route == "webhooks":  # a public address literal: no DNS needed
+        return await client.post("/v1/webhook-endpoints", headers=headers,
+                                 json={"url": "https://93.184.216.34/hook", "events": ["*"]})
+    missing = "/v1/webhook-endpoints/whe_nosuchendpoint"
+    if route == "webhook":
+        return await client.get(missing, headers=headers)
+    if route == "webhook-rotate":
+        return await client.post(f"{missing}/rotate-secret", headers=headers)
+    if route == "webhook-test":
+        return await client.post(f"{missing}/test", headers=headers)
+    if route == "webhook-deliveries":
+        return await client.get(f"{missing}/deliveries", headers=headers)
+    if route == "webhook-retry":
+        return await client.post(f"{missing}/deliveries/dlv_x/retry", headers=headers)
+    if route == "events-stream":
+        return await client.get("/v1/events/stream", params={"types": "nope"},
+                                headers=headers)
+    groups = "/v1/vendors/v-confirm/resource-groups"
+    if route == "group-create":
+        return await client.post(groups, json={"groupId": f"g{n}", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"}, headers=headers)
+    if route in ("group-read", "group-availability"):
+        made = await client.post(groups, json={"groupId": "g-auth", "resourceIds": ["v-confirm"],
+                                               "strategy": "first_fit"},
+                                 headers=world.auth("admin"))
+        assert made.status_code in (201, 409), made.text
+        if route == "group-read":
+            return await client.get(f"{groups}/g-auth", headers=headers)
+        return await client.get(f"{groups}/g-auth/availability",
+                                params={"startTime": at(0), "endTime": at(60)},
+                                headers=headers)
     if route in LISTS:
         return await client.get(LISTS[route], headers=headers)
     raise AssertionError(route)
+
+
+def _waitlist_body(n: int) -> dict:
+    body = create_body(start=199_980 + 60 * n)
+    return {**body, "ttlMs": 60_000}
 
 
 async def _fresh_reservation(client, world) -> str:
@@ -166,12 +255,17 @@ async def _auth_matrix(client, world):
             elif route in ON_RESERVATION and key in OTHER_TENANT:
                 expected = {404}
             elif route in ("availability", "schedule", "busy-blocks", "busy-block-delete",
-                           "calendar") and key == "vendor-other":
+                           "calendar", "schedule-read", "busy-blocks-read") \
+                    and key == "vendor-other":
                 expected = {404}  # a vendor key reads its own vendor only
+            elif route in GROUP_ROUTES and key == "vendor-other":
+                expected = {404}  # a vendor key manages and reads its own groups only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
-            elif route in ("admin-revoke", "booking-cancel"):
-                expected = {404}  # allowed; the key (booking) does not exist
+            elif route in ("admin-revoke", "booking-cancel") or route in WEBHOOK_MISSING:
+                expected = {404}  # allowed; the key (endpoint, booking) does not exist
+            elif route == "events-stream":
+                expected = {400}
             else:
                 expected = {200, 201, 202, 409}  # allowed (409: the state refuses the action)
             if r.status_code not in expected:

@@ -93,9 +93,19 @@ async def test_round_trips_per_route(app, client, world, batches):
     r, awaited, queued = await count(lambda: client.get(
         "/v1/vendors/v-confirm/availability",
         params={"startTime": create_body()["slotStartTime"],
-                "endTime": create_body(start=120)["slotStartTime"]}, headers=p1))
+                "endTime": create_body(start=120)["slotStartTime"],
+                "resourceId": "v-confirm"}, headers=p1))
     assert r.status_code == 200, r.text
     assert awaited == [("rate_limit", "rate_limit", "read_units")]
+    # Issue 13: the union over the vendor's two resources is still one round trip (the
+    # rules' published revision comes back with each resource's units).
+    r, awaited, queued = await count(lambda: client.get(
+        "/v1/vendors/v-confirm/availability",
+        params={"startTime": create_body()["slotStartTime"],
+                "endTime": create_body(start=120)["slotStartTime"]}, headers=p1))
+    assert r.status_code == 200, r.text
+    assert r.json()["resourceIds"] == ["v-confirm", "v-confirm-room2"]
+    assert awaited == [("rate_limit", "rate_limit", "read_units", "read_units")]
 
     r, awaited, queued = await count(lambda: client.post(
         f"/v1/reservations/{rid}/vendor-confirmation", json={},

@@ -281,7 +281,9 @@ async def test_a_busy_block_over_a_live_reservation_fails_its_next_step(client, 
 async def test_extend_and_commit_are_revalidated_too(client, world):
     rid = (await hold(client, world, 60)).json()["reservationId"]  # instant, free: AUTH_BOTH
     await put_schedule(client, world, {"timeZone": "UTC", "weekly": {"tue": [["00:00", "09:00"]]}})
-    r = await client.post(f"/v1/reservations/{rid}/extend", json={}, headers=world.auth("p1"))
+    # A ttl that moves the deadline later (else 409 EXTEND_NOT_LATER, issue 17, first).
+    r = await client.post(f"/v1/reservations/{rid}/extend", json={"ttlMs": 1_800_000},
+                          headers=world.auth("p1"))
     assert r.status_code == 409 and r.json()["error"]["details"]["reasons"] == ["outside_hours"]
     rid = (await hold(client, world, 60 * 24 * 7 - 60 * 9 + 60)).json()  # next Tue 01:00
     assert "reservationId" in rid, rid
@@ -401,7 +403,24 @@ async def test_concurrent_creates_and_a_rules_change_never_leave_a_hold_in_a_blo
     for r in refused:
         assert r.json()["error"]["details"]["reasons"] == ["busy"]
     for rid in created:  # placed before the block: its next step fails
-        r = await client.post(f"/v1/reservations/{rid}/extend", json={},
+        r = await client.post(f"/v1/reservations/{rid}/extend", json={"ttlMs": 1_800_000},
                               headers=world.auth("p1"))
         assert r.status_code == 409 and \
             r.json()["error"]["code"] == "FAILED_AVAILABILITY_CHANGED", r.text
+
+
+async def test_extending_a_slot_that_has_begun_is_refused(app, client, world):
+    """The hold script decides "begun" by Redis TIME: a reservation placed through the
+    engine (no rules) on a slot of 2020 cannot be extended through the API."""
+    engine = app.state.services.reservations.engine
+    await app.state.services.catalog.vendor("v-confirm")  # into this process's catalog
+    moved = await engine.create(partner_id="p1", vendor_id="v-confirm", resource_id=None,
+                                start_ms=1_577_869_200_000, end_ms=1_577_871_000_000,
+                                requester_id="r")  # 2020-01-01T09:00Z, 30 minutes
+    r = await client.post(f"/v1/reservations/{moved.reservation_id}/extend",
+                          json={"ttlMs": 1_800_000}, headers=world.auth("p1"))
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "SLOT_UNAVAILABLE" and error["details"]["reasons"] == ["in_past"]
+    r = await client.get(f"/v1/reservations/{moved.reservation_id}", headers=world.auth("p1"))
+    assert r.json()["version"] == moved.version  # nothing changed

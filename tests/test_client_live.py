@@ -152,7 +152,7 @@ def test_availability(sg):
     read = sg.get_reservation(created.reservation_id)
     avail = sg.availability("v-confirm", start_time=read.slot_start_time,
                             end_time=read.slot_end_time, slot_duration=15,
-                            include_confidence=True)
+                            include_confidence=True, resource_id=read.resource_id)
     assert isinstance(avail, schemas.Availability)
     assert avail.slots and all(not s.is_available for s in avail.slots)
     assert all(s.confidence is not None for s in avail.slots)
@@ -234,3 +234,47 @@ async def test_async_client_walk_and_one_winner_among_concurrent_creates(live):
         committed = await sg.commit(rid)
         assert committed.state == "COMMIT_IN_PROGRESS"
         assert (await sg.get_reservation(rid)).state == "COMMIT_IN_PROGRESS"
+
+
+@pytest.fixture
+def live_worker():
+    api = live_server.start(workers=1)  # lists read Postgres: the worker writes the rows
+    yield api
+    live_server.stop(api)
+
+
+async def test_lists_with_cursors_typed_and_paged(live_worker):
+    from api import schemas_lists
+    from tests.timing import eventually
+
+    live = live_worker
+
+    with Client(live.url, live.key("p2")) as p2, Client(live.url, live.key("admin")) as admin:
+        made = {create(p2, vendor="v-instant").reservation_id for _ in range(3)}
+
+        async def listed() -> bool:
+            rows = p2.list_reservations(limit=200).data
+            return made <= {r.reservation_id for r in rows}
+
+        await eventually(listed, timeout_s=90, what="the reservations drained and listed")
+        first = p2.list_reservations(limit=2)
+        assert isinstance(first, schemas_lists.ReservationList)
+        assert len(first.data) == 2 and first.next_cursor
+        second = p2.list_reservations(limit=2, starting_after=first.next_cursor)
+        seen = [r.reservation_id for r in first.data + second.data]
+        assert len(seen) == len(set(seen))  # no row twice
+        walked = [row["reservationId"] for row in p2.pages("/v1/reservations", {"limit": 2})]
+        assert made <= set(walked) and len(walked) == len(set(walked))
+        assert all(r.partner_id == "p2" for r in first.data + second.data)
+        partners = admin.list_partners(limit=200)
+        assert {"p1", "p2"} <= {p.partner_id for p in partners.data}
+        assert "v-confirm" in {v.vendor_id for v in admin.list_vendors(limit=200).data}
+        keys = admin.list_keys(role="partner", partner_id="p2")
+        assert keys.data and all(k.partner_id == "p2" for k in keys.data)
+        assert live.key("p2") not in str(keys)
+        with pytest.raises(BadRequest) as bad:
+            p2.list_reservations(limit=0)
+        assert bad.value.code
+        with pytest.raises(BadRequest):
+            p2.list_reservations(starting_after="not-a-cursor")
+        assert isinstance(admin.list_bookings(limit=5), schemas_lists.BookingList)

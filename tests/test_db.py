@@ -22,11 +22,14 @@ ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_
                   "0005_manual_review", "0006_reservation_blocks",
                   "0007_availability",  # issue 13
                   "0008_payments",  # issue 12
+                  "0009_webhooks",  # issue 14
                   "0010_fencing",  # issue 15
+                  "0011_resource_shard_keys_and_groups",  # issue 16 (pool)
                   "0012_list_indexes",  # issue 17
                   ]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",
-              "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters"}
+              "reservation_history", "bookings", "audit_log", "manual_review", "dead_letters",
+              "resource_groups", "resource_group_members"}
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 H = timedelta(hours=1)
 DIGEST = "0" * 64

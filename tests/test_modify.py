@@ -218,8 +218,10 @@ async def test_moves_to_another_resource_only_under_the_same_hash_tag(app, clien
     same = resource_named(keys, "room", "v-confirm", same=True)
     other = resource_named(keys, "room", "v-confirm", same=False)
     async with svc.pool.acquire() as conn:
-        for name in (same, other):
-            await directory.create_resource(conn, name, "v-confirm")
+        # `other` as a resource created before migration 0011 (its own id is its shard
+        # key); `same` as a new one (its vendor's id), whose own name hashes alike too.
+        await directory.create_resource(conn, same, "v-confirm")
+        await directory.create_resource(conn, other, "v-confirm", shard_key=other)
     mine = await create(client, world)
     rid = mine["reservationId"]
     before = await state_of(redis, prefix)

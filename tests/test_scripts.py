@@ -20,6 +20,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
     shard = ks.shard_of(RESOURCE)
     rid = ks.new_reservation_id(RESOURCE)
     hid = ks.new_hold_id(RESOURCE)
+    wid = ks.new_waitlist_entry_id(RESOURCE)
     return {
         "place_hold": [ks.unit_root(shard), ks.hold(hid), ks.fence(RESOURCE)],
         "release_hold": [ks.unit_root(shard), ks.hold(hid)],
@@ -32,6 +33,12 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                        ks.events(shard), ks.deadlines(shard)],
         "modify_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                                ks.events(shard), ks.deadlines(shard), ks.ready(shard)],
+        "create_pooled_reservation": [ks.unit_root(shard), ks.reservation(rid),
+                                      ks.history(rid), ks.fence_root(shard), ks.events(shard),
+                                      ks.deadlines(shard), ks.ready(shard)],  # issue 16
+        "create_multi_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                                     ks.fence_root(shard), ks.events(shard),
+                                     ks.deadlines(shard), ks.ready(shard)],  # issue 16
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
         "free_booked": [ks.unit_root(shard)],  # payments (issue 12): a cancelled booking
@@ -48,6 +55,17 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "idempotency_begin": [ks.idempotency("p1", "key-1")],
         "idempotency_complete": [ks.idempotency("p1", "key-1"), ks.idempotency_refused("p1")],
         "idempotency_abandon": [ks.idempotency("p1", "key-1")],
+        # hold transfer and waitlist (issue 16)
+        "transfer_offer": [ks.reservation(rid), ks.transfer_offer(rid)],
+        "transfer_accept": [ks.reservation(rid), ks.history(rid), ks.transfer_offer(rid),
+                            ks.events(shard)],
+        "waitlist_add": [ks.unit_root(shard), ks.waitlist_entry(wid),
+                         ks.waitlist_index(RESOURCE, shard), ks.waitlist_queue(RESOURCE, 10, 12, shard),
+                         ks.waitlist_sequence(shard), ks.events(shard), ks.deadlines(shard)],
+        "waitlist_withdraw": [ks.waitlist_entry(wid), ks.waitlist_index(RESOURCE, shard),
+                              ks.waitlist_queue(RESOURCE, 10, 12, shard)],
+        "waitlist_read": [ks.waitlist_entry(wid)],
+        "cap_waitlist": [ks.partner_holds("p1"), ks.partner_reputation("p1")],
     }
 
 

@@ -99,3 +99,17 @@ def test_remove_only_removes_its_own_file(root):
 def test_passwords_are_redacted():
     assert envfile.redact("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
     assert envfile.redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_cluster_settings_travel_with_their_redis(root):
+    write_file(root, SLOTGUARD_REDIS_CLUSTER="true",
+               SLOTGUARD_ARQ_REDIS_URL="redis://127.0.0.1:3333/0")
+    environ: dict[str, str] = {}
+    envfile.apply(environ, cwd=root)
+    assert environ["SLOTGUARD_REDIS_CLUSTER"] == "true"
+    assert environ["SLOTGUARD_ARQ_REDIS_URL"] == "redis://127.0.0.1:3333/0"
+    # Another Redis named in the environment: the file's cluster settings are not its own.
+    environ = {"REDIS_URL": "redis://elsewhere:6379/0"}
+    envfile.apply(environ, cwd=root)
+    assert "SLOTGUARD_REDIS_CLUSTER" not in environ
+    assert "SLOTGUARD_ARQ_REDIS_URL" not in environ

@@ -128,10 +128,7 @@ async def test_one_log_format_for_api_and_worker(cli_env, settings, redis, log_f
         assert proc.poll() is None
 
     worker_lines = _run_for_a_while(env, ["worker"], worker_started)
-    # The first line of each is `slotguard <cmd>: servers: ...` (the CLI's own, not a log).
-    lines = [line for line in api_lines + worker_lines
-             if not line.startswith(("slotguard serve: servers:",
-                                     "slotguard worker: servers:"))]
+    lines = api_lines + worker_lines  # every line, the servers' own start included
     assert any("uvicorn" in line for line in lines), api_lines
     assert any("worker starting" in line for line in lines), worker_lines
     assert any("req-log-1" in line and "/health/ready" in line for line in lines), api_lines

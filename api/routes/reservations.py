@@ -16,7 +16,7 @@ from api.etag import not_modified, not_modified_response, with_etag
 from api.idempotency import REPLAY_HEADER
 from api.schemas import (ActionRequest, AuthorizationRequest, CreateReservationRequest,
                          ExtendRequest, ModifyReservationRequest)
-from api.validation import given, parse_body, parse_if_match
+from api.validation import given, invalid, parse_body, parse_if_match
 from api.views import JSONResponse, created_view, reservation_view
 from engine import metrics
 from engine.idempotency import fingerprint
@@ -43,12 +43,23 @@ async def create_reservation(request: Request) -> Response:
                       CreateReservationRequest)
     header_key = request.headers.get("idempotency-key")
     body_key = given(body.idempotency_key)
+    items = given(body.items)
+    if items is None:  # the single-slot forms: both times are required
+        for name, value in (("slotStartTime", body.slot_start_time),
+                            ("slotEndTime", body.slot_end_time)):
+            if value is UNSET:
+                raise invalid("MISSING_FIELD", f"{name} is required", name)
     req = CreateRequest(
         vendor_id=body.vendor_id, resource_id=given(body.resource_id),
-        slot_start=body.slot_start_time, slot_end=body.slot_end_time,
+        slot_start=given(body.slot_start_time), slot_end=given(body.slot_end_time),
+        items=None if items is None else tuple(
+            (i.resource_id, i.slot_start_time, i.slot_end_time) for i in items),
         requester_id=body.requester_id, metadata=given(body.metadata),
         idempotency_key=body_key, idempotency_header=header_key,
         request_id=request_id(request),
+        resource_group_id=given(body.resource_group_id),
+        near_resource_id=given(body.near_resource_id),
+        near_zone=given(body.near_zone),
         # The key itself is not part of what must match; where it was sent from does not.
         fingerprint=None if header_key is None and body_key is None
         else fingerprint("POST", "/v1/reservations",

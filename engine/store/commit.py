@@ -25,6 +25,7 @@ from engine.store.events import (
     event_id_of,
     fields_dict,
 )
+from engine.webhook_events import emit, transition_rows
 from engine.store.sql import ms_sql as _ms
 from engine.store.sql import ts_sql as _ts
 
@@ -124,8 +125,9 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigi
 ON CONFLICT (id) DO UPDATE
 SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     expires_at = EXCLUDED.expires_at,
-    -- a move (reason 'modified') changes where the reservation sits
-    resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
+    -- a move (reason 'modified') changes where the reservation sits, a transfer
+    -- (reason 'transferred', issue 16) whose it is
+    partner_id = EXCLUDED.partner_id, resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
     slot_end = EXCLUDED.slot_end, block_start = EXCLUDED.block_start,
     block_end = EXCLUDED.block_end,
     failure_reason = coalesce(EXCLUDED.failure_reason, reservations.failure_reason),
@@ -147,31 +149,31 @@ WHERE r.id = m.id AND r.version > m.version AND m.metadata <> '{}'
 _BOOKING_ROWS = f"""
 SELECT b.id, b.reservation_id, r.key, b.resource_id, b.vendor_id, b.partner_id,
        b.requester_id, {_ts("b.slot_start")}, {_ts("b.slot_end")}, {_ts("b.block_start")},
-       {_ts("b.block_end")}, b.fence_token
+       {_ts("b.block_end")}, b.fence_token, b.item
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
             $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::int[],
-            $12::bigint[])
+            $12::bigint[], $14::int[])
      WITH ORDINALITY
      AS b(id, reservation_id, resource_id, vendor_id, partner_id, requester_id, slot_start,
-          slot_end, block_start, block_end, version, fence_token, ord)
+          slot_end, block_start, block_end, version, fence_token, item, ord)
 JOIN resources r ON r.id = b.resource_id
 WHERE (SELECT m.version > b.version AND m.state <> ALL($13::text[])
        FROM reservations m WHERE m.id = b.reservation_id) IS NOT TRUE"""
 _BOOKING_COLUMNS = """
 INSERT INTO bookings (id, reservation_id, resource_key, resource_id, vendor_id, partner_id,
                       requester_id, slot_start, slot_end, block_start, block_end,
-                      fence_token)"""
+                      fence_token, item)"""
 # Fast form: skips reservations booked by an earlier delivery (a key probe each) and inserts
 # plainly; a unique or exclusion violation sends the batch to the careful form.
 _INSERT_BOOKINGS = f"""{_BOOKING_COLUMNS}{_BOOKING_ROWS}
-  AND (SELECT true FROM bookings x WHERE x.reservation_id = b.reservation_id) IS NULL
+  AND (SELECT true FROM bookings x WHERE x.reservation_id = b.reservation_id LIMIT 1) IS NULL
 ORDER BY b.ord
-RETURNING reservation_id, id
+RETURNING reservation_id, id, item
 """
 _INSERT_BOOKINGS_CAREFULLY = f"""{_BOOKING_COLUMNS}{_BOOKING_ROWS}
 ORDER BY b.ord
-ON CONFLICT (reservation_id) DO NOTHING
-RETURNING reservation_id, id
+ON CONFLICT (reservation_id, item) DO NOTHING
+RETURNING reservation_id, id, item
 """
 
 _FIND_CONFLICT = f"""
@@ -334,8 +336,8 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
         if bookable and careful:
             booked, conflicts = await _insert_bookings_carefully(conn, batch, bookable)
         elif bookable:
-            booked = dict(await conn.fetch(_INSERT_BOOKINGS, *batch.booking_columns(bookable),
-                                           _BOOKING_STATES))
+            booked = _first_items(await conn.fetch(_INSERT_BOOKINGS,
+                                                   *_booking_params(batch, bookable)))
         fates = await _booking_fates(conn, batch, commits, booked, conflicts) if commits else {}
         await conn.execute(_UPSERT_SNAPSHOT, *batch.snapshot_columns(latest.values(), booked))
         late = batch.metadata_rows()
@@ -343,10 +345,27 @@ async def _write(conn: asyncpg.Connection, batch: Batch, latest: dict[str, int],
             await conn.execute(_MERGE_LATE_METADATA, *late)
         if booked and before_commit is not None:
             await before_commit(conn, list(booked))
+        # Events out (issue 14): the outbox rows of the transitions written now, in this
+        # transaction (engine/webhook_events.py); last, so its ordering lock is held only
+        # until the commit.
+        await emit(conn, transition_rows(batch, sorted(r[0] - 1 for r in written)))
     return written, fates
 
 
 _BOOKING_STATES = list(BOOKING_STATES)
+
+
+def _booking_params(batch: Batch, rows: list[int]) -> list:
+    """The booking statements' parameters: $1..$12 and $14 the rows (one per item of a
+    multi-resource reservation), $13 the states that supersede a booking."""
+    columns = batch.booking_columns(rows)
+    return [*columns[:12], _BOOKING_STATES, columns[12]]
+
+
+def _first_items(rows) -> dict[str, str]:
+    """Reservation id -> its booking id (item 0's: a multi-resource reservation has one
+    booking row per item, issue 16)."""
+    return {r[0]: r[1] for r in rows if r[2] == 0}
 
 
 async def _insert_bookings_carefully(conn: asyncpg.Connection, batch: Batch, rows: list[int]
@@ -358,8 +377,8 @@ async def _insert_bookings_carefully(conn: asyncpg.Connection, batch: Batch, row
     """
     try:
         async with conn.transaction():
-            return dict(await conn.fetch(_INSERT_BOOKINGS_CAREFULLY, *batch.booking_columns(rows),
-                                         _BOOKING_STATES)), {}
+            return _first_items(await conn.fetch(_INSERT_BOOKINGS_CAREFULLY,
+                                                 *_booking_params(batch, rows))), {}
     except asyncpg.ExclusionViolationError:
         pass
     inserted: dict[str, str] = {}
@@ -367,8 +386,8 @@ async def _insert_bookings_carefully(conn: asyncpg.Connection, batch: Batch, row
     for row in rows:  # batch order: the earlier event wins within the batch
         try:
             async with conn.transaction():
-                inserted.update(await conn.fetch(_INSERT_BOOKINGS_CAREFULLY,
-                                                 *batch.booking_columns([row]), _BOOKING_STATES))
+                inserted.update(_first_items(await conn.fetch(
+                    _INSERT_BOOKINGS_CAREFULLY, *_booking_params(batch, [row]))))
         except asyncpg.ExclusionViolationError:
             conflicts[row] = await conn.fetchval(
                 _FIND_CONFLICT, batch.resource_id[row], batch.block_start[row],
@@ -389,7 +408,8 @@ async def _booking_fates(conn: asyncpg.Connection, batch: Batch, commits: list[i
     others = list({reservation_ids[r] for r in commits if reservation_ids[r] not in booked})
     if others:
         booked.update(await conn.fetch(
-            "SELECT reservation_id, id FROM bookings WHERE reservation_id = ANY($1::text[])",
+            "SELECT reservation_id, id FROM bookings WHERE reservation_id = ANY($1::text[]) "
+            "AND item = 0",
             others))
     missing = {resource_ids[r] for r in commits if reservation_ids[r] not in booked}
     known: set[str] = set()

@@ -40,11 +40,15 @@ INFO_FIELDS = ("partnerId", "vendorId", "resourceId", "requesterId", "slotStart"
 MOVE_FIELDS = tuple(f"moved{side}{name}" for side in ("From", "To")
                     for name in ("ResourceId", "SlotStart", "SlotEnd", "BlockStart",
                                  "BlockEnd"))
+# A transfer (lua/transfer_accept.lua, reason "transferred", issue 16): the partner that held
+# it and the one that holds it now; from it on the reservation's partner is the new one.
+TRANSFER_FIELDS = ("transferredFromPartnerId", "transferredToPartnerId")
 # Every field an entry may carry, in the order emit_transition.lua writes them (kept for
 # tooling and tests that build entries by hand).
 FIELD_LAYOUT = ["reservationId", "version", "fromState", "toState", "triggeredBy",
                 "timestamp", "path", "fromVersion", "expiresAt", "reason", "metadata",
-                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken"]
+                "idempotencyKey", *INFO_FIELDS, *MOVE_FIELDS, "fenceToken",
+                *TRANSFER_FIELDS]
 # (resource, slot start, slot end, block start, block end) of one side of a move.
 Place = tuple[str, int, int, int, int]
 
@@ -103,6 +107,7 @@ class Entry:
     moved_from: Place | None = None  # a move: where the reservation was
     moved_to: Place | None = None  # and where it is now
     fence_token: int | None = None  # a commit's fencing token (issue 15)
+    transferred: tuple[str, str] | None = None  # a transfer: (from partner, to partner)
 
 
 class Batch:
@@ -115,7 +120,7 @@ class Batch:
                  "reason", "metadata", "idempotency_key", "version", "at_ms", "partner_id",
                  "vendor_id", "resource_id", "requester_id", "slot_start", "slot_end",
                  "block_start", "block_end", "created_at", "expires_at", "audit", "rows",
-                 "rejected", "entries", "info", "fence_token")
+                 "rejected", "entries", "info", "fence_token", "items")
 
     def __init__(self, events: list[dict[str, str] | list[str]]) -> None:
         (self.event_id, self.reservation_id, self.from_state, self.to_state,
@@ -128,9 +133,18 @@ class Batch:
         self.rejected: dict[int, EventOutcome] = {}  # by position: rejected and deferred
         self.entries: list[Entry | None] = []  # per position; None when rejected
         self.info: dict[str, Info] = {}  # reservation id -> its unchanging fields
+        # A multi-resource reservation's items (issue 16): reservation id -> [(resource,
+        # slot start, slot end, block start, block end), ...]; every entry carries them.
+        self.items: dict[str, list[tuple]] = {}
         for position, raw in enumerate(events):
             named = raw if type(raw) is not list else fields_dict(raw)
             entry, error = parse_entry(named, self.info)
+            if entry is not None and named.get("items"):
+                items = parse_items(named["items"])
+                if items is None:
+                    entry, error = None, "items is not a list of items"
+                else:
+                    self.items[entry.reservation_id] = items
             self.entries.append(entry)
             if error is not None:
                 self.rejected[position] = EventOutcome(
@@ -169,6 +183,10 @@ class Batch:
                     # From this entry on the reservation sits on its new resource and slot.
                     fields = (fields[0], fields[1], entry.moved_to[0], fields[3],
                               *entry.moved_to[1:], fields[8])
+                    info[entry.reservation_id] = fields
+                if entry.transferred is not None:
+                    # From this entry on the reservation is the new partner's.
+                    fields = (entry.transferred[1], *fields[1:])
                     info[entry.reservation_id] = fields
                 row = index.get(event_id)
                 if row is not None:  # the same transition twice in one batch: written once
@@ -212,6 +230,9 @@ class Batch:
         moved = "" if entry.moved_to is None else (
             f',"modification":{{"from":{_place_json(entry.moved_from)},'
             f'"to":{_place_json(entry.moved_to)}}}')
+        if entry.transferred is not None:
+            moved += (f',"transfer":{{"fromPartnerId":{_json_string(entry.transferred[0])},'
+                      f'"toPartnerId":{_json_string(entry.transferred[1])}}}')
         self.audit.append(
             f'{{"fromState":{chr(34) + from_state + chr(34) if from_state else "null"},'
             f'"toState":"{to_state}",'
@@ -252,13 +273,34 @@ class Batch:
         return latest
 
     def booking_columns(self, rows: list[int]) -> list[list[Any]]:
-        reservation_ids = [self.reservation_id[r] for r in rows]
-        return [[booking_id_for(r) for r in reservation_ids], reservation_ids,
-                [self.resource_id[r] for r in rows], [self.vendor_id[r] for r in rows],
-                [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
-                [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
-                [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
-                [self.version[r] for r in rows], [self.fence_token[r] for r in rows]]
+        """One booking row per commit row, or per item of a multi-resource reservation
+        (issue 16: item 0 keeps the reservation's booking id and the commit's fencing token,
+        which comes from its resource's counter; item k gets ``<id>.<k>`` and no token, so
+        only the exclusion constraint guards it). Columns: the 11 of a booking, the fencing
+        token, the item index."""
+        if not self.items or not any(self.reservation_id[r] in self.items for r in rows):
+            reservation_ids = [self.reservation_id[r] for r in rows]
+            return [[booking_id_for(r) for r in reservation_ids], reservation_ids,
+                    [self.resource_id[r] for r in rows], [self.vendor_id[r] for r in rows],
+                    [self.partner_id[r] for r in rows], [self.requester_id[r] for r in rows],
+                    [self.slot_start[r] for r in rows], [self.slot_end[r] for r in rows],
+                    [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
+                    [self.version[r] for r in rows], [self.fence_token[r] for r in rows],
+                    [0] * len(rows)]
+        columns: list[list[Any]] = [[] for _ in range(13)]
+        for r in rows:
+            rid = self.reservation_id[r]
+            places = self.items.get(rid) or [(self.resource_id[r], self.slot_start[r],
+                                              self.slot_end[r], self.block_start[r],
+                                              self.block_end[r])]
+            for k, (resource, start, end, block_start, block_end) in enumerate(places):
+                booking = booking_id_for(rid) + (f".{k}" if k else "")
+                for column, value in zip(columns, (
+                        booking, rid, resource, self.vendor_id[r], self.partner_id[r],
+                        self.requester_id[r], start, end, block_start, block_end,
+                        self.version[r], self.fence_token[r] if k == 0 else None, k)):
+                    column.append(value)
+        return columns
 
     def snapshot_columns(self, latest: Iterable[int], booked: dict[str, str]) -> list[list[Any]]:
         # ON CONFLICT DO UPDATE may touch a row once per statement: one row per reservation,
@@ -376,6 +418,26 @@ def event_id_of(named: dict[str, str]) -> str:
     return f"{named.get('reservationId', '')}:{named.get('version', '')}"
 
 
+def parse_items(text: str) -> list[tuple] | None:
+    """A multi-resource entry's ``items`` (lua/create_multi_reservation.lua): JSON
+    ``[[resource, slot start, slot end, first, last, block start, block end], ...]`` as
+    (resource, slot start, slot end, block start, block end); None when malformed."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(raw, list) or not raw:
+        return None
+    out = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 7 or not isinstance(item[0], str)
+                or not all(type(v) is int for v in item[1:])
+                or not item[5] <= item[1] < item[2] <= item[6]):
+            return None
+        out.append((item[0], item[1], item[2], item[5], item[6]))
+    return out
+
+
 def parse_entry(named: dict[str, str], info: dict[str, Info]
                  ) -> tuple[Entry | None, str | None]:
     """One stream entry checked completely; (entry, None) or (None, why it is refused).
@@ -435,6 +497,15 @@ def parse_entry(named: dict[str, str], info: dict[str, Info]
         if not fence_token.isdigit() or len(fence_token) > 18:
             return None, "fenceToken must be a non-negative integer"
         fence_token = int(fence_token)
+    transferred = None
+    sides = [get(n) for n in TRANSFER_FIELDS]
+    if any(v is not None for v in sides):
+        if not all(sides):
+            return None, "missing fields: " + ", ".join(
+                n for n, v in zip(TRANSFER_FIELDS, sides) if not v)
+        if states != [from_state]:
+            return None, "a transfer keeps its state"
+        transferred = (sides[0], sides[1])
     return Entry(reservation_id, from_state, states, version, actor, get("reason") or "",
                   metadata, get("idempotencyKey") or "", at, expires, moved_from,
-                  moved_to, fence_token), None
+                  moved_to, fence_token, transferred), None

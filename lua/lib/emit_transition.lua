@@ -38,6 +38,8 @@ local function emit_transition(events_key, history_key, rec, from, path, version
   if extra then
     for i = 1, #extra, 2 do add(extra[i], extra[i + 1]) end
   end
+  -- A multi-resource reservation's items ride on every entry: the worker books each item.
+  if rec.it and rec.it ~= '' then add('items', rec.it) end
   redis.call('XADD', events_key, '*', unpack(fields))
   -- The history, compact: one JSON array per call, [version, from, to, actor, time, steps,
   -- reason, metadata, idempotency key], trailing empty items left off. A call of several

@@ -1,21 +1,30 @@
 --@include lib/set_units.lua
 --@include lib/free_units.lua
+--@include lib/items_of.lua
 -- Make units, record, history and the deadline index agree with the state the reservation
 -- stops in: live states expire with their deadline; COMMIT_IN_PROGRESS pins the units (no
 -- expiry) until the worker ends the commit; COMMITTED turns them into booked markers that
 -- outlive the slot; every other terminal state frees them at once.
 local function settle(unit_root, record_key, history_key, deadlines_key, rec, state,
                       deadline, retention, marker_retention, now)
-  local f, l = rec.f, rec.l
-  if state == 'COMMITTED' then
-    set_units(unit_root, rec.rs, f, l, BOOKED_PREFIX .. rec.id,
-      math.max(tonumber(rec.be) + marker_retention, now + marker_retention))
-  elseif state == 'COMMIT_IN_PROGRESS' then
-    set_units(unit_root, rec.rs, f, l, rec.id, 0)
-  elseif TERMINAL[state] then
-    free_units(unit_root, rec.rs, f, l, rec.id)
-  else
-    set_units(unit_root, rec.rs, f, l, rec.id, deadline)
+  local items = items_of(rec)
+  local booked_until = math.max(tonumber(rec.be) + marker_retention, now + marker_retention)
+  if state == 'COMMITTED' and rec.it and rec.it ~= '' then
+    for _, item in ipairs(items) do  -- markers outlive the latest block of the items
+      booked_until = math.max(booked_until, item.be + marker_retention)
+    end
+  end
+  for _, item in ipairs(items) do
+    local rs, f, l = item.rs, item.f, item.l
+    if state == 'COMMITTED' then
+      set_units(unit_root, rs, f, l, BOOKED_PREFIX .. rec.id, booked_until)
+    elseif state == 'COMMIT_IN_PROGRESS' then
+      set_units(unit_root, rs, f, l, rec.id, 0)
+    elseif TERMINAL[state] then
+      free_units(unit_root, rs, f, l, rec.id)
+    else
+      set_units(unit_root, rs, f, l, rec.id, deadline)
+    end
   end
   if TERMINAL[state] then
     redis.call('ZREM', deadlines_key, rec.id)

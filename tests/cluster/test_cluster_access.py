@@ -101,8 +101,10 @@ def test_serve_and_worker_refuse_a_server_that_is_not_a_cluster(command, setting
     result = subprocess.run([sys.executable, "-m", "slotguard", command], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # One refusal line (an informational "servers: ..." line may precede it).
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "is not a Redis Cluster" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_worker_refuses_cluster_mode_without_an_arq_redis(settings, redis_cluster):
@@ -112,8 +114,9 @@ def test_worker_refuses_cluster_mode_without_an_arq_redis(settings, redis_cluste
     result = subprocess.run([sys.executable, "-m", "slotguard", "worker"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "SLOTGUARD_ARQ_REDIS_URL" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 async def test_noscript_on_a_master_is_answered_by_eval(access, keys, catalog, settings,

@@ -1,0 +1,85 @@
+"""Expiry as an event (issue 14): several reapers race over the same overdue reservations;
+each reservation's expiry (or vendor timeout) is recorded once and reaches each endpoint
+once, with the deadline it expired at."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.runtime import Runtime
+from engine.settings import Settings
+from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
+    app,
+    client,
+    create_body,
+    migrated,
+    world,
+)
+from tests.test_webhooks_delivery import register, settled
+from tests.timing import until_server_ms
+from tests.webhook_fixtures import Loops, receiver  # noqa: F401  (fixtures)
+from engine.times import parse_time
+
+
+@pytest.fixture
+def api_settings(settings: Settings) -> Settings:
+    return settings.replace(partner_rate_burst=2_000, ip_rate_burst=4_000,
+                            partner_rate_per_minute=600_000, ip_rate_per_minute=1_200_000,
+                            webhook_allow_private=True, webhook_retry_schedule_s="0.2,0.5,1",
+                            webhook_timeout_ms=2_000, webhook_poll_ms=50,
+                            drain_block_ms=100, hold_ttl_ms=1_500,
+                            confirmed_ttl_ms=1_500, authorized_ttl_ms=1_500)
+
+
+async def test_racing_reapers_emit_one_expired_event_each(app, client, world, receiver,
+                                                           migrated, redis):
+    ids = {name: await register(client, world, receiver, key, name,
+                                ["reservation.expired", "reservation.failed"])
+           for key, name in (("p1", "p1"), ("vendor-instant", "vendor"), ("ops", "ops"))}
+    created = {}
+    for i in range(6):
+        for vendor in ("v-instant", "v-confirm"):
+            r = await client.post("/v1/reservations", json=create_body(vendor, start=60 * i),
+                                  headers=world.auth("p1"))
+            assert r.status_code == 201, r.text
+            created[r.json()["reservationId"]] = (vendor, parse_time(r.json()["expiresAt"], "expiresAt"))
+    await until_server_ms(redis, max(deadline for _, deadline in created.values()) + 1)
+
+    # Four reapers of their own (separate connections), each over every shard, at once.
+    runtimes = [await Runtime.open(migrated) for _ in range(4)]
+    try:
+        moved = await asyncio.gather(*(rt.reservations.reap(shard) for rt in runtimes
+                                       for shard in range(migrated.shards)))
+    finally:
+        for rt in runtimes:
+            await rt.close()
+    reaped = [m.reservation_id for batch in moved for m in batch]
+    assert sorted(reaped) == sorted(created)  # each applied by exactly one reaper
+
+    loops = Loops(app, migrated)
+    try:
+        p1 = await settled(client, world, "p1", ids["p1"], 12)
+        vendor = await settled(client, world, "vendor-instant", ids["vendor"], 6)
+        ops = await settled(client, world, "ops", ids["ops"], 12)
+    finally:
+        await loops.close()
+    expected = {rid: ("reservation.expired" if v == "v-instant" else "reservation.failed")
+                for rid, (v, _) in created.items()}
+    for found in (p1, ops):
+        assert sorted((d["reservationId"], d["type"]) for d in found) == sorted(
+            expected.items())
+    assert {d["reservationId"] for d in vendor} == {
+        rid for rid, (v, _) in created.items() if v == "v-instant"}
+    for name in ("p1", "ops", "vendor"):
+        got = [g.event for g in receiver.of(name)]
+        assert len(got) == len({(e["data"]["reservationId"], e["type"]) for e in got})
+        for event in got:
+            data = event["data"]
+            vendor_id, deadline = created[data["reservationId"]]
+            assert data["state"] == ("EXPIRED" if vendor_id == "v-instant"
+                                     else "FAILED_VENDOR_TIMEOUT")
+            assert data["triggeredBy"] == "timeout"
+            # expired at (never before) its deadline
+            assert parse_time(data["occurredAt"], "occurredAt") >= deadline
