@@ -24,7 +24,7 @@ from api.context import Services
 from api.middleware import EdgeMiddleware, install_request_id_logging
 from api.openapi import openapi_document
 from api.routes import admin, availability, health, lists, ops, reservations, waitlist
-from api.routes import webhooks
+from api.routes import payments, webhooks
 from api.routes import pool as pool_routes
 from api.views import JSONResponse
 from engine import metrics
@@ -34,6 +34,9 @@ from engine.availability_service import AvailabilityService
 from engine.idempotency import IdempotencyStore
 from engine.pool import GroupService
 from engine.runtime import Runtime
+from engine.payments.orchestrator import PaymentOrchestrator
+from engine.payments.provider import provider_from_settings
+from engine.payments_service import BookingService, PaymentService
 from engine.service import ACTIONS, AdminService, ReservationService, from_record
 from engine.list_service import ListService
 from engine.settings import Settings
@@ -129,6 +132,9 @@ def _routes() -> list[BaseRoute]:
               methods=["POST"]),
         Route("/v1/waitlist", waitlist.create_entry, methods=["POST"]),
         Route("/v1/waitlist/{entryId}", waitlist.entry, methods=["GET", "DELETE"]),
+        # Payments (issue 12): booking cancellation with refunds, inbound Stripe events.
+        Route("/v1/bookings/{bookingId}/cancel", payments.cancel_booking, methods=["POST"]),
+        Route("/v1/stripe/webhook", payments.stripe_webhook, methods=["POST"]),
         Mount("/v1/ops", routes=[
             Route("/reservations/{reservationId}/release", ops.release, methods=["POST"]),
             Route("/releases", ops.bulk_release, methods=["POST"]),
@@ -139,6 +145,8 @@ def _routes() -> list[BaseRoute]:
                 POST=admin.create_partner, GET=lists.list_partners), methods=["GET", "POST"]),
             Route("/vendors", lists.by_method(  # GET: issue 17
                 POST=admin.create_vendor, GET=lists.list_vendors), methods=["GET", "POST"]),
+            # Payments (issue 12): a vendor's payment terms.
+            Route("/vendors/{vendorId}", admin.update_vendor, methods=["PATCH"]),
             Route("/resources", admin.create_resource, methods=["POST"]),
             Route("/keys", lists.by_method(  # GET: issue 17
                 POST=admin.create_key, GET=lists.list_keys), methods=["GET", "POST"]),
@@ -195,6 +203,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
                                   access=rt.access, throttle=reservation_service.throttle,
                                   max_range_ms=settings.max_query_range_ms)
             reservation_service.groups = groups
+            # Payments (issue 12): the provider when a Stripe key is set.
+            provider = provider_from_settings(settings)
+            orchestrator = None if provider is None else PaymentOrchestrator(
+                provider, rt.pool, engine, settings)
             app.state.services = Services(
                 settings=settings, redis=rt.redis, pool=rt.pool, access=rt.access,
                 catalog=catalog, keyspace=rt.keys,
@@ -206,7 +218,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 availability=availability_service,
                 lists=ListService(rt.pool, reservation_service.throttle),
                 webhooks=WebhookService(rt.pool, settings),
-                extra={"groups": groups},
+                extra={"groups": groups,
+                       # Payments (issue 12).
+                       "payments": PaymentService(reservation_service, rt.pool, orchestrator),
+                       "bookings": BookingService(reservation_service, rt.pool, orchestrator),
+                       "payment_provider": provider},
                 # Hold transfer and waitlist handoff (issue 16).
                 transfers=TransferService(
                     reservation_service, TransferEngine(rt.access, rt.keys, limits), rt.pool),
@@ -216,7 +232,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.info("slotguard api ready (%d resources known)", len(rt.catalog))
             yield
         finally:
+            services = app.state.services
             app.state.services = None
+            provider = services.extra.get("payment_provider") if services else None
+            if provider is not None:
+                await provider.close()
             await rt.close()
 
     return Starlette(

@@ -66,6 +66,13 @@ STATUS: dict[type[e.EngineError], int] = {
     e.UnsafeRedis: 503,
     e.NotReady: 503,
     e.ModifyCrossShard: 409,
+    # Payments (issue 12).
+    e.PaymentDeclined: 402,
+    e.InvalidPaymentMethod: 400,
+    e.PaymentNotRequired: 409,
+    e.PaymentTermsIncomplete: 409,
+    e.PaymentProviderError: 503,
+    e.InvalidWebhook: 400,
     e.PoolFull: 409,  # issue 16 (pool)
     e.GroupNotColocated: 409,
     e.LiveHoldsOnResource: 409,

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from api import schemas, schemas_waitlist, schemas_webhooks
+from api import schemas, schemas_payments, schemas_waitlist, schemas_webhooks
 from api.schemas import INT64, NAME_DOC, NO_NUL, TEXT_DOC, TIME_DOC
 from engine.permissions import ROLES
 
@@ -98,7 +98,8 @@ def components() -> dict[str, Any]:
         schemas.REQUESTS + schemas.RESPONSES + schemas_lists.RESPONSES
         + schemas_webhooks.STRUCTS
         + schemas_pool.REQUESTS + schemas_pool.RESPONSES
-        + schemas_waitlist.STRUCTS,
+        + schemas_waitlist.STRUCTS
+        + schemas_payments.REQUESTS + schemas_payments.RESPONSES,
         ref_template="#/components/schemas/{name}")
     settled = _settle(generated)
     settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
@@ -130,6 +131,7 @@ ERROR_TEXT = {
     400: "Invalid input (malformed JSON, unknown or missing field, wrong type, bad or naive "
          "timestamp, end not after start, slot off the unit grid, range too large)",
     401: "Missing, invalid or revoked API key",
+    402: "The card was declined (PAYMENT_DECLINED); the reservation failed its authorization",
     403: "The key's role may not perform this operation",
     404: "Not found (another tenant's reservations are not found either)",
     409: "Business rule (slot taken, action not allowed in this state, terminal, "
@@ -207,9 +209,13 @@ REPLAYED = {"Idempotent-Replayed": {"description": "true when this is a stored r
 ACTION_DOCS = {
     "vendor-confirmation": ("ActionRequest", "The vendor confirms (role vendor)"),
     "vendor-authorization": ("AuthorizationRequest",
-                             "The vendor's payment authorization outcome (role vendor)"),
+                             "The vendor's deposit authorized (role vendor): paymentMethodId "
+                             "creates a manual-capture PaymentIntent for a paying vendor (202 "
+                             "with nextAction while 3-D Secure waits; 402 PAYMENT_DECLINED); "
+                             "outcome for a free one"),
     "requester-authorization": ("AuthorizationRequest",
-                                "The requester's payment authorization outcome (role partner)"),
+                                "The requester's price authorized (role partner): as "
+                                "vendor-authorization"),
     "commit": ("ActionRequest", "Commit: answered 202 with COMMIT_IN_PROGRESS (role partner)"),
     "cancel": ("ActionRequest", "Cancel (roles partner, vendor)"),
     "extend": ("ExtendRequest", "Extend the hold's deadline (role partner)"),
@@ -220,9 +226,13 @@ def _action(action: str) -> dict[str, Any]:
     schema, summary = ACTION_DOCS[action]
     status = 202 if action == "commit" else 200
     responses = {status: ok(status, "Reservation", "The reservation after the action")}
+    errors = [400, 403, 404, 409, 412]
+    if action.endswith("-authorization"):  # payments (issue 12)
+        responses[202] = ok(202, "Reservation", "Waiting for 3-D Secure: nextAction")
+        errors.append(402)
     return {"post": operation(
         "reservation_" + action.replace("-", "_"), summary, responses,
-        errors=[400, 403, 404, 409, 412], request=body(schema, required=False),
+        errors=errors, request=body(schema, required=False),
         parameters=[RESERVATION_ID, IF_MATCH])}
 
 
@@ -282,6 +292,10 @@ def _paths() -> dict[str, Any]:
             "admin_create_vendor", "Create a vendor and its default resource (role admin)",
             {201: ok(201, "Vendor", "Created")}, errors=[403, 409],
             request=body("CreateVendorRequest"))},
+        "/v1/admin/vendors/{vendorId}": {"patch": operation(
+            "admin_update_vendor", "Change a vendor's payment terms (role admin; issue 12)",
+            {200: ok(200, "Vendor")}, errors=[403, 404],
+            request=body("UpdateVendorRequest"), parameters=[param("vendorId", "path", NAME)])},
         "/v1/admin/resources": {"post": operation(
             "admin_create_resource", "Create a resource of a vendor (role admin)",
             {201: ok(201, "Resource", "Created")}, errors=[403, 404, 409],
@@ -300,6 +314,7 @@ def _paths() -> dict[str, Any]:
     paths.update(_pool_paths())
     paths.update(_availability_paths())
     paths.update(_events_out())
+    paths.update(_payments())  # issue 12
     from api import openapi_tools  # issue 17: lists with cursors, ETags
 
     openapi_tools.add_paths(paths)
@@ -420,6 +435,32 @@ def _availability_paths() -> dict[str, Any]:
             request={"required": True,
                      "content": {"text/calendar": {"schema": {"type": "string"}}}},
             parameters=[VENDOR_ID, param("calendarId", "path", NAME)])},
+    }
+
+
+# ---- payments (issue 12) ---------------------------------------------------------------
+def _payments() -> dict[str, Any]:
+    return {
+        "/v1/bookings/{bookingId}/cancel": {"post": operation(
+            "booking_cancel",
+            "Cancel a committed booking (the booking's partner, its vendor, ops, admin): the "
+            "requester's price refunded per the vendor's refundPolicy, the vendor's deposit in "
+            "full unless the vendor cancels; the slot is free again. A second cancel answers "
+            "the same result and refunds nothing more",
+            {200: ok(200, "BookingCancellation")}, errors=[403, 404],
+            request=body("CancelBookingRequest", required=False),
+            parameters=[param("bookingId", "path", {"type": "string", "minLength": 1,
+                                                    "maxLength": 128})])},
+        "/v1/stripe/webhook": {"post": operation(
+            "stripe_webhook",
+            "Inbound Stripe events, verified by Stripe-Signature on the raw body; each event "
+            "applied once by id; unknown types acknowledged",
+            {200: ok(200, "WebhookAck")}, errors=[400],
+            request={"required": True, "content": {"application/json": {
+                "schema": {"type": "object"}}}},
+            parameters=[param("Stripe-Signature", "header", {"type": "string"},
+                              required=True)],
+            secured=False)},
     }
 
 

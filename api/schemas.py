@@ -23,6 +23,8 @@ from engine.availability import REASONS as AVAILABILITY_REASONS
 from engine.keys import NAME_RE
 from engine.lifecycle import ACTORS as ACTOR_SET
 from engine.lifecycle import RESERVED_PARTNER_IDS, State
+from engine.payments.terms import (CURRENCIES, MAX_AMOUNT, MAX_CUTOFF_MINUTES,
+                                   REFUND_POLICIES, STRIPE_ACCOUNT_RE)
 from engine.permissions import ROLES
 from engine.reservations import MAX_METADATA_BYTES, MAX_TEXT
 from engine.service import INVISIBLE, MAX_TTL_MS
@@ -134,6 +136,11 @@ class ActionRequest(Body):
 
 class AuthorizationRequest(ActionRequest):
     outcome: text(16, {"enum": ["authorized", "failed"]}) | UnsetType = UNSET
+    # Payments (issue 12): a paying vendor's reservation is authorized with a payment
+    # method (a manual-capture PaymentIntent); outcome is for free vendors.
+    payment_method_id: text(203, {"pattern": "^pm_[A-Za-z0-9_]{1,200}$",
+                                  "description": "a Stripe PaymentMethod id, e.g. "
+                                                 "pm_card_visa"}) | UnsetType = UNSET
 
 
 class ExtendRequest(ActionRequest):
@@ -181,9 +188,37 @@ class CreateVendorRequest(Body):
     buffer_after_minutes: doc(int, minimum=0, maximum=1440,
                               description="a multiple of unitMinutes") | UnsetType = UNSET
     confirmation_required: bool | UnsetType = UNSET
-    payment_required: bool | UnsetType = UNSET
+    payment_required: doc(bool, description="default false: a free vendor") | UnsetType \
+        = UNSET
     timezone: text(64, {"enum": sorted(zoneinfo.available_timezones()),
                         "description": "an IANA time zone name"}) | UnsetType = UNSET
+    # Payment terms (issue 12).
+    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT,
+                      description="the requester's price, minor units") | UnsetType = UNSET
+    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT,
+                        description="the vendor's deposit, minor units") | UnsetType = UNSET
+    currency: text(3, {"enum": sorted(CURRENCIES), "description": "ISO 4217"}) | UnsetType \
+        = UNSET
+    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern,
+                                 "description": "connected account: the requester's price "
+                                                "is a direct charge on it"}) | UnsetType = UNSET
+    refund_policy: text(16, {"enum": list(REFUND_POLICIES)}) | UnsetType = UNSET
+    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES,
+                               description="with refundPolicy full_before") | UnsetType = UNSET
+
+
+class UpdateVendorRequest(Body):
+    """PATCH /v1/admin/vendors/{vendorId} (issue 12): the payment terms given change, the
+    others stay; a refundPolicy other than full_before clears refundCutoffMinutes."""
+
+    payment_required: bool | UnsetType = UNSET
+    price_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | UnsetType = UNSET
+    deposit_amount: doc(int, minimum=1, maximum=MAX_AMOUNT) | UnsetType = UNSET
+    currency: text(3, {"enum": sorted(CURRENCIES)}) | UnsetType = UNSET
+    stripe_account_id: text(70, {"pattern": STRIPE_ACCOUNT_RE.pattern}) | UnsetType = UNSET
+    refund_policy: text(16, {"enum": list(REFUND_POLICIES)}) | UnsetType = UNSET
+    refund_cutoff_minutes: doc(int, minimum=0, maximum=MAX_CUTOFF_MINUTES) | UnsetType \
+        = UNSET
 
 
 class CreateResourceRequest(Body):
@@ -205,7 +240,7 @@ class CreateKeyRequest(Body):
 
 REQUESTS: tuple[type[Body], ...] = (
     CreateReservationRequest, ActionRequest, AuthorizationRequest, ExtendRequest,
-    ModifyReservationRequest, ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest,
+    ModifyReservationRequest, ReleaseRequest, BulkReleaseRequest, CreatePartnerRequest, CreateVendorRequest, UpdateVendorRequest,
     CreateResourceRequest, CreateKeyRequest)
 
 
@@ -251,6 +286,35 @@ class StateTransition(Out):
     version: int
 
 
+# ---- Payments (issue 12) ------------------------------------------------------------------
+INTENT_STATUS = ["requires_payment_method", "requires_confirmation", "requires_action",
+                 "processing", "requires_capture", "succeeded", "canceled"]
+
+
+class PaymentState(Out):
+    """The seed's PaymentState; amounts in minor units of ``currency``."""
+
+    vendor_payment_intent_id: str | None = None
+    vendor_payment_intent_status: doc(str, enum=INTENT_STATUS) | None = None
+    vendor_authorized_at: OutTime | None = None
+    vendor_capture_id: str | None = None
+    vendor_next_action: dict[str, Any] | None = None
+    vendor_amount: int | None = None
+    vendor_refunded_amount: int = 0
+    requester_payment_intent_id: str | None = None
+    requester_payment_intent_status: doc(str, enum=INTENT_STATUS) | None = None
+    requester_authorized_at: OutTime | None = None
+    requester_capture_id: str | None = None
+    requester_next_action: dict[str, Any] | None = None
+    requester_amount: int | None = None
+    requester_refunded_amount: int = 0
+    vendor_capture_attempts: int = 0
+    requester_capture_attempts: int = 0
+    last_capture_error: str | None = None
+    currency: str | None = None
+
+
+
 class Reservation(Out):
     reservation_id: str
     state: StateName
@@ -266,6 +330,9 @@ class Reservation(Out):
     state_history: list[StateTransition]
     booking_id: str | None
     failure_reason: str | None
+    # Payments (issue 12): present for reservations of paying vendors.
+    payment_state: PaymentState | UnsetType = UNSET
+    next_action: dict[str, Any] | UnsetType = UNSET
     items: list[ReservationItemOut] | UnsetType = UNSET  # a multi-resource reservation
 
 
@@ -355,6 +422,12 @@ class Vendor(Out):
     payment_required: bool
     timezone: str
     default_resource_id: str
+    price_amount: int | None = None
+    deposit_amount: int | None = None
+    currency: str | None = None
+    stripe_account_id: str | None = None
+    refund_policy: doc(str, enum=list(REFUND_POLICIES)) = "full"
+    refund_cutoff_minutes: int | None = None
 
 
 class Resource(Out):

@@ -44,7 +44,10 @@ def created_view(created: Created) -> schemas.CreateReservationResponse:
             for r, s, e in created.items])
 
 
-def reservation_view(r: Reservation) -> schemas.Reservation:
+def reservation_view(r: Reservation, payment: dict[str, Any] | None = None,
+                     next_action: dict[str, Any] | None = None) -> schemas.Reservation:
+    """``payment``: the seed's PaymentState (issue 12), for a paying vendor's reservation;
+    ``next_action``: what the payer must do (3-D Secure) when an authorization waits."""
     return schemas.Reservation(
         reservation_id=r.reservation_id,
         state=r.state.value,
@@ -60,6 +63,10 @@ def reservation_view(r: Reservation) -> schemas.Reservation:
         state_history=[history_view(h) for h in r.history],
         booking_id=r.booking_id,
         failure_reason=r.failure_reason,
+        payment_state=msgspec.UNSET if payment is None
+        else msgspec.convert(payment, schemas.PaymentState, from_attributes=False,
+                             str_keys=True),
+        next_action=msgspec.UNSET if next_action is None else next_action,
         items=UNSET if not getattr(r, "items", None) else [
             schemas.ReservationItemOut(resource_id=i[0], slot_start_time=format_time(i[1]),
                                        slot_end_time=format_time(i[2])) for i in r.items])

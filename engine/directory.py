@@ -54,6 +54,21 @@ class Vendor:
     payment_required: bool
     timezone: str
     created_at: datetime
+    # Payment terms (issue 12, migration 0008): minor units, ISO 4217 lower case.
+    price_amount: int | None = None
+    deposit_amount: int | None = None
+    currency: str | None = None
+    stripe_account_id: str | None = None
+    refund_policy: str = "full"
+    refund_cutoff_minutes: int | None = None
+
+    @property
+    def terms(self):
+        from engine.payments.terms import PaymentTerms
+
+        return PaymentTerms(self.payment_required, self.price_amount, self.deposit_amount,
+                            self.currency, self.stripe_account_id, self.refund_policy,
+                            self.refund_cutoff_minutes)
 
     @property
     def default_resource_id(self) -> str:
@@ -142,9 +157,16 @@ async def list_partner_ids(conn: asyncpg.Connection) -> list[str]:
 async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minutes: int = 15,
                         buffer_before_minutes: int = 0, buffer_after_minutes: int = 0,
                         confirmation_required: bool = True, payment_required: bool = False,
-                        timezone: str = "UTC") -> Vendor:
-    """Create a vendor and its default resource (id ``default_resource_id(vendor_id)``)."""
+                        timezone: str = "UTC", terms=None) -> Vendor:
+    """Create a vendor and its default resource (id ``default_resource_id(vendor_id)``).
+    ``terms`` (engine.payments.terms.PaymentTerms) carries the payment terms; given, it
+    decides ``payment_required`` and is checked complete."""
+    from engine.payments.terms import PaymentTerms, check_terms
+
     _check_name("vendorId", vendor_id)
+    terms = check_terms(terms, complete=True) if terms is not None else \
+        PaymentTerms(payment_required=payment_required)
+    payment_required = terms.payment_required
     _check_grid(vendor_id, unit_minutes, buffer_before_minutes, buffer_after_minutes)
     try:
         ZoneInfo(timezone)
@@ -155,10 +177,15 @@ async def create_vendor(conn: asyncpg.Connection, vendor_id: str, *, unit_minute
         try:
             row = await conn.fetchrow(
                 f"""INSERT INTO vendors (id, unit_minutes, buffer_before_minutes,
-                       buffer_after_minutes, confirmation_required, payment_required, timezone)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {columns(Vendor)}""",
+                       buffer_after_minutes, confirmation_required, payment_required, timezone,
+                       price_amount, deposit_amount, currency, stripe_account_id,
+                       refund_policy, refund_cutoff_minutes)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   RETURNING {columns(Vendor)}""",
                 vendor_id, unit_minutes, buffer_before_minutes, buffer_after_minutes,
-                confirmation_required, payment_required, timezone)
+                confirmation_required, payment_required, timezone, terms.price_amount,
+                terms.deposit_amount, terms.currency, terms.stripe_account_id,
+                terms.refund_policy, terms.refund_cutoff_minutes)
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(f"vendor {vendor_id!r} already exists",
                                 details={"vendorId": vendor_id}) from None
@@ -171,6 +198,37 @@ async def get_vendor(conn: asyncpg.Connection, vendor_id: str) -> Vendor:
                               vendor_id)
     if row is None:
         raise UnknownVendor(f"unknown vendor {vendor_id!r}", details={"vendorId": vendor_id})
+    return Vendor(**row)
+
+
+async def update_vendor_terms(conn: asyncpg.Connection, vendor_id: str,
+                              changes: dict) -> Vendor:
+    """Change a vendor's payment terms (issue 12): ``changes`` maps PaymentTerms field names
+    to new values (None clears an optional one). The merged terms are checked complete
+    before the write; the row is locked meanwhile."""
+    import dataclasses
+
+    from engine.payments.terms import check_terms
+
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {columns(Vendor)} FROM vendors WHERE id = $1 FOR UPDATE", vendor_id)
+        if row is None:
+            raise UnknownVendor(f"unknown vendor {vendor_id!r}",
+                                details={"vendorId": vendor_id})
+        merged = dataclasses.replace(Vendor(**row).terms, **changes)
+        if changes.get("refund_policy") not in (None, "full_before") \
+                and "refund_cutoff_minutes" not in changes:
+            merged = dataclasses.replace(merged, refund_cutoff_minutes=None)
+        terms = check_terms(merged, complete=True)
+        row = await conn.fetchrow(
+            f"""UPDATE vendors SET payment_required = $2, price_amount = $3,
+                   deposit_amount = $4, currency = $5, stripe_account_id = $6,
+                   refund_policy = $7, refund_cutoff_minutes = $8
+                WHERE id = $1 RETURNING {columns(Vendor)}""",
+            vendor_id, terms.payment_required, terms.price_amount, terms.deposit_amount,
+            terms.currency, terms.stripe_account_id, terms.refund_policy,
+            terms.refund_cutoff_minutes)
     return Vendor(**row)
 
 

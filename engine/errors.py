@@ -267,6 +267,50 @@ class NotDue(EngineError):
     code = "NOT_DUE"
 
 
+# ---- Payments (issue 12) ------------------------------------------------------------------
+class PaymentError(EngineError):
+    """Base of the payment errors (engine/payments/)."""
+
+    code = "PAYMENT_ERROR"
+
+
+class PaymentDeclined(PaymentError):
+    """The card was declined (402); the reservation moved to FAILED_*_AUTH."""
+
+    code = "PAYMENT_DECLINED"
+
+
+class InvalidPaymentMethod(PaymentError):
+    """The payment method is unknown or unusable (400); nothing changed."""
+
+    code = "INVALID_PAYMENT_METHOD"
+
+
+class PaymentNotRequired(PaymentError):
+    """A payment call on a vendor that requires no payment (409)."""
+
+    code = "PAYMENT_NOT_REQUIRED"
+
+
+class PaymentTermsIncomplete(PaymentError):
+    """The vendor requires payment but states no price, deposit or currency (409)."""
+
+    code = "PAYMENT_TERMS_INCOMPLETE"
+
+
+class PaymentProviderError(PaymentError):
+    """The provider failed or could not be reached; retryable (503)."""
+
+    code = "PAYMENT_PROVIDER_ERROR"
+    retryable = True
+
+
+class InvalidWebhook(PaymentError):
+    """An inbound Stripe event whose signature does not verify (400)."""
+
+    code = "INVALID_WEBHOOK_SIGNATURE"
+
+
 # ---- availability engine (issue 13) ------------------------------------------------------
 class SlotRefused(EngineError):
     """The vendor's availability rules refuse the slot (outside hours, busy, tentative, in

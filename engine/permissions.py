@@ -28,6 +28,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "reservation.vendor-confirmation": frozenset({VENDOR, SYSTEM}),
     "reservation.vendor-authorization": frozenset({VENDOR, SYSTEM}),
     "availability.read": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
+    # payments (issue 12): the partner of the booking, its vendor, ops
+    "booking.cancel": frozenset({PARTNER, VENDOR, OPS, ADMIN, SYSTEM}),
     # hold transfer and waitlist (issue 16): only partners hold, so only partners hand over
     "reservation.transfer-offer": frozenset({PARTNER}),
     "reservation.transfer": frozenset({PARTNER}),

@@ -88,7 +88,8 @@ class Runtime:
         # counters right: the API creates and cancels, workers commit and expire.
         limits = Limits(access, keys, settings)
         rt = cls(settings, redis, access, keys, pool, catalog, limits,
-                 ReservationEngine(access, keys, catalog, settings, limits=limits))
+                 ReservationEngine(access, keys, catalog, settings, limits=limits,
+                                   payments_enabled=bool(settings.stripe_api_key)))
         if watch:
             rt.watch = RedisWatch(rt)
             rt.watch.start()

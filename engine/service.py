@@ -885,12 +885,18 @@ class AdminService:
 
     async def create_vendor(self, principal: Principal, vendor_id: str, *, unit_minutes=None,
                             buffer_before_minutes=None, buffer_after_minutes=None,
-                            confirmation_required=None, payment_required=None, timezone=None):
+                            confirmation_required=None, payment_required=None, timezone=None,
+                            terms: dict | None = None):
+        """``terms``: the payment terms given (PaymentTerms field names; issue 12), checked
+        complete and in range (engine/payments/terms.py) before the write."""
         from engine import directory
+        from engine.payments.terms import PaymentTerms, check_terms
 
         require(principal, "admin.vendors.create")
         self._minutes(unitMinutes=unit_minutes, bufferBeforeMinutes=buffer_before_minutes,
                       bufferAfterMinutes=buffer_after_minutes)
+        checked = check_terms(PaymentTerms(payment_required=bool(payment_required),
+                                           **(terms or {})))
         async with self.pool.acquire() as conn:
             vendor = await directory.create_vendor(
                 conn, vendor_id, unit_minutes=15 if unit_minutes is None else unit_minutes,
@@ -898,9 +904,26 @@ class AdminService:
                 buffer_after_minutes=buffer_after_minutes or 0,
                 confirmation_required=(True if confirmation_required is None
                                        else confirmation_required),
-                payment_required=bool(payment_required), timezone=timezone or "UTC")
+                payment_required=bool(payment_required), timezone=timezone or "UTC",
+                terms=checked)
         self.catalog.forget_miss("vendor", vendor.id)
         self.catalog.forget_miss("resource", vendor.default_resource_id)
+        return vendor
+
+    async def update_vendor(self, principal: Principal, vendor_id: str, changes: dict):
+        """PATCH a vendor's payment terms (issue 12); the merged terms are checked whole.
+        This process's catalog learns the new payment policy at once; other processes keep
+        the one they loaded until they restart (a vendor's policy is read at creation)."""
+        from engine import directory
+        from engine.payments.terms import check_fields
+
+        require(principal, "admin.vendors.create")
+        # Each value's own rules before any lookup; the merged whole is checked under the
+        # row lock (engine/directory.py update_vendor_terms).
+        changes = {**changes, **check_fields(changes)}
+        async with self.pool.acquire() as conn:
+            vendor = await directory.update_vendor_terms(conn, vendor_id, changes)
+        self.catalog.catalog.add_vendor(vendor.to_engine())
         return vendor
 
     async def create_resource(self, principal: Principal, resource_id: str, vendor_id: str, *,

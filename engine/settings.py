@@ -92,6 +92,20 @@ class Settings:
     worker_metrics_host: str = "127.0.0.1"  # address of `slotguard worker --metrics-port`
     metrics_partner_labels: bool = False  # partner ids in metric labels (hashed otherwise)
 
+    # Payments (issue 12).
+    stripe_api_key: str = ""  # empty: payment-required vendors are refused (no provider)
+    stripe_api_base: str = ""  # empty: Stripe's own https://api.stripe.com
+    stripe_webhook_secret: str = ""  # whsec_...: POST /v1/stripe/webhook verifies with it
+    stripe_timeout_ms: int = 20_000  # one call to the provider
+    # Retryable provider errors (network, 429, 5xx) at capture and compensation: bounded
+    # exponential backoff with ±20 % jitter, never on card errors.
+    payment_retry_attempts: int = 5
+    payment_retry_base_ms: int = 1_000
+    payment_retry_max_ms: int = 60_000
+    # An authorization is captured within this long of its creation or not at all (Stripe
+    # keeps a card authorization 7 days; the margin is one day).
+    payment_capture_window_ms: int = 6 * 86_400_000
+
     # Events out: webhooks and the live stream (issue 14).
     webhook_timeout_ms: int = 5_000  # one delivery attempt, connect to last byte
     # Delays (seconds, decimals allowed) between attempts: 8 delays = 9 attempts (~18 h).
@@ -162,7 +176,8 @@ class Settings:
             if field.type == "int" and value < 0:
                 raise SettingsError(f"{env_name(field.name)} must be >= 0, got {value}")
         for name in ("shards", "hold_ttl_ms", "max_hold_units", "redis_batch_max",
-                     "redis_max_inflight_batches", "drain_batch_size"):
+                     "redis_max_inflight_batches", "drain_batch_size",
+                     "payment_retry_attempts"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{env_name(name)} must be >= 1")
         if not self.db_schema.replace("_", "").isalnum():

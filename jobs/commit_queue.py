@@ -70,7 +70,7 @@ class DrainStats:
 class CommitQueue:
     def __init__(self, access: RedisAccess, keys: KeySpace, pool: asyncpg.Pool,
                  reservations: ReservationEngine, settings: Settings, consumer: str,
-                 metrics=None) -> None:
+                 metrics=None, payments=None) -> None:
         self.access = access
         self.redis = access.redis
         self.keys = keys
@@ -79,6 +79,10 @@ class CommitQueue:
         self.settings = settings
         self.consumer = consumer
         self.metrics = metrics
+        # Payments (issue 12): engine.payments.orchestrator.PaymentOrchestrator, or None.
+        # A paying reservation's commit captures both payments before its booking is
+        # written; a failed capture writes no booking (compensation, FAILED_COMMIT).
+        self.payments = payments
         self.stats = DrainStats()
         self.outages = 0  # shard batches waiting out an outage: the reclaimer stands by
         # Raw RESP connections (None where redis-py must serve: unix sockets): one per
@@ -200,10 +204,13 @@ class CommitQueue:
             return []
         started = time.perf_counter()
         events = [fields for _, fields in entries]
+        verdicts = await self._capture_payments(events) if self.payments is not None else {}
+        unpaid = {rid for rid, verdict in verdicts.items() if not verdict.book}
         async with self.pool.acquire() as conn:
             applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
                                         lookup=self._live_info,
-                                        before_commit=self._markers_before_commit)
+                                        before_commit=self._markers_before_commit,
+                                        unbookable=unpaid)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -219,11 +226,16 @@ class CommitQueue:
             if result == EventResult.BOOKED:
                 self.stats.booked += 1
                 follow_ups.append(self._finalize(outcome.reservation_id, outcome.booking_id,
-                                                 outcome.event_id))
+                                                 outcome.event_id,
+                                                 paid=outcome.reservation_id in verdicts))
             elif result == EventResult.AVAILABILITY_CHANGED:
                 self.stats.availability_changed += 1
                 follow_ups.append(self._fail_changed(outcome.reservation_id,
-                                                     outcome.conflicting_booking_id))
+                                                     outcome.conflicting_booking_id,
+                                                     paid=outcome.reservation_id in verdicts))
+            elif outcome.reservation_id in unpaid and result == EventResult.SUPERSEDED:
+                follow_ups.append(self._fail_unpaid(outcome.reservation_id,
+                                                    verdicts[outcome.reservation_id]))
             elif result == EventResult.REJECTED:
                 entry_id, fields = entries[position]
                 rejected.append((entry_id, fields, outcome.reason or "rejected"))
@@ -282,11 +294,13 @@ class CommitQueue:
                         "restored", len(bookings))
 
     async def _finalize(self, reservation_id: str, booking_id: str | None,
-                        commit_event_id: str) -> None:
+                        commit_event_id: str, paid: bool = False) -> None:
         try:
             await self.reservations.act(reservation_id, "finalize-commit", actor="system",
                                         booking_id=booking_id or "")
             self.stats.committed += 1
+            if paid and booking_id:
+                await self.payments.annotate_booking(reservation_id, booking_id)
         except TerminalState as exc:
             if exc.details.get("state") != "COMMITTED":
                 await self._escalate("commit_after_terminal", reservation_id,
@@ -305,7 +319,48 @@ class CommitQueue:
                     "reason": "booked after Redis lost the reservation"}])
             self.stats.committed += 1
 
-    async def _fail_changed(self, reservation_id: str, conflicting: str | None) -> None:
+    async def _capture_payments(self, events: list) -> dict:
+        """Payments (issue 12): the verdict of each paying reservation committed in this
+        batch, after its captures (engine/payments/orchestrator.py ``capture_commits``)."""
+        commits = []
+        for fields in events:
+            named = fields if isinstance(fields, dict) else fields_dict(fields)
+            if named.get("toState") == "COMMIT_IN_PROGRESS" and named.get("reservationId"):
+                commits.append(named["reservationId"])
+        if not commits:
+            return {}
+        # The records' payment flag, in one round trip: a paying reservation with no
+        # authorization recorded must fail, never book as a free one.
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in commits:
+            pipe.hget(self.keys.reservation(rid), "pr")
+        flags = await pipe.execute()
+        paying = {rid for rid, flag in zip(commits, flags) if flag in ("1", b"1")}
+        from engine.payments.provider import Retryable
+
+        try:
+            return await self.payments.capture_commits(commits, paying)
+        except Retryable as exc:
+            # Stripe unreachable past the retries while a decision is being carried out
+            # (a cancel or refund of compensation): an outage, not the entries' fault. The
+            # batch is held and retried (no delivery spent); the recorded decision goes on.
+            raise PaymentProviderUnreachable(f"payment provider: {exc.message}") from exc
+
+    async def _fail_unpaid(self, reservation_id: str, verdict) -> None:
+        """A paying commit whose payments failed (compensated already): FAILED_COMMIT, or
+        FAILED_AVAILABILITY_CHANGED when revalidation found the slot taken."""
+        try:
+            await self.reservations.act(reservation_id, verdict.action, actor="system",
+                                        reason=verdict.reason or "payment failed",
+                                        metadata={"compensation": True})
+        except (TerminalState, NotFound):
+            pass  # ended on an earlier delivery, or forgotten by Redis
+
+    async def _fail_changed(self, reservation_id: str, conflicting: str | None,
+                            paid: bool = False) -> None:
+        if paid:
+            # Captured, then the exclusion constraint refused the booking: refund both.
+            await self.payments.refuse_booking(reservation_id)
         try:
             await self.reservations.act(
                 reservation_id, "availability-changed", actor="system",
@@ -519,6 +574,10 @@ class CommitQueue:
                             break
                 except Exception as exc:
                     log.warning("reclaim of shard %s failed: %r", shard, exc)
+
+
+class PaymentProviderUnreachable(ConnectionError):
+    """Payments (issue 12): the provider failed past its retries mid-decision (an outage)."""
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -67,8 +67,15 @@ async def startup(ctx: dict) -> None:
     report = await rt.rehydrate_if_needed()
     if report is not None:
         log.info("rehydrated %s bookings (%s markers)", report.bookings, report.markers_written)
+    # Payments (issue 12): captures at commit when a Stripe key is set.
+    from engine.payments.orchestrator import PaymentOrchestrator
+    from engine.payments.provider import provider_from_settings
+
+    provider = provider_from_settings(settings)
+    ctx["payments"] = None if provider is None else PaymentOrchestrator(
+        provider, rt.pool, rt.reservations, settings)
     queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, settings,
-                        consumer_name(), metrics)
+                        consumer_name(), metrics, payments=ctx["payments"])
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
@@ -85,6 +92,8 @@ async def shutdown(ctx: dict) -> None:
         await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
     if "webhook_pool" in ctx:
         await ctx["webhook_pool"].close()
+    if ctx.get("payments") is not None:
+        await ctx["payments"].provider.close()
     if "rt" in ctx:
         await ctx["rt"].close()
 
@@ -104,7 +113,15 @@ async def reap(ctx: dict) -> int:
 async def reconcile_job(ctx: dict) -> dict:
     """Compare Redis and Postgres; fix the safe cases, escalate the rest. Idempotent."""
     report = await reconcile(ctx["rt"], ctx.get("metrics"))
-    return report.as_dict()
+    out = report.as_dict()
+    if ctx.get("payments") is not None:
+        # Payments (issue 12): authorizations whose reservation ended without a commit are
+        # cancelled; stale ones (past the capture window) too, their reservation cancelled.
+        from engine.payments.orchestrator import reservation_state
+
+        out["payments"] = await ctx["payments"].release_orphans(
+            reservation_state(ctx["rt"].reservations, ctx["rt"].pool))
+    return out
 
 
 async def watch_redis(ctx: dict) -> bool:

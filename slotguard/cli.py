@@ -111,16 +111,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vendors_sub = vendors.add_subparsers(dest="action", metavar="ACTION", required=True)
     create_vendor = vendors_sub.add_parser(
         "create", help="create a vendor and its default resource",
-        description="Default: vendor confirmation required and payment required (note: "
-                    "payment-required vendors are refused at reservation creation until a "
-                    "payment provider exists; pass --free).")
+        description="Default: vendor confirmation required, no payment (a free vendor). "
+                    "--payment-required needs --price-amount, --deposit-amount and "
+                    "--currency (minor units, ISO 4217).")
     create_vendor.add_argument("--id", required=True, dest="vendor_id")
     create_vendor.add_argument("--unit-minutes", type=int, default=15)
     create_vendor.add_argument("--buffer-before-minutes", type=int, default=0)
     create_vendor.add_argument("--buffer-after-minutes", type=int, default=0)
     create_vendor.add_argument("--instant", action="store_true",
                                help="instant book: no vendor confirmation")
-    create_vendor.add_argument("--free", action="store_true", help="no payment")
+    payment = create_vendor.add_mutually_exclusive_group()
+    payment.add_argument("--payment-required", dest="payment_required", action="store_true",
+                         default=False, help="both parties authorize payment (issue 12)")
+    payment.add_argument("--free", dest="payment_required", action="store_false",
+                         help="no payment (the default)")
+    create_vendor.add_argument("--price-amount", type=int, default=None,
+                               help="the requester's price, minor units")
+    create_vendor.add_argument("--deposit-amount", type=int, default=None,
+                               help="the vendor's deposit, minor units")
+    create_vendor.add_argument("--currency", default=None, help="ISO 4217, e.g. usd")
+    create_vendor.add_argument("--stripe-account-id", default=None,
+                               help="connected account (direct charges of the price)")
+    create_vendor.add_argument("--refund-policy", default="full",
+                               choices=["full", "none", "full_before"])
+    create_vendor.add_argument("--refund-cutoff-minutes", type=int, default=None,
+                               help="with --refund-policy full_before")
     create_vendor.add_argument("--timezone", default="UTC")
     create_vendor.set_defaults(func=cmd_vendors_create)
     list_vendors = vendors_sub.add_parser("list", help="list vendors")
@@ -204,14 +219,17 @@ def cmd_partners_create(args: argparse.Namespace) -> int:
 
 def cmd_vendors_create(args: argparse.Namespace) -> int:
     from engine import directory
+    from engine.payments.terms import PaymentTerms
 
     async def run(conn):
         vendor = await directory.create_vendor(
             conn, args.vendor_id, unit_minutes=args.unit_minutes,
             buffer_before_minutes=args.buffer_before_minutes,
             buffer_after_minutes=args.buffer_after_minutes,
-            confirmation_required=not args.instant, payment_required=not args.free,
-            timezone=args.timezone)
+            confirmation_required=not args.instant, timezone=args.timezone,
+            terms=PaymentTerms(args.payment_required, args.price_amount, args.deposit_amount,
+                               args.currency, args.stripe_account_id, args.refund_policy,
+                               args.refund_cutoff_minutes))
         print(f"vendor {vendor.id} created (default resource {vendor.default_resource_id}; "
               f"confirmation {'required' if vendor.confirmation_required else 'waived'}, "
               f"payment {'required' if vendor.payment_required else 'waived'})")

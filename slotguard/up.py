@@ -26,6 +26,10 @@ from slotguard import envfile
 
 DEMO_PARTNER = "demo-partner"
 DEMO_VENDOR = "demo-vendor"
+# The demo vendor requires payment (issue 12): the requester's price and the vendor's
+# deposit, in cents. Without SLOTGUARD_STRIPE_API_KEY `up` runs localstripe for them.
+DEMO_PRICE, DEMO_DEPOSIT, DEMO_CURRENCY = 5_000, 1_000, "usd"
+LOCAL_STRIPE_KEY = "sk_test_slotguard_local"
 
 
 @dataclass
@@ -49,6 +53,8 @@ class Stack:
     def partner_key(self) -> str:
         return self.keys.partner
     cluster: object | None = None  # slotguard.local_cluster.LocalCluster (--cluster N)
+    stripe: str = "Stripe"  # the Stripe API base the stack uses (issue 12)
+    local_stripe: subprocess.Popen | None = None  # localstripe, when `up` started it
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -67,11 +73,13 @@ def free_port(host: str) -> int:
 
 
 async def prepare(settings) -> DemoKeys:
-    """Migrate, create the demo vendor and partner if missing, issue a partner, a vendor
-    and an ops key (new ones each start: plaintext keys are never stored)."""
+    """Migrate, create the demo vendor (payment required, issue 12) and partner if missing,
+    issue a partner, a vendor and an ops key (new ones each start: plaintext keys are never
+    stored)."""
     from api.auth import issue_key
     from engine import directory
     from engine.db import create_pool, migrate
+    from engine.payments.terms import PaymentTerms
 
     await asyncio.to_thread(migrate, settings)
     pool = await create_pool(settings, max_size=2)
@@ -82,9 +90,9 @@ async def prepare(settings) -> DemoKeys:
             except directory.AlreadyExists:
                 pass
             try:
-                await directory.create_vendor(conn, DEMO_VENDOR, unit_minutes=15,
-                                              confirmation_required=True,
-                                              payment_required=False)
+                await directory.create_vendor(
+                    conn, DEMO_VENDOR, unit_minutes=15, confirmation_required=True,
+                    terms=PaymentTerms(True, DEMO_PRICE, DEMO_DEPOSIT, DEMO_CURRENCY))
             except directory.AlreadyExists:
                 pass
             partner, _ = await issue_key(conn, "partner", partner_id=DEMO_PARTNER)
@@ -93,6 +101,36 @@ async def prepare(settings) -> DemoKeys:
             return DemoKeys(partner.key, vendor.key, ops.key)
     finally:
         await pool.close()
+
+
+def start_local_stripe(host: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """localstripe on a free port (``--from-scratch``: its store file is shared by every
+    instance on the machine, so it never reads it back)."""
+    import shutil
+
+    exe = shutil.which("localstripe", path=os.path.dirname(sys.executable)) \
+        or shutil.which("localstripe")
+    if exe is None:
+        raise RuntimeError("localstripe is not installed (pip install localstripe) and "
+                           "SLOTGUARD_STRIPE_API_KEY is not set")
+    port = free_port(host)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([exe, "--port", str(port), "--from-scratch"], cwd=data_dir,
+                            stdout=(data_dir / "localstripe.log").open("ab"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        request = urllib.request.Request(f"{url}/v1/customers",
+                                         headers={"Authorization": f"Bearer {LOCAL_STRIPE_KEY}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2):
+                return proc, url
+        except (urllib.error.URLError, OSError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("localstripe did not start") from None
+            time.sleep(0.2)
 
 
 def wait_ready(url: str, children: list[subprocess.Popen], timeout_s: float = 60) -> None:
@@ -128,7 +166,16 @@ def start(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> Stac
         redis_url = redis_url or embedded_redis
         database_url = database_url or embedded_db
     extra: dict[str, str] = {}
+    local_stripe = None
     try:
+        if not os.environ.get("SLOTGUARD_STRIPE_API_KEY"):
+            # Payments (issue 12): a local Stripe-compatible server for the paying demo.
+            local_stripe, stripe_url = start_local_stripe(host, data_dir)
+            extra.update({"SLOTGUARD_STRIPE_API_KEY": LOCAL_STRIPE_KEY,
+                          "SLOTGUARD_STRIPE_API_BASE": stripe_url,
+                          "SLOTGUARD_STRIPE_WEBHOOK_SECRET":
+                              os.environ.get("SLOTGUARD_STRIPE_WEBHOOK_SECRET")
+                              or "whsec_slotguard_local"})
         if cluster:
             import shutil
 
@@ -138,7 +185,8 @@ def start(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> Stac
             shutil.rmtree(cluster_dir, ignore_errors=True)  # nothing in it outlives a run
             local_cluster = LocalCluster(masters=cluster, replicas=1, base_dir=cluster_dir)
             local_cluster.start()
-            extra = {"SLOTGUARD_REDIS_CLUSTER": "true", "SLOTGUARD_ARQ_REDIS_URL": redis_url}
+            extra.update({"SLOTGUARD_REDIS_CLUSTER": "true",
+                          "SLOTGUARD_ARQ_REDIS_URL": redis_url})
             redis_url = local_cluster.seed_url
         settings = Settings.from_env(redis_url=redis_url, database_url=database_url,
                                      redis_cluster=bool(cluster))
@@ -163,13 +211,18 @@ def start(host: str, port: int | None, data_dir: Path, cluster: int = 0) -> Stac
             stop_children(children)
             raise
     except BaseException:
+        if local_stripe is not None:
+            stop_children([local_stripe])
         if local_cluster is not None:
             local_cluster.stop()
         if embedded is not None:
             embedded.stop()
         raise
     stack = Stack(api_url, redis_url, database_url, keys, embedded, children,
-                  cluster=local_cluster)
+                  cluster=local_cluster,
+                  stripe=extra.get("SLOTGUARD_STRIPE_API_BASE")
+                  or os.environ.get("SLOTGUARD_STRIPE_API_BASE") or "Stripe",
+                  local_stripe=local_stripe)
     stack.env_file = write_env_file(stack, settings, data_dir, extra)
     return stack
 
@@ -180,7 +233,9 @@ def write_env_file(stack: Stack, settings, data_dir: Path,
     values = {envfile.API_URL: stack.api_url, "REDIS_URL": stack.redis_url,
               "DATABASE_URL": stack.database_url, "SLOTGUARD_DB_SCHEMA": settings.db_schema,
               "SLOTGUARD_SHARDS": str(settings.shards)}
-    values.update(extra or {})  # cluster mode: SLOTGUARD_REDIS_CLUSTER, SLOTGUARD_ARQ_REDIS_URL
+    # cluster mode: SLOTGUARD_REDIS_CLUSTER, SLOTGUARD_ARQ_REDIS_URL; the local Stripe server
+    # (issue 12: its base and its dummy test key, so a worker started from here captures)
+    values.update(extra or {})
     if settings.key_prefix:
         values["SLOTGUARD_KEY_PREFIX"] = settings.key_prefix
     path = envfile.path_for(data_dir)
@@ -204,6 +259,8 @@ def stop(stack: Stack) -> None:
     if stack.env_file is not None:
         envfile.remove(stack.env_file)
     stop_children(stack.children)
+    if stack.local_stripe is not None:
+        stop_children([stack.local_stripe])
     if stack.cluster is not None:
         stack.cluster.stop()
     if stack.embedded is not None:
@@ -233,11 +290,17 @@ def walk(stack: Stack, now_s: float | None = None) -> str:
     -H 'Content-Type: application/json' \\
     -d '{{"vendorId":"{DEMO_VENDOR}","slotStartTime":"{start}","slotEndTime":"{end}","requesterId":"alice"}}' \\
     | sed -E 's/.*"reservationId":"([^"]+)".*/\\1/'); echo $RID
-  # 2. the vendor confirms (no payment for this vendor): AUTHORIZED_BOTH
+  # 2. the vendor confirms: AWAITING_VENDOR_AUTH (this vendor requires payment)
   curl -s -X POST $SG/v1/reservations/$RID/vendor-confirmation -H "Authorization: Bearer $VENDOR_KEY"; echo
-  # 3. the partner commits: 202 COMMIT_IN_PROGRESS; the worker books it in Postgres
+  # 3. the vendor's deposit is authorized with a test card: AWAITING_REQUESTER_AUTH
+  curl -s -X POST $SG/v1/reservations/$RID/vendor-authorization -H "Authorization: Bearer $VENDOR_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId":"pm_card_visa"}}'; echo
+  # 4. the requester's price is authorized: AUTHORIZED_BOTH
+  curl -s -X POST $SG/v1/reservations/$RID/requester-authorization -H "Authorization: Bearer $PARTNER_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"paymentMethodId":"pm_card_visa"}}'; echo
+  # 5. the partner commits: 202 COMMIT_IN_PROGRESS; the worker captures both, then books
   curl -s -X POST $SG/v1/reservations/$RID/commit -H "Authorization: Bearer $PARTNER_KEY"; echo
-  # 4. read it back: COMMITTED (a moment after the commit)
+  # 6. read it back: COMMITTED (a moment after the commit)
   curl -s $SG/v1/reservations/$RID -H "Authorization: Bearer $PARTNER_KEY"; echo"""
 
 
@@ -250,6 +313,7 @@ def _origin(stack: Stack, name: str) -> str:
 
 
 def banner(stack: Stack) -> str:
+    local = " (localstripe, a local test server)" if stack.local_stripe is not None else ""
     env_line = (f"  env file       {stack.env_file}  (every slotguard command here uses "
                 f"these servers)\n" if stack.env_file else "")
     return f"""
@@ -258,11 +322,15 @@ slotguard is up.
   metrics        {stack.api_url}/metrics
   Redis          {stack.redis_url}{_cluster_line(stack)}   {_origin(stack, "REDIS_URL")}
   Postgres       {stack.database_url}   {_origin(stack, "DATABASE_URL")}
-{env_line}  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, no payment)
+  Stripe         {stack.stripe}{local}
+{env_line}  demo vendor    {DEMO_VENDOR} (15-minute slots, vendor confirmation, payment required:
+                 price {DEMO_PRICE} and deposit {DEMO_DEPOSIT} {DEMO_CURRENCY} cents)
   demo partner   {DEMO_PARTNER}
   partner key    {stack.keys.partner}
   vendor key     {stack.keys.vendor}
   ops key        {stack.keys.ops}
+  test cards     pm_card_visa authorizes; pm_card_chargeCustomerFail (4000000000000341)
+                 is declined (402 PAYMENT_DECLINED)
 
 A reservation from hold to COMMITTED (copy and paste):
 {walk(stack)}

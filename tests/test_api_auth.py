@@ -82,6 +82,9 @@ ALLOWED = {
     "webhook-deliveries": ALL,
     "webhook-retry": ALL,
     "events-stream": ALL,
+    # payments (issue 12)
+    "admin-vendor-terms": {"admin", "system"},
+    "booking-cancel": ALL,
 }
 LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings",
          "admin-list-partners": "/v1/admin/partners", "admin-list-vendors": "/v1/admin/vendors",
@@ -179,6 +182,11 @@ async def _request(client, world, route: str, key: str | None, rid: str):
         return await client.post("/v1/admin/keys", json={"role": "ops"}, headers=headers)
     if route == "admin-revoke":
         return await client.post("/v1/admin/keys/key_nosuchkey/revoke", headers=headers)
+    if route == "admin-vendor-terms":
+        return await client.patch("/v1/admin/vendors/v-other", json={"refundPolicy": "full"},
+                                  headers=headers)
+    if route == "booking-cancel":
+        return await client.post("/v1/bookings/bkg_nosuchbooking/cancel", headers=headers)
     if route == "webhooks":  # a public address literal: no DNS needed
         return await client.post("/v1/webhook-endpoints", headers=headers,
                                  json={"url": "https://93.184.216.34/hook", "events": ["*"]})
@@ -258,8 +266,8 @@ async def _auth_matrix(client, world):
                 expected = {404}  # a vendor key manages and reads its own groups only
             elif route == "busy-block-delete":
                 expected = {404}  # allowed; the block does not exist
-            elif route == "admin-revoke" or route in WEBHOOK_MISSING:
-                expected = {404}  # allowed; the key (endpoint) does not exist
+            elif route in ("admin-revoke", "booking-cancel") or route in WEBHOOK_MISSING:
+                expected = {404}  # allowed; the key (endpoint, booking) does not exist
             elif route == "events-stream":
                 expected = {400}
             else:
@@ -323,7 +331,9 @@ def test_every_route_is_in_the_matrix_and_the_document():
             prefix = route.path if sub is not route else ""
             served.add(prefix + sub.path)
     assert served == documented
-    public = {"/health/live", "/health/ready", "/metrics", "/openapi.json"}
+    # The Stripe webhook takes no API key: its signature authenticates it (issue 12).
+    public = {"/health/live", "/health/ready", "/metrics", "/openapi.json",
+              "/v1/stripe/webhook"}
     operations = [(path, method) for path, item in openapi_document()["paths"].items()
                   for method in item if path not in public]
     assert len(operations) == len(ALLOWED)

@@ -21,6 +21,7 @@ from tests.conftest import DATABASE_URL
 ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_audit_log",
                   "0005_manual_review", "0006_reservation_blocks",
                   "0007_availability",  # issue 13
+                  "0008_payments",  # issue 12
                   "0009_webhooks",  # issue 14
                   "0010_fencing",  # issue 15
                   "0011_resource_shard_keys_and_groups",  # issue 16 (pool)

@@ -41,6 +41,7 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
                                      ks.deadlines(shard), ks.ready(shard)],  # issue 16
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
+        "free_booked": [ks.unit_root(shard)],  # payments (issue 12): a cancelled booking
         "read_units": [ks.unit_root(shard), ks.availability_revision(RESOURCE)],
         "availability_publish": [ks.availability_revision(RESOURCE)],
         "availability_flag": [ks.reservation(rid)],

@@ -48,7 +48,7 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     try:
         deadline = time.monotonic() + 180  # generous: initdb on a loaded machine
         text = ""
-        while "partner key" not in text:
+        while "Ctrl-C stops everything" not in text:
             assert proc.poll() is None, Path(log.name).read_text()[-4000:]
             assert time.monotonic() < deadline, "slotguard up did not get ready:\n" + text
             time.sleep(0.5)
@@ -72,6 +72,40 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
             created = json.loads(response.read())
         assert created["state"] == "AWAITING_VENDOR_CONFIRMATION"
         assert created["reservationId"].startswith("rsv_")
+        # The demo vendor requires payment (issue 12): walked to COMMITTED through the
+        # localstripe `up` started, with the test card the banner names.
+        assert "localstripe" in text and "pm_card_visa" in text
+        vendor_key = re.search(r"vendor key\s+(\S+)", text).group(1)
+        rid = created["reservationId"]
+
+        def post(action: str, key: str, body: dict | None = None) -> dict:
+            req = urllib.request.Request(
+                f"{url}/v1/reservations/{rid}/{action}", method="POST",
+                data=json.dumps(body or {}).encode(),
+                headers={"Authorization": f"Bearer {key}",
+                         "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return json.loads(response.read())
+
+        assert post("vendor-confirmation", vendor_key)["state"] == "AWAITING_VENDOR_AUTH"
+        assert post("vendor-authorization", vendor_key,
+                    {"paymentMethodId": "pm_card_visa"})["state"] == "AWAITING_REQUESTER_AUTH"
+        assert post("requester-authorization", key,
+                    {"paymentMethodId": "pm_card_visa"})["state"] == "AUTHORIZED_BOTH"
+        assert post("commit", key)["state"] == "COMMIT_IN_PROGRESS"
+        deadline = time.monotonic() + 120
+        while True:
+            req = urllib.request.Request(f"{url}/v1/reservations/{rid}",
+                                         headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(req, timeout=60) as response:
+                body = json.loads(response.read())
+            if body["state"] == "COMMITTED":
+                break
+            assert body["state"] == "COMMIT_IN_PROGRESS", body
+            assert time.monotonic() < deadline, "the paid commit did not finish"
+            time.sleep(0.2)
+        assert body["paymentState"]["requesterPaymentIntentStatus"] == "succeeded"
+        assert body["paymentState"]["vendorPaymentIntentStatus"] == "succeeded"
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
@@ -87,5 +121,21 @@ def test_slotguard_up_in_a_fresh_virtualenv(server_dir):
     # The embedded servers are gone too (waited for, with a generous bound).
     deadline = time.monotonic() + 60
     while (left := _processes_mentioning(str(data_dir))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == []
+    # localstripe (started with the data dir as its working directory) is gone too.
+    def in_data_dir() -> list[str]:
+        found = []
+        for proc_dir in Path("/proc").iterdir():
+            try:
+                if proc_dir.name.isdigit() and \
+                        Path(os.readlink(proc_dir / "cwd")) == data_dir.resolve():
+                    found.append(proc_dir.name)
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 60
+    while (left := in_data_dir()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left == []

@@ -38,8 +38,25 @@ async def create_vendor(request: Request) -> Response:
         buffer_before_minutes=given(body.buffer_before_minutes),
         buffer_after_minutes=given(body.buffer_after_minutes),
         confirmation_required=given(body.confirmation_required),
-        payment_required=given(body.payment_required), timezone=given(body.timezone))
+        payment_required=given(body.payment_required), timezone=given(body.timezone),
+        terms={name: getattr(body, name) for name in TERM_FIELDS
+               if getattr(body, name) is not UNSET})
     return JSONResponse(vendor_view(vendor), status_code=201)
+
+
+TERM_FIELDS = ("price_amount", "deposit_amount", "currency", "stripe_account_id",
+               "refund_policy", "refund_cutoff_minutes")
+
+
+async def update_vendor(request: Request) -> Response:
+    """PATCH /v1/admin/vendors/{vendorId}: payment terms (issue 12)."""
+    caller = await principal(request)
+    body = await _body(request, schemas.UpdateVendorRequest)
+    changes = {name: getattr(body, name) for name in ("payment_required", *TERM_FIELDS)
+               if getattr(body, name) is not UNSET}
+    vendor = await services(request).admin.update_vendor(
+        caller, request.path_params["vendorId"], changes)
+    return JSONResponse(vendor_view(vendor))
 
 
 async def create_resource(request: Request) -> Response:
@@ -72,7 +89,11 @@ def vendor_view(v: directory.Vendor) -> schemas.Vendor:
                           buffer_after_minutes=v.buffer_after_minutes,
                           confirmation_required=v.confirmation_required,
                           payment_required=v.payment_required, timezone=v.timezone,
-                          default_resource_id=v.default_resource_id)
+                          default_resource_id=v.default_resource_id,
+                          price_amount=v.price_amount, deposit_amount=v.deposit_amount,
+                          currency=v.currency, stripe_account_id=v.stripe_account_id,
+                          refund_policy=v.refund_policy,
+                          refund_cutoff_minutes=v.refund_cutoff_minutes)
 
 
 def resource_view(r: directory.StoredResource) -> schemas.Resource:

@@ -3,6 +3,8 @@ request, makes one service call (engine/service.py decides every rule) and rende
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 from msgspec import UNSET
 from starlette.requests import Request
@@ -73,11 +75,13 @@ async def create_reservation(request: Request) -> Response:
 async def get_reservation(request: Request) -> Response:
     svc = services(request)
     caller = await principal(request)
-    found = await svc.reservations.read(caller, request.path_params["reservationId"],
-                                        client_ip(request))
-    if not_modified(request.headers.get("if-none-match"), found.version):
+    found, payment = await svc.extra["payments"].read(
+        caller, request.path_params["reservationId"], client_ip(request))
+    # A paying reservation's paymentState moves without its version (captures, refunds):
+    # it is never answered 304 (its ETag is still the version If-Match compares).
+    if payment is None and not_modified(request.headers.get("if-none-match"), found.version):
         return not_modified_response(found.version)
-    return with_etag(JSONResponse(reservation_view(found)), found.version)
+    return with_etag(JSONResponse(reservation_view(found, payment)), found.version)
 
 
 def action_endpoint(action: str):
@@ -98,8 +102,22 @@ async def act_on_reservation(request: Request, action: str) -> Response:
     caller = await principal(request)
     body = parse_body(await request.body(), request.headers.get("content-type"),
                       ACTION_SHAPES.get(action, ActionRequest), optional=True)
-    moved = await svc.reservations.act(
-        caller, request.path_params["reservationId"], action,
+    if action in ("vendor-authorization", "requester-authorization"):
+        # Payments (issue 12): with a payment method, a manual-capture PaymentIntent.
+        answer = await svc.extra["payments"].authorize(
+            caller, request.path_params["reservationId"], action,
+            payment_method_id=given(body.payment_method_id), outcome=given(body.outcome),
+            expected_version=parse_if_match(request.headers.get("if-match")),
+            reason=given(body.reason), metadata=given(body.metadata),
+            client_ip=client_ip(request), request_id=request_id(request))
+        # Waiting for 3-D Secure: 202 with nextAction, the reservation unchanged.
+        return JSONResponse(reservation_view(answer.reservation, answer.payment_state,
+                                             answer.next_action),
+                            status_code=202 if answer.next_action is not None else 200)
+    act = svc.extra["payments"].cancel if action == "cancel" else \
+        functools.partial(svc.reservations.act, action=action)
+    moved = await act(
+        caller, request.path_params["reservationId"],
         outcome=given(getattr(body, "outcome", UNSET)),
         expected_version=parse_if_match(request.headers.get("if-match")),
         reason=given(body.reason), metadata=given(body.metadata),

@@ -241,7 +241,8 @@ async def apply_events(conn: asyncpg.Connection, events: list[dict[str, str]]) -
 async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
                       count_transitions: bool = False,
                       lookup: InfoLookup | None = None,
-                      before_commit: BeforeCommit | None = None) -> AppliedBatch:
+                      before_commit: BeforeCommit | None = None,
+                      unbookable: frozenset[str] | set[str] = frozenset()) -> AppliedBatch:
     """:func:`apply_events` for the commit queue: the same writes, in ONE transaction, and
     the same outcomes, with an :class:`EventOutcome` only for commit, rejected and deferred
     entries.
@@ -251,7 +252,8 @@ async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
     from the creation entry in the same batch or from the snapshot an earlier batch wrote;
     then from ``lookup`` (the live Redis record: its creation entry may sit in another
     consumer's batch, not committed yet); an entry whose reservation is known nowhere is
-    ``deferred`` (nothing written)."""
+    ``deferred`` (nothing written). The commits of ``unbookable`` reservations (their
+    payments failed, issue 12) write no booking and come back ``superseded``."""
     batch = Batch(events)
     unknown = batch.unknown_reservations()
     known = await known_info(conn, unknown) if unknown else {}
@@ -268,6 +270,8 @@ async def apply_batch(conn: asyncpg.Connection, events: list[dict[str, str]], *,
     # A later event of the same batch that left the booking states supersedes the commit.
     bookable = []
     for row in commits:
+        if batch.reservation_id[row] in unbookable:
+            continue
         newest = latest[batch.reservation_id[row]]
         if versions[newest] == versions[row] or to_states[newest] in BOOKING_STATES:
             bookable.append(row)
