@@ -59,6 +59,8 @@ ALLOWED = {
     "group-create": {"vendor", "vendor-other", "admin", "system"},
     "group-read": ALL,
     "group-availability": ALL,
+    "group-update": {"vendor", "vendor-other", "admin", "system"},
+    "group-delete": {"vendor", "vendor-other", "admin", "system"},
     # hold transfer and waitlist (issue 16)
     "transfer-offers": PARTNERS,
     "transfer": PARTNERS,
@@ -93,7 +95,8 @@ LISTS = {"list-reservations": "/v1/reservations", "list-bookings": "/v1/bookings
 # after the permission check).
 WEBHOOK_MISSING = {"webhook", "webhook-update", "webhook-delete", "webhook-rotate",
                    "webhook-test", "webhook-deliveries", "webhook-retry"}
-GROUP_ROUTES = {"group-create", "group-read", "group-availability"}
+GROUP_ROUTES = {"group-create", "group-read", "group-availability", "group-update",
+                "group-delete"}
 # Routes on one reservation (tenancy applies) vs. routes with no tenant in the path.
 ON_RESERVATION = {"read", "vendor-confirmation", "vendor-authorization",
                   "requester-authorization", "commit", "cancel", "extend", "modify",
@@ -214,13 +217,18 @@ async def _request(client, world, route: str, key: str | None, rid: str):
     if route == "group-create":
         return await client.post(groups, json={"groupId": f"g{n}", "resourceIds": ["v-confirm"],
                                                "strategy": "first_fit"}, headers=headers)
-    if route in ("group-read", "group-availability"):
+    if route == "group-delete":  # allowed: 404, the group does not exist
+        return await client.delete(f"{groups}/g-nosuchgroup", headers=headers)
+    if route in ("group-read", "group-availability", "group-update"):
         made = await client.post(groups, json={"groupId": "g-auth", "resourceIds": ["v-confirm"],
                                                "strategy": "first_fit"},
                                  headers=world.auth("admin"))
         assert made.status_code in (201, 409), made.text
         if route == "group-read":
             return await client.get(f"{groups}/g-auth", headers=headers)
+        if route == "group-update":
+            return await client.patch(f"{groups}/g-auth", json={"strategy": "first_fit"},
+                                      headers=headers)
         return await client.get(f"{groups}/g-auth/availability",
                                 params={"startTime": at(0), "endTime": at(60)},
                                 headers=headers)
@@ -264,8 +272,8 @@ async def _auth_matrix(client, world):
                 expected = {404}  # a vendor key reads its own vendor only
             elif route in GROUP_ROUTES and key == "vendor-other":
                 expected = {404}  # a vendor key manages and reads its own groups only
-            elif route == "busy-block-delete":
-                expected = {404}  # allowed; the block does not exist
+            elif route in ("busy-block-delete", "group-delete"):
+                expected = {404}  # allowed; the block (group) does not exist
             elif route in ("admin-revoke", "booking-cancel") or route in WEBHOOK_MISSING:
                 expected = {404}  # allowed; the key (endpoint, booking) does not exist
             elif route == "events-stream":
