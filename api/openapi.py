@@ -103,6 +103,9 @@ def components() -> dict[str, Any]:
         ref_template="#/components/schemas/{name}")
     settled = _settle(generated)
     settled["CreateReservationRequest"] = _create_forms(settled["CreateReservationRequest"])
+    # Payments (issue 12): a payment method (paying vendor) or an outcome (free vendor),
+    # never both (400 INVALID_OUTCOME).
+    settled["AuthorizationRequest"]["not"] = {"required": ["paymentMethodId", "outcome"]}
     return {**settled, **ALTERNATIVES, **_json_values()}
 
 
@@ -476,6 +479,13 @@ def _modify() -> dict[str, Any]:
 
 
 # ---- events out (issue 14): self-contained as well
+# One Server-Sent Event as a client parses it (schemathesis checks each one against this).
+SSE_EVENT = {"type": "object", "properties": {
+    "event": {"type": "string", "description": "the event type (stream.opened, a webhook "
+                                                "event type, ...)"},
+    "data": {"type": "string", "description": "the event as JSON text"},
+    "id": {"type": "string", "description": "the stream position (Last-Event-ID)"},
+    "retry": {"type": "integer"}}}
 def _events_out() -> dict[str, Any]:
     endpoint_id = param("endpointId", "path", {"type": "string", "minLength": 1,
                                                 "maxLength": 64})
@@ -537,7 +547,7 @@ def _events_out() -> dict[str, Any]:
             "Server-Sent Events of the caller's tenancy; each message's id is its stream "
             "position, Last-Event-ID resumes after it; a heartbeat comment every 15 s",
             {200: {"description": "text/event-stream",
-                   "content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+                   "content": {"text/event-stream": {"schema": SSE_EVENT}}}},
             errors=[400, 403, 404],
             parameters=[
                 param("vendorId", "query", NAME),

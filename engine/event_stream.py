@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from engine.errors import ValidationError
+from engine.keys import NAME_RE
 from engine.permissions import PARTNER, VENDOR, Principal, require, require_vendor_scope
 from engine.webhook_events import EVENT_TYPES
 
@@ -53,8 +54,9 @@ def stream_query(principal: Principal, params: dict[str, str],
         raise _bad(f"unknown query parameter {name!r}", name, "UNKNOWN_PARAMETER")
     vendor = params.get("vendorId")
     if vendor is not None:
-        if not vendor or len(vendor) > 64:
-            raise _bad("vendorId must be 1..64 characters", "vendorId")
+        if not NAME_RE.match(vendor):
+            raise _bad("vendorId must be a name of 1..64 letters, digits, '_', '.' or '-'",
+                       "vendorId")
         require_vendor_scope(principal, vendor)
     types = None
     if "types" in params:
@@ -62,15 +64,18 @@ def stream_query(principal: Principal, params: dict[str, str],
         if not types or any(t not in EVENT_TYPES for t in types):
             raise _bad("types must be comma-separated event types", "types",
                        "UNKNOWN_EVENT_TYPE")
-    raw = last_event_id if last_event_id is not None else params.get("lastEventId")
+    # Both forms are checked when both are given; the header wins.
     after = None
-    if raw is not None:
+    for raw, field in ((params.get("lastEventId"), "lastEventId"),
+                       (last_event_id, "Last-Event-ID")):
+        if raw is None:
+            continue
         try:
             after = int(raw.strip())
         except ValueError:
             after = -1
         if not 0 <= after <= MAX_POSITION:
-            raise _bad("Last-Event-ID must be an id this stream sent", "Last-Event-ID")
+            raise _bad(f"{field} must be an id this stream sent", field)
     partner_id = principal.partner_id if principal.role == PARTNER else None
     if principal.role == VENDOR:
         vendor = principal.vendor_id
