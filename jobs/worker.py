@@ -228,12 +228,25 @@ class ResilientWorker(Worker):
             return
 
     async def close(self) -> None:
+        await self._settle_jobs()
         try:
             await super().close()
         except _REDIS_DOWN as exc:  # shutting down while Redis is away: close what we own
             log.warning("Redis unreachable at shutdown: %r", exc)
             if self.on_shutdown:
                 await self.on_shutdown(self.ctx)
+
+
+    async def _settle_jobs(self) -> None:
+        """arq's ``close`` gathers its job tasks without ``return_exceptions``: a job the
+        shutdown cancelled (a reap running when SIGTERM came) re-raises CancelledError
+        there, so ``on_shutdown`` was skipped and the process exited 1. Wait for the jobs
+        here, whatever they end with, and drop the finished ones (as arq's poll loop does)."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            for job_id, task in list(self.tasks.items()):
+                if task.done():
+                    del self.tasks[job_id]
 
 
 def use_uvloop() -> bool:
