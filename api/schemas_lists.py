@@ -4,7 +4,10 @@ A list's rows are summaries (a reservation's history is on ``GET /v1/reservation
 ``nextCursor`` is opaque, passed back as ``startingAfter``, and null on the last page.
 """
 
-from api.schemas import ApiKey, OutTime, Out, Partner, StateName, Vendor, doc
+from msgspec import UNSET, UnsetType
+
+from api.schemas import (ApiKey, OutTime, Out, Partner, ReservationItemOut, StateName, Vendor,
+                         doc)
 
 Cursor = doc(str | None, description="opaque; pass it as startingAfter for the next page; "
                                       "null on the last page")
@@ -25,6 +28,7 @@ class ReservationSummary(Out):
     version: doc(int, minimum=0)
     booking_id: str | None
     failure_reason: str | None
+    items: list[ReservationItemOut] | UnsetType = UNSET  # a multi-resource reservation
 
 
 class ReservationList(Out):

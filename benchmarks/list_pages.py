@@ -36,14 +36,20 @@ async def fill(conn: asyncpg.Connection, rows: int) -> None:
         SELECT 'v' || i, 'v' || i, 15, 0, 0 FROM generate_series(0, {VENDORS - 1}) i;
         INSERT INTO reservations (id, partner_id, vendor_id, resource_id, requester_id,
                                   slot_start, slot_end, state, version, created_at,
-                                  updated_at, expires_at)
+                                  updated_at, expires_at, items)
         SELECT 'rsv_0_' || lpad(i::text, 26, '0'), 'p' || (i % {PARTNERS}),
                'v' || (i % {VENDORS}), 'v' || (i % {VENDORS}), 'r' || i,
                timestamptz '2031-01-01' + (i % 100000) * interval '15 minutes',
                timestamptz '2031-01-01' + (i % 100000 + 1) * interval '15 minutes',
                'HELD', 1,
                timestamptz '2030-01-01' + (i / 3) * interval '1 millisecond',
-               timestamptz '2030-01-01', timestamptz '2031-01-01'
+               timestamptz '2030-01-01', timestamptz '2031-01-01',
+               jsonb_build_array(jsonb_build_object(
+                   'resourceId', 'v' || (i % {VENDORS}),
+                   'slotStart', 1924992000000 + (i % 100000) * 900000,
+                   'slotEnd', 1924992000000 + (i % 100000 + 1) * 900000,
+                   'blockStart', 1924992000000 + (i % 100000) * 900000,
+                   'blockEnd', 1924992000000 + (i % 100000 + 1) * 900000))
         FROM generate_series(1, {rows}) i;
         ANALYZE reservations;""")
 

@@ -20,7 +20,11 @@ The rebuilt state of the newest event: its ``toState`` and version; the partner
 ``updated_at``); a failure reason for ended states (the reason, else the state in lower
 case); the slot of the last move, when there was one (creation slots are not in the audit).
 Booking: COMMITTED needs a live booking row ``bkg_<…>`` on the rebuilt resource (and the row's
-``booking_id``); any state but COMMIT_IN_PROGRESS/COMMITTED needs none. The Redis record may
+``booking_id``); any state but COMMIT_IN_PROGRESS/COMMITTED needs none. A multi-resource
+reservation (issue 16) is booked once every item of its row's ``items`` has its live booking
+row ``bkg_<…>.k`` (item 0: ``bkg_<…>``) on the item's resource and slot (``bookingRows``
+details, per item); its Redis record's items must be the row's (same version). The report
+lists the row's ``items`` in its summary (the Redis record's when there is no row). The Redis record may
 be gone once a terminal reservation's retention passed; a live one must be there.
 
 Events still in the commit queue show as drift until drained: parity skips reservations
@@ -76,11 +80,30 @@ async def load(conn, reservation_id: str) -> dict[str, Any]:
         reservation_id)
     row = await conn.fetchrow(
         "SELECT partner_id, resource_id, slot_start, slot_end, state, version, updated_at, "
-        "booking_id, failure_reason FROM reservations WHERE id = $1", reservation_id)
-    booking = await conn.fetchrow(
-        "SELECT id, resource_id, slot_start, slot_end, cancelled_at FROM bookings "
-        "WHERE reservation_id = $1 AND item = 0", reservation_id)  # item 0: issue 16
-    return {"audit": audit, "history": history, "row": row, "booking": booking}
+        "booking_id, failure_reason, items FROM reservations WHERE id = $1", reservation_id)
+    # One booking row per item (issue 16); item 0 is the reservation's booking.
+    bookings = await conn.fetch(
+        "SELECT id, item, resource_id, slot_start, slot_end, cancelled_at FROM bookings "
+        "WHERE reservation_id = $1 ORDER BY item", reservation_id)
+    booking = next((b for b in bookings if b["item"] == 0), None)
+    return {"audit": audit, "history": history, "row": row, "booking": booking,
+            "bookings": bookings}
+
+
+def _row_items(row) -> list[dict[str, Any]] | None:
+    """The reservation row's items (migration 0014) as ``{resourceId, slotStart, slotEnd}``
+    (ms), or None without a row."""
+    if row is None:
+        return None
+    return [{"resourceId": i["resourceId"], "slotStart": i["slotStart"],
+             "slotEnd": i["slotEnd"]} for i in _json(row["items"]) or []]
+
+
+def _record_items(record) -> list[dict[str, Any]]:
+    """The Redis record's items the same way (a one-resource record: its one resource)."""
+    items = getattr(record, "items", None) or [
+        (record.resource_id, record.slot_start_ms, record.slot_end_ms)]
+    return [{"resourceId": i[0], "slotStart": i[1], "slotEnd": i[2]} for i in items]
 
 
 def _field(diffs: dict, store: str, name: str, audit: Any, found: Any) -> None:
@@ -130,12 +153,16 @@ def compare(reservation_id: str, rows: dict[str, Any], record: Any) -> dict[str,
             _field(details, "historyRow", "metadata", meta.get("metadata") or {},
                    _json(h["metadata"]) or {})
         if version == last:
-            status = _snapshot(details, reservation_id, audit, row, booking, record, status)
+            status = _snapshot(details, reservation_id, audit, row, booking, record, status,
+                               rows.get("bookings") or ())
         if details and status == "match":
             status = "diff"
         events.append({"eventId": event_id, "status": status, "details": details})
     counts = {s: sum(1 for e in events if e["status"] == s) for s in STATUSES}
     rebuilt = _rebuilt(audit)
+    items = _row_items(row)
+    if items is None and record is not None:
+        items = _record_items(record)
     return {"reservationId": reservation_id, "events": events,
             "summary": {"events": len(events), **counts,
                         "drift": counts["diff"] + counts["missing"] + counts["extra"],
@@ -144,6 +171,8 @@ def compare(reservation_id: str, rows: dict[str, Any], record: Any) -> dict[str,
                         "auditRows": len(audit), "otherAuditRows": other_audit,
                         "historyRows": len(history), "reservationRow": row is not None,
                         "bookingRow": booking is not None,
+                        "bookingRows": len(rows.get("bookings") or []),
+                        "items": items or [],
                         "redisRecord": record is not None}}
 
 
@@ -168,8 +197,8 @@ def _rebuilt(audit: dict[int, Any]) -> dict[str, Any]:
 
 
 def _snapshot(details: dict, reservation_id: str, audit: dict, row, booking, record,
-              status: str) -> str:
-    """The newest event against the reservation row, the booking row and Redis."""
+              status: str, bookings=()) -> str:
+    """The newest event against the reservation row, the booking rows and Redis."""
     r = _rebuilt(audit)
     if row is None:
         details["reservationRow"] = "absent"
@@ -194,6 +223,10 @@ def _snapshot(details: dict, reservation_id: str, audit: dict, row, booking, rec
             _field(details, "reservationRow", "bookingId", booking_id_for(reservation_id),
                    row["booking_id"])
     live_booking = booking is not None and booking["cancelled_at"] is None
+    items = _row_items(row)
+    if r["booked"] and items is not None and len(items) > 1 \
+            and _item_bookings(details, reservation_id, items, bookings):
+        status = "missing"
     if r["booked"]:
         if not live_booking:
             details["bookingRow"] = "absent" if booking is None else "cancelled"
@@ -206,8 +239,12 @@ def _snapshot(details: dict, reservation_id: str, audit: dict, row, booking, rec
                        _ms(booking["slot_start"]))
                 _field(details, "bookingRow", "slotEnd", _ms(row["slot_end"]),
                        _ms(booking["slot_end"]))
-    elif live_booking and r["state"] not in BOOKING_STATES:
-        details["bookingRow"] = {"unexpected": booking["id"], "state": r["state"]}
+    elif r["state"] not in BOOKING_STATES:
+        unexpected = [b["id"] for b in bookings or ([booking] if booking else [])
+                      if b["cancelled_at"] is None]
+        if unexpected:
+            details["bookingRow"] = {"unexpected": unexpected[0], "state": r["state"],
+                                     **({"all": unexpected} if len(unexpected) > 1 else {})}
     if record is None:
         if r["state"] not in TERMINAL_STATES:
             details["redisRecord"] = "absent"
@@ -220,7 +257,36 @@ def _snapshot(details: dict, reservation_id: str, audit: dict, row, booking, rec
         _field(details, "redisRecord", "version", r["version"], record.version)
         _field(details, "redisRecord", "resourceId", r["resourceId"], record.resource_id)
         _field(details, "redisRecord", "partnerId", r["partnerId"], record.partner_id)
+        if items is not None and row["version"] == record.version:
+            _field(details, "redisRecord", "items", items, _record_items(record))
     return status
+
+
+def _item_bookings(details: dict, reservation_id: str, items: list[dict], bookings) -> bool:
+    """A booked multi-resource reservation: every item k has its live booking row
+    (``bkg_<…>.k``, item 0 ``bkg_<…>``) on the item's resource and slot. True when one
+    is missing (absent or cancelled)."""
+    by_item = {b["item"]: b for b in bookings}
+    missing = False
+    for k, item in enumerate(items):
+        b = by_item.get(k)
+        name = f"item{k}"
+        if b is None or b["cancelled_at"] is not None:
+            details.setdefault("bookingRows", {})[name] = "absent" if b is None else "cancelled"
+            missing = True
+            continue
+        expected_id = booking_id_for(reservation_id) + (f".{k}" if k else "")
+        for field, want, got in (("id", expected_id, b["id"]),
+                                 ("resourceId", item["resourceId"], b["resource_id"]),
+                                 ("slotStart", item["slotStart"], _ms(b["slot_start"])),
+                                 ("slotEnd", item["slotEnd"], _ms(b["slot_end"]))):
+            if want != got:
+                details.setdefault("bookingRows", {}).setdefault(name, {})[field] = {
+                    "audit": want, "found": got}
+    extra = sorted(k for k in by_item if k >= len(items))
+    if extra:
+        details.setdefault("bookingRows", {})["extra"] = [by_item[k]["id"] for k in extra]
+    return missing
 
 
 async def replay(pool, read_record: RedisReader, reservation_id: str) -> dict[str, Any] | None:

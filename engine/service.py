@@ -850,7 +850,13 @@ def from_record(stored) -> Reservation:
         reservation_id=stored.id, state=State(stored.state), version=stored.version,
         partner_id=stored.partner_id, vendor_id=stored.vendor_id,
         resource_id=stored.resource_id, requester_id=stored.requester_id,
-        slot_start_ms=start, slot_end_ms=end, block_start_ms=start, block_end_ms=end,
+        slot_start_ms=start, slot_end_ms=end,
+        block_start_ms=start if stored.block_start is None else _ms(stored.block_start),
+        block_end_ms=end if stored.block_end is None else _ms(stored.block_end),
+        # A multi-resource reservation's items, as the Redis record has them (units are
+        # Redis's business: not recorded, None here).
+        items=[(i.resource_id, i.slot_start_ms, i.slot_end_ms, None, None, i.block_start_ms,
+                i.block_end_ms) for i in stored.items] if stored.multi_resource else None,
         created_at_ms=_ms(stored.created_at),
         deadline_ms=_ms(stored.expires_at or stored.updated_at),
         confirmation_required=False, payment_required=False,

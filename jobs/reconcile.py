@@ -32,6 +32,7 @@ from engine.errors import EngineError
 from engine.lifecycle import BOOKED_PREFIX
 from engine.rehydration import restore_booked_markers
 from engine.runtime import Runtime
+from engine.store.events import booking_id_for
 from engine.store.queries import bookings_to_rehydrate
 from engine.store.review import record_manual_review
 
@@ -73,7 +74,10 @@ async def _restore_booked_markers(rt: Runtime, report: ReconciliationReport) -> 
     """Postgres → Redis. Returns reservation id → booking id of every booking not ended."""
     async with rt.pool.acquire() as conn:
         bookings = await bookings_to_rehydrate(conn, datetime.now(UTC))
-    booked = {booking.reservation_id: booking.id for booking in bookings}
+    # The reservation's booking id (item 0's: a multi-resource reservation has a booking row
+    # per item, issue 16, and any of them may be the one not ended yet).
+    booked = {booking.reservation_id: booking_id_for(booking.reservation_id)
+              for booking in bookings}
     restored = await restore_booked_markers(rt.access, rt.keys, rt.catalog, rt.settings,
                                             bookings)
     for booking in restored.unknown_resource:

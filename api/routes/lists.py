@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -42,7 +43,17 @@ async def list_reservations(request: Request) -> Response:
         slot_start_time=_time(r.slot_start), slot_end_time=_time(r.slot_end),
         created_at=_time(r.created_at), updated_at=_time(r.updated_at),
         expires_at=_time(r.expires_at), version=r.version, booking_id=r.booking_id,
-        failure_reason=r.failure_reason) for r in rows], next_cursor=cursor))
+        failure_reason=r.failure_reason, items=_items(r)) for r in rows], next_cursor=cursor))
+
+
+def _items(r):
+    """Every item of a multi-resource reservation (as GET shows them); unset for one."""
+    if not r.multi_resource:
+        return UNSET
+    return [schemas.ReservationItemOut(resource_id=i.resource_id,
+                                       slot_start_time=format_time(i.slot_start_ms),
+                                       slot_end_time=format_time(i.slot_end_ms))
+            for i in r.items]
 
 
 async def list_bookings(request: Request) -> Response:

@@ -107,21 +107,26 @@ _INSERT_TRANSITIONS = {(joined, careful): _insert_transitions(
     _TRANSITION_JOINED if joined else _TRANSITION_ARRAYS, careful)
     for joined in (False, True) for careful in (False, True)}
 
-# The snapshot only moves forward: an older or repeated event leaves it as it is.
+# The snapshot only moves forward: an older or repeated event leaves it as it is. `items`
+# (0014) lists every item: a multi-resource entry carries them ($18, JSON text; NULL for one
+# resource, whose one item is built here from the row's own resource, slot and block).
 _UPSERT_SNAPSHOT = f"""
 INSERT INTO reservations (id, partner_id, vendor_id, resource_id, requester_id, slot_start,
                           slot_end, state, version, created_at, updated_at, expires_at,
-                          failure_reason, metadata, booking_id, block_start, block_end)
+                          failure_reason, metadata, booking_id, block_start, block_end, items)
 SELECT s.id, s.partner_id, s.vendor_id, s.resource_id, s.requester_id, {_ts("s.slot_start")},
        {_ts("s.slot_end")}, s.state, s.version, {_ts("s.created_at")}, {_ts("s.updated_at")},
        {_ts("s.expires_at")}, s.failure_reason, s.metadata::jsonb, s.booking_id,
-       {_ts("s.block_start")}, {_ts("s.block_end")}
+       {_ts("s.block_start")}, {_ts("s.block_end")},
+       coalesce(s.items::jsonb, jsonb_build_array(jsonb_build_object(
+           'resourceId', s.resource_id, 'slotStart', s.slot_start, 'slotEnd', s.slot_end,
+           'blockStart', s.block_start, 'blockEnd', s.block_end)))
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
             $7::bigint[], $8::text[], $9::int[], $10::bigint[], $11::bigint[], $12::bigint[],
-            $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[])
+            $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::text[])
      AS s(id, partner_id, vendor_id, resource_id, requester_id, slot_start, slot_end, state,
           version, created_at, updated_at, expires_at, failure_reason, metadata, booking_id,
-          block_start, block_end)
+          block_start, block_end, items)
 ON CONFLICT (id) DO UPDATE
 SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
     expires_at = EXCLUDED.expires_at,
@@ -129,7 +134,7 @@ SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.up
     -- (reason 'transferred', issue 16) whose it is
     partner_id = EXCLUDED.partner_id, resource_id = EXCLUDED.resource_id, slot_start = EXCLUDED.slot_start,
     slot_end = EXCLUDED.slot_end, block_start = EXCLUDED.block_start,
-    block_end = EXCLUDED.block_end,
+    block_end = EXCLUDED.block_end, items = EXCLUDED.items,
     failure_reason = coalesce(EXCLUDED.failure_reason, reservations.failure_reason),
     booking_id = coalesce(EXCLUDED.booking_id, reservations.booking_id),
     metadata = reservations.metadata || EXCLUDED.metadata

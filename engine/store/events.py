@@ -317,7 +317,22 @@ class Batch:
                  for r, state in zip(rows, to_states)],
                 self._merged_metadata(rows),
                 [booked.get(self.reservation_id[r]) for r in rows],
-                [self.block_start[r] for r in rows], [self.block_end[r] for r in rows]]
+                [self.block_start[r] for r in rows], [self.block_end[r] for r in rows],
+                self._items_json(rows)]
+
+    def _items_json(self, rows: list[int]) -> list[str | None]:
+        """Per row, a multi-resource reservation's items as the snapshot's ``items`` JSON
+        (migration 0014); None for one resource (the statement builds its one item)."""
+        if not self.items:
+            return [None] * len(rows)
+        out: list[str | None] = []
+        for r in rows:
+            places = self.items.get(self.reservation_id[r])
+            out.append(None if places is None else orjson.dumps([
+                {"resourceId": resource, "slotStart": start, "slotEnd": end,
+                 "blockStart": block_start, "blockEnd": block_end}
+                for resource, start, end, block_start, block_end in places]).decode())
+        return out
 
     def metadata_rows(self) -> list[list[Any]] | None:
         """(reservation, version, metadata) of the rows carrying metadata, or None."""

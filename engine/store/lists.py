@@ -16,24 +16,7 @@ from datetime import datetime
 import asyncpg
 
 from engine.db import columns
-
-
-@dataclass(frozen=True, slots=True)
-class ReservationRow:
-    id: str
-    partner_id: str
-    vendor_id: str
-    resource_id: str
-    requester_id: str
-    slot_start: datetime
-    slot_end: datetime
-    state: str
-    version: int
-    created_at: datetime
-    updated_at: datetime
-    expires_at: datetime | None
-    booking_id: str | None
-    failure_reason: str | None
+from engine.store.queries import StoredReservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +54,11 @@ class KeyRow:
 async def reservations(conn: asyncpg.Connection, *, partner_id: str | None,
                        vendor_id: str | None, states: list[str] | None,
                        start_from: datetime | None, start_to: datetime | None,
-                       after: tuple[datetime, str] | None, limit: int) -> list[ReservationRow]:
+                       after: tuple[datetime, str] | None, limit: int
+                       ) -> list[StoredReservation]:
+    """A page of reservations in the one stored shape (items included, no history)."""
     rows = await conn.fetch(
-        f"""SELECT {columns(ReservationRow)} FROM reservations
+        f"""SELECT {columns(StoredReservation)} FROM reservations
             WHERE ($1::text IS NULL OR partner_id = $1)
               AND ($2::text IS NULL OR vendor_id = $2)
               AND ($3::text[] IS NULL OR state = ANY($3))
@@ -83,7 +68,7 @@ async def reservations(conn: asyncpg.Connection, *, partner_id: str | None,
             ORDER BY created_at DESC, id DESC LIMIT $8""",
         partner_id, vendor_id, states, start_from, start_to,
         after[0] if after else None, after[1] if after else None, limit)
-    return [ReservationRow(**row) for row in rows]
+    return [StoredReservation.from_row(row) for row in rows]
 
 
 async def bookings(conn: asyncpg.Connection, *, partner_id: str | None, vendor_id: str | None,

@@ -40,7 +40,23 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredItem:
+    """One item of a reservation as Postgres records it (``reservations.items``, 0014)."""
+
+    resource_id: str
+    slot_start_ms: int
+    slot_end_ms: int
+    block_start_ms: int
+    block_end_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class StoredReservation:
+    """A reservation as Postgres records it: the one shape every read of the
+    ``reservations`` table answers (GET once Redis forgot it, the lists). ``resource_id``,
+    the slot and the block are item 0's; ``items`` lists every item (one for a
+    one-resource reservation). ``history`` is filled by :func:`load_reservation` only."""
+
     id: str
     partner_id: str
     vendor_id: str
@@ -48,6 +64,8 @@ class StoredReservation:
     requester_id: str
     slot_start: datetime
     slot_end: datetime
+    block_start: datetime | None
+    block_end: datetime | None
     state: str
     version: int
     created_at: datetime
@@ -56,7 +74,25 @@ class StoredReservation:
     booking_id: str | None
     failure_reason: str | None
     metadata: dict[str, Any]
+    items: list[StoredItem]
     history: list[Transition] = field(default_factory=list, metadata={"column": False})
+
+    @property
+    def multi_resource(self) -> bool:
+        return len(self.items) > 1
+
+    @classmethod
+    def from_row(cls, row, history: list[Transition] | None = None) -> "StoredReservation":
+        """A row selected with ``columns(StoredReservation)``."""
+        return cls(**{**row, "metadata": json_value(row["metadata"]),
+                      "items": stored_items(row["items"])}, history=history or [])
+
+
+def stored_items(value) -> list[StoredItem]:
+    """The ``items`` column (jsonb, with or without the codec) as :class:`StoredItem` s."""
+    return [StoredItem(i["resourceId"], int(i["slotStart"]), int(i["slotEnd"]),
+                       int(i["blockStart"]), int(i["blockEnd"]))
+            for i in json_value(value)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +144,7 @@ async def load_reservation(conn: asyncpg.Connection, reservation_id: str) -> Sto
         f"""SELECT {columns(Transition)} FROM reservation_history
             WHERE reservation_id = $1 ORDER BY version""",
         reservation_id)
-    return StoredReservation(**{**row, "metadata": json_value(row["metadata"])}, history=[
+    return StoredReservation.from_row(row, [
         Transition(**{**h, "metadata": json_value(h["metadata"])}) for h in history])
 
 
