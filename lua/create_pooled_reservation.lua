@@ -40,6 +40,7 @@
 --@include @lifecycle
 --@include lib/now_ms.lua
 --@include lib/first_conflict.lua
+--@include lib/best_fit.lua
 --@include lib/load_reservation.lua
 --@include lib/emit_transition.lua
 --@include lib/walk_auto_steps.lua
@@ -89,26 +90,12 @@ if existing then
   return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
 end
 
--- Free units next to [f, l] on one side, counted up to `limit` (at most `window`): the gap
--- the stay would leave. A count that reaches the best gap so far cannot win, so it stops.
-local function free_run(resource, from, step, limit)
-  local count = 0
-  for i = 1, math.min(window, limit) do
-    if redis.call('EXISTS', unit_key(unit_root, resource, from + step * i)) == 1 then break end
-    count = count + 1
-  end
-  return count
-end
-
-local chosen, best = nil, nil
-for _, c in ipairs(candidates) do
-  if not first_conflict(unit_root, c.rs, c.f, c.l, id) then
-    if ARGV[8] ~= 'tightest' then chosen = c; break end
-    local bound = best or (2 * window + 1)
-    local left = free_run(c.rs, c.f, -1, bound)
-    local gap = left < bound and left + free_run(c.rs, c.l, 1, bound - left) or bound
-    if gap < bound then chosen, best = c, gap end
-    if gap == 0 then break end
+local chosen
+if ARGV[8] == 'tightest' then
+  chosen = best_fit(unit_root, candidates, id, window)
+else
+  for _, c in ipairs(candidates) do
+    if not first_conflict(unit_root, c.rs, c.f, c.l, id) then chosen = c; break end
   end
 end
 if not chosen then return {OUTCOME.POOL_FULL, n} end
