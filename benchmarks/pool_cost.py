@@ -14,6 +14,10 @@ single-resource create. Phases:
   checks i members (the mean is 25.5): the fill of a real day;
 - ``pooled_best_fit_free``: best_fit over a free 50-room group: every member's gap is looked
   at (``SLOTGUARD_POOL_FIT_WINDOW_UNITS`` each side), the worst case of that strategy;
+- ``pooled_best_fit_fragmented``: best_fit over a 50-room group whose day is fragmented
+  (seeded: per room, taken runs of 1-8 units and free runs of 0-6, about 55 % taken), each
+  call on a random 2-unit slot of it; a call finding the pool full still counts (its
+  script ran) and is reported apart;
 - ``modify``: a live hold moved to a slot that overlaps its own (as tests/test_modify does);
 - ``multi_4_items``: a multi-resource reservation of 4 items (4 resources, 2 units each).
 """
@@ -25,6 +29,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import random
 import time
 
 import redis.asyncio as aioredis
@@ -32,6 +37,7 @@ import redis.asyncio as aioredis
 from benchmarks.private_redis import PrivateRedis
 from benchmarks.private_scenarios import counters
 from engine.access import RedisAccess
+from engine.errors import PoolFull
 from engine.keys import KeySpace
 from engine.pool import PoolChoice
 from engine.reservations import ReservationEngine
@@ -51,7 +57,7 @@ def catalog() -> ResourceCatalog:
                            [Vendor("hotel", "chair", confirmation_required=True)])
 
 
-async def run(calls: int) -> dict:
+async def run(calls: int, only: set[str] | None = None) -> dict:
     redis_server = PrivateRedis()
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     access = RedisAccess(client)
@@ -87,6 +93,8 @@ async def run(calls: int) -> dict:
         offset = [0]
 
         async def phase(name: str, make, n: int) -> None:
+            if only and name != "create" and name not in only:
+                return
             before = await counters(client, redis_server.pid)
             t0 = time.perf_counter()
             for chunk in range(0, n, IN_FLIGHT):
@@ -95,11 +103,18 @@ async def run(calls: int) -> dict:
             after = await counters(client, redis_server.pid)
             calls_n, usec = after["commands"]["evalsha"]
             calls0, usec0 = before["commands"].get("evalsha", (0, 0))
+            # The commands the scripts called, per script call (how many, and their time).
+            inner = {}
+            for cmd, (c1, u1) in after["commands"].items():
+                c0, u0 = before["commands"].get(cmd, (0, 0))
+                if c1 > c0 and cmd not in ("evalsha", "info", "script|load"):
+                    inner[cmd] = [round((c1 - c0) / n, 2), round((u1 - u0) / n, 2)]
             phases[name] = {
                 "calls": n, "evalsha_calls": calls_n - calls0,
                 "script_usec_per_call": round((usec - usec0) / (calls_n - calls0), 2),
                 "redis_cpu_us_per_call": round((after["cpu_s"] - before["cpu_s"]) / n * 1e6, 2),
-                "calls_per_s": round(n / seconds)}
+                "calls_per_s": round(n / seconds),
+                "inner_calls_and_usec_per_call": inner}
 
         async def do_single(i):
             await engine.place(single(offset[0] + i))
@@ -126,7 +141,46 @@ async def run(calls: int) -> dict:
 
         await phase("pooled_best_fit_free", do_best_fit, calls)
 
-        held = [await engine.place(single(10 * calls + 4 * i)) for i in range(calls)]
+        # A fragmented day: per room, taken runs of 1-8 units, free runs of 0-6 (seeded).
+        rng = random.Random(16)
+        day0 = (T0 + 2 * (base + 12 * calls) * UNIT) // UNIT
+        span = max(400, calls // 2)
+        pipe = client.pipeline(transaction=False)
+        taken_units = 0
+        for m in members:
+            u = day0
+            while u < day0 + span:
+                u += rng.randrange(0, 7)
+                run = rng.randrange(1, 9)
+                for k in range(u, min(u + run, day0 + span)):
+                    pipe.set(engine.keys.unit(m.id, k, m.shard_name), "B|rsv_fill")
+                    taken_units += 1
+                u += run
+        await pipe.execute()
+        slots = [day0 + 8 + rng.randrange(span - 18) for _ in range(calls)]
+        full = [0]
+
+        async def do_best_fit_fragmented(i):
+            first = slots[i]
+            candidates = tuple((m, first, first + 1, first * UNIT, (first + 2) * UNIT)
+                               for m in members)
+            p = dataclasses.replace(engine.placement(
+                partner_id="p", vendor=vendor, resource=members[0], start_ms=first * UNIT,
+                end_ms=(first + 2) * UNIT, requester_id="r", metadata_text="{}",
+                idempotency_key="", triggered_by="partner"),
+                pool=PoolChoice("double", True, candidates))
+            try:
+                await engine.place(p)
+            except PoolFull:
+                full[0] += 1
+
+        await phase("pooled_best_fit_fragmented", do_best_fit_fragmented, calls)
+        if "pooled_best_fit_fragmented" in phases:
+            phases["pooled_best_fit_fragmented"].update(
+                pool_full=full[0], taken_before=round(taken_units / (span * len(members)), 3))
+
+        held = [await engine.place(single(10 * calls + 4 * i)) for i in range(calls)] \
+            if not only or "modify" in only else []
 
         async def do_modify(i):
             start = T0 + (2 * (10 * calls + 4 * i) + 1) * UNIT  # overlaps its own slot
@@ -167,8 +221,11 @@ async def run(calls: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=3000)
+    parser.add_argument("--phases", default="", help="comma-separated phases to run (create, "
+                        "the baseline, always runs); default all")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.calls)), indent=2))
+    only = {p for p in args.phases.split(",") if p} or None
+    print(json.dumps(asyncio.run(run(args.calls, only)), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,100 +1,107 @@
---@include lib/unit_key.lua
+--@include lib/first_conflict.lua
 -- Best fit (issue 16): the candidate {rs, f, l} whose stay [f, l] is free (a unit held by
 -- `owner` counts as free) and whose free gap around it is smallest: free units just before f
 -- plus free units just after l, each side counted up to `window`; ties to the earlier
 -- candidate; nil when no candidate is free. The least fragmentation the hold can leave.
 --
--- Read in rounds, one MGET per round (in chunks), never a call per unit: round 0 reads every
--- candidate's stay and its two neighbours (f - 1, l + 1); both neighbours taken is a perfect
--- fit (gap 0), and the first one wins at once. Then each round doubles the span read on the
--- sides still open (2, 3-4, 5-8, ... up to `window`), only for the candidates that can still
--- win: one whose gap so far (a lower bound) is above the best exact gap found, or equal to
--- it but later in order, is dropped unread.
+-- Candidates are read in order, each stay up to its first taken unit
+-- (lib/first_conflict.lua), then the free one's two neighbours: both taken is a perfect fit
+-- (gap 0), chosen at once. Then the open sides of the free ones widen in rounds of one MGET
+-- each (in chunks), never a call per unit, by doubling spans (distance 2, 3-4, 5-8, ... up to
+-- `window`), each round only for the candidates that can still win: one whose gap so far (a
+-- lower bound) is above the best exact gap found, or equal to it but later in order, is
+-- dropped unread. Unit keys are the unit root, the resource, ':' and the
+-- index (as lib/unit_key.lua builds them); each index becomes a string once per call.
 local function best_fit(unit_root, candidates, owner, window)
-  local function mget(keys)  -- MGET in chunks (unpack has a C-stack limit)
+  local function mget(keys, count)  -- MGET in chunks (unpack has a C-stack limit)
+    if count <= 1000 then return redis.call('MGET', unpack(keys, 1, count)) end
     local out, n = {}, 0
-    for from = 1, #keys, 1000 do
-      local part = redis.call('MGET', unpack(keys, from, math.min(#keys, from + 999)))
+    for from = 1, count, 1000 do
+      local part = redis.call('MGET', unpack(keys, from, math.min(count, from + 999)))
       for i = 1, #part do n = n + 1; out[n] = part[i] end
     end
     return out
   end
+  local names = {}  -- index -> its string
 
-  local keys, n = {}, 0
-  for _, c in ipairs(candidates) do
-    c.prefix = unit_root .. c.rs .. ':'
-    for i = c.f - 1, c.l + 1 do n = n + 1; keys[n] = c.prefix .. i end
-  end
-  local got = mget(keys)
-  -- Per contender: side counts so far (lc, rc), whether each side is still open, how far
-  -- each side has been read (ld, rd).
-  local live, m, pos = {}, 0, 0
+  -- In order: a candidate's stay, one unit at a time up to its first taken unit (a busy day
+  -- ends most candidates at their first unit), then its two neighbours. Both neighbours
+  -- taken is a perfect fit: nothing earlier had one, nothing later can beat it, so it wins
+  -- at once and the rest is never read.
+  local live, m = {}, 0
   for order, c in ipairs(candidates) do
-    local free = true
-    for i = 1, c.l - c.f + 1 do
-      local holder = got[pos + 1 + i]
-      if holder and holder ~= owner then free = false; break end
-    end
-    if free then
-      local before, after = got[pos + 1], got[pos + c.l - c.f + 3]
-      -- Gap 0 (both neighbours taken, or no window): nothing earlier had it, nothing beats it.
-      if window <= 0 or (before and after) then return c end
+    if not first_conflict(unit_root, c.rs, c.f, c.l, owner) then
+      if window <= 0 then return c end  -- no window: every gap is 0
+      local prefix = unit_root .. c.rs .. ':'
+      c.prefix = prefix
+      local near = redis.call('MGET', prefix .. (c.f - 1), prefix .. (c.l + 1))
+      local before, after = near[1], near[2]
+      if before and after then return c end
       m = m + 1
-      live[m] = {c = c, order = order, lc = before and 0 or 1, rc = after and 0 or 1,
-        lo = not before and window > 1, ro = not after and window > 1}
+      live[m] = {c, order, before and 0 or 1, after and 0 or 1,
+        not before and window > 1, not after and window > 1}
     end
-    pos = pos + c.l - c.f + 3
   end
   if m == 0 then return nil end
 
-  local span = 1  -- distance read so far on an open side
+  local span = 1  -- the distance read so far on the open sides
   while true do
     -- The best exact gap so far (both sides closed), ties to the earlier candidate.
-    local best
+    local best, best_gap, best_order
     for _, e in ipairs(live) do
-      if not e.lo and not e.ro then
-        local gap = e.lc + e.rc
-        if not best or gap < best.gap or (gap == best.gap and e.order < best.order) then
-          best = {gap = gap, order = e.order, e = e}
+      if not e[5] and not e[6] then
+        local gap = e[3] + e[4]
+        if not best or gap < best_gap or (gap == best_gap and e[2] < best_order) then
+          best, best_gap, best_order = e, gap, e[2]
         end
       end
     end
-    -- Keep only who can still win; read the next span of their open sides.
+    -- Keep who can still win; read the next span of their open sides.
     local keep, k = {}, 0
+    local upto = math.min(window, 2 * span)
+    local keys, n = {}, 0
     for _, e in ipairs(live) do
-      local bound = e.lc + e.rc
-      if e == (best and best.e) or not best or bound < best.gap
-          or (bound == best.gap and e.order < best.order) then
+      local bound = e[3] + e[4]
+      if e == best or not best or bound < best_gap
+          or (bound == best_gap and e[2] < best_order) then
         k = k + 1; keep[k] = e
+        local c = e[1]
+        local prefix = c.prefix
+        if e[5] then
+          local f = c.f
+          for d = span + 1, upto do
+            local i = f - d
+            local s = names[i]
+            if not s then s = tostring(i); names[i] = s end
+            n = n + 1; keys[n] = prefix .. s
+          end
+        end
+        if e[6] then
+          local l = c.l
+          for d = span + 1, upto do
+            local i = l + d
+            local s = names[i]
+            if not s then s = tostring(i); names[i] = s end
+            n = n + 1; keys[n] = prefix .. s
+          end
+        end
       end
     end
     live = keep
-    local reads, r = {}, 0
-    local upto = math.min(window, 2 * span)
+    if n == 0 then return best[1] end  -- every one left is closed: best is among them
+    local got, pos = mget(keys, n), 0
+    local closes = upto >= window
     for _, e in ipairs(live) do
-      if e.lo then
-        for d = span + 1, upto do r = r + 1; reads[r] = e.c.prefix .. (e.c.f - d) end
-      end
-      if e.ro then
-        for d = span + 1, upto do r = r + 1; reads[r] = e.c.prefix .. (e.c.l + d) end
-      end
-    end
-    if r == 0 then return best and best.e.c or live[1].c end
-    got = mget(reads)
-    pos = 0
-    for _, e in ipairs(live) do
-      for _, side in ipairs({'l', 'r'}) do
-        if e[side .. 'o'] then
-          local count = e[side .. 'c']
-          local open = true
-          for d = span + 1, upto do
+      for side = 5, 6 do  -- e[side]: the side is open; e[side - 2]: its count
+        if e[side] then
+          local count, open = e[side - 2], true
+          for _ = span + 1, upto do
             pos = pos + 1
             if open then
               if got[pos] then open = false else count = count + 1 end
             end
           end
-          e[side .. 'c'] = count
-          e[side .. 'o'] = open and upto < window
+          e[side - 2], e[side] = count, open and not closes
         end
       end
     end
