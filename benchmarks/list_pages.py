@@ -32,8 +32,8 @@ async def fill(conn: asyncpg.Connection, rows: int) -> None:
         SELECT 'p' || i, 'P' || i FROM generate_series(0, {PARTNERS - 1}) i;
         INSERT INTO vendors (id) SELECT 'v' || i FROM generate_series(0, {VENDORS - 1}) i;
         INSERT INTO resources (id, vendor_id, unit_minutes, buffer_before_minutes,
-                               buffer_after_minutes)
-        SELECT 'v' || i, 'v' || i, 15, 0, 0 FROM generate_series(0, {VENDORS - 1}) i;
+                               buffer_after_minutes, shard_key)
+        SELECT 'v' || i, 'v' || i, 15, 0, 0, 'v' || i FROM generate_series(0, {VENDORS - 1}) i;
         INSERT INTO reservations (id, partner_id, vendor_id, resource_id, requester_id,
                                   slot_start, slot_end, state, version, created_at,
                                   updated_at, expires_at, items)
