@@ -593,8 +593,9 @@ def _transfer_and_waitlist() -> dict[str, Any]:
             "cancelled, the script that frees it places the hold for the oldest live entry "
             "whose whole slot is free (origin: waitlist); the entry counts against the "
             "partner's hold cap. A slot free right now is handed over at once (state "
-            "fulfilled). resourceGroupId is refused with 400 WAITLIST_GROUP_NOT_SUPPORTED "
-            "until resource groups serve the waitlist",
+            "fulfilled). Name resourceId or resourceGroupId (exactly one): an entry on a "
+            "group is queued on every member beside the members' own entries (FIFO across "
+            "both) and gets the member the group's strategy picks",
             {201: ok(201, "WaitlistEntry", "Created")},
             errors=[400, 403, 404, 409], request=body("WaitlistRequest"))},
         "/v1/waitlist/{entryId}": {

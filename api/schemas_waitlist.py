@@ -48,8 +48,9 @@ class TransferOffer(Out):
 
 # ---- waitlist ------------------------------------------------------------------------------
 class WaitlistRequest(Body):
-    """``resourceId`` (default: the vendor's default resource) or ``resourceGroupId`` (400
-    WAITLIST_GROUP_NOT_SUPPORTED until resource groups serve the waitlist)."""
+    """Exactly one of ``resourceId`` and ``resourceGroupId`` (400 MISSING_FIELD for neither,
+    INVALID_FIELD for both): an entry on a group gets the member the group's strategy
+    picks."""
 
     vendor_id: Name
     slot_start_time: Time
@@ -67,7 +68,9 @@ class WaitlistEntry(Out):
     state: doc(str, enum=list(STATES))
     expires_at: OutTime
     vendor_id: str
-    resource_id: str
+    resource_id: doc(str, description="the resource waited for; for an entry on a resource "
+                                      "group, the member it got once fulfilled") | None
+    resource_group_id: doc(str, description="the resource group waited for (issue 16)") | None
     slot_start_time: OutTime
     slot_end_time: OutTime
     requester_id: str

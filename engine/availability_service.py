@@ -325,14 +325,19 @@ class AvailabilityService:
                               details={"reasons": reasons, "vendorId": rules.vendor_id,
                                        "resourceId": resource.id})
 
-    async def retry_stale(self, place, placement):
+    async def retry_stale(self, place, placement, recheck=None):
         """The hold script said the rules are stale (RULES_STALE): reload them (and publish
-        what Postgres says, which heals a Redis that lost the key), check the slot again
-        and retry ``place`` (a few times at most)."""
+        what Postgres says, which heals a Redis that lost the key), check the placement
+        again and retry ``place`` (a few times at most). ``recheck(rules, placement)``
+        answers the placement checked against ``rules`` (a pooled or multi-resource
+        placement checks its members or items, issue 16); by default its one slot."""
         vendor_id = placement.vendor.id
         for _ in range(STALE_RETRIES):
             rules = await self.rules.reload(vendor_id, publish=True)
-            self.refuse(rules, placement.resource, placement.start_ms, placement.end_ms)
+            if recheck is None:
+                self.refuse(rules, placement.resource, placement.start_ms, placement.end_ms)
+            else:
+                placement = await recheck(rules, placement)
             placement = replace(placement, rules_revision=str(rules.revision))
             try:
                 return await place(placement)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from engine.access import RedisAccess
 from engine.errors import EngineError, Outcome, ValidationError, error_for
@@ -30,6 +32,7 @@ from engine.lifecycle import SYSTEM_SCOPE
 from engine.settings import Settings
 
 log = logging.getLogger("slotguard.limits")
+T = TypeVar("T")
 
 # A provisional cap entry (taken before its hold exists) outlives the hold's ttl by this much,
 # so a crash between placing the hold and moving the entry to the hold's real expiry cannot
@@ -230,6 +233,24 @@ def _logged(future: asyncio.Future) -> asyncio.Future:
             log.warning("cap bookkeeping failed (the entry expires by itself): %r", exc)
     future.add_done_callback(done)
     return future
+
+
+async def with_cap_slot(acquire: Awaitable[T], admission: Sequence[Awaitable],
+                        give_back: Callable[[T], object]) -> T:
+    """Take a cap slot (``acquire``) and pass ``admission`` (rate limits, an idempotency
+    claim: whatever must pass before a hold or a waitlist entry is written) in ONE round
+    trip: one gather queues every call in the same event-loop turn, so one batch. When an
+    admission refuses, a slot that was taken is given back (``give_back(acquired)``, queued)
+    and the refusal raised; a refused slot raises its own error (429)."""
+    took, *admitted = await asyncio.gather(acquire, *admission, return_exceptions=True)
+    refused = next((a for a in admitted if isinstance(a, BaseException)), None)
+    if refused is not None:
+        if not isinstance(took, BaseException):
+            give_back(took)
+        raise refused
+    if isinstance(took, BaseException):
+        raise took
+    return took
 
 
 async def place_with_cap(limits: Limits, holds, partner_id: str, resource_id: str,

@@ -30,7 +30,7 @@ from engine.lifecycle import (
     State,
     creation_stage,
 )
-from engine.limits import PROVISIONAL_MARGIN_MS, Limits
+from engine.limits import PROVISIONAL_MARGIN_MS, Limits, with_cap_slot
 from engine.resources import Resource, ResourceCatalog, Vendor
 from engine.settings import Settings
 
@@ -198,22 +198,12 @@ class ReservationEngine:
         stage = creation_stage(vendor.confirmation_required, vendor.payment_required)
         ttl = {"hold": s.hold_ttl_ms, "confirmed": s.confirmed_ttl_ms,
                "authorized": s.authorized_ttl_ms}[stage]
-        if not admission:
-            took = await self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
-                                                      ttl_ms=ttl + PROVISIONAL_MARGIN_MS)
-            return await self._hold_or_give_back(p, took[1], argv)
-        # One gather: every call is queued in the same event-loop turn, so one batch.
-        took, *admitted = await asyncio.gather(
+        took = await with_cap_slot(
             self.limits.acquire_cap_slot(p.partner_id, p.reservation_id,
                                          ttl_ms=ttl + PROVISIONAL_MARGIN_MS),
-            *admission, return_exceptions=True)
-        refused = next((a for a in admitted if isinstance(a, BaseException)), None)
-        if refused is not None:
-            if not isinstance(took, BaseException) and took[1]:
-                self.limits.release_cap_soon(p.partner_id, p.reservation_id, placed=False)
-            raise refused
-        if isinstance(took, BaseException):
-            raise took
+            admission,
+            lambda took: took[1] and self.limits.release_cap_soon(
+                p.partner_id, p.reservation_id, placed=False))
         return await self._hold_or_give_back(p, took[1], argv)
 
     async def _hold_or_give_back(self, p: Placement, cap_added: bool, argv: list) -> Moved:
@@ -261,7 +251,8 @@ class ReservationEngine:
         pooled_argv = [argv[0], argv[1], argv[2], pool.group_id, argv[4], argv[5], argv[6],
                        "tightest" if pool.tightest else "first", s.pool_fit_window_units,
                        argv[11], argv[12], argv[13], argv[14], argv[15], argv[16], argv[17],
-                       argv[18], argv[19], argv[20], len(pool.candidates), *candidates]
+                       argv[18], argv[19], argv[20], len(pool.candidates), *candidates,
+                       argv[21]]
         reply = await call_with_retry(
             self.access, "create_pooled_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
@@ -269,8 +260,12 @@ class ReservationEngine:
              self.keys.events(shard), self.keys.deadlines(shard), self.keys.ready(shard)],
             pooled_argv)
         if int(reply[0]) == Outcome.OK:
+            if len(reply) > 7:
+                self._handed_off(reply[7])  # other members' waiting entries came first
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
                          resource_id=str(reply[6]))
+        if int(reply[0]) == Outcome.POOL_FULL and len(reply) > 2:
+            self._handed_off(reply[2])  # the members' waitlists came first (issue 16)
         raise error_for(reply, resource_id=None,
                         details={"reservationId": reservation_id,
                                  "resourceGroupId": pool.group_id})
@@ -282,7 +277,7 @@ class ReservationEngine:
         items_text = orjson.dumps([list(i) for i in items]).decode()
         multi_argv = [argv[0], argv[1], argv[2], argv[4], argv[11], argv[12], argv[13],
                       argv[14], argv[15], argv[16], argv[17], argv[18], argv[19], argv[20],
-                      items_text]
+                      items_text, argv[21]]
         reply = await call_with_retry(
             self.access, "create_multi_reservation",
             [self.keys.unit_root(shard), self.keys.reservation(reservation_id),
@@ -292,8 +287,11 @@ class ReservationEngine:
         if int(reply[0]) == Outcome.OK:
             return Moved(reservation_id, State(reply[1]), int(reply[2]), int(reply[3]),
                          resource_id=resource.id)
-        conflicting = items[int(reply[3]) - 1][0] if int(reply[0]) == Outcome.CONFLICT \
-            else None
+        conflicting = None
+        if int(reply[0]) == Outcome.CONFLICT:
+            conflicting = items[int(reply[3]) - 1][0]
+            if len(reply) > 4:
+                self._handed_off(reply[4])  # the items' waitlists came first (issue 16)
         raise error_for(reply, resource_id=conflicting,
                         details={"reservationId": reservation_id})
 

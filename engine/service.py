@@ -372,11 +372,9 @@ class ReservationService:
             idempotency_key=key or "", triggered_by=principal.actor,
             reservation_id=self._reservation_id(scope, resource.shard_name, key))
         if pool is not None:  # issue 16: members the vendor's availability refuses drop out
-            placement = dataclasses.replace(
-                placement, pool=await self._available_members(vendor, pool, start_ms, end_ms))
+            placement = await self._recheck(dataclasses.replace(placement, pool=pool))
         elif multi is not None:  # issue 16: every item against the vendor's availability
-            await self._check_items_availability(vendor, multi)
-            placement = dataclasses.replace(placement, items=multi)
+            placement = await self._recheck(dataclasses.replace(placement, items=multi))
         else:
             placement = await self._check_availability(placement, start_ms, end_ms)
         claimed = False
@@ -435,35 +433,45 @@ class ReservationService:
                                                            placement.resource, start_ms, end_ms)
         return dataclasses.replace(placement, rules_revision=revision)
 
-    async def _available_members(self, vendor: Vendor, pool, start_ms: int, end_ms: int):
-        """Issue 16 with issue 13: a pooled hold's candidates the vendor's rules allow (busy
-        blocks may be per resource); none left: the first member's refusal (409)."""
+    async def _recheck(self, placement, rules=None):
+        """Issue 16 with issue 13: a pooled or multi-resource placement against the vendor's
+        availability rules (``rules``, else the cached ones), before any write and without a
+        Redis call; the hold script confirms the rules' revision beside every resource it
+        may take. A pooled hold's candidates the rules refuse drop out (busy blocks may be
+        per resource; none left: the first member's refusal, 409); every item of a
+        multi-resource hold must pass (409). Also the RULES_STALE retry's check."""
         if self.availability is None:
-            return pool
+            return placement
         from engine import availability as av
 
-        rules = await self.availability.rules.get(vendor.id)
+        if rules is None:
+            rules = await self.availability.rules.get(placement.vendor.id)
         now = clock.now_ms()
-        allowed = tuple(c for c in pool.candidates
-                        if not av.refusals(rules, c[0].id, start_ms, end_ms, now))
-        if not allowed:
-            self.availability.refuse(rules, pool.candidates[0][0], start_ms, end_ms, now)
-        return dataclasses.replace(pool, candidates=allowed)
-
-    async def _check_items_availability(self, vendor: Vendor, items: tuple) -> None:
-        """Each item of a multi-resource reservation against the vendor's rules (409)."""
-        if self.availability is None:
-            return
-        for resource_id, start_ms, end_ms, *_ in items:
-            await self.availability.check_placement(
-                vendor, await self.catalog.resource(resource_id), start_ms, end_ms)
+        if placement.pool is not None:
+            pool = placement.pool
+            allowed = tuple(c for c in pool.candidates
+                            if not av.refusals(rules, c[0].id, placement.start_ms,
+                                               placement.end_ms, now))
+            if not allowed:
+                self.availability.refuse(rules, pool.candidates[0][0], placement.start_ms,
+                                         placement.end_ms, now)
+            placement = dataclasses.replace(placement,
+                                            pool=dataclasses.replace(pool, candidates=allowed))
+        else:
+            for resource_id, start_ms, end_ms, *_ in placement.items:
+                self.availability.refuse(rules, await self.catalog.resource(resource_id),
+                                         start_ms, end_ms, now)
+        return dataclasses.replace(placement, rules_revision=str(rules.revision))
 
     async def _place(self, placement, admission: list[Awaitable]) -> Moved:
         try:
             return await self.engine.place(placement, admission)
         except RulesStale:
             # Issue 13: the vendor's availability changed since this process cached it.
-            return await self.availability.retry_stale(self.engine.place, placement)
+            plain = placement.pool is None and placement.items is None
+            return await self.availability.retry_stale(
+                self.engine.place, placement,
+                None if plain else lambda rules, p: self._recheck(p, rules))
         except NotReady:
             # Redis lost its data (restart): restore the booked markers, then retry once
             # (the admission already passed; the cap slot is taken again idempotently).

@@ -1,7 +1,8 @@
 """Waitlist handoff (issue 16): the mechanism. engine/waitlist_service.py validates.
 
-A waitlist entry waits for one slot of one resource. Entries live in Redis under the
-resource's hash tag (``{sg:S}:wl:<entry id>``, indexed per resource in ``{sg:S}:wli:<resource>``
+A waitlist entry waits for one slot of one resource, or of any member of a resource group
+(the hold goes to the member the group's strategy picks; the members share one hash tag).
+Entries live in Redis under the resource's hash tag (``{sg:S}:wl:<entry id>``, indexed per resource in ``{sg:S}:wli:<resource>``
 by last unit), so the script that frees units (an expiry by the reaper, a cancel, any failure,
 ``lua/transition.lua``) also places the new hold for the oldest live entry whose whole slot is
 free (``lua/lib/serve_waitlist.lua``): no third party can slip in between. A direct create
@@ -26,9 +27,12 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from engine.access import RedisAccess
 from engine.errors import EngineError, NotFound, Outcome, ValidationError, error_for
 from engine.keys import KeySpace
+from engine.limits import with_cap_slot
 from engine.resources import Resource, Vendor
 from engine.settings import Settings
 
@@ -96,6 +100,11 @@ class WaitlistEntry:
     reservation_id: str | None = None
     first_unit: int = 0  # the units it waits for (buffers included)
     last_unit: int = 0
+    # An entry on a resource group: its id; resource_id is None until it is fulfilled (then
+    # the member it got), and queued_on names the member whose queue keys the withdrawal
+    # script is given (it derives the others).
+    resource_group_id: str | None = None
+    queued_on: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,12 @@ class EntryPlacement:
     requester_id: str
     ttl_ms: int
     metadata_text: str
+    # An entry on a resource group (issue 16): the group, the strategy's choice ('first' or
+    # 'tightest') and every member as (resource, first unit, last unit, block start, block
+    # end) in the strategy's order; ``resource`` and the units above are the first member's.
+    group_id: str = ""
+    choice: str = "first"
+    members: tuple[tuple[Resource, int, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,18 +169,15 @@ class WaitlistEngine:
         """Take the partner's cap slot (in the same round trip as ``admission``: the rate
         limits), then write the entry and serve the slot's waitlist in one script. A
         refusal in either step gives the cap slot back (queued)."""
-        took, *admitted = await asyncio.gather(
-            self._acquire_cap(p.partner_id, p.entry_id, cap_expires_at_ms),
-            *(admission or []), return_exceptions=True)
-        refused = next((a for a in admitted if isinstance(a, BaseException)), None)
-        if refused is not None:
-            if not isinstance(took, BaseException):
-                self.release_cap_soon(p.partner_id, p.entry_id)
-            raise refused
-        if isinstance(took, BaseException):
-            raise took
+        await with_cap_slot(self._acquire_cap(p.partner_id, p.entry_id, cap_expires_at_ms),
+                            admission or [],
+                            lambda _: self.release_cap_soon(p.partner_id, p.entry_id))
         s = self.settings
         shard = self.keys.shard_of_waitlist_id(p.entry_id)  # the resource's (shard_name)
+        group_argv = []
+        if p.group_id:
+            group_argv = [p.group_id, p.choice, s.pool_fit_window_units, orjson.dumps(
+                [[m.id, first, last, bs, be] for m, first, last, bs, be in p.members]).decode()]
         try:
             reply = await self.access.call(
                 "waitlist_add",
@@ -179,7 +191,7 @@ class WaitlistEngine:
                  p.block_end_ms, int(p.vendor.confirmation_required),
                  int(p.vendor.payment_required), p.metadata_text, p.ttl_ms, s.hold_ttl_ms,
                  s.confirmed_ttl_ms, s.authorized_ttl_ms, s.max_hold_units,
-                 s.record_retention_ms])
+                 s.record_retention_ms, *group_argv])
         except EngineError:
             self.release_cap_soon(p.partner_id, p.entry_id)
             raise
@@ -191,10 +203,14 @@ class WaitlistEngine:
         pass_caps(self.access, self.keys, handoffs)
         entry = WaitlistEntry(
             entry_id=p.entry_id, state=str(reply[1]), partner_id=p.partner_id,
-            vendor_id=p.vendor.id, resource_id=p.resource.id, requester_id=p.requester_id,
-            slot_start_ms=p.start_ms, slot_end_ms=p.end_ms, created_at_ms=int(reply[4]),
-            expires_at_ms=int(reply[2]), reservation_id=str(reply[3]) or None,
-            first_unit=p.first_unit, last_unit=p.last_unit)
+            vendor_id=p.vendor.id, resource_id=None if p.group_id else p.resource.id,
+            requester_id=p.requester_id, slot_start_ms=p.start_ms, slot_end_ms=p.end_ms,
+            created_at_ms=int(reply[4]), expires_at_ms=int(reply[2]),
+            reservation_id=str(reply[3]) or None, first_unit=p.first_unit,
+            last_unit=p.last_unit, resource_group_id=p.group_id or None,
+            queued_on=p.resource.id)
+        if p.group_id and entry.state == "fulfilled":
+            entry = await self.read(p.entry_id) or entry  # the member it got
         return Added(entry, handoffs)
 
     # ---- read and withdraw ----------------------------------------------------------------
@@ -222,8 +238,8 @@ class WaitlistEngine:
             raise NotFound("waitlist entry not found", details={"waitlistEntryId": entry_id})
         reply = await self.access.call(
             "waitlist_withdraw",
-            [key, self.keys.waitlist_index(found.resource_id, shard),
-             self.keys.waitlist_queue(found.resource_id, found.first_unit, found.last_unit,
+            [key, self.keys.waitlist_index(found.queued_on, shard),
+             self.keys.waitlist_queue(found.queued_on, found.first_unit, found.last_unit,
                                       shard)],
             [entry_id, partner_scope])
         if int(reply[0]) != Outcome.OK:
@@ -247,8 +263,11 @@ def entry_from(entry_id: str, raw: list, now_ms: int) -> WaitlistEntry:
         state = "expired"
     if state not in STATES:
         raise ValidationError(f"waitlist entry {entry_id} has an unknown state {state!r}")
+    members = orjson.loads(e["gc"]) if e.get("gc") else []
     return WaitlistEntry(
         entry_id=entry_id, state=state, partner_id=e["p"], vendor_id=e["vd"],
-        resource_id=e["rs"], requester_id=e["rq"], slot_start_ms=int(e["s"]),
+        resource_id=e["rs"] or None, requester_id=e["rq"], slot_start_ms=int(e["s"]),
         slot_end_ms=int(e["e"]), created_at_ms=int(e["c"]), expires_at_ms=expires_at,
-        reservation_id=e.get("r") or None, first_unit=int(e["f"]), last_unit=int(e["l"]))
+        reservation_id=e.get("r") or None, first_unit=int(e["f"]), last_unit=int(e["l"]),
+        resource_group_id=e.get("g") or None,
+        queued_on=str(members[0][0]) if members else e["rs"])

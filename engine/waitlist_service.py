@@ -15,8 +15,7 @@ from typing import Any
 import orjson
 
 from engine import clock
-from engine.errors import NotFound, NotSupported, PaymentRequired, ValidationError
-from engine.keys import NAME_RE
+from engine.errors import NotFound, PaymentRequired, ValidationError
 from engine.lifecycle import PARTNER
 from engine.permissions import Principal, can_see, require
 from engine.service import MIN_TTL_MS, ReservationService, check_requester
@@ -54,25 +53,12 @@ class WaitlistService:
         require(principal, "waitlist.create")
         svc = self.reservations
         vendor = await self.catalog.vendor(req.vendor_id)
-        if req.resource_group_id is not None:
-            if not isinstance(req.resource_group_id, str) \
-                    or not NAME_RE.match(req.resource_group_id):
-                raise ValidationError("resourceGroupId is not a valid id", code="INVALID_FIELD",
-                                      details={"field": "resourceGroupId"})
-            # Resource groups are another branch of issue 16; until they are served here a
-            # group is refused as not supported (documented), never silently ignored.
-            raise NotSupported("waitlist entries on a resource group are not supported yet; "
-                               "name a resourceId", code="WAITLIST_GROUP_NOT_SUPPORTED",
-                               details={"field": "resourceGroupId"})
-        resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
+        group, members = await self._place_of(vendor, req)
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId", "resourceId": resource.id,
-                                           "vendorId": vendor.id})
-        svc._check_slot(resource, start_ms, end_ms)  # noqa: SLF001  (the one grid rule)
+        for member in members:  # the one grid rule, on each resource the entry may get
+            svc._check_slot(member, start_ms, end_ms)  # noqa: SLF001
+        resource = members[0]
         now = clock.now_ms() if now_ms is None else now_ms
         if start_ms <= now:
             raise ValidationError("slotStartTime is in the past", code="SLOT_IN_PAST",
@@ -88,9 +74,12 @@ class WaitlistService:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
         scope = svc.scope_of(principal)
-        entry_id = self.keys.new_waitlist_entry_id(resource.shard_name)
-        first, last = resource.units(start_ms, end_ms, self.settings.max_hold_units)
-        block_start, block_end = resource.unit_span_ms(first, last)
+        entry_id = self.keys.new_waitlist_entry_id(resource.shard_name)  # every member's
+        units = []
+        for member in members:
+            first, last = member.units(start_ms, end_ms, self.settings.max_hold_units)
+            units.append((member, first, last, *member.unit_span_ms(first, last)))
+        _, first, last, block_start, block_end = units[0]
         metadata = {"requestId": req.request_id, "origin": "waitlist",
                     "waitlistEntryId": entry_id}
         placement = EntryPlacement(
@@ -98,12 +87,43 @@ class WaitlistService:
             start_ms=start_ms, end_ms=end_ms, first_unit=first, last_unit=last,
             block_start_ms=block_start, block_end_ms=block_end,
             requester_id=req.requester_id, ttl_ms=req.ttl_ms,
-            metadata_text=orjson.dumps(metadata).decode())
+            metadata_text=orjson.dumps(metadata).decode(),
+            group_id=group.group_id if group else "",
+            choice="tightest" if group and group.strategy == "best_fit" else "first",
+            members=tuple(units) if group else ())
         # The cap slot expires with the entry (the script clamps it to the slot's start),
         # plus the margin between the two scripts' clocks.
         cap_expires = min(now + req.ttl_ms, start_ms) + CAP_MARGIN_MS
         return await self.engine.add(placement, cap_expires_at_ms=cap_expires,
                                      admission=svc._rate_checks(principal, client_ip))  # noqa: SLF001
+
+    async def _place_of(self, vendor, req: WaitlistRequest):
+        """What the entry waits for: ``(None, [resource])``, or ``(group, members in the
+        strategy's order)`` for an entry on a resource group (issue 16). Exactly one of
+        resourceId and resourceGroupId (400); another vendor's resource is 400
+        RESOURCE_VENDOR_MISMATCH, another vendor's group is unknown (404), a group whose
+        members live under different hash tags cannot be served atomically (409)."""
+        if req.resource_group_id is not None and req.resource_id is not None:
+            raise ValidationError("give resourceId or resourceGroupId, not both",
+                                  code="INVALID_FIELD", details={"field": "resourceGroupId"})
+        if req.resource_group_id is None and req.resource_id is None:
+            raise ValidationError("name the resourceId or the resourceGroupId to wait for",
+                                  code="MISSING_FIELD", details={"field": "resourceId"})
+        if req.resource_group_id is not None:
+            groups = self.reservations.groups
+            if groups is None:
+                raise ValidationError("resource groups are not enabled", code="INVALID_FIELD",
+                                      details={"field": "resourceGroupId"})
+            group, members = await groups.resolve(vendor, req.resource_group_id)
+            by_id = {m.id: m for m in members}
+            return group, [by_id[r] for r in group.candidate_order()]
+        resource = await self.catalog.resource(req.resource_id)
+        if resource.vendor_id and resource.vendor_id != vendor.id:
+            raise ValidationError("the resource does not belong to the vendor",
+                                  code="RESOURCE_VENDOR_MISMATCH",
+                                  details={"field": "resourceId", "resourceId": resource.id,
+                                           "vendorId": vendor.id})
+        return None, [resource]
 
     async def read(self, principal: Principal, entry_id: str,
                    client_ip: str | None = None) -> WaitlistEntry:

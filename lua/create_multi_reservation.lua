@@ -26,32 +26,46 @@
   ARGV[15] items: JSON [[resource, slot start ms, slot end ms, first unit, last unit,
            block start ms, block end ms], ...] (2 or more; items on one resource do not
            overlap: the caller checks it)
+  ARGV[16] (optional) the availability rules revision the caller checked the items against
+           ('' = no check); another revision published beside any item's resource
+           (<root>avr:<resource>, '0' when absent) is RULES_STALE (issue 13)
+  Derived keys (issue 16): before checking, each item's waitlist is served over its units
+  (lua/lib/serve_waitlist.lua), so units whose hold lapsed go to the oldest waiting entry
+  first, never to this caller; the availability revision keys <root>avr:<resource>. All
+  share the unit root's hash tag.
   Returns: {1, state, version, deadline_ms, fence_token, created_at_ms}; a retry of a
            creation that already landed returns the same reply
-  Errors (negative integers): -1 CONFLICT (+ holder, + unit index, + item position from 1),
-           -2 INVALID (+ reason), -3 HOLD_ID_REUSED, -18 NOT_READY
+  Errors (negative integers): -1 CONFLICT (+ holder, + unit index, + item position from 1
+           [, + {handoffs}: holds placed for waitlist entries by this call, as
+           lua/transition.lua reports them]), -2 INVALID (+ reason), -3 HOLD_ID_REUSED,
+           -18 NOT_READY, -25 RULES_STALE (+ the revision now published)
 ]]
 --@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
+--@include lib/check_units.lua
+--@include lib/check_creation.lua
+--@include lib/rules_stale.lua
+--@include lib/replayed_creation.lua
 --@include lib/first_conflict.lua
---@include lib/load_reservation.lua
---@include lib/emit_transition.lua
---@include lib/walk_auto_steps.lua
---@include lib/settle.lua
+--@include lib/place_reservation.lua
+--@include lib/serve_waitlist.lua
 
-local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
-local fence_root, events_key, deadlines_key, ready_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local unit_root, fence_root, ready_key = KEYS[1], KEYS[4], KEYS[7]
+local k = {unit_root = unit_root, record = KEYS[2], history = KEYS[3], events = KEYS[5],
+  deadlines = KEYS[6]}
 local id = ARGV[1]
 local ttl = {hold = tonumber(ARGV[10]), confirmed = tonumber(ARGV[11]),
   authorized = tonumber(ARGV[12])}
 local max_units, retention = tonumber(ARGV[13]), tonumber(ARGV[14])
 
 -- Validate everything before the first write: Redis has no rollback.
-if not max_units or not retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
-for _, v in pairs(ttl) do if not v or v <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end end
+local invalid = check_creation(ttl, max_units, retention, ARGV[7])
+if invalid then return invalid end
 local ok, items = pcall(cjson.decode, ARGV[15])
 if not ok or type(items) ~= 'table' or #items < 2 then return {OUTCOME.INVALID, 'items'} end
+local root = unit_root:sub(1, -3)
+local revision_keys = {}
 for _, item in ipairs(items) do
   if type(item) ~= 'table' or #item ~= 7 or type(item[1]) ~= 'string' or item[1] == ''
       or item[1]:find('[{}]') then
@@ -60,56 +74,53 @@ for _, item in ipairs(items) do
   for i = 2, 7 do
     if type(item[i]) ~= 'number' then return {OUTCOME.INVALID, 'non-numeric item'} end
   end
-  if item[5] < item[4] then return {OUTCOME.INVALID, 'empty interval'} end
-  if item[5] - item[4] + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
+  invalid = check_units(item[4], item[5], max_units)
+  if invalid then return invalid end
   if not (item[6] <= item[2] and item[2] < item[3] and item[3] <= item[7]) then
     return {OUTCOME.INVALID, 'intervals out of order'}
   end
+  revision_keys[#revision_keys + 1] = root .. 'avr:' .. item[1]
 end
-if not pcall(cjson.decode, ARGV[7]) then return {OUTCOME.INVALID, 'metadata is not JSON'} end
 
 if redis.call('EXISTS', ready_key) == 0 then return {OUTCOME.NOT_READY} end
 
-local existing = load_reservation(record_key, id)
-if existing then
-  if existing.it == ARGV[15] and existing.p == ARGV[2] then
-    local t = redis.call('HGET', record_key, 't')
-    return {OUTCOME.OK, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
+local replay = replayed_creation(k.record, id, function(existing)
+  return existing.it == ARGV[15] and existing.p == ARGV[2]
+end)
+if replay then return replay end
+
+local stale = rules_stale(revision_keys, ARGV[16])
+if stale then return stale end
+
+-- Waiting entries first (issue 16): units whose hold lapsed are theirs before they are ours.
+local handoffs = {}
+for _, item in ipairs(items) do
+  for _, h in ipairs(serve_waitlist(unit_root, k.events, k.deadlines, item[1], item[4],
+      item[5], now_ms())) do
+    handoffs[#handoffs + 1] = h
   end
-  return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
 end
 
 -- All or nothing: every item's units checked before anything is written.
 for position, item in ipairs(items) do
   local holder, at = first_conflict(unit_root, item[1], item[4], item[5], id)
-  if holder then return {OUTCOME.CONFLICT, holder, at, position} end
+  if holder then
+    if #handoffs > 0 then return {OUTCOME.CONFLICT, holder, at, position, handoffs} end
+    return {OUTCOME.CONFLICT, holder, at, position}
+  end
 end
 
 local now = now_ms()
-local cr, pr = ARGV[5] == '1', ARGV[6] == '1'
-local path = walk_auto_steps({'INTENT_CREATED'}, cr, pr)
-local deadline = now + ttl.hold
-for _, state in ipairs(path) do
-  if STAGE_TTL[state] then deadline = now + ttl[STAGE_TTL[state]] end
-end
-
 local first = items[1]
-local token = redis.call('INCR', fence_root .. first[1])
-local final = path[#path]
-local version = #path - 1
+k.fence = fence_root .. first[1]
+local listed = {}
+for i, item in ipairs(items) do
+  listed[i] = {rs = item[1], f = item[4], l = item[5], be = item[7]}
+end
 -- The first item stands in the single-resource fields (rs, s, e, f, l, bs, be), so readers
 -- that know one resource see a real one; `it` holds them all.
-redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', ARGV[3],
-  'rs', first[1], 'rq', ARGV[4], 's', first[2], 'e', first[3], 'f', first[4], 'l', first[5],
-  'bs', first[6], 'be', first[7], 'c', now, 'dl', deadline, 'cr', ARGV[5], 'pr', ARGV[6],
-  'x', 0, 't', token, 'md', ARGV[7], 'ik', ARGV[8], 'it', ARGV[15])
-local rec = load_reservation(record_key, id)
-rec.items = {}
-for i, item in ipairs(items) do
-  rec.items[i] = {rs = item[1], f = item[4], l = item[5], be = item[7]}
-end
-local steps = {unpack(path, 2)}
-emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[9], '', ARGV[7],
-  ARGV[8], now, deadline, true)
-settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
+local final, version, deadline, token = place_reservation(k, {id = id, p = ARGV[2],
+  vd = ARGV[3], rs = first[1], rq = ARGV[4], s = first[2], e = first[3], f = first[4],
+  l = first[5], bs = first[6], be = first[7], cr = ARGV[5], pr = ARGV[6], md = ARGV[7],
+  ik = ARGV[8]}, ttl, ARGV[9], '', retention, now, {'it', ARGV[15]}, nil, listed)
 return {OUTCOME.OK, final, version, deadline, token, now}

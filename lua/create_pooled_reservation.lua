@@ -31,23 +31,35 @@
   ARGV[19] record retention ms after a terminal state
   ARGV[20] number of candidates n, then 5 values per candidate from ARGV[21]:
            resource id, first unit, last unit (buffers included), block start ms, block end ms
-  Returns: {1, state, version, deadline_ms, fence_token, created_at_ms, resource id}; a retry
-           of a creation that already landed returns the same reply
+  ARGV[21 + 5n] (optional) the availability rules revision the caller checked the candidates
+           against ('' = no check); another revision published beside any candidate
+           (<root>avr:<resource>, '0' when absent) is RULES_STALE (issue 13)
+  Derived keys (issue 16): before choosing, each candidate's waitlist is served over its
+  units (lua/lib/serve_waitlist.lua: entries on the member or on a group it is in, FIFO), so
+  a member whose hold lapsed goes to the oldest waiting entry first, never to this caller;
+  the availability revision keys <root>avr:<resource>. All share the unit root's hash tag.
+  Returns: {1, state, version, deadline_ms, fence_token, created_at_ms, resource id
+           [, {handoffs}: holds placed for waitlist entries by this call, as
+           lua/transition.lua reports them]}; a retry of a creation that already landed
+           returns the same reply
   Errors (negative integers): -2 INVALID (+ reason), -3 HOLD_ID_REUSED, -18 NOT_READY,
-           -30 POOL_FULL (+ number of candidates)
+           -25 RULES_STALE (+ the revision now published), -30 POOL_FULL (+ number of
+           candidates[, + {handoffs}])
 ]]
 --@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
---@include lib/first_conflict.lua
---@include lib/best_fit.lua
---@include lib/load_reservation.lua
---@include lib/emit_transition.lua
---@include lib/walk_auto_steps.lua
---@include lib/settle.lua
+--@include lib/check_units.lua
+--@include lib/check_creation.lua
+--@include lib/rules_stale.lua
+--@include lib/replayed_creation.lua
+--@include lib/choose_member.lua
+--@include lib/place_reservation.lua
+--@include lib/serve_waitlist.lua
 
-local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
-local fence_root, events_key, deadlines_key, ready_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local unit_root, fence_root, ready_key = KEYS[1], KEYS[4], KEYS[7]
+local k = {unit_root = unit_root, record = KEYS[2], history = KEYS[3], events = KEYS[5],
+  deadlines = KEYS[6]}
 local id = ARGV[1]
 local ttl = {hold = tonumber(ARGV[15]), confirmed = tonumber(ARGV[16]),
   authorized = tonumber(ARGV[17])}
@@ -55,69 +67,67 @@ local max_units, retention = tonumber(ARGV[18]), tonumber(ARGV[19])
 local window, n = tonumber(ARGV[9]), tonumber(ARGV[20])
 
 -- Validate everything before the first write: Redis has no rollback.
-if not max_units or not retention or not window or not n or n < 1 then
-  return {OUTCOME.INVALID, 'non-numeric argument'}
+if not window or not n or n < 1 then return {OUTCOME.INVALID, 'non-numeric argument'} end
+if #ARGV ~= 20 + 5 * n and #ARGV ~= 21 + 5 * n then
+  return {OUTCOME.INVALID, 'candidate list length'}
 end
-if #ARGV ~= 20 + 5 * n then return {OUTCOME.INVALID, 'candidate list length'} end
-for _, v in pairs(ttl) do if not v or v <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end end
+local invalid = check_creation(ttl, max_units, retention, ARGV[12])
+if invalid then return invalid end
 if not tonumber(ARGV[6]) or not tonumber(ARGV[7]) then return {OUTCOME.INVALID, 'non-numeric time'} end
-local candidates = {}
-for k = 0, n - 1 do
-  local b = 21 + 5 * k
-  local c = {rs = ARGV[b], f = tonumber(ARGV[b + 1]), l = tonumber(ARGV[b + 2]),
+local candidates, revision_keys = {}, {}
+local root = unit_root:sub(1, -3)
+for c = 0, n - 1 do
+  local b = 21 + 5 * c
+  local m = {rs = ARGV[b], f = tonumber(ARGV[b + 1]), l = tonumber(ARGV[b + 2]),
     bs = ARGV[b + 3], be = ARGV[b + 4]}
-  if c.rs == '' or c.rs:find('[{}]') then return {OUTCOME.INVALID, 'bad resource id'} end
-  if not c.f or not c.l or not tonumber(c.bs) or not tonumber(c.be) then
+  if m.rs == '' or m.rs:find('[{}]') then return {OUTCOME.INVALID, 'bad resource id'} end
+  if not tonumber(m.bs) or not tonumber(m.be) then
     return {OUTCOME.INVALID, 'non-numeric candidate'}
   end
-  if c.l < c.f then return {OUTCOME.INVALID, 'empty interval'} end
-  if c.l - c.f + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
-  candidates[#candidates + 1] = c
+  invalid = check_units(m.f, m.l, max_units)
+  if invalid then return invalid end
+  candidates[#candidates + 1] = m
+  revision_keys[#revision_keys + 1] = root .. 'avr:' .. m.rs
 end
-if not pcall(cjson.decode, ARGV[12]) then return {OUTCOME.INVALID, 'metadata is not JSON'} end
 
 if redis.call('EXISTS', ready_key) == 0 then return {OUTCOME.NOT_READY} end
 
-local existing = load_reservation(record_key, id)
-if existing then
+local replay = replayed_creation(k.record, id, function(existing)
   for _, c in ipairs(candidates) do
-    if existing.rs == c.rs and existing.f == c.f and existing.l == c.l and existing.p == ARGV[2] then
-      local t = redis.call('HGET', record_key, 't')
-      return {OUTCOME.OK, existing.st, existing.v, existing.dl, tonumber(t),
-        tonumber(existing.c), existing.rs}
+    if existing.rs == c.rs and existing.f == c.f and existing.l == c.l
+        and existing.p == ARGV[2] then
+      return true
     end
   end
-  return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
-end
+  return false
+end)
+if replay then return replay end
 
-local chosen
-if ARGV[8] == 'tightest' then
-  chosen = best_fit(unit_root, candidates, id, window)
-else
-  for _, c in ipairs(candidates) do
-    if not first_conflict(unit_root, c.rs, c.f, c.l, id) then chosen = c; break end
+local stale = rules_stale(revision_keys, ARGV[21 + 5 * n])
+if stale then return stale end
+
+-- Waiting entries first (issue 16): a member whose hold lapsed is theirs before it is ours.
+local handoffs = {}
+for _, c in ipairs(candidates) do
+  for _, h in ipairs(serve_waitlist(unit_root, k.events, k.deadlines, c.rs, c.f, c.l,
+      now_ms())) do
+    handoffs[#handoffs + 1] = h
   end
 end
-if not chosen then return {OUTCOME.POOL_FULL, n} end
 
-local now = now_ms()
-local cr, pr = ARGV[10] == '1', ARGV[11] == '1'
-local path = walk_auto_steps({'INTENT_CREATED'}, cr, pr)
-local deadline = now + ttl.hold
-for _, state in ipairs(path) do
-  if STAGE_TTL[state] then deadline = now + ttl[STAGE_TTL[state]] end
+local chosen = choose_member(unit_root, candidates, ARGV[8], window, id)
+if not chosen then
+  if #handoffs > 0 then return {OUTCOME.POOL_FULL, n, handoffs} end
+  return {OUTCOME.POOL_FULL, n}
 end
 
-local token = redis.call('INCR', fence_root .. chosen.rs)
-local final = path[#path]
-local version = #path - 1
-redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', ARGV[3],
-  'rs', chosen.rs, 'rq', ARGV[5], 's', ARGV[6], 'e', ARGV[7], 'f', chosen.f, 'l', chosen.l,
-  'bs', chosen.bs, 'be', chosen.be, 'c', now, 'dl', deadline, 'cr', ARGV[10], 'pr', ARGV[11],
-  'x', 0, 't', token, 'md', ARGV[12], 'ik', ARGV[13], 'g', ARGV[4])
-local rec = load_reservation(record_key, id)
-local steps = {unpack(path, 2)}
-emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[14], '', ARGV[12],
-  ARGV[13], now, deadline, true, {'resourceGroupId', ARGV[4]})
-settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
-return {OUTCOME.OK, final, version, deadline, token, now, chosen.rs}
+local now = now_ms()
+k.fence = fence_root .. chosen.rs
+local final, version, deadline, token = place_reservation(k, {id = id, p = ARGV[2],
+  vd = ARGV[3], rs = chosen.rs, rq = ARGV[5], s = ARGV[6], e = ARGV[7], f = chosen.f,
+  l = chosen.l, bs = chosen.bs, be = chosen.be, cr = ARGV[10], pr = ARGV[11], md = ARGV[12],
+  ik = ARGV[13]}, ttl, ARGV[14], '', retention, now, {'g', ARGV[4]},
+  {'resourceGroupId', ARGV[4]})
+local out = {OUTCOME.OK, final, version, deadline, token, now, chosen.rs}
+if #handoffs > 0 then out[8] = handoffs end
+return out

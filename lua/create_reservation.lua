@@ -46,15 +46,17 @@
 --@include @outcomes
 --@include @lifecycle
 --@include lib/now_ms.lua
+--@include lib/check_units.lua
+--@include lib/check_creation.lua
+--@include lib/rules_stale.lua
+--@include lib/replayed_creation.lua
 --@include lib/first_conflict.lua
---@include lib/load_reservation.lua
---@include lib/emit_transition.lua
---@include lib/walk_auto_steps.lua
---@include lib/settle.lua
+--@include lib/place_reservation.lua
 --@include lib/serve_waitlist.lua
 
-local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
-local fence_key, events_key, deadlines_key, ready_key = KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local unit_root, ready_key = KEYS[1], KEYS[7]
+local k = {unit_root = unit_root, record = KEYS[2], history = KEYS[3], fence = KEYS[4],
+  events = KEYS[5], deadlines = KEYS[6]}
 local id, resource = ARGV[1], ARGV[4]
 local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
 local ttl = {hold = tonumber(ARGV[17]), confirmed = tonumber(ARGV[18]),
@@ -62,37 +64,29 @@ local ttl = {hold = tonumber(ARGV[17]), confirmed = tonumber(ARGV[18]),
 local max_units, retention = tonumber(ARGV[20]), tonumber(ARGV[21])
 
 -- Validate everything before the first write: Redis has no rollback.
-if not first or not last or not max_units or not retention then return {OUTCOME.INVALID, 'non-numeric argument'} end
-if last < first then return {OUTCOME.INVALID, 'empty interval'} end
-if last - first + 1 > max_units then return {OUTCOME.INVALID, 'too many units'} end
-for _, v in pairs(ttl) do if not v or v <= 0 then return {OUTCOME.INVALID, 'ttl must be positive'} end end
+local invalid = check_creation(ttl, max_units, retention, ARGV[14])
+  or check_units(first, last, max_units)
+if invalid then return invalid end
 if not tonumber(ARGV[6]) or not tonumber(ARGV[7]) or not tonumber(ARGV[10]) or not tonumber(ARGV[11]) then
   return {OUTCOME.INVALID, 'non-numeric time'}
 end
-local ok_md = pcall(cjson.decode, ARGV[14])
-if not ok_md then return {OUTCOME.INVALID, 'metadata is not JSON'} end
 
 -- A Redis that lost its data lost the booked markers too: no hold until they are back.
 if redis.call('EXISTS', ready_key) == 0 then return {OUTCOME.NOT_READY} end
 
-local existing = load_reservation(record_key, id)
-if existing then
-  if existing.rs == resource and existing.f == first and existing.l == last and existing.p == ARGV[2] then
-    local t = redis.call('HGET', record_key, 't')
-    return {OUTCOME.OK, existing.st, existing.v, existing.dl, tonumber(t), tonumber(existing.c)}
-  end
-  return {OUTCOME.HOLD_ID_REUSED, 'reservation id names another reservation'}
-end
+local replay = replayed_creation(k.record, id, function(existing)
+  return existing.rs == resource and existing.f == first and existing.l == last
+    and existing.p == ARGV[2]
+end)
+if replay then return replay end
 
 -- Availability rules (issue 13): the caller checked the slot against the vendor's rules at
 -- revision ARGV[22]; a newer one published beside the units means they changed meanwhile.
-if KEYS[8] and ARGV[22] and ARGV[22] ~= '' then
-  local published = redis.call('GET', KEYS[8]) or '0'
-  if published ~= ARGV[22] then return {OUTCOME.RULES_STALE, published} end
-end
+local stale = KEYS[8] and rules_stale({KEYS[8]}, ARGV[22])
+if stale then return stale end
 
 -- Waiting entries first (issue 16): a slot whose hold lapsed is theirs before it is ours.
-local handoffs = serve_waitlist(unit_root, events_key, deadlines_key, resource, first, last,
+local handoffs = serve_waitlist(unit_root, k.events, k.deadlines, resource, first, last,
   now_ms())
 local holder, at = first_conflict(unit_root, resource, first, last, id)
 if holder then
@@ -101,24 +95,8 @@ if holder then
 end
 
 local now = now_ms()
-local cr, pr = ARGV[12] == '1', ARGV[13] == '1'
-local path = walk_auto_steps({'INTENT_CREATED'}, cr, pr)
-local deadline = now + ttl.hold
-for _, state in ipairs(path) do
-  if STAGE_TTL[state] then deadline = now + ttl[STAGE_TTL[state]] end
-end
-
-local token = redis.call('INCR', fence_key)
-local final = path[#path]
-local version = #path - 1
-redis.call('HSET', record_key, 'st', final, 'v', version, 'p', ARGV[2], 'vd', ARGV[3],
-  'rs', resource, 'rq', ARGV[5], 's', ARGV[6], 'e', ARGV[7], 'f', first, 'l', last,
-  'bs', ARGV[10], 'be', ARGV[11], 'c', now, 'dl', deadline, 'cr', ARGV[12], 'pr', ARGV[13],
-  'x', 0, 't', token, 'md', ARGV[14], 'ik', ARGV[15])
-local rec = load_reservation(record_key, id)
--- One commit-queue entry for the whole walk, INTENT_CREATED being version 0.
-local steps = {unpack(path, 2)}
-emit_transition(events_key, history_key, rec, path[1], steps, version, ARGV[16], '', ARGV[14],
-  ARGV[15], now, deadline, true)
-settle(unit_root, record_key, history_key, deadlines_key, rec, final, deadline, retention, 0, now)
+local final, version, deadline, token = place_reservation(k, {id = id, p = ARGV[2],
+  vd = ARGV[3], rs = resource, rq = ARGV[5], s = ARGV[6], e = ARGV[7], f = first, l = last,
+  bs = ARGV[10], be = ARGV[11], cr = ARGV[12], pr = ARGV[13], md = ARGV[14], ik = ARGV[15]},
+  ttl, ARGV[16], '', retention, now)
 return {OUTCOME.OK, final, version, deadline, token, now}

@@ -239,7 +239,7 @@ async def _request(client, world, route: str, key: str | None, rid: str):
 
 def _waitlist_body(n: int) -> dict:
     body = create_body(start=199_980 + 60 * n)
-    return {**body, "ttlMs": 60_000}
+    return {**body, "resourceId": "v-confirm", "ttlMs": 60_000}
 
 
 async def _fresh_reservation(client, world) -> str:

@@ -35,7 +35,10 @@ async def state_of(redis, prefix: str) -> dict:
 
 
 def entry_body(start: int = SLOT, minutes: int = 30, ttl_ms: int = 600_000, **extra) -> dict:
-    return {**create_body(start=start, minutes=minutes), "ttlMs": ttl_ms, **extra}
+    """An entry on v-confirm's default resource (``resourceId`` or ``resourceGroupId`` is
+    required: an entry names what it waits for)."""
+    place = {} if "resourceGroupId" in extra else {"resourceId": "v-confirm"}
+    return {**create_body(start=start, minutes=minutes), **place, "ttlMs": ttl_ms, **extra}
 
 
 async def hold(client, world, who="p1", start=SLOT, minutes=30) -> str:
@@ -249,8 +252,14 @@ async def test_bad_input_is_typed_and_changes_nothing(app, client, world, redis)
         ("p2", {**entry_body(), "slotEndTime": at(SLOT - 15)}, 400, None),
         ("p2", entry_body(vendorId="nope"), 404, "UNKNOWN_VENDOR"),
         ("p2", entry_body(resourceId="nope"), 404, None),
-        ("p2", entry_body(vendorId="v-paid"), 409, "PAYMENT_PROVIDER_UNAVAILABLE"),
-        ("p2", entry_body(resourceGroupId="rooms"), 400, "WAITLIST_GROUP_NOT_SUPPORTED"),
+        ("p2", entry_body(vendorId="v-paid", resourceId="v-paid"), 409,
+         "PAYMENT_PROVIDER_UNAVAILABLE"),
+        # Entries on groups: tests/test_waitlist_group.py.
+        ("p2", entry_body(resourceGroupId="rooms"), 404, "UNKNOWN_RESOURCE_GROUP"),
+        ("p2", entry_body(resourceGroupId="rooms", resourceId="v-confirm"), 400,
+         "INVALID_FIELD"),
+        ("p2", {k: v for k, v in entry_body().items() if k != "resourceId"}, 400,
+         "MISSING_FIELD"),
         ("p2", {**entry_body(), "requesterId": "   "}, 400, None),
         ("p2", {**entry_body(), "unknown": 1}, 400, "UNKNOWN_FIELD"),
         ("p2", {k: v for k, v in entry_body().items() if k != "ttlMs"}, 400, None),

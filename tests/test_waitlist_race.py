@@ -58,7 +58,8 @@ async def hold_with_entry(client, world, redis) -> tuple[str, int, str, int] | N
     start = fresh_slot()
     rid, deadline = await hold(client, world, start)
     r = await client.post("/v1/waitlist",
-                          json={**create_body(start=start), "ttlMs": 600_000},
+                          json={**create_body(start=start), "resourceId": "v-confirm",
+                                "ttlMs": 600_000},
                           headers=world.auth("p2"))
     assert r.status_code == 201, r.text
     made = r.json()
@@ -198,7 +199,8 @@ async def test_cancels_racing_direct_creates(app, client, world, redis):
         start = fresh_slot()
         rid, _ = await hold(client, world, start)
         r = await client.post("/v1/waitlist",
-                              json={**create_body(start=start), "ttlMs": 600_000},
+                              json={**create_body(start=start), "resourceId": "v-confirm",
+                                    "ttlMs": 600_000},
                               headers=world.auth("p2"))
         wid = r.json()["waitlistEntryId"]
         if r.json()["state"] != "waiting":  # the hold lapsed first (stalled client)

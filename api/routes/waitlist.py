@@ -25,6 +25,7 @@ def entry_view(e: waitlist.WaitlistEntry) -> WaitlistEntry:
     return WaitlistEntry(
         waitlist_entry_id=e.entry_id, state=e.state, expires_at=format_time(e.expires_at_ms),
         vendor_id=e.vendor_id, resource_id=e.resource_id,
+        resource_group_id=e.resource_group_id,
         slot_start_time=format_time(e.slot_start_ms), slot_end_time=format_time(e.slot_end_ms),
         requester_id=e.requester_id, created_at=format_time(e.created_at_ms),
         reservation_id=e.reservation_id)
