@@ -1,12 +1,14 @@
 """Waitlist handoff (issue 16): the mechanism. engine/waitlist_service.py validates.
 
 A waitlist entry waits for one slot of one resource, or of any member of a resource group
-(the hold goes to the member the group's strategy picks; the members share one hash tag).
-Entries live in Redis under the resource's hash tag (``{sg:S}:wl:<entry id>``, indexed per resource in ``{sg:S}:wli:<resource>``
-by last unit), so the script that frees units (an expiry by the reaper, a cancel, any failure,
-``lua/transition.lua``) also places the new hold for the oldest live entry whose whole slot is
-free (``lua/lib/serve_waitlist.lua``): no third party can slip in between. A direct create
-serves the waitlist of its slot first too (``lua/create_reservation.lua``), so a hold whose
+(the hold goes to the member the group's strategy picks; the members share one hash tag;
+a group entry is queued on every member, beside the member's own entries, FIFO across
+both). Entries live in Redis under the resource's hash tag (``{sg:S}:wl:<entry id>``,
+indexed per resource in ``{sg:S}:wli:<resource>`` by last unit), so the script that frees
+units (an expiry by the reaper, a cancel, any failure, ``lua/transition.lua``) also places
+the new hold for the oldest live entry that can be placed (``lua/lib/serve_waitlist.lua``):
+no third party can slip in between. Every create serves the waitlist of the units it would
+take first too (direct, pooled: each candidate, multi-resource: each item), so a hold whose
 TTL lapsed before the reaper ran still goes to the waiting partner.
 
 An entry counts against its partner's live-hold cap from the moment it waits
@@ -203,14 +205,12 @@ class WaitlistEngine:
         pass_caps(self.access, self.keys, handoffs)
         entry = WaitlistEntry(
             entry_id=p.entry_id, state=str(reply[1]), partner_id=p.partner_id,
-            vendor_id=p.vendor.id, resource_id=None if p.group_id else p.resource.id,
+            vendor_id=p.vendor.id, resource_id=str(reply[6]) or None,
             requester_id=p.requester_id, slot_start_ms=p.start_ms, slot_end_ms=p.end_ms,
             created_at_ms=int(reply[4]), expires_at_ms=int(reply[2]),
             reservation_id=str(reply[3]) or None, first_unit=p.first_unit,
             last_unit=p.last_unit, resource_group_id=p.group_id or None,
             queued_on=p.resource.id)
-        if p.group_id and entry.state == "fulfilled":
-            entry = await self.read(p.entry_id) or entry  # the member it got
         return Added(entry, handoffs)
 
     # ---- read and withdraw ----------------------------------------------------------------

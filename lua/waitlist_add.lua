@@ -40,8 +40,9 @@
            index and queue are KEYS[3] and KEYS[4]; the other members' keys are derived from
            the unit root (<root>wli:<member>, <root>wlq:<member>:<first>:<last>), same tag
   Returns: {1, state, expires_at_ms, reservation id ('' while waiting), created_at_ms,
-           {handoff reservation id, partner id, entry id, deadline, ...}}; a retry of an
-           entry that already landed answers its current state
+           {handoff reservation id, partner id, entry id, deadline, ...}, resource id (a
+           group entry's: '' while waiting, the member it got once fulfilled)}; a retry of
+           an entry that already landed answers its current state
   Errors (negative integers): -2 INVALID (+ reason), -3 HOLD_ID_REUSED (the id names another
            entry)
 ]]
@@ -98,8 +99,8 @@ if group ~= '' then
 end
 
 local function state_of(key)
-  local e = redis.call('HMGET', key, 'st', 'x', 'r', 'c')
-  return e[1], tonumber(e[2]), e[3] or '', tonumber(e[4])
+  local e = redis.call('HMGET', key, 'st', 'x', 'r', 'c', 'rs')
+  return e[1], tonumber(e[2]), e[3] or '', tonumber(e[4]), e[5] or ''
 end
 
 local now = now_ms()
@@ -111,9 +112,9 @@ if existing[1] then
       and tonumber(existing[4]) == last
   end
   if same then
-    local st, x, r, c = state_of(entry_key)
+    local st, x, r, c, rs = state_of(entry_key)
     if st == 'waiting' and x <= now then st = 'expired' end
-    return {OUTCOME.OK, st, x, r, c, {}}
+    return {OUTCOME.OK, st, x, r, c, {}, rs}
   end
   return {OUTCOME.HOLD_ID_REUSED, 'entry id names another entry'}
 end
@@ -152,5 +153,5 @@ for _, m in ipairs(members) do
     handoffs[#handoffs + 1] = h
   end
 end
-local st, x, r, c = state_of(entry_key)
-return {OUTCOME.OK, st, x, r, c, handoffs}
+local st, x, r, c, rs = state_of(entry_key)
+return {OUTCOME.OK, st, x, r, c, handoffs, rs}

@@ -89,6 +89,15 @@ async def stream(redis, keys, rid: str) -> list[dict]:
             if e["reservationId"] == rid]
 
 
+async def cap_passed_to_hold(redis, keys, partner: str, wid: str) -> None:
+    """The entry's slot in the partner's cap passes to its hold (queued by whoever ran the
+    handoff: a cancel, a reaper, a create)."""
+    async def passed() -> bool:
+        members = await redis.zrange(keys.partner_holds(partner), 0, -1)
+        return held_id(wid) in members and wid not in members
+    await eventually(passed, what="the entry's cap slot passed to its hold")
+
+
 async def test_a_member_freed_goes_to_the_group_entry(app, client, world, redis):
     svc = app.state.services
     keys = svc.keyspace
@@ -120,11 +129,7 @@ async def test_a_member_freed_goes_to_the_group_entry(app, client, world, redis)
     # It left every member's queue: nothing waits any more.
     for room in ROOMS:
         assert await redis.zcard(keys.waitlist_index(room, shard)) == 0
-
-    async def cap_passed() -> bool:
-        members = await redis.zrange(keys.partner_holds("p2"), 0, -1)
-        return held_id(wid) in members and wid not in members
-    await eventually(cap_passed, what="the entry's cap slot passed to its hold")
+    await cap_passed_to_hold(redis, keys, "p2", wid)
 
 
 async def test_fifo_across_a_resources_own_entries_and_its_groups(app, client, world, redis):

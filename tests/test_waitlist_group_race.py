@@ -12,14 +12,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
-from engine.access import RedisAccess
 from engine.lifecycle import TERMINAL, State
-from engine.reservations import ReservationEngine
 from engine.settings import Settings
 from engine.times import parse_time
-from tests.conftest import REDIS_URL
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     app,
     at,
@@ -31,6 +27,7 @@ from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
 from tests.test_transfer_api import add_partner
 from tests.test_waitlist_group import (
     ROOMS,
+    cap_passed_to_hold,
     entry,
     fresh_slot,
     held_id,
@@ -40,7 +37,8 @@ from tests.test_waitlist_group import (
     stream,
     wait,
 )
-from tests.timing import eventually, server_ms, until_server_ms
+from tests.test_waitlist_race import reap_on_own_connections
+from tests.timing import server_ms, until_server_ms
 
 HOLD_TTL_MS = 3_000
 
@@ -147,18 +145,7 @@ async def test_several_reapers_serve_group_and_member_entries_once_in_order(
                ("p2", {"resourceId": "room-3"})]
     played = await rounds_all_held(4, client, world, redis, entries)
     await until_server_ms(redis, max(d for _, d, _, _ in played) + 1)
-    clients = [aioredis.Redis.from_url(REDIS_URL, decode_responses=True) for _ in range(4)]
-    accesses = [RedisAccess(c) for c in clients]
-    engines = [ReservationEngine(a, keys, svc.reservations.engine.catalog, migrated,
-                                 limits=svc.reservations.limits) for a in accesses]
-    try:
-        results = await asyncio.gather(*(e.reap(shard) for e in engines
-                                         for shard in range(keys.shards)))
-    finally:
-        for a in accesses:
-            await a.close()
-        for c in clients:
-            await c.aclose()
+    results = await reap_on_own_connections(svc, migrated)
     handoffs = [h.reservation_id for moved in results for m in moved for h in m.handoffs]
     expected = {held_id(w) for _, _, wids, _ in played for w in wids}
     assert sorted(h for h in handoffs if h in expected) == sorted(expected)  # once, none lost
@@ -207,11 +194,8 @@ async def test_a_pooled_create_does_not_take_a_member_a_waiting_entry_is_owed(ap
     got = await entry(client, world, wid)
     assert got["state"] == "fulfilled" and got["resourceId"] == "room-1"
     assert await creations_of(redis, keys, held_id(wid)) == 1
-
-    async def cap_passed() -> bool:  # the handoff rode on the pooled create's reply
-        members = await redis.zrange(keys.partner_holds("p2"), 0, -1)
-        return held_id(wid) in members and wid not in members
-    await eventually(cap_passed, what="the entry's cap slot passed to its hold")
+    # The handoff rode on the pooled create's reply: the entry's cap slot passes.
+    await cap_passed_to_hold(redis, keys, "p2", wid)
 
 
 async def test_a_multi_resource_create_does_not_take_units_a_waiting_entry_is_owed(
@@ -232,8 +216,5 @@ async def test_a_multi_resource_create_does_not_take_units_a_waiting_entry_is_ow
     # All or nothing: no unit of room-2 is held.
     shard = keys.shard_of_waitlist_id(wid)
     assert [k async for k in redis.scan_iter(match=keys.unit_root(shard) + "room-2:*")] == []
-
-    async def cap_passed() -> bool:  # the handoff rode on the conflict's reply
-        members = await redis.zrange(keys.partner_holds("p2"), 0, -1)
-        return held_id(wid) in members and wid not in members
-    await eventually(cap_passed, what="the entry's cap slot passed to its hold")
+    # The handoff rode on the conflict's reply: the entry's cap slot passes.
+    await cap_passed_to_hold(redis, keys, "p2", wid)

@@ -105,6 +105,25 @@ async def no_overlapping_live_holds(redis, keys) -> None:
             assert l1 < f2, (k1, k2)
 
 
+async def reap_on_own_connections(svc, settings, reapers: int = 4) -> list:
+    """Several reapers, each on its own Redis connection (real concurrency at Redis), every
+    shard at once; the lists of what each moved."""
+    keys = svc.keyspace
+    clients = [aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+               for _ in range(reapers)]
+    accesses = [RedisAccess(c) for c in clients]
+    engines = [ReservationEngine(a, keys, svc.reservations.engine.catalog, settings,
+                                 limits=svc.reservations.limits) for a in accesses]
+    try:
+        return await asyncio.gather(*(e.reap(shard) for e in engines
+                                      for shard in range(keys.shards)))
+    finally:
+        for a in accesses:
+            await a.close()
+        for c in clients:
+            await c.aclose()
+
+
 async def test_the_reapers_expiry_hands_the_slot_over_at_its_instant(app, client, world,
                                                                       redis):
     svc = app.state.services
@@ -163,19 +182,7 @@ async def test_several_reapers_never_give_a_slot_twice_nor_lose_it(app, client, 
     keys = svc.keyspace
     played = await rounds(10, client, world, redis)
     await until_server_ms(redis, max(d for _, d, _, _ in played) + 1)
-    # Four reapers, each on its own connection (real concurrency at Redis), every shard.
-    clients = [aioredis.Redis.from_url(REDIS_URL, decode_responses=True) for _ in range(4)]
-    accesses = [RedisAccess(c) for c in clients]
-    engines = [ReservationEngine(a, keys, svc.reservations.engine.catalog, migrated,
-                                 limits=svc.reservations.limits) for a in accesses]
-    try:
-        results = await asyncio.gather(*(e.reap(shard) for e in engines
-                                         for shard in range(keys.shards)))
-    finally:
-        for a in accesses:
-            await a.close()
-        for c in clients:
-            await c.aclose()
+    results = await reap_on_own_connections(svc, migrated)
     handoffs = [h for moved in results for m in moved for h in m.handoffs]
     expected = {held_id(wid) for _, _, wid, _ in played}
     given = [h.reservation_id for h in handoffs if h.reservation_id in expected]
