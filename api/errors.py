@@ -82,7 +82,6 @@ STATUS: dict[type[e.EngineError], int] = {
     e.TransferWrongPartner: 403,
     e.TransferToSelf: 409,
     e.WaitlistNotWaiting: 409,
-    e.NotSupported: 400,  # a documented part of the contract not served yet
     e.ExtendNotLater: 409,  # issue 17
     Forbidden: 403,
     AlreadyExists: 409,

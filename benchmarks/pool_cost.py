@@ -20,6 +20,11 @@ single-resource create. Phases:
   script ran) and is reported apart;
 - ``modify``: a live hold moved to a slot that overlaps its own (as tests/test_modify does);
 - ``multi_4_items``: a multi-resource reservation of 4 items (4 resources, 2 units each).
+
+``--rules-revision REV`` passes REV as the availability rules revision of every creation, as
+the API does when the availability engine runs (issue 13): each create script then confirms
+it beside the resources it may take (a pooled create: every candidate; ``0`` matches the
+revision of a vendor that never published one).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def catalog() -> ResourceCatalog:
                            [Vendor("hotel", "chair", confirmation_required=True)])
 
 
-async def run(calls: int, only: set[str] | None = None) -> dict:
+async def run(calls: int, only: set[str] | None = None, rules_revision: str = "") -> dict:
     redis_server = PrivateRedis()
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     access = RedisAccess(client)
@@ -68,6 +73,10 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
         cat = catalog()
         engine = ReservationEngine(access, KeySpace("b:", 16), cat, settings)
         await engine.mark_ready()
+        place = engine.place
+
+        async def revised_place(p):  # the revision the API would pass (issue 13)
+            return await place(dataclasses.replace(p, rules_revision=rules_revision))
         vendor, chair = cat.vendor("hotel"), cat.get("chair")
         members = [cat.get(r) for r in ROOMS]
 
@@ -117,27 +126,27 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
                 "inner_calls_and_usec_per_call": inner}
 
         async def do_single(i):
-            await engine.place(single(offset[0] + i))
+            await revised_place(single(offset[0] + i))
 
         await phase("create", do_single, calls)
         offset[0] += calls
         base = 100_000
 
         async def do_pooled_free(i):
-            await engine.place(pooled(base + i, False))
+            await revised_place(pooled(base + i, False))
 
         await phase("pooled_first_fit_free", do_pooled_free, calls)
 
         filling_slots = max(1, calls // len(ROOMS))
 
         async def do_filling(i):  # calls go slot by slot: one slot fills before the next
-            await engine.place(pooled(base + calls + i // len(ROOMS), False))
+            await revised_place(pooled(base + calls + i // len(ROOMS), False))
 
         # In flight 50 at a time in call order: each chunk is one slot filling up.
         await phase("pooled_first_fit_filling", do_filling, filling_slots * len(ROOMS))
 
         async def do_best_fit(i):
-            await engine.place(pooled(base + 2 * calls + 10 * i, True))
+            await revised_place(pooled(base + 2 * calls + 10 * i, True))
 
         await phase("pooled_best_fit_free", do_best_fit, calls)
 
@@ -170,7 +179,7 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
                 idempotency_key="", triggered_by="partner"),
                 pool=PoolChoice("double", True, candidates))
             try:
-                await engine.place(p)
+                await revised_place(p)
             except PoolFull:
                 full[0] += 1
 
@@ -179,7 +188,7 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
             phases["pooled_best_fit_fragmented"].update(
                 pool_full=full[0], taken_before=round(taken_units / (span * len(members)), 3))
 
-        held = [await engine.place(single(10 * calls + 4 * i)) for i in range(calls)] \
+        held = [await revised_place(single(10 * calls + 4 * i)) for i in range(calls)] \
             if not only or "modify" in only else []
 
         async def do_modify(i):
@@ -201,7 +210,7 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
             return dataclasses.replace(p, items=items)
 
         async def do_multi(i):
-            await engine.place(multi(i))
+            await revised_place(multi(i))
 
         await phase("multi_4_items", do_multi, calls)
         create = phases["create"]
@@ -211,7 +220,8 @@ async def run(calls: int, only: set[str] | None = None) -> dict:
             figures["redis_cpu_vs_create"] = round(
                 figures["redis_cpu_us_per_call"] / create["redis_cpu_us_per_call"], 2)
         return {"phases": phases, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
-                "fit_window_units": settings.pool_fit_window_units}
+                "fit_window_units": settings.pool_fit_window_units,
+                "rules_revision": rules_revision}
     finally:
         await access.close()
         await client.aclose()
@@ -223,9 +233,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3000)
     parser.add_argument("--phases", default="", help="comma-separated phases to run (create, "
                         "the baseline, always runs); default all")
+    parser.add_argument("--rules-revision", default="",
+                        help="the availability rules revision every creation passes ('' none)")
     args = parser.parse_args()
     only = {p for p in args.phases.split(",") if p} or None
-    print(json.dumps(asyncio.run(run(args.calls, only)), indent=2))
+    print(json.dumps(asyncio.run(run(args.calls, only, args.rules_revision)), indent=2))
 
 
 if __name__ == "__main__":

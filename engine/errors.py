@@ -239,10 +239,6 @@ class WaitlistNotWaiting(EngineError):
     code = "WAITLIST_ENTRY_NOT_WAITING"
 
 
-class NotSupported(EngineError):
-    """A documented part of the contract this deployment does not serve yet."""
-
-    code = "NOT_SUPPORTED"
 # ---- partner-readable details (issue 17) ---------------------------------------------
 class ExtendNotLater(EngineError):
     """An extension whose ``now + ttlMs`` is not after the current deadline: refused, and
