@@ -65,8 +65,8 @@ if invalid then return invalid end
 local ok, items = pcall(cjson.decode, ARGV[15])
 if not ok or type(items) ~= 'table' or #items < 2 then return {OUTCOME.INVALID, 'items'} end
 local root = unit_root:sub(1, -3)
-local revision_keys = {}
-for _, item in ipairs(items) do
+local revision_keys, listed = {}, {}
+for i, item in ipairs(items) do
   if type(item) ~= 'table' or #item ~= 7 or type(item[1]) ~= 'string' or item[1] == ''
       or item[1]:find('[{}]') then
     return {OUTCOME.INVALID, 'bad item'}
@@ -79,7 +79,8 @@ for _, item in ipairs(items) do
   if not (item[6] <= item[2] and item[2] < item[3] and item[3] <= item[7]) then
     return {OUTCOME.INVALID, 'intervals out of order'}
   end
-  revision_keys[#revision_keys + 1] = root .. 'avr:' .. item[1]
+  revision_keys[i] = root .. 'avr:' .. item[1]
+  listed[i] = {rs = item[1], f = item[4], l = item[5], be = item[7]}
 end
 
 if redis.call('EXISTS', ready_key) == 0 then return {OUTCOME.NOT_READY} end
@@ -93,13 +94,7 @@ local stale = rules_stale(revision_keys, ARGV[16])
 if stale then return stale end
 
 -- Waiting entries first (issue 16): units whose hold lapsed are theirs before they are ours.
-local handoffs = {}
-for _, item in ipairs(items) do
-  for _, h in ipairs(serve_waitlist(unit_root, k.events, k.deadlines, item[1], item[4],
-      item[5], now_ms())) do
-    handoffs[#handoffs + 1] = h
-  end
-end
+local handoffs = serve_waitlists(unit_root, k.events, k.deadlines, listed, now_ms())
 
 -- All or nothing: every item's units checked before anything is written.
 for position, item in ipairs(items) do
@@ -113,10 +108,6 @@ end
 local now = now_ms()
 local first = items[1]
 k.fence = fence_root .. first[1]
-local listed = {}
-for i, item in ipairs(items) do
-  listed[i] = {rs = item[1], f = item[4], l = item[5], be = item[7]}
-end
 -- The first item stands in the single-resource fields (rs, s, e, f, l, bs, be), so readers
 -- that know one resource see a real one; `it` holds them all.
 local final, version, deadline, token = place_reservation(k, {id = id, p = ARGV[2],

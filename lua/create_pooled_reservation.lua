@@ -107,13 +107,7 @@ local stale = rules_stale(revision_keys, ARGV[21 + 5 * n])
 if stale then return stale end
 
 -- Waiting entries first (issue 16): a member whose hold lapsed is theirs before it is ours.
-local handoffs = {}
-for _, c in ipairs(candidates) do
-  for _, h in ipairs(serve_waitlist(unit_root, k.events, k.deadlines, c.rs, c.f, c.l,
-      now_ms())) do
-    handoffs[#handoffs + 1] = h
-  end
-end
+local handoffs = serve_waitlists(unit_root, k.events, k.deadlines, candidates, now_ms())
 
 local chosen = choose_member(unit_root, candidates, ARGV[8], window, id)
 if not chosen then

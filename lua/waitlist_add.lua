@@ -146,12 +146,6 @@ for i, m in ipairs(members) do
   end
 end
 
-local handoffs = {}
-for _, m in ipairs(members) do
-  for _, h in ipairs(serve_waitlist(unit_root, events_key, deadlines_key, m.rs, m.f, m.l,
-      now)) do
-    handoffs[#handoffs + 1] = h
-  end
-end
+local handoffs = serve_waitlists(unit_root, events_key, deadlines_key, members, now)
 local st, x, r, c, rs = state_of(entry_key)
 return {OUTCOME.OK, st, x, r, c, handoffs, rs}

@@ -225,3 +225,25 @@ async def test_bad_input_is_typed_and_changes_nothing(app, client, world, redis)
         if code is not None:
             assert r.json()["error"]["code"] == code, r.text
     assert await state_of(redis, svc.settings.key_prefix) == before
+
+
+async def test_a_group_split_across_hash_tags_is_refused_and_nothing_changes(app, client,
+                                                                             world, redis):
+    """Groups are validated colocated, but a member's shard key may change later (a partial
+    re-key this process has loaded): one script could no longer reach every member, so the
+    entry is refused (409 GROUP_NOT_COLOCATED) before any write."""
+    import dataclasses
+
+    svc = app.state.services
+    keys = svc.keyspace
+    await rooms(app, client, world)
+    catalog = svc.reservations.catalog.catalog
+    elsewhere = next(k for k in (f"split-{n}" for n in range(100))
+                     if keys.shard_of(k) != keys.shard_of("v-confirm"))
+    catalog.add(dataclasses.replace(catalog.get("room-3"), shard_key=elsewhere))
+    before = await state_of(redis, svc.settings.key_prefix)
+    r = await client.post("/v1/waitlist", json={**create_body(start=fresh_slot()),
+                                                "resourceGroupId": "rooms", "ttlMs": 60_000},
+                          headers=world.auth("p2"))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "GROUP_NOT_COLOCATED", r.text
+    assert await state_of(redis, svc.settings.key_prefix) == before

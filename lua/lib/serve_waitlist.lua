@@ -176,3 +176,20 @@ local function serve_waitlist(unit_root, events_key, deadlines_key, resource, fi
   end
   return served
 end
+
+-- Serve the waitlists of several places ({rs, f, l} each) a create may take (a pooled
+-- create's candidates, a multi-resource create's items): one EXISTS over their slot indexes
+-- first, so a shard without waiting entries costs one call, not one per place.
+local function serve_waitlists(unit_root, events_key, deadlines_key, places, now)
+  local handoffs, index_keys = {}, {}
+  local root = unit_root:sub(1, -3)
+  for i, p in ipairs(places) do index_keys[i] = root .. 'wli:' .. p.rs end
+  if #index_keys == 0 or redis.call('EXISTS', unpack(index_keys)) == 0 then return handoffs end
+  for _, p in ipairs(places) do
+    for _, h in ipairs(serve_waitlist(unit_root, events_key, deadlines_key, p.rs, p.f, p.l,
+        now)) do
+      handoffs[#handoffs + 1] = h
+    end
+  end
+  return handoffs
+end
