@@ -247,3 +247,41 @@ async def test_a_group_split_across_hash_tags_is_refused_and_nothing_changes(app
                           headers=world.auth("p2"))
     assert r.status_code == 409 and r.json()["error"]["code"] == "GROUP_NOT_COLOCATED", r.text
     assert await state_of(redis, svc.settings.key_prefix) == before
+
+
+async def test_the_waiting_partner_gets_reservation_created_with_the_member(app, client,
+                                                                            world, redis):
+    """Through the commit queue: the handed-over hold's ``reservation.created`` event is the
+    waiting partner's, with the member chosen and ``origin: waitlist``."""
+    import orjson
+
+    from jobs.commit_queue import CommitQueue
+
+    svc = app.state.services
+    await rooms(app, client, world)
+    start = fresh_slot()
+    held = await hold_all(client, world, start)
+    wid = (await wait(client, world, start, resourceGroupId="rooms"))["waitlistEntryId"]
+    freed = next(h for h in held if h["resourceId"] == "room-3")
+    await client.post(f"/v1/reservations/{freed['reservationId']}/cancel",
+                      headers=world.auth("p1"))
+    queue = CommitQueue(svc.access, svc.keyspace, svc.pool, svc.reservations.engine,
+                        svc.settings.replace(drain_block_ms=50), "t")
+    await queue.ensure_groups()
+    try:
+        for _ in range(3):
+            for shard in range(svc.keyspace.shards):
+                await queue.drain_shard_once(shard)
+    finally:
+        await queue.close()
+    async with svc.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT type, partner_id, payload FROM webhook_events "
+                                "WHERE reservation_id = $1", held_id(wid))
+    [row] = [r for r in rows if r["type"] == "reservation.created"]
+    payload = row["payload"] if isinstance(row["payload"], dict) \
+        else orjson.loads(row["payload"])
+    data = payload["data"]
+    assert row["partner_id"] == "p2" and data["partnerId"] == "p2"
+    assert data["resourceId"] == "room-3"
+    assert data["metadata"]["origin"] == "waitlist"
+    assert data["metadata"]["waitlistEntryId"] == wid
