@@ -201,11 +201,9 @@ class AvailabilityService:
             raise ValidationError(f"source is at most {MAX_SOURCE} characters",
                                   code="INVALID_FIELD", details={"field": "source"})
         if resource_id is not None:
-            resource = await self.catalog.resource(resource_id)
-            if resource.vendor_id and resource.vendor_id != vendor.id:
-                raise ValidationError("the resource does not belong to the vendor",
-                                      code="RESOURCE_VENDOR_MISMATCH",
-                                      details={"field": "resourceId"})
+            from engine.service import check_vendor_resource
+
+            check_vendor_resource(vendor, await self.catalog.resource(resource_id))
         block = Block(block_id=f"blk_{ULID()}", start_ms=start_ms, end_ms=end_ms,
                       status=status, resource_id=resource_id, source=source)
         async with self.pool.acquire() as conn:
@@ -359,7 +357,7 @@ class AvailabilityService:
     # ---- the availability answer ----------------------------------------------------------
     async def read(self, principal: Principal, vendor_id: str, pairs: list[tuple[str, str]],
                    client_ip: str | None = None) -> AvailabilityAnswer:
-        from engine.service import parse_bool, parse_int, query_dict
+        from engine.service import check_vendor_resource, parse_bool, parse_int, query_dict
 
         require(principal, "availability.read")
         require_vendor_scope(principal, vendor_id)
@@ -367,10 +365,7 @@ class AvailabilityService:
         vendor = await self.catalog.vendor(vendor_id)
         if "resourceId" in query:
             resources = [await self.catalog.resource(query["resourceId"])]
-            if resources[0].vendor_id and resources[0].vendor_id != vendor.id:
-                raise ValidationError("the resource does not belong to the vendor",
-                                      code="RESOURCE_VENDOR_MISMATCH",
-                                      details={"field": "resourceId"})
+            check_vendor_resource(vendor, resources[0])
         else:
             default = await self.catalog.resource(vendor.default_resource_id)
             others = sorted((r for r in self.catalog.catalog.resources_of(vendor.id)

@@ -225,18 +225,12 @@ class ReservationService:
         resource = await self.catalog.resource(req.resource_id or vendor.default_resource_id)
         start_ms, end_ms = parse_range(req.slot_start, req.slot_end, "slotStartTime",
                                        "slotEndTime")
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId", "resourceId": resource.id,
-                                           "vendorId": vendor.id})
+        check_vendor_resource(vendor, resource)
         self._check_slot(resource, start_ms, end_ms)
         check_requester(req.requester_id)
         check_metadata(req.metadata)
         idempotency_key(req.idempotency_header, req.idempotency_key)
-        if vendor.payment_required and not self.engine.payments_enabled:
-            raise PaymentRequired("this vendor requires payment and no payment provider is "
-                                  "configured yet", details={"vendorId": vendor.id})
+        self.check_payments(vendor)
         return vendor, resource, start_ms, end_ms
 
     async def _validate_pooled(self, principal: Principal, vendor: Vendor, req: CreateRequest):
@@ -271,9 +265,7 @@ class ReservationService:
         check_requester(req.requester_id)
         check_metadata(req.metadata)
         idempotency_key(req.idempotency_header, req.idempotency_key)
-        if vendor.payment_required and not self.engine.payments_enabled:
-            raise PaymentRequired("this vendor requires payment and no payment provider is "
-                                  "configured yet", details={"vendorId": vendor.id})
+        self.check_payments(vendor)
         choice = PoolChoice(group.group_id, group.strategy == "best_fit", tuple(candidates))
         return vendor, (members[0], choice), start_ms, end_ms
 
@@ -300,12 +292,7 @@ class ReservationService:
         items, resources = [], []
         for position, (resource_id, start, end) in enumerate(req.items):
             resource = await self.catalog.resource(resource_id)
-            if resource.vendor_id and resource.vendor_id != vendor.id:
-                raise ValidationError("the resource does not belong to the vendor",
-                                      code="RESOURCE_VENDOR_MISMATCH",
-                                      details={"field": f"items[{position}].resourceId",
-                                               "resourceId": resource.id,
-                                               "vendorId": vendor.id})
+            check_vendor_resource(vendor, resource, f"items[{position}].resourceId")
             start_ms, end_ms = parse_range(start, end, f"items[{position}].slotStartTime",
                                            f"items[{position}].slotEndTime")
             self._check_slot(resource, start_ms, end_ms)
@@ -329,11 +316,15 @@ class ReservationService:
         check_requester(req.requester_id)
         check_metadata(req.metadata)
         idempotency_key(req.idempotency_header, req.idempotency_key)
+        self.check_payments(vendor)
+        choice = ("items", tuple(items) if len(items) > 1 else None, tuple(items))
+        return vendor, (resources[0], choice), items[0][1], items[0][2]
+
+    def check_payments(self, vendor: Vendor) -> None:
+        """A vendor that requires payment needs a payment provider (409)."""
         if vendor.payment_required and not self.engine.payments_enabled:
             raise PaymentRequired("this vendor requires payment and no payment provider is "
                                   "configured yet", details={"vendorId": vendor.id})
-        choice = ("items", tuple(items) if len(items) > 1 else None, tuple(items))
-        return vendor, (resources[0], choice), items[0][1], items[0][2]
 
     def _check_slot(self, resource: Resource, start_ms: int, end_ms: int) -> None:
         """The slot on the resource's unit grid and within the units one hold may cover."""
@@ -744,6 +735,16 @@ def idempotency_key(header: str | None, body_key: str | None) -> str | None:
             raise ValidationError(exc.message, code="INVALID_IDEMPOTENCY_KEY",
                                   details={"field": "Idempotency-Key"}) from None
     return key
+
+
+def check_vendor_resource(vendor: Vendor, resource: Resource,
+                          field: str = "resourceId") -> None:
+    """A resource named for a vendor must be the vendor's (400 RESOURCE_VENDOR_MISMATCH)."""
+    if resource.vendor_id and resource.vendor_id != vendor.id:
+        raise ValidationError("the resource does not belong to the vendor",
+                              code="RESOURCE_VENDOR_MISMATCH",
+                              details={"field": field, "resourceId": resource.id,
+                                       "vendorId": vendor.id})
 
 
 def check_requester(requester_id: Any) -> str:

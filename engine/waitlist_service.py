@@ -15,10 +15,15 @@ from typing import Any
 import orjson
 
 from engine import clock
-from engine.errors import NotFound, PaymentRequired, ValidationError
+from engine.errors import NotFound, ValidationError
 from engine.lifecycle import PARTNER
 from engine.permissions import Principal, can_see, require
-from engine.service import MIN_TTL_MS, ReservationService, check_requester
+from engine.service import (
+    MIN_TTL_MS,
+    ReservationService,
+    check_requester,
+    check_vendor_resource,
+)
 from engine.times import parse_range
 from engine.waitlist import CAP_MARGIN_MS, Added, EntryPlacement, WaitlistEngine, WaitlistEntry
 
@@ -70,9 +75,7 @@ class WaitlistService:
                                   code="INVALID_FIELD",
                                   details={"field": "ttlMs", "minimum": MIN_TTL_MS,
                                            "maximum": max_ttl})
-        if vendor.payment_required and not svc.engine.payments_enabled:
-            raise PaymentRequired("this vendor requires payment and no payment provider is "
-                                  "configured yet", details={"vendorId": vendor.id})
+        svc.check_payments(vendor)
         scope = svc.scope_of(principal)
         entry_id = self.keys.new_waitlist_entry_id(resource.shard_name)  # every member's
         units = []
@@ -118,11 +121,7 @@ class WaitlistService:
             by_id = {m.id: m for m in members}
             return group, [by_id[r] for r in group.candidate_order()]
         resource = await self.catalog.resource(req.resource_id)
-        if resource.vendor_id and resource.vendor_id != vendor.id:
-            raise ValidationError("the resource does not belong to the vendor",
-                                  code="RESOURCE_VENDOR_MISMATCH",
-                                  details={"field": "resourceId", "resourceId": resource.id,
-                                           "vendorId": vendor.id})
+        check_vendor_resource(vendor, resource)
         return None, [resource]
 
     async def read(self, principal: Principal, entry_id: str,
