@@ -381,7 +381,7 @@ class ReservationService:
         if key is not None:
             admission.append(claim())
         try:
-            moved = await self._place(placement, admission)
+            moved = await self._place(placement, admission, pool)
         except _Replay as replay:
             metrics.IDEMPOTENT_REPLAYS.inc()
             return Answer(replay.stored.status, replay.stored.body_bytes, replayed=True)
@@ -454,15 +454,22 @@ class ReservationService:
                                          start_ms, end_ms, now)
         return dataclasses.replace(placement, rules_revision=str(rules.revision))
 
-    async def _place(self, placement, admission: list[Awaitable]) -> Moved:
+    async def _place(self, placement, admission: list[Awaitable], pool=None) -> Moved:
+        """``pool``: a pooled hold's candidates before the rules filtered them."""
         try:
             return await self.engine.place(placement, admission)
         except RulesStale:
             # Issue 13: the vendor's availability changed since this process cached it.
-            plain = placement.pool is None and placement.items is None
-            return await self.availability.retry_stale(
-                self.engine.place, placement,
-                None if plain else lambda rules, p: self._recheck(p, rules))
+            # A pooled hold is checked again from every candidate (the fresh rules may allow
+            # a member the cached ones refused), a multi-resource hold item by item.
+            recheck = None
+            if pool is not None:
+                async def recheck(rules, p):
+                    return await self._recheck(dataclasses.replace(p, pool=pool), rules)
+            elif placement.items is not None:
+                async def recheck(rules, p):
+                    return await self._recheck(p, rules)
+            return await self.availability.retry_stale(self.engine.place, placement, recheck)
         except NotReady:
             # Redis lost its data (restart): restore the booked markers, then retry once
             # (the admission already passed; the cap slot is taken again idempotently).

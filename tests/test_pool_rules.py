@@ -41,14 +41,19 @@ async def rooms(app, client, world) -> None:
     assert r.status_code == 201, r.text
 
 
-async def block_from_another_process(migrated, world, **block) -> None:
+async def from_another_process(migrated, world, method: str, path: str, **body):
     other = create_app(migrated)
     async with other.router.lifespan_context(other):
         transport = httpx.ASGITransport(app=other, client=("10.0.0.2", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://b.test") as b:
-            r = await b.post("/v1/vendors/v-instant/busy-blocks", json=block,
-                             headers=world.auth("admin"))
-            assert r.status_code == 201, r.text
+            r = await b.request(method, path, json=body or None, headers=world.auth("admin"))
+            assert r.status_code in (200, 201), r.text
+            return r.json()
+
+
+async def block_from_another_process(migrated, world, **block) -> dict:
+    return await from_another_process(migrated, world, "POST",
+                                      "/v1/vendors/v-instant/busy-blocks", **block)
 
 
 def pooled(start: int) -> dict:
@@ -72,6 +77,24 @@ async def test_a_pooled_create_sees_a_busy_block_written_by_another_process(
     # fresh rules refuse room-1: the member is room-2.
     r = await client.post("/v1/reservations", json=pooled(120), headers=world.auth("p1"))
     assert r.status_code == 201 and r.json()["resourceId"] == "room-2", r.text
+
+
+async def test_a_pooled_create_retried_on_fresh_rules_starts_from_every_member(
+        app, client, world, migrated):
+    """The cached rules refuse room-1 (a busy block); another process deletes the block:
+    the script says the rules are stale, and the retry checks every member again, so
+    first_fit takes room-1."""
+    await rooms(app, client, world)
+    r = await client.post("/v1/vendors/v-instant/busy-blocks",
+                          json={"start": at(120), "end": at(180), "resourceId": "room-1"},
+                          headers=world.auth("admin"))
+    assert r.status_code == 201, r.text
+    r2 = await client.post("/v1/reservations", json=pooled(0), headers=world.auth("p1"))
+    assert r2.json()["resourceId"] == "room-1"  # this process caches the rules with the block
+    await from_another_process(migrated, world, "DELETE",
+                               f"/v1/vendors/v-instant/busy-blocks/{r.json()['blockId']}")
+    r = await client.post("/v1/reservations", json=pooled(120), headers=world.auth("p1"))
+    assert r.status_code == 201 and r.json()["resourceId"] == "room-1", r.text
 
 
 async def test_a_multi_resource_create_sees_a_busy_block_written_by_another_process(
