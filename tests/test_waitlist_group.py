@@ -285,3 +285,34 @@ async def test_the_waiting_partner_gets_reservation_created_with_the_member(app,
     assert data["resourceId"] == "room-3"
     assert data["metadata"]["origin"] == "waitlist"
     assert data["metadata"]["waitlistEntryId"] == wid
+
+
+async def test_a_cancel_racing_pooled_creates_hands_the_member_to_the_group_entry(
+        app, client, world, redis):
+    """Every member held, an entry on the group; the holder cancels one while another
+    partner's pooled creates race it: the freed member goes to the entry inside the cancel's
+    script, so every create is POOL_FULL, over several rounds."""
+    import asyncio
+
+    svc = app.state.services
+    keys = svc.keyspace
+    await rooms(app, client, world)
+    await add_partner(app, world, "p3")
+    for n in range(6):
+        start = fresh_slot()
+        held = await hold_all(client, world, start)
+        wid = (await wait(client, world, start, resourceGroupId="rooms"))["waitlistEntryId"]
+        freed = held[n % len(held)]
+        results = await asyncio.gather(
+            client.post(f"/v1/reservations/{freed['reservationId']}/cancel",
+                        headers=world.auth("p1")),
+            *(client.post("/v1/reservations",
+                          json=create_body(start=start, resourceGroupId="rooms"),
+                          headers=world.auth("p3")) for _ in range(4)))
+        assert results[0].status_code == 200, results[0].text
+        assert [r.status_code for r in results[1:]] == [409] * 4, [r.text for r in results]
+        assert {r.json()["error"]["code"] for r in results[1:]} == {"POOL_FULL"}
+        got = await entry(client, world, wid)
+        assert got["state"] == "fulfilled" and got["resourceId"] == freed["resourceId"]
+        assert len([e for e in await stream(redis, keys, held_id(wid))
+                    if e["fromState"] == "INTENT_CREATED"]) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from engine.lifecycle import TERMINAL, State
@@ -55,20 +56,23 @@ async def never_two_live_holds_on_a_unit(redis, keys, shard: int) -> None:
     (a terminal entry) or its deadline, whichever comes first (a lapsed hold's units are
     free at its deadline, before the reaper records the expiry). No two holds of one
     resource whose blocks overlap ever live at the same instant."""
-    holds: dict[str, dict] = {}
+    holds: dict[str, list[dict]] = {}  # a multi-resource reservation: one per item
     for _, e in await redis.xrange(keys.events(shard)):
         rid = e["reservationId"]
         if e["fromState"] == "INTENT_CREATED":
-            holds[rid] = {"rs": e["resourceId"], "bs": int(e["blockStart"]),
-                          "be": int(e["blockEnd"]), "from": int(e["createdAt"]),
-                          "until": int(e["expiresAt"])}
+            items = orjson.loads(e["items"]) if "items" in e else \
+                [[e["resourceId"], 0, 0, 0, 0, e["blockStart"], e["blockEnd"]]]
+            holds[rid] = [{"rs": i[0], "bs": int(i[5]), "be": int(i[6]),
+                           "from": int(e["createdAt"]), "until": int(e["expiresAt"])}
+                          for i in items]
             continue
-        h = holds[rid]
-        if State(e["toState"]) in TERMINAL:
-            h["until"] = min(h["until"], int(e["timestamp"]))
-        elif "expiresAt" in e:
-            h["until"] = int(e["expiresAt"])
-    spans = sorted(holds.items(), key=lambda kv: kv[1]["from"])
+        for h in holds[rid]:
+            if State(e["toState"]) in TERMINAL:
+                h["until"] = min(h["until"], int(e["timestamp"]))
+            elif "expiresAt" in e:
+                h["until"] = int(e["expiresAt"])
+    spans = sorted(((rid, h) for rid, hs in holds.items() for h in hs),
+                   key=lambda kv: kv[1]["from"])
     for i, (a, ha) in enumerate(spans):
         for b, hb in spans[i + 1:]:
             if ha["rs"] == hb["rs"] and ha["bs"] < hb["be"] and hb["bs"] < ha["be"]:
@@ -218,3 +222,49 @@ async def test_a_multi_resource_create_does_not_take_units_a_waiting_entry_is_ow
     assert [k async for k in redis.scan_iter(match=keys.unit_root(shard) + "room-2:*")] == []
     # The handoff rode on the conflict's reply: the entry's cap slot passes.
     await cap_passed_to_hold(redis, keys, "p2", wid)
+
+
+async def test_multi_resource_creates_racing_reapers_never_take_owed_units(app, client, world,
+                                                                          redis):
+    """p1 holds room-1 and room-2 for a slot, p2 waits for room-1 and p3 for room-2; both
+    holds lapse; then three multi-resource creates of p4 over both rooms race two reapers.
+    Every create is refused, each entry gets its room exactly once, over several rounds
+    checked over the shard's whole history."""
+    svc = app.state.services
+    keys, engine = svc.keyspace, svc.reservations.engine
+    await rooms(app, client, world)
+    await add_partner(app, world, "p3")
+    await add_partner(app, world, "p4")
+    played = 0
+    for _ in range(20):
+        start = fresh_slot()
+        held = [await hold(client, world, start, resourceId=room)
+                for room in ("room-1", "room-2")]
+        first_deadline = min(parse_time(h["expiresAt"], "expiresAt") for h in held)
+        made = [await wait(client, world, start, who=who, resourceId=room)
+                for who, room in (("p2", "room-1"), ("p3", "room-2"))]
+        if any(m["state"] != "waiting" for m in made):
+            assert await server_ms(redis) > first_deadline, made  # a stalled client
+            continue
+        await until_server_ms(redis, max(parse_time(h["expiresAt"], "expiresAt")
+                                         for h in held) + 1)
+        shard = keys.shard_of_waitlist_id(made[0]["waitlistEntryId"])
+        items = [{"resourceId": room, "slotStartTime": at(start),
+                  "slotEndTime": at(start + 30)} for room in ("room-1", "room-2")]
+        results = await asyncio.gather(
+            *(client.post("/v1/reservations",
+                          json={"vendorId": "v-confirm", "requesterId": "req-1",
+                                "items": items}, headers=world.auth("p4"))
+              for _ in range(3)),
+            engine.reap(shard), engine.reap(shard))
+        assert [r.status_code for r in results[:3]] == [409] * 3, \
+            [r.text for r in results[:3]]
+        for m, (who, room) in zip(made, (("p2", "room-1"), ("p3", "room-2"))):
+            got = await entry(client, world, m["waitlistEntryId"], who=who)
+            assert got["state"] == "fulfilled" and got["resourceId"] == room
+            assert await creations_of(redis, keys, held_id(m["waitlistEntryId"])) == 1
+        await never_two_live_holds_on_a_unit(redis, keys, shard)
+        played += 1
+        if played == 4:
+            return
+    raise AssertionError("the client stalled past every hold's deadline")
