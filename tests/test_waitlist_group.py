@@ -21,7 +21,7 @@ from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     migrated,
     world,
 )
-from tests.test_transfer_api import add_partner
+from tests.test_transfer_api import add_partner, drain
 from tests.timing import eventually
 
 ROOMS = ["room-1", "room-2", "room-3"]
@@ -255,8 +255,6 @@ async def test_the_waiting_partner_gets_reservation_created_with_the_member(app,
     waiting partner's, with the member chosen and ``origin: waitlist``."""
     import orjson
 
-    from jobs.commit_queue import CommitQueue
-
     svc = app.state.services
     await rooms(app, client, world)
     start = fresh_slot()
@@ -265,15 +263,7 @@ async def test_the_waiting_partner_gets_reservation_created_with_the_member(app,
     freed = next(h for h in held if h["resourceId"] == "room-3")
     await client.post(f"/v1/reservations/{freed['reservationId']}/cancel",
                       headers=world.auth("p1"))
-    queue = CommitQueue(svc.access, svc.keyspace, svc.pool, svc.reservations.engine,
-                        svc.settings.replace(drain_block_ms=50), "t")
-    await queue.ensure_groups()
-    try:
-        for _ in range(3):
-            for shard in range(svc.keyspace.shards):
-                await queue.drain_shard_once(shard)
-    finally:
-        await queue.close()
+    await drain(svc)
     async with svc.pool.acquire() as conn:
         rows = await conn.fetch("SELECT type, partner_id, payload FROM webhook_events "
                                 "WHERE reservation_id = $1", held_id(wid))
