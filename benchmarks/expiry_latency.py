@@ -12,6 +12,15 @@ Holds are created paced so their deadlines spread evenly over ``--spread-s`` sec
     python -m benchmarks.expiry_latency [--holds 10000] [--spread-s 60] [--workers 1]
                                         [--json PATH]
 
+The ``outbox`` mode measures the last leg alone, outbox row -> receiver: it writes
+``--deliveries`` events (``reservation.expired``, one reservation each) through
+:func:`engine.webhook_events.emit` at ``--rate`` per second (as the commit-queue drain
+does, in transactions of one tick's rows), while the same worker process(es) and receiver
+run; latency is each event's ``emitted_at`` (commit) to its arrival at the receiver.
+
+    python -m benchmarks.expiry_latency outbox [--deliveries 10000] [--rate 167]
+                                               [--workers 1] [--json PATH]
+
 Targets (issue 14): p99 deadline -> event <= 1.5 s, deadline -> receiver <= 2 s.
 """
 
@@ -201,6 +210,139 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
     }
 
 
+async def wait_for_worker(rt: Runtime, settings: Settings) -> None:
+    # the worker is up once arq writes its health-check key
+    for _ in range(1200):
+        if await rt.redis.exists(f"{settings.key_prefix}arq:health-check"):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the worker did not start")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc; NaN where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def read_received(path: Path) -> dict[str, int]:
+    """reservation id -> arrival (ms, the receiver's clock) of its expired webhook."""
+    got: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            rid, kind, received, _ = line.split(" ")
+            if kind == "reservation.expired":
+                got.setdefault(rid, int(received))
+    return got
+
+
+async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: Path,
+                     workers: int = 1, worker_cmd: list[str] | None = None) -> dict:
+    """Outbox row -> receiver alone: events written at ``rate``/s, one endpoint."""
+    from engine.times import format_time
+    from engine.webhook_events import emit, payload
+
+    await asyncio.to_thread(db.migrate, settings)
+    port = _free_port()
+    conn = await asyncpg.connect(settings.database_url,
+                                 server_settings={"search_path": settings.db_schema})
+    try:
+        await conn.execute(
+            "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
+            "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
+            f"http://127.0.0.1:{port}/hook", new_secret())
+    finally:
+        await conn.close()
+    received_path = workdir / "received.txt"
+    receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.expiry_latency",
+                                 "receiver", "--port", str(port), "--out",
+                                 str(received_path)])
+    worker_log = open(workdir / "worker.log", "ab")
+    worker_procs = [subprocess.Popen(worker_cmd or [sys.executable, "-m", "jobs"],
+                                     env=worker_env(settings), stdout=worker_log,
+                                     stderr=subprocess.STDOUT)
+                    for _ in range(workers)]
+    print(f"worker pids {[p.pid for p in worker_procs]}, receiver pid {receiver.pid}",
+          file=sys.stderr, flush=True)
+    rt = await Runtime.open(settings)
+    ids: list[str] = []
+    try:
+        await wait_for_worker(rt, settings)
+        await asyncio.sleep(1.0)  # the dispatcher's first idle poll
+        load_before = os.getloadavg()
+        cpu_before = [cpu_s(p.pid) for p in (*worker_procs, receiver)]
+        tick = 0.1
+        run_id = uuid.uuid4().hex[:8]
+        started = time.monotonic()
+        n = 0
+        while n < deliveries:
+            due = min(deliveries, int((time.monotonic() - started + tick) * rate)) - n
+            rows = []
+            for _ in range(max(0, due)):
+                rid = f"res_{run_id}_{n:06d}"
+                at = time.time_ns() // 1_000_000
+                data = {"reservationId": rid, "state": "EXPIRED", "version": 2,
+                        "fromState": "HELD", "vendorId": "bench-v", "partnerId": "bench",
+                        "slotStartTime": format_time(BASE_MS), "expiresAt": format_time(at),
+                        "slotEndTime": format_time(BASE_MS + HOUR_MS),
+                        "triggeredBy": "system", "occurredAt": format_time(at)}
+                # version 1: no earlier version to wait for (no reservation_history rows)
+                rows.append((f"{rid}:expired", "reservation.expired", "tenants", "bench",
+                             "bench-v", rid, 1, payload("reservation.expired", at,
+                                                        data).decode(), at))
+                ids.append(rid)
+                n += 1
+            if rows:
+                async with rt.pool.acquire() as c:
+                    async with c.transaction():
+                        await emit(c, rows)
+            await asyncio.sleep(max(0.0, started + (n / rate) - time.monotonic()))
+        written_s = time.monotonic() - started
+        give_up = time.monotonic() + 900
+        got: dict[str, int] = {}
+        while time.monotonic() < give_up:
+            got = read_received(received_path)
+            if len(got) >= len(ids):
+                break
+            await asyncio.sleep(0.5)
+        load_after = os.getloadavg()
+        cpu_after = [cpu_s(p.pid) for p in (*worker_procs, receiver)]
+        async with rt.pool.acquire() as c:
+            emitted = {r[0]: int(r[1]) for r in await c.fetch(
+                "SELECT reservation_id, (extract(epoch FROM emitted_at) * 1000)::bigint "
+                "FROM webhook_events")}
+            attempts = await c.fetchval("SELECT sum(attempts) FROM webhook_deliveries")
+            first, last = await c.fetchrow(
+                "SELECT min(delivered_at), max(delivered_at) FROM webhook_deliveries")
+    finally:
+        await rt.close()
+        for proc in (*worker_procs, receiver):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (*worker_procs, receiver):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        worker_log.close()
+    latency = [(got[r] - emitted[r]) / 1000 for r in ids if r in got and r in emitted]
+    span = (last - first).total_seconds() if first and last else float("nan")
+    return {
+        "mode": "outbox", "deliveries": deliveries, "rate": rate, "workers": workers,
+        "written_in_s": written_s, "received": len(got), "emitted": len(emitted),
+        "attempts": attempts, "delivered_per_s": len(got) / span if span else float("nan"),
+        "outbox_to_receiver_s": quantiles(latency),
+        # CPU per delivery of the worker process(es) and of the receiver, in ms
+        "worker_cpu_ms_per_delivery": 1000 * sum(
+            a - b for a, b in zip(cpu_after[:-1], cpu_before[:-1])) / max(1, len(got)),
+        "receiver_cpu_ms_per_delivery": 1000 * (cpu_after[-1] - cpu_before[-1])
+        / max(1, len(got)),
+        "load_before": load_before, "load_after": load_after,
+    }
+
+
 async def drop(settings: Settings) -> None:
     import redis.asyncio as aioredis
 
@@ -224,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     rec = sub.add_parser("receiver")
     rec.add_argument("--port", type=int, required=True)
     rec.add_argument("--out", required=True)
+    box = sub.add_parser("outbox", help="outbox row -> receiver alone")
+    box.add_argument("--deliveries", type=int, default=10_000)
+    box.add_argument("--rate", type=float, default=167.0, help="events written per second")
+    box.add_argument("--workers", type=int, default=1)
+    box.add_argument("--json")
     parser.add_argument("--holds", type=int, default=10_000)
     parser.add_argument("--spread-s", type=float, default=60.0)
     parser.add_argument("--ttl-ms", type=int, default=30_000,
@@ -242,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
         reaper_interval_ms=args.reaper_interval_ms, webhook_allow_private=True)
     workdir = Path(tempfile.mkdtemp(prefix="sg-expiry-"))
     try:
-        result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings, workdir,
-                                 args.workers))
+        if args.command == "outbox":
+            result = asyncio.run(run_outbox(args.deliveries, args.rate, settings, workdir,
+                                            args.workers))
+        else:
+            result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings,
+                                     workdir, args.workers))
     finally:
         asyncio.run(drop(settings))
     text = json.dumps(result, indent=2)
