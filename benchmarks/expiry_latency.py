@@ -317,6 +317,9 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
             attempts = await c.fetchval("SELECT sum(attempts) FROM webhook_deliveries")
             first, last = await c.fetchrow(
                 "SELECT min(delivered_at), max(delivered_at) FROM webhook_deliveries")
+            attempt_ms = [float(r[0]) for r in await c.fetch(
+                "SELECT last_latency_ms FROM webhook_deliveries WHERE last_latency_ms "
+                "IS NOT NULL")]
     finally:
         await rt.close()
         for proc in (*worker_procs, receiver):
@@ -334,6 +337,7 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
         "written_in_s": written_s, "received": len(got), "emitted": len(emitted),
         "attempts": attempts, "delivered_per_s": len(got) / span if span else float("nan"),
         "outbox_to_receiver_s": quantiles(latency),
+        "attempt_ms": quantiles(attempt_ms),  # request to response, the dispatcher's clock
         # CPU per delivery of the worker process(es) and of the receiver, in ms
         "worker_cpu_ms_per_delivery": 1000 * sum(
             a - b for a, b in zip(cpu_after[:-1], cpu_before[:-1])) / max(1, len(got)),

@@ -102,7 +102,7 @@ def _invalid(code: str, message: str, field: str, **details: Any) -> ValidationE
     return ValidationError(message, code=code, details={"field": field, **details})
 
 
-def _refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def refused_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return not address.is_global or address.is_multicast
@@ -130,7 +130,7 @@ async def private_target(url: str) -> bool:
     if host.lower() in ("localhost",) or host.lower().endswith(".localhost"):
         return True
     addresses = await resolve_host(host)
-    return not addresses or any(_refused_address(a) for a in addresses)
+    return not addresses or any(refused_address(a) for a in addresses)
 
 
 class WebhookService:
