@@ -211,15 +211,16 @@ class PrivateAddress(OSError):
 
 
 def literal_refused(url: str) -> bool:
-    """The URL names a refused target without a lookup: ``localhost`` or a non-global IP
-    literal (the session's resolver does not see IP literals)."""
+    """The URL names a refused target without a lookup: a non-global IP literal (the
+    session's resolver never sees those) or a ``*.localhost`` name (RFC 6761; such names
+    need not resolve). Other names, ``localhost`` too, are checked by the resolver."""
     host = (urlsplit(url).hostname or "").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host.endswith(".localhost"):
         return True
     try:
         return refused_address(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
-        return False  # a name: checked by PublicResolver when connecting
+        return False
 
 
 class PublicResolver(AbstractResolver):

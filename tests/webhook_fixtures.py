@@ -9,6 +9,7 @@ import asyncio
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -59,6 +60,8 @@ class Receiver:
     script: dict[str, list[tuple[int, dict, float]]] = field(
         default_factory=lambda: defaultdict(list))
     hang: set[str] = field(default_factory=set)  # names that never answer
+    # name -> a coroutine function awaited (after recording) before answering
+    gate: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
     got: list[Received] = field(default_factory=list)
 
     def url(self, name: str) -> str:
@@ -81,6 +84,8 @@ class Receiver:
         self.got.append(Received(name, headers, body, time.monotonic(), verified))
         if name in self.hang:
             await asyncio.sleep(3600)
+        if name in self.gate:
+            await self.gate[name]()
         if self.script[name]:
             status, extra, delay = self.script[name].pop(0)
             if delay:
