@@ -10,7 +10,7 @@ Starlette receiver under uvicorn in its own process, Redis and Postgres from
 Holds are created paced so their deadlines spread evenly over ``--spread-s`` seconds.
 
     python -m benchmarks.expiry_latency [--holds 10000] [--spread-s 60] [--workers 1]
-                                        [--separate-dispatcher] [--json PATH]
+                                        [--json PATH]
 
 The ``outbox`` mode measures the last leg alone, outbox row -> receiver: it writes
 ``--deliveries`` events (``reservation.expired``, one reservation each) through
@@ -19,8 +19,7 @@ does, in transactions of one tick's rows), while the same worker process(es) and
 run; latency is each event's ``emitted_at`` (commit) to its arrival at the receiver.
 
     python -m benchmarks.expiry_latency outbox [--deliveries 10000] [--rate 167]
-                                               [--workers 1] [--separate-dispatcher]
-                                               [--json PATH]
+                                               [--workers 1] [--json PATH]
 
 Targets (issue 14): p99 deadline -> event <= 1.5 s, deadline -> receiver <= 2 s.
 """
@@ -92,15 +91,10 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": q(0.50), "p99": q(0.99), "max": ordered[-1], "n": len(ordered)}
 
 
-def start_workers(settings: Settings, log, workers: int, separate: bool) -> list:
-    """``workers`` worker processes (each with its dispatcher), or with ``separate`` the
-    workers without it plus one ``--webhooks only`` dispatcher process."""
-    mode = ["--webhooks", "off"] if separate else []
-    cmds = [[sys.executable, "-m", "jobs", *mode] for _ in range(workers)]
-    if separate:
-        cmds.append([sys.executable, "-m", "jobs", "--webhooks", "only"])
-    procs = [subprocess.Popen(cmd, env=worker_env(settings), stdout=log,
-                              stderr=subprocess.STDOUT) for cmd in cmds]
+def start_workers(settings: Settings, log, workers: int) -> list:
+    """``workers`` worker processes (each with its dispatcher)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs"], env=worker_env(settings),
+                              stdout=log, stderr=subprocess.STDOUT) for _ in range(workers)]
     print(f"worker pids {[p.pid for p in procs]}", file=sys.stderr, flush=True)
     return procs
 
@@ -121,7 +115,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
-              workdir: Path, workers: int = 1, separate: bool = False) -> dict:
+              workdir: Path, workers: int = 1) -> dict:
     await asyncio.to_thread(db.migrate, settings)
     conn = await asyncpg.connect(settings.database_url,
                                  server_settings={"search_path": settings.db_schema})
@@ -142,7 +136,7 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
                                  "receiver", "--port", str(port), "--out",
                                  str(received_path)])
     worker_log = open(workdir / "worker.log", "ab")
-    worker_procs = start_workers(settings, worker_log, workers, separate)
+    worker_procs = start_workers(settings, worker_log, workers)
     rt = await Runtime.open(settings)
     deadlines: dict[str, int] = {}
     try:
@@ -211,7 +205,7 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
     to_outbox = [(emitted[r] - d) / 1000 for r, d in deadlines.items() if r in emitted]
     to_receiver = [(got[r][0] - d) / 1000 for r, d in deadlines.items() if r in got]
     return {
-        "holds": holds, "workers": workers, "separate_dispatcher": separate, "spread_s": spread_s, "ttl_ms": ttl_ms, "created_in_s": created_s,
+        "holds": holds, "workers": workers, "spread_s": spread_s, "ttl_ms": ttl_ms, "created_in_s": created_s,
         "received": len(got), "emitted": len(emitted), "attempts": attempts,
         "deadline_to_transition_s": quantiles(to_transition),
         "deadline_to_outbox_s": quantiles(to_outbox),
@@ -252,7 +246,7 @@ def read_received(path: Path) -> dict[str, int]:
 
 
 async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: Path,
-                     workers: int = 1, separate: bool = False) -> dict:
+                     workers: int = 1) -> dict:
     """Outbox row -> receiver alone: events written at ``rate``/s, one endpoint."""
     from engine.times import format_time
     from engine.webhook_events import emit, payload
@@ -273,7 +267,7 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
                                  "receiver", "--port", str(port), "--out",
                                  str(received_path)])
     worker_log = open(workdir / "worker.log", "ab")
-    worker_procs = start_workers(settings, worker_log, workers, separate)
+    worker_procs = start_workers(settings, worker_log, workers)
     print(f"receiver pid {receiver.pid}", file=sys.stderr, flush=True)
     rt = await Runtime.open(settings)
     ids: list[str] = []
@@ -342,7 +336,6 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
     span = (last - first).total_seconds() if first and last else float("nan")
     return {
         "mode": "outbox", "deliveries": deliveries, "rate": rate, "workers": workers,
-        "separate_dispatcher": separate,
         "written_in_s": written_s, "received": len(got), "emitted": len(emitted),
         "attempts": attempts, "delivered_per_s": len(got) / span if span else float("nan"),
         "outbox_to_receiver_s": quantiles(latency),
@@ -383,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     box.add_argument("--deliveries", type=int, default=10_000)
     box.add_argument("--rate", type=float, default=167.0, help="events written per second")
     box.add_argument("--workers", type=int, default=1)
-    box.add_argument("--separate-dispatcher", action="store_true")
     box.add_argument("--json")
     parser.add_argument("--holds", type=int, default=10_000)
     parser.add_argument("--spread-s", type=float, default=60.0)
@@ -392,8 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reaper-interval-ms", type=int, default=1_000)
     parser.add_argument("--workers", type=int, default=1,
                         help="`python -m jobs` processes (reaper, drain, dispatcher each)")
-    parser.add_argument("--separate-dispatcher", action="store_true",
-                        help="workers with --webhooks off plus one --webhooks only process")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "receiver":
@@ -407,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "outbox":
             result = asyncio.run(run_outbox(args.deliveries, args.rate, settings, workdir,
-                                            args.workers, args.separate_dispatcher))
+                                            args.workers))
         else:
             result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings,
-                                     workdir, args.workers, args.separate_dispatcher))
+                                     workdir, args.workers))
     finally:
         asyncio.run(drop(settings))
     text = json.dumps(result, indent=2)

@@ -80,19 +80,16 @@ async def startup(ctx: dict) -> None:
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
     # Webhook delivery (issue 14): its own task and its own Postgres connections, so a slow
-    # receiver never holds the drain and a busy drain never starves the deliveries. With
-    # ``--webhooks off`` a separate ``slotguard worker --webhooks only`` process sends them.
-    if ctx.get("webhook_mode", "inline") == "inline":
-        ctx["webhook_pool"] = await create_pool(settings, max_size=4)
-        ctx["webhooks"] = asyncio.create_task(
-            Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
+    # receiver never holds the drain and a busy drain never starves the deliveries.
+    ctx["webhook_pool"] = await create_pool(settings, max_size=4)
+    ctx["webhooks"] = asyncio.create_task(
+        Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
 
 
 async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
-        await asyncio.gather(ctx["drain"], *([ctx["webhooks"]] if "webhooks" in ctx else []),
-                             return_exceptions=True)
+        await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
     if "webhook_pool" in ctx:
         await ctx["webhook_pool"].close()
     if ctx.get("payments") is not None:
@@ -169,7 +166,7 @@ def _every(interval_s: float) -> dict:
     return {"minute": set(range(0, 60, minutes)), "second": 0}
 
 
-def worker_settings(settings: Settings, metrics=None, webhooks: str = "inline") -> type:
+def worker_settings(settings: Settings, metrics=None) -> type:
     """arq's WorkerSettings: a plain class, built for these settings."""
     prefix = settings.key_prefix
 
@@ -192,7 +189,7 @@ def worker_settings(settings: Settings, metrics=None, webhooks: str = "inline") 
         redis_settings = RedisSettings.from_dsn(arq_redis_url(settings))
         queue_name = f"{prefix}arq:queue"
         health_check_key = f"{prefix}arq:health-check"
-        ctx = {"settings": settings, "metrics": metrics, "webhook_mode": webhooks}
+        ctx = {"settings": settings, "metrics": metrics}
         poll_delay = 0.2
         keep_result = 60
 
@@ -265,37 +262,8 @@ def use_uvloop() -> bool:
     return True
 
 
-WEBHOOK_MODES = ("inline", "off", "only")
-
-
-def run(settings: Settings, metrics=None, webhooks: str = "inline") -> None:
-    """Run the worker in the foreground until SIGINT/SIGTERM.
-
-    ``webhooks``: ``inline`` (the dispatcher is a task of this worker), ``off`` (it is not:
-    another process sends them), ``only`` (this process is the dispatcher alone: no drain,
-    no cron jobs, no arq)."""
-    if webhooks not in WEBHOOK_MODES:
-        raise ValueError(f"webhooks must be one of {WEBHOOK_MODES}")
+def run(settings: Settings, metrics=None) -> None:
+    """Run the worker in the foreground until SIGINT/SIGTERM."""
     if not use_uvloop():
         log.info("uvloop is not installed: the worker runs on the default asyncio loop")
-    if webhooks == "only":
-        asyncio.get_event_loop().run_until_complete(run_dispatcher(settings))
-        return
-    ResilientWorker(**get_kwargs(worker_settings(settings, metrics, webhooks))).run()
-
-
-async def run_dispatcher(settings: Settings) -> None:
-    """The webhook dispatcher alone (``slotguard worker --webhooks only``) until SIGINT or
-    SIGTERM: its own process, so it never shares a CPU's event loop with the drain."""
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    pool = await create_pool(settings, max_size=4)
-    try:
-        log.info("webhook dispatcher %s on %s", consumer_name(), type(loop).__module__)
-        await Dispatcher(pool, settings).run(stop)
-    finally:
-        await pool.close()
+    ResilientWorker(**get_kwargs(worker_settings(settings, metrics))).run()

@@ -1,6 +1,5 @@
-"""``slotguard worker [--metrics-port N] [--webhooks inline|off|only]``: the arq worker
-(commit queue, reaper, reconciliation, rehydration, webhook delivery), with Prometheus
-metrics served on their own port; ``--webhooks only`` runs the webhook dispatcher alone."""
+"""``slotguard worker [--metrics-port N]``: the arq worker (commit queue, reaper,
+reconciliation, rehydration), with Prometheus metrics served on their own port."""
 
 from __future__ import annotations
 
@@ -19,10 +18,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--metrics-host", default=None,
                         help="address of the metrics server (default: "
                              "SLOTGUARD_WORKER_METRICS_HOST, 127.0.0.1)")
-    worker.add_argument("--webhooks", choices=("inline", "off", "only"), default="inline",
-                        help="the webhook dispatcher: a task of this worker (inline, the "
-                             "default), not here (off: run a `--webhooks only` process "
-                             "beside it), or alone in this process (only)")
     worker.set_defaults(func=cmd_worker)
 
 
@@ -57,8 +52,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         serve_metrics(args.metrics_port, args.metrics_host or settings.worker_metrics_host,
                       metrics.exposition_registry(), settings.metrics_token)
     run(settings, WorkerMetrics(partner_labels=settings.metrics_partner_labels,
-                                partner_series=settings.metrics_partner_series),
-        webhooks=args.webhooks)
+                                partner_series=settings.metrics_partner_series))
     return 0
 
 

@@ -6,10 +6,6 @@ IP literal before it, a host name by the session's resolver when connecting)."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -109,34 +105,3 @@ async def test_the_resolver_refuses_a_name_with_a_private_address():
     with pytest.raises(PrivateAddress):
         await PublicResolver().resolve("localhost", 80)
 
-
-async def test_a_split_worker_drains_in_one_process_and_delivers_in_another(
-        client, world, receiver, migrated, tmp_path):
-    # `python -m jobs --webhooks off` (drain, reaper; no dispatcher) beside
-    # `python -m jobs --webhooks only` (the dispatcher alone), as `slotguard worker` runs them.
-    env = dict(os.environ)
-    env.update({"REDIS_URL": migrated.redis_url, "DATABASE_URL": migrated.database_url,
-                "SLOTGUARD_KEY_PREFIX": migrated.key_prefix,
-                "SLOTGUARD_DB_SCHEMA": migrated.db_schema,
-                "SLOTGUARD_SHARDS": str(migrated.shards),
-                "SLOTGUARD_WEBHOOK_ALLOW_PRIVATE": "true"})
-    eid = await register(client, world, receiver, "p1", "split", ["reservation.created"])
-    logs = {mode: tmp_path / f"{mode}.log" for mode in ("off", "only")}
-    procs = [subprocess.Popen([sys.executable, "-m", "jobs", "--webhooks", mode], env=env,
-                              stdout=logs[mode].open("ab"), stderr=subprocess.STDOUT)
-             for mode in ("off", "only")]
-    try:
-        r = await client.post("/v1/reservations", json=create_body(), headers=world.auth("p1"))
-        assert r.status_code == 201, r.text
-        [d] = await settled(client, world, "p1", eid, 1)
-        assert d["status"] == "delivered"
-        [got] = receiver.of("split")
-        assert got.verified_with == [0] and got.event["type"] == "reservation.created"
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        codes = [proc.wait(timeout=60) for proc in procs]
-    assert codes == [0, 0], [log.read_text()[-2000:] for log in logs.values()]
-    # the attempt was the dispatcher process's; the other worker has no dispatcher
-    assert "webhook dispatcher: 1 attempts" in logs["only"].read_text()
-    assert "webhook dispatcher" not in logs["off"].read_text()
