@@ -11,9 +11,9 @@ Throughput (measured in benchmarks/RESULTS.md, "Events out"):
 
 - One shared aiohttp session (its C HTTP parser; a keep-alive pool per host, HTTP/1.1, no
   cookies, no redirects) for every attempt: httpx cost ~15x the CPU per request here.
-- Claims lease up to twice the free slots in one query: per endpoint at most
-  ``webhook_endpoint_concurrency`` attempts in flight and as many queued locally (leased,
-  started as slots free, without a round trip each). An attempt starts only while its lease
+- Claims lease many due deliveries per query: per endpoint at most
+  ``webhook_endpoint_concurrency`` attempts in flight and up to ``PIPELINE`` times that
+  leased (queued locally, started as slots free, without a round trip each). An attempt starts only while its lease
   still covers it (else the row is handed back), so a lease never runs out under a send.
 - Outcomes are written in batches (group commit): an attempt's outcome joins the batch
   being collected while the previous one is written; the successes of a batch are one
@@ -77,9 +77,10 @@ log = logging.getLogger("slotguard.webhooks")
 LEASE_MARGIN_MS = 30_000
 MAX_RETRY_AFTER_S = 86_400.0
 # Per endpoint, at most this many slots' worth of attempts in flight and queued (leased):
-# deep enough that a claim's round trip overlaps the sends even when Postgres is slower
-# than the receiver; per process, this many times webhook_concurrency.
-PIPELINE = 4
+# deep enough that a claim's round trip overlaps the sends even when Postgres answers
+# slower than the receiver (4: ~450/s to one endpoint at load 8-10, 8: ~670/s; see
+# RESULTS.md); per process, this many times webhook_concurrency.
+PIPELINE = 8
 OUTCOME_BATCH = 500  # outcomes per write at most
 MAX_RESPONSE_BYTES = 65_536  # read (and drop) at most this much of a response body
 USER_AGENT = "slotguard-webhooks/1"
@@ -413,9 +414,10 @@ class Dispatcher:
         return self.inflight.get(endpoint_id, 0) + len(self.queued.get(endpoint_id, ()))
 
     def _busy(self, endpoint_id: str) -> bool:
-        """The endpoint has two slots' worth of attempts in flight or queued: claim none
-        for it now. It takes up to four (``PIPELINE``), so a claim's round trip is made
-        while the attempts queued earlier go out, not in between."""
+        """The endpoint has half its pipeline (``PIPELINE`` / 2 slots' worth of attempts)
+        in flight or queued: claim none for it now. It takes up to a full pipeline, so a
+        claim's round trip is made while the attempts queued earlier go out, not in
+        between."""
         return self._work(endpoint_id) >= PIPELINE // 2 * self.settings.webhook_endpoint_concurrency
 
     def _claim_limit(self) -> int:
