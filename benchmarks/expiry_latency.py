@@ -205,7 +205,8 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
     to_outbox = [(emitted[r] - d) / 1000 for r, d in deadlines.items() if r in emitted]
     to_receiver = [(got[r][0] - d) / 1000 for r, d in deadlines.items() if r in got]
     return {
-        "holds": holds, "workers": workers, "spread_s": spread_s, "ttl_ms": ttl_ms, "created_in_s": created_s,
+        "holds": holds, "workers": workers, "spread_s": spread_s, "ttl_ms": ttl_ms,
+        "created_in_s": created_s,
         "received": len(got), "emitted": len(emitted), "attempts": attempts,
         "deadline_to_transition_s": quantiles(to_transition),
         "deadline_to_outbox_s": quantiles(to_outbox),

@@ -13,12 +13,14 @@ Throughput (measured in benchmarks/RESULTS.md, "Events out"):
   cookies, no redirects) for every attempt: httpx cost ~15x the CPU per request here.
 - Claims lease many due deliveries per query: per endpoint at most
   ``webhook_endpoint_concurrency`` attempts in flight and up to ``PIPELINE`` times that
-  leased (queued locally, started as slots free, without a round trip each). An attempt starts only while its lease
-  still covers it (else the row is handed back), so a lease never runs out under a send.
-- Outcomes are written in batches (group commit): an attempt's outcome joins the batch
-  being collected while the previous one is written; the successes of a batch are one
-  ``UPDATE … FROM unnest``; failures (rare) keep their own transaction (the endpoint's
-  failing run, flag, disabling).
+  leased (queued locally, started as slots free, without a round trip each). An attempt
+  starts only while its lease still covers it (else the row is handed back), so a lease
+  never runs out under a send.
+- Outcomes are written in batches (group commit): an attempt's slot frees when it ends,
+  its outcome joins the batch being collected while the previous one is written; the
+  successes of a batch are one ``UPDATE … FROM unnest``; failures (rare) keep their own
+  transaction (the endpoint's failing run, flag, disabling). Claims and writes each keep
+  a pool connection.
 - The loop wakes on new deliveries (a ``NOTIFY`` from the outbox insert, migration 0016,
   on a connection of its own), on a free slot, and at the latest every
   ``webhook_poll_ms`` (retries come due by time; the fallback if notifications are lost).
@@ -81,6 +83,7 @@ MAX_RETRY_AFTER_S = 86_400.0
 # slower than the receiver (4: ~450/s to one endpoint at load 8-10, 8: ~670/s; see
 # RESULTS.md); per process, this many times webhook_concurrency.
 PIPELINE = 8
+LISTEN_RETRY_S = 5.0  # a failed LISTEN connection is tried again after this
 OUTCOME_BATCH = 500  # outcomes per write at most
 MAX_RESPONSE_BYTES = 65_536  # read (and drop) at most this much of a response body
 USER_AGENT = "slotguard-webhooks/1"
@@ -308,6 +311,7 @@ class Dispatcher:
         self._writer: asyncio.Task | None = None
         self._listener: asyncpg.Connection | None = None
         self._closing = False
+        self._listen_after = 0.0  # time.monotonic() before which no LISTEN is retried
         # Claims and outcome writes each keep a pool connection (no acquire and reset
         # round trip per query); they run concurrently.
         self._claims = HeldConnection(pool)
@@ -366,6 +370,9 @@ class Dispatcher:
         if self._listener is not None and not self._listener.is_closed():
             return
         self._listener = None
+        if time.monotonic() < self._listen_after:
+            return  # it failed a moment ago (Postgres away?): the poll covers until then
+        self._listen_after = time.monotonic() + LISTEN_RETRY_S
         try:
             conn = await asyncpg.connect(_libpq_url(self.settings.database_url), timeout=5)
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
@@ -418,7 +425,8 @@ class Dispatcher:
         in flight or queued: claim none for it now. It takes up to a full pipeline, so a
         claim's round trip is made while the attempts queued earlier go out, not in
         between."""
-        return self._work(endpoint_id) >= PIPELINE // 2 * self.settings.webhook_endpoint_concurrency
+        half = PIPELINE // 2 * self.settings.webhook_endpoint_concurrency
+        return self._work(endpoint_id) >= half
 
     def _claim_limit(self) -> int:
         """How many rows a claim may lease now (0: too few to be worth a round trip)."""
@@ -442,10 +450,11 @@ class Dispatcher:
         if not self._claim_due or not limit:
             return 0
         self._last_claim = time.monotonic()
+        # the lease runs from the query's clock_timestamp(): count it from before the query
+        deadline = self._last_claim + self.lease_ms / 1000
         busy = [e for e in set(self.inflight) | set(self.queued) if self._busy(e)]
         rows = await self._fetch(_CLAIM, limit, self.lease_ms, busy)
         self._skipped = set(busy)
-        deadline = time.monotonic() + self.lease_ms / 1000
         excess = []
         cap = self.settings.webhook_endpoint_concurrency
         for row in rows:
