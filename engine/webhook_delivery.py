@@ -1,10 +1,10 @@
 """Webhook delivery (issue 14): the worker's loop that sends the outbox's deliveries.
 
-Runs beside the commit-queue drain in each worker process (jobs/worker.py; or alone, in
-``slotguard worker --only webhooks``) and never blocks it: the drain only inserts delivery
-rows in its own transaction (engine/webhook_events.py); this loop claims due rows with a
-lease (``FOR UPDATE SKIP LOCKED``, so several workers share the work and never send one
-attempt twice) and sends them, ``webhook_concurrency`` at a time, at most
+Runs beside the commit-queue drain in each worker process (jobs/worker.py) and never
+blocks it: the drain only inserts delivery rows in its own transaction
+(engine/webhook_events.py); this loop claims due rows with a lease (``FOR UPDATE SKIP
+LOCKED``, so several workers share the work and never send one attempt twice) and sends
+them, ``webhook_concurrency`` at a time, at most
 ``webhook_endpoint_concurrency`` per endpoint (a hanging receiver holds only its own slots).
 
 Throughput (measured in benchmarks/RESULTS.md, "Events out"):
