@@ -2,11 +2,12 @@
 
 ``slotguard worker`` runs :func:`run`. arq owns the process (signals, cron scheduling,
 the job queue); at start-up the worker opens a :class:`engine.runtime.Runtime`,
-rehydrates booked markers if this Redis needs it, and starts the commit-queue drain as a
-background task (one blocking reader per shard). Cron jobs:
+rehydrates booked markers if this Redis needs it, and starts three background tasks: the
+commit-queue drain (one blocking reader per shard), the expiry reaper (jobs/reaper.py: it
+sleeps until the next deadline and expires each shard's due reservations in one script call,
+exactly once even with several workers racing) and the webhook dispatcher. Cron jobs:
 
-- ``reap`` (every ``SLOTGUARD_REAPER_INTERVAL_MS``, default every second): expires overdue
-  reservations and emits their events exactly once, even with several workers racing.
+- ``queues`` (every second): the commit-queue lengths for the metrics.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
 - webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
@@ -47,6 +48,7 @@ from engine.db import create_pool
 from engine.webhook_delivery import Dispatcher
 from jobs.commit_queue import CommitQueue
 from jobs.parity import parity_job
+from jobs.reaper import Reaper
 from jobs.reconcile import reconcile
 from jobs.reputation import publish_reputation
 
@@ -79,6 +81,10 @@ async def startup(ctx: dict) -> None:
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
+    # The expiry reaper (issue 14): its own task, waking at the next deadline, so an expiry
+    # waits neither for a cron tick nor behind arq's job queue.
+    ctx["reaper"] = Reaper(rt.reservations, rt.keys.shards, settings.reaper_interval_ms)
+    ctx["reaping"] = asyncio.create_task(ctx["reaper"].run(ctx["stop"]))
     # Webhook delivery (issue 14): its own task and its own Postgres connections, so a slow
     # receiver never holds the drain and a busy drain never starves the deliveries.
     ctx["webhook_pool"] = await create_pool(settings, max_size=4)
@@ -89,7 +95,8 @@ async def startup(ctx: dict) -> None:
 async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
-        await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
+        await asyncio.gather(ctx["drain"], ctx["reaping"], ctx["webhooks"],
+                             return_exceptions=True)
     if "webhook_pool" in ctx:
         await ctx["webhook_pool"].close()
     if ctx.get("payments") is not None:
@@ -98,16 +105,11 @@ async def shutdown(ctx: dict) -> None:
         await ctx["rt"].close()
 
 
-async def reap(ctx: dict) -> int:
-    """Expire overdue reservations on every shard. Idempotent: racing reapers emit once."""
-    rt: Runtime = ctx["rt"]
-    # every shard at once: their expiries share the access layer's pipelined batches
-    moved = sum(map(len, await asyncio.gather(*(rt.reservations.reap(shard)
-                                                  for shard in range(rt.keys.shards)))))
+async def observe_queues(ctx: dict) -> None:
+    """The commit-queue lengths for the metrics (when the worker serves metrics)."""
     metrics = ctx.get("metrics")
     if metrics is not None:
         await metrics.observe_queues(ctx["queue"])
-    return moved
 
 
 async def reconcile_job(ctx: dict) -> dict:
@@ -173,8 +175,7 @@ def worker_settings(settings: Settings, metrics=None) -> type:
     class WorkerSettings:
         functions = []
         cron_jobs = [
-            cron(reap, name=f"{prefix}reap", run_at_startup=True,
-                 **_every(settings.reaper_interval_ms / 1000)),
+            cron(observe_queues, name=f"{prefix}queues", second=set(range(60))),
             cron(watch_redis, name=f"{prefix}watch_redis", second=set(range(60))),
             cron(reconcile_job, name=f"{prefix}reconcile",
                  **_every(settings.reconcile_interval_s)),
