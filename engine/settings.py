@@ -113,6 +113,8 @@ class Settings:
     webhook_allow_private: bool = False  # accept private/loopback endpoint URLs (tests)
     webhook_disable_after_s: int = 259_200  # an endpoint failing this long is disabled (3 d)
     webhook_secret_overlap_s: int = 86_400  # a rotated-out secret keeps signing this long
+    # settled deliveries and the outbox rows older than this are deleted (0: kept forever)
+    webhook_retention_days: int = 30
     webhook_poll_ms: int = 200  # the delivery loop looks for due deliveries this often
     webhook_concurrency: int = 32  # attempts in flight per worker process
     webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint

@@ -9,6 +9,9 @@ exactly once even with several workers racing) and the webhook dispatcher. Cron 
 
 - ``queues`` (every second): the commit-queue lengths for the metrics.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
+- ``webhook_retention`` (hourly): settled deliveries and outbox rows older than
+  ``SLOTGUARD_WEBHOOK_RETENTION_DAYS`` are deleted in bounded batches
+  (jobs/webhook_retention.py).
 - webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 - ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
@@ -50,6 +53,7 @@ from jobs.commit_queue import CommitQueue
 from jobs.parity import parity_job
 from jobs.reaper import Reaper
 from jobs.reconcile import reconcile
+from jobs.webhook_retention import prune as prune_webhooks
 from jobs.reputation import publish_reputation
 
 log = logging.getLogger("slotguard.worker")
@@ -126,6 +130,11 @@ async def reconcile_job(ctx: dict) -> dict:
     return out
 
 
+async def webhook_retention_job(ctx: dict) -> dict:
+    """Delete the settled deliveries and outbox rows past the retention. Idempotent."""
+    return await prune_webhooks(ctx["webhook_pool"], ctx["settings"])
+
+
 async def watch_redis(ctx: dict) -> bool:
     """Rehydrate when Redis restarted (its run id changed) or lost a shard's flag."""
     try:
@@ -181,6 +190,7 @@ def worker_settings(settings: Settings, metrics=None) -> type:
                  **_every(settings.reconcile_interval_s)),
             cron(publish_reputation, name=f"{prefix}reputation", run_at_startup=True,
                  **_every(10)),
+            cron(webhook_retention_job, name=f"{prefix}webhook_retention", **_every(3600)),
             # Replay and parity (issue 17): drift counts for SlotguardParityDrift.
             *([cron(parity_job, name=f"{prefix}parity", **_every(settings.parity_interval_s))]
               if settings.parity_interval_s else []),
