@@ -12,7 +12,8 @@ exactly once even with several workers racing) and the webhook dispatcher. Cron 
 - ``webhook_retention`` (hourly): settled deliveries and outbox rows older than
   ``SLOTGUARD_WEBHOOK_RETENTION_DAYS`` are deleted in bounded batches
   (jobs/webhook_retention.py).
-- webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
+- webhook delivery (engine/webhook_delivery.py): by default a child process
+  (jobs/webhook_process.py, ``SLOTGUARD_WEBHOOK_DISPATCHER``), else a task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 - ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
   recently changed reservations against their audit rows (jobs/parity.py, issue 17).
@@ -53,6 +54,7 @@ from jobs.commit_queue import CommitQueue
 from jobs.parity import parity_job
 from jobs.reaper import Reaper
 from jobs.reconcile import reconcile
+from jobs.webhook_process import DispatcherProcess
 from jobs.webhook_retention import prune as prune_webhooks
 from jobs.reputation import publish_reputation
 
@@ -89,11 +91,24 @@ async def startup(ctx: dict) -> None:
     # waits neither for a cron tick nor behind arq's job queue.
     ctx["reaper"] = Reaper(rt.reservations, rt.keys.shards, settings.reaper_interval_ms)
     ctx["reaping"] = asyncio.create_task(ctx["reaper"].run(ctx["stop"]))
-    # Webhook delivery (issue 14): its own task and its own Postgres connections, so a slow
-    # receiver never holds the drain and a busy drain never starves the deliveries.
+    # Webhook delivery (issue 14): its own Postgres connections, so a slow receiver never
+    # holds the drain; by default in a child process (jobs/webhook_process.py), so a backlog
+    # of deliveries never takes the CPU the drain and the reaper need.
     ctx["webhook_pool"] = await create_pool(settings, max_size=4)
-    ctx["webhooks"] = asyncio.create_task(
-        Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
+    mode = settings.webhook_dispatcher
+    if mode == "process" and metrics is not None \
+            and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        log.warning("SLOTGUARD_WEBHOOK_DISPATCHER=process needs PROMETHEUS_MULTIPROC_DIR for "
+                    "its metrics to reach this worker's /metrics: the dispatcher runs in the "
+                    "worker's event loop instead")
+        mode = "task"
+    if mode == "process":
+        ctx["webhooks"] = asyncio.create_task(DispatcherProcess().run(ctx["stop"]))
+    elif mode == "task":
+        ctx["webhooks"] = asyncio.create_task(
+            Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
+    else:
+        ctx["webhooks"] = asyncio.create_task(ctx["stop"].wait())
 
 
 async def shutdown(ctx: dict) -> None:

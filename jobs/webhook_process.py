@@ -1,0 +1,109 @@
+"""The webhook dispatcher in a process of its own, a child of the worker (issue 14).
+
+The dispatcher (engine/webhook_delivery.py) is CPU-bound while a backlog lasts (request
+building, signing, recording each outcome); in the worker's event loop it took the CPU the
+commit-queue drain and the reaper need, so expiries and their outbox rows came seconds late
+under a burst of deliveries (benchmarks/RESULTS.md, "Events out"). With
+``SLOTGUARD_WEBHOOK_DISPATCHER=process`` (the default) the worker starts
+``python -m jobs.webhook_process`` with its own environment, restarts it when it dies, and
+stops it on shutdown (:class:`DispatcherProcess`); the child exits by itself when its parent
+is gone (a SIGKILLed worker leaves no orphan sender behind). Its metrics reach the worker's
+``/metrics`` through ``PROMETHEUS_MULTIPROC_DIR``, as every multi-process setup's do; a
+worker that serves metrics without it keeps the dispatcher in its own loop (``task``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("slotguard.webhook_process")
+
+RESTART_DELAY_S = 1.0
+STOP_TIMEOUT_S = 15.0
+PARENT_CHECK_S = 0.5
+
+
+class DispatcherProcess:
+    """Runs and supervises the child process from the worker's event loop."""
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "jobs.webhook_process", env=dict(os.environ))
+            self.starts += 1
+            exited = asyncio.ensure_future(self.proc.wait())
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                await self._stop(exited)
+                return
+            log.warning("webhook dispatcher process exited with %s; restarting",
+                        self.proc.returncode)
+            try:
+                await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _stop(self, exited: asyncio.Future) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), STOP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            self.proc.kill()
+            await exited
+
+
+async def _main() -> None:
+    from engine.db import create_pool
+    from engine.settings import Settings
+    from engine.webhook_delivery import Dispatcher
+
+    settings = Settings.from_env()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                log.warning("the worker is gone: the webhook dispatcher stops")
+                stop.set()
+                return
+            try:
+                await asyncio.wait_for(stop.wait(), PARENT_CHECK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    pool = await create_pool(settings, max_size=4)
+    watcher = asyncio.create_task(watch_parent())
+    try:
+        await Dispatcher(pool, settings).run(stop)
+    finally:
+        stop.set()
+        await watcher
+        await pool.close()
+
+
+def main() -> None:
+    from jobs.worker import use_uvloop
+
+    logging.basicConfig(level=logging.INFO)
+    use_uvloop()
+    asyncio.get_event_loop().run_until_complete(_main())
+
+
+if __name__ == "__main__":
+    main()
