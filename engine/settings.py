@@ -121,6 +121,7 @@ class Settings:
     # never take the drain's and the reaper's CPU), 'task' (in the worker's event loop) or
     # 'off' (this worker delivers nothing; another one does)
     webhook_dispatcher: str = "process"
+    webhook_process_nice: int = 10  # the dispatcher process's niceness, added to the worker's
     webhook_concurrency: int = 32  # attempts in flight per worker process
     webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint
     events_stream_heartbeat_ms: int = 15_000  # SSE comment line when nothing else was sent

@@ -70,6 +70,9 @@ async def _main() -> None:
     from engine.webhook_delivery import Dispatcher
 
     settings = Settings.from_env()
+    if settings.webhook_process_nice:
+        # Below the worker's drain and reaper (and Postgres) when the CPU is short.
+        os.nice(settings.webhook_process_nice)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
