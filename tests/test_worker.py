@@ -154,11 +154,20 @@ async def test_reservations_walk_to_committed_with_workers(stack, worker_setting
         assert await rt.limits.live_holds("p1") == 0
         assert await rt.limits.reputation("p1") == {"placed": 150, "committed": 150,
                                                     "ratio": 1.0}
+        # Both are up before they are stopped (on a loaded machine one may still be
+        # importing when the other has done all the work: a SIGTERM then finds no handler).
+        for i in range(2):
+            await wait_for(lambda i=i: _started(tmp_path / f"w{i}.log"), 120,
+                           f"worker {i} started")
     finally:
         for w in workers:
             stop_worker(w)
     for w in workers:
         assert w.returncode == 0, (tmp_path / "w0.log").read_text()[-3000:]
+
+
+async def _started(log: Path) -> bool:
+    return log.exists() and "Starting worker" in log.read_text(errors="replace")
 
 
 async def _all_committed(rt, ids) -> bool:
