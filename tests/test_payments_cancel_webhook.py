@@ -86,6 +86,19 @@ async def test_cancel_booking_refunds_and_frees_the_slot(pay_client, pay_world, 
         booking, "CANCELLED", "plans changed")
     assert (data["requesterRefundAmount"], data["vendorRefundAmount"]) == refunds
     assert (await state_of(pay_client, pay_world, rid))["state"] == "CANCELLED"
+    # Replay (issue 17) agrees: audit, history, snapshot, booking and Redis record.
+    from engine import parity
+    from engine.errors import NotFound
+
+    async def read(reservation_id):
+        try:
+            return await pay_app.state.services.reservations.engine.get(reservation_id)
+        except NotFound:
+            return None
+
+    report = await parity.replay(pay_app.state.services.pool, read, rid)
+    assert (report["summary"]["rebuiltState"], report["summary"]["drift"]) == (
+        "CANCELLED", 0), report
     # The slot can be held and booked again (the exclusion constraint allows it).
     second = await hold(pay_client, pay_world, vendor=vendor, partner="p2")
     r = await authorize(pay_client, pay_world, second, "vendor", key=vendor_key)
