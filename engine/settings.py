@@ -63,6 +63,7 @@ class Settings:
     drain_block_ms: int = 200
     reclaim_idle_ms: int = 30_000
     max_deliveries: int = 5
+    # the reaper wakes at each next deadline, and looks at every shard at least this often
     reaper_interval_ms: int = 1_000
     reconcile_interval_s: int = 300
     # A batch that fails because Postgres or Redis is unreachable is retried in memory
