@@ -103,7 +103,9 @@ class CommitQueue:
         return self._readers[shard]
 
     async def close(self) -> None:
-        """Close the raw connections (they reopen on the next call)."""
+        """Close the raw connections (they reopen on the next call), once the group
+        commits under way are through."""
+        await self._group.close()
         wires = [w for w in (*self._readers.values(), self._acks) if w is not None]
         await asyncio.gather(*(w.close() for w in wires), return_exceptions=True)
 
@@ -604,7 +606,8 @@ class GroupCommit:
     def __init__(self, apply_alone) -> None:
         self._apply_alone = apply_alone
         self._waiting: list[tuple[list, set[str], asyncio.Future]] = []
-        self._running = 0
+        self._running = 0  # writers under way (counted in step with _waiting)
+        self._tasks: set[asyncio.Task] = set()
         self.groups = 0  # transactions written (for tests and benchmarks)
 
     async def apply(self, events: list, unpaid: set[str]) -> AppliedBatch:
@@ -612,7 +615,9 @@ class GroupCommit:
         self._waiting.append((events, unpaid, future))
         if self._running < self.MAX_GROUPS:
             self._running += 1
-            asyncio.ensure_future(self._run())
+            task = asyncio.ensure_future(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _run(self) -> None:
@@ -621,7 +626,12 @@ class GroupCommit:
                 group, self._waiting = self._waiting, []
                 await self._write(group)
         finally:
-            self._running -= 1
+            self._running -= 1  # no await since the last look at _waiting
+
+    async def close(self) -> None:
+        """Wait for the transactions under way (their callers may be gone: a cancelled
+        shard reader's entries are written and delivered again later, idempotently)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _write(self, group: list[tuple[list, set[str], asyncio.Future]]) -> None:
         self.groups += 1
