@@ -25,6 +25,8 @@ log = logging.getLogger("slotguard.webhook_process")
 RESTART_DELAY_S = 1.0
 STOP_TIMEOUT_S = 15.0
 PARENT_CHECK_S = 0.5
+GRACE_S = 5.0  # the child's own shutdown, bounded
+PARENT_ENV = "SLOTGUARD_WEBHOOK_PARENT_PID"  # set by the worker for its child
 
 
 class DispatcherProcess:
@@ -37,7 +39,8 @@ class DispatcherProcess:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "jobs.webhook_process", env=dict(os.environ))
+                sys.executable, "-m", "jobs.webhook_process",
+                env={**os.environ, PARENT_ENV: str(os.getpid())})
             self.starts += 1
             exited = asyncio.ensure_future(self.proc.wait())
             stopping = asyncio.ensure_future(stop.wait())
@@ -77,7 +80,9 @@ async def _main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    parent = os.getppid()
+    # The worker's pid as it started us: a worker killed while we were still starting has
+    # already left us to another parent, so our own first getppid() would not tell.
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
 
     async def watch_parent() -> None:
         while not stop.is_set():
@@ -90,14 +95,23 @@ async def _main() -> None:
             except asyncio.TimeoutError:
                 pass
 
-    pool = await create_pool(settings, max_size=4)
     watcher = asyncio.create_task(watch_parent())
+    pool = await create_pool(settings, max_size=4)
+    sender = asyncio.create_task(Dispatcher(pool, settings).run(stop))
+    await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    # Bounded cleanup: attempts in flight get GRACE_S to finish (the dispatcher cancels
+    # the rest: their leases lapse and another worker sends them again), then the
+    # connections go, closed gracefully if they can be, else terminated.
+    for step in (sender, watcher):
+        try:
+            await asyncio.wait_for(step, GRACE_S)
+        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+            log.warning("webhook dispatcher stopping: %r", exc)
     try:
-        await Dispatcher(pool, settings).run(stop)
-    finally:
-        stop.set()
-        await watcher
-        await pool.close()
+        await asyncio.wait_for(pool.close(), GRACE_S)
+    except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+        pool.terminate()
 
 
 def main() -> None:
@@ -106,6 +120,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     use_uvloop()
     asyncio.get_event_loop().run_until_complete(_main())
+    # Everything is in Postgres: nothing left (an executor thread stuck in a DNS lookup, a
+    # connection that never closes) may keep an orphaned sender alive.
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,26 @@ async def test_a_stopped_worker_stops_its_dispatcher_process(migrated, tmp_path)
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+async def test_a_dispatcher_whose_worker_died_before_it_looked_exits(migrated, tmp_path):
+    """The worker was SIGKILLed while its child was still starting (importing): the child
+    already has another parent when it first looks, and still knows its worker was another
+    (the pid the worker gave it), so it exits."""
+    from jobs.webhook_process import PARENT_ENV
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that is nobody's parent any more
+    env = dict(os.environ)
+    env.update({"REDIS_URL": migrated.redis_url, "DATABASE_URL": migrated.database_url,
+                "SLOTGUARD_DB_SCHEMA": migrated.db_schema, PARENT_ENV: str(gone.pid)})
+    child = subprocess.Popen([sys.executable, "-m", "jobs.webhook_process"], env=env,
+                             stdout=(tmp_path / "child.log").open("ab"),
+                             stderr=subprocess.STDOUT)
+    try:
+        assert child.wait(timeout=120) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert "the worker is gone" in (tmp_path / "child.log").read_text()
