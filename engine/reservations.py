@@ -460,16 +460,13 @@ class ReservationEngine:
             [limit, s.record_retention_ms, s.booked_marker_retention_ms])
         if int(reply[0]) != Outcome.OK:
             raise error_for(reply, op="reap", details={"shard": shard})
-        moved = []
-        caps = []
-        for reservation_id, state, version, deadline, partner_id, flat in reply[4:]:
-            reached = Moved(reservation_id, State(state), int(version), int(deadline),
-                            handoffs=self._handed_off(flat))
-            moved.append(reached)
-            caps.append(self._settle_cap(partner_id, reservation_id, reached.state, int(deadline),
-                                             True))
-        if caps:
-            await asyncio.gather(*caps)
+        moved = [Moved(rid, State(state), int(version), int(deadline),
+                       handoffs=self._handed_off(flat))
+                 for rid, state, version, deadline, _, flat in reply[4:]]
+        # each expired reservation leaves its partner's cap (as expire() does, awaited)
+        await asyncio.gather(*(self._settle_cap(row[4], m.reservation_id, m.state,
+                                                m.deadline_ms, True)
+                               for row, m in zip(reply[4:], moved)))
         following = reply[2]
         return Reaped(moved, int(reply[1]), int(following) if following not in ("", b"")
                       else None, int(reply[3]) == 1)
