@@ -3,8 +3,8 @@ hold's deadline to (1) its EXPIRED transition (the reaper's script, Redis TIME),
 outbox row (committed by the commit queue: ``webhook_events.emitted_at``) and (3) the
 webhook's arrival at a receiver in another process.
 
-Everything is the production path: a real ``python -m jobs`` worker (arq cron reaper every
-``SLOTGUARD_REAPER_INTERVAL_MS``, the commit-queue drain, the webhook dispatcher), a
+Everything is the production path: a real ``python -m jobs`` worker (the reaper task,
+jobs/reaper.py; the commit-queue drain; the webhook dispatcher, its child process), a
 Starlette receiver under uvicorn in its own process, Redis and Postgres from
 ``REDIS_URL``/``DATABASE_URL`` under a private key prefix and schema (dropped afterwards).
 Holds are created paced so their deadlines spread evenly over ``--spread-s`` seconds.
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread-s", type=float, default=60.0)
     parser.add_argument("--ttl-ms", type=int, default=30_000,
                         help="each hold's lifetime (its deadline = creation + this)")
-    parser.add_argument("--reaper-interval-ms", type=int, default=1_000)
+    parser.add_argument("--reaper-interval-ms", type=int, default=1_000,
+                        help="SLOTGUARD_REAPER_INTERVAL_MS: the reaper's longest sleep")
     parser.add_argument("--workers", type=int, default=1,
                         help="`python -m jobs` processes (reaper, drain, dispatcher each)")
     parser.add_argument("--no-webhooks", action="store_true",
