@@ -48,13 +48,23 @@ class DispatcherProcess:
             stopping.cancel()
             if stop.is_set():
                 await self._stop(exited)
+                self._forget(self.proc.pid)
                 return
+            self._forget(self.proc.pid)
             log.warning("webhook dispatcher process exited with %s; restarting",
                         self.proc.returncode)
             try:
                 await asyncio.wait_for(stop.wait(), RESTART_DELAY_S)
             except asyncio.TimeoutError:
                 pass
+
+    @staticmethod
+    def _forget(pid: int) -> None:
+        """A dead child's live gauges leave the multiprocess metrics (none yet: its metrics
+        are counters and histograms, which keep counting)."""
+        from engine import metrics
+
+        metrics.mark_process_dead(pid)
 
     async def _stop(self, exited: asyncio.Future) -> None:
         if self.proc is None or self.proc.returncode is not None:
