@@ -43,8 +43,9 @@ def _local_ms() -> float:
 
 class Reaper:
     def __init__(self, reservations: ReservationEngine, shards: int, interval_ms: int,
-                 limit: int = LIMIT) -> None:
+                 limit: int = LIMIT, metrics=None) -> None:
         self.reservations = reservations
+        self.metrics = metrics  # jobs.metrics.WorkerMetrics: the expiry lag histogram
         self.shards = shards
         self.interval_ms = max(BATCH_MS, interval_ms)
         self.limit = limit
@@ -99,6 +100,9 @@ class Reaper:
                 continue
             self._offset_ms = result.now_ms - _local_ms()
             self.expired += len(result.moved)
+            if self.metrics is not None:
+                for moved in result.moved:
+                    self.metrics.expiry_lag(max(0, result.now_ms - moved.deadline_ms) / 1000)
             if result.more:
                 due_at[shard] = result.now_ms
             elif result.next_deadline_ms is None:

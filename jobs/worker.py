@@ -89,7 +89,8 @@ async def startup(ctx: dict) -> None:
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
     # The expiry reaper (issue 14): its own task, waking at the next deadline, so an expiry
     # waits neither for a cron tick nor behind arq's job queue.
-    ctx["reaper"] = Reaper(rt.reservations, rt.keys.shards, settings.reaper_interval_ms)
+    ctx["reaper"] = Reaper(rt.reservations, rt.keys.shards, settings.reaper_interval_ms,
+                           metrics=metrics)
     ctx["reaping"] = asyncio.create_task(ctx["reaper"].run(ctx["stop"]))
     # Webhook delivery (issue 14): its own Postgres connections, so a slow receiver never
     # holds the drain; by default in a child process (jobs/webhook_process.py), so a backlog

@@ -127,6 +127,7 @@ async def test_reaper_tasks_racing_expire_each_reservation_once(app, client, wor
     """Two of the worker's reaper loops (jobs/reaper.py), each with its own connections and
     a small limit, run while holds lapse: every hold is expired by them, by itself (no
     call), and exactly once over both (one EXPIRED history step each)."""
+    from jobs.metrics import WorkerMetrics
     from jobs.reaper import Reaper
 
     created = {}
@@ -136,8 +137,9 @@ async def test_reaper_tasks_racing_expire_each_reservation_once(app, client, wor
         assert r.status_code == 201, r.text
         created[r.json()["reservationId"]] = parse_time(r.json()["expiresAt"], "expiresAt")
     runtimes = [await Runtime.open(migrated) for _ in range(2)]
-    reapers = [Reaper(rt.reservations, rt.keys.shards, interval_ms=1_000, limit=3)
-               for rt in runtimes]
+    lags_before = expiry_lags()
+    reapers = [Reaper(rt.reservations, rt.keys.shards, interval_ms=1_000, limit=3,
+                      metrics=WorkerMetrics()) for rt in runtimes]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(reaper.run(stop)) for reaper in reapers]
     try:
@@ -154,8 +156,17 @@ async def test_reaper_tasks_racing_expire_each_reservation_once(app, client, wor
         for rt in runtimes:
             await rt.close()
     assert sum(reaper.expired for reaper in reapers) == len(created)
+    assert expiry_lags() - lags_before == len(created)  # the lag histogram, once each
     for rid, deadline in created.items():
         body = (await client.get(f"/v1/reservations/{rid}", headers=world.auth("p1"))).json()
         steps = [h for h in body["stateHistory"] if h["toState"] == "EXPIRED"]
         assert len(steps) == 1 and steps[0]["triggeredBy"] == "timeout"
         assert parse_time(steps[0]["timestamp"], "timestamp") >= deadline
+
+
+def expiry_lags() -> float:
+    """Observations of slotguard_expiry_lag_seconds in this process so far."""
+    from engine import metrics
+
+    [family] = metrics.EXPIRY_LAG_SECONDS.collect()
+    return next(sample.value for sample in family.samples if sample.name.endswith("_count"))
