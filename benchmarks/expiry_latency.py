@@ -3,14 +3,14 @@ hold's deadline to (1) its EXPIRED transition (the reaper's script, Redis TIME),
 outbox row (committed by the commit queue: ``webhook_events.emitted_at``) and (3) the
 webhook's arrival at a receiver in another process.
 
-Everything is the production path: a real ``python -m jobs`` worker (arq cron reaper every
-``SLOTGUARD_REAPER_INTERVAL_MS``, the commit-queue drain, the webhook dispatcher), a
+Everything is the production path: a real ``python -m jobs`` worker (the reaper task,
+jobs/reaper.py; the commit-queue drain; the webhook dispatcher, its child process), a
 Starlette receiver under uvicorn in its own process, Redis and Postgres from
 ``REDIS_URL``/``DATABASE_URL`` under a private key prefix and schema (dropped afterwards).
 Holds are created paced so their deadlines spread evenly over ``--spread-s`` seconds.
 
     python -m benchmarks.expiry_latency [--holds 10000] [--spread-s 60] [--workers 1]
-                                        [--json PATH]
+                                        [--no-webhooks] [--json PATH]
 
 The ``outbox`` mode measures the last leg alone, outbox row -> receiver: it writes
 ``--deliveries`` events (``reservation.expired``, one reservation each) through
@@ -115,7 +115,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
-              workdir: Path, workers: int = 1) -> dict:
+              workdir: Path, workers: int = 1, webhooks: bool = True) -> dict:
     await asyncio.to_thread(db.migrate, settings)
     conn = await asyncpg.connect(settings.database_url,
                                  server_settings={"search_path": settings.db_schema})
@@ -124,10 +124,11 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
         for v in range(VENDORS):
             await directory.create_vendor(conn, f"bench-v{v}", unit_minutes=60,
                                           confirmation_required=False)
-        await conn.execute(
-            "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
-            "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
-            f"http://127.0.0.1:{port}/hook", new_secret())
+        if webhooks:
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
+                "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
+                f"http://127.0.0.1:{port}/hook", new_secret())
     finally:
         await conn.close()
 
@@ -169,10 +170,18 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
                 await asyncio.sleep(ahead)
         created_s = time.monotonic() - started
         last_deadline = max(deadlines.values())
-        # wait for every expired webhook (or give up 15 minutes after the last deadline)
+        # wait for every expired webhook (or give up 15 minutes after the last deadline);
+        # without webhooks, for every expired event in the outbox
         give_up = last_deadline + 900_000
         got: dict[str, tuple[int, int]] = {}
         while time.time() * 1000 < give_up:
+            if not webhooks:
+                async with rt.pool.acquire() as c:
+                    if await c.fetchval("SELECT count(*) FROM webhook_events WHERE type = "
+                                        "'reservation.expired'") >= len(deadlines):
+                        break
+                await asyncio.sleep(1.0)
+                continue
             if received_path.exists():
                 for line in received_path.read_text().splitlines():
                     rid, kind, received, occurred = line.split(" ")
@@ -184,9 +193,12 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
             await asyncio.sleep(1.0)
         load_after = os.getloadavg()
         async with rt.pool.acquire() as c:
-            emitted = {r[0]: int(r[1]) for r in await c.fetch(
-                "SELECT reservation_id, (extract(epoch FROM emitted_at) * 1000)::bigint "
-                "FROM webhook_events WHERE type = 'reservation.expired'")}
+            outbox = await c.fetch(
+                "SELECT reservation_id, (extract(epoch FROM emitted_at) * 1000)::bigint, "
+                "(extract(epoch FROM occurred_at) * 1000)::bigint "
+                "FROM webhook_events WHERE type = 'reservation.expired'")
+            emitted = {r[0]: int(r[1]) for r in outbox}
+            occurred = {r[0]: int(r[2]) for r in outbox}
             attempts = await c.fetchval("SELECT sum(attempts) FROM webhook_deliveries")
             outbox_to_delivered = [float(r[0]) for r in await c.fetch(
                 "SELECT extract(epoch FROM delivered_at - created_at) FROM webhook_deliveries "
@@ -201,13 +213,15 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
             except subprocess.TimeoutExpired:
                 proc.kill()
         worker_log.close()
-    to_transition = [(got[r][1] - d) / 1000 for r, d in deadlines.items() if r in got]
+    # the transition's time (the reaper's script, Redis TIME) as the outbox row records it
+    to_transition = [(occurred[r] - d) / 1000 for r, d in deadlines.items() if r in occurred]
     to_outbox = [(emitted[r] - d) / 1000 for r, d in deadlines.items() if r in emitted]
     to_receiver = [(got[r][0] - d) / 1000 for r, d in deadlines.items() if r in got]
     return {
         "holds": holds, "workers": workers, "spread_s": spread_s, "ttl_ms": ttl_ms,
         "created_in_s": created_s,
-        "received": len(got), "emitted": len(emitted), "attempts": attempts,
+        "webhooks": webhooks, "received": len(got), "emitted": len(emitted),
+        "attempts": attempts,
         "deadline_to_transition_s": quantiles(to_transition),
         "deadline_to_outbox_s": quantiles(to_outbox),
         "deadline_to_receiver_s": quantiles(to_receiver),
@@ -382,9 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread-s", type=float, default=60.0)
     parser.add_argument("--ttl-ms", type=int, default=30_000,
                         help="each hold's lifetime (its deadline = creation + this)")
-    parser.add_argument("--reaper-interval-ms", type=int, default=1_000)
+    parser.add_argument("--reaper-interval-ms", type=int, default=1_000,
+                        help="SLOTGUARD_REAPER_INTERVAL_MS: the reaper's longest sleep")
     parser.add_argument("--workers", type=int, default=1,
                         help="`python -m jobs` processes (reaper, drain, dispatcher each)")
+    parser.add_argument("--no-webhooks", action="store_true",
+                        help="no endpoint: measure deadline -> transition and -> outbox only "
+                             "(the dispatcher idle)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.command == "receiver":
@@ -401,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.workers))
         else:
             result = asyncio.run(run(args.holds, args.spread_s, args.ttl_ms, settings,
-                                     workdir, args.workers))
+                                     workdir, args.workers, webhooks=not args.no_webhooks))
     finally:
         asyncio.run(drop(settings))
     text = json.dumps(result, indent=2)

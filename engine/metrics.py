@@ -86,6 +86,13 @@ HOLDS_CONFLICTED = Counter(
 HOLDS_EXPIRED = Counter(
     "slotguard_holds_expired", "Holds whose TTL ran out (counted by the reaper).",
     registry=REGISTRY)
+# Issue 14: from a reservation's deadline to the reaper's script recording its expiry (both
+# on Redis' clock): the live counterpart of benchmarks/expiry_latency.py.
+EXPIRY_LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0)
+EXPIRY_LAG_SECONDS = Histogram(
+    "slotguard_expiry_lag_seconds",
+    "From a reservation's deadline to the reaper recording its expiry (Redis time).",
+    buckets=EXPIRY_LAG_BUCKETS, registry=REGISTRY)
 HOLDS_RELEASED = Counter(
     "slotguard_holds_released", "Holds released before expiry (cancel, manual or bulk release).",
     registry=REGISTRY)

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from engine import directory
 from engine.errors import (
     InvalidTransition,
@@ -305,17 +307,35 @@ class BookingService:
                 done = await conn.fetchrow(
                     "UPDATE booking_cancellations SET completed_at = now() WHERE booking_id = $1"
                     " RETURNING *", booking["id"])
-        await self._free_units(booking)
+        await self._free_units(booking, done)
         return done
 
-    async def _free_units(self, booking) -> None:
+    async def _free_units(self, booking, cancellation) -> None:
+        """Free the booking's units and record the reservation's COMMITTED -> CANCELLED in
+        the same script (lua/free_booked.lua): the commit queue writes it to Postgres and
+        the outbox (``booking.cancelled``, issue 14), once: a repeated call finds the record
+        cancelled, or (record gone) repeats the same event id."""
         keys, catalog = self.engine.keys, self.engine.catalog
-        resource_id = booking["resource_id"]
-        if resource_id not in catalog:
-            return  # markers expire by themselves; rehydration skips cancelled bookings
-        unit_ms = catalog.get(resource_id).unit_ms
-        start = int(booking["block_start"].timestamp() * 1000)
-        end = int(booking["block_end"].timestamp() * 1000)
+        resource_id, rid = booking["resource_id"], booking["reservation_id"]
+        shard = keys.shard_of_id(rid)  # the reservation's units live on its shard
+        if resource_id in catalog:
+            unit_ms = catalog.get(resource_id).unit_ms
+            start = int(booking["block_start"].timestamp() * 1000)
+            end = int(booking["block_end"].timestamp() * 1000)
+            first, last = start // unit_ms, end // unit_ms - 1
+        else:  # markers expire by themselves; rehydration skips cancelled bookings
+            first = last = 0
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT state, version FROM reservations WHERE id = $1",
+                                      rid)
+        fallback = 0 if row is None or row["state"] == "CANCELLED" else row["version"] + 1
+        metadata = {"bookingCancellation": {
+            "bookingId": booking["id"], "cancelledBy": cancellation["cancelled_by"],
+            "requesterRefundAmount": cancellation["requester_refund_amount"],
+            "vendorRefundAmount": cancellation["vendor_refund_amount"],
+            "currency": cancellation["currency"]}}
         await self.engine.access.call(
-            "free_booked", [keys.unit_root(keys.shard_of(resource_id))],
-            [resource_id, start // unit_ms, end // unit_ms - 1, booking["reservation_id"]])
+            "free_booked", [keys.unit_root(shard), keys.reservation(rid), keys.history(rid),
+                            keys.events(shard)],
+            [resource_id, first, last, rid, fallback, cancellation["cancelled_by"],
+             cancellation["reason"] or "", orjson.dumps(metadata).decode()])

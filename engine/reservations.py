@@ -54,6 +54,18 @@ class Moved:
 
 
 @dataclass(frozen=True, slots=True)
+class Reaped:
+    """One reaper call on one shard: what it expired, the Redis time it ran at, the next
+    deadline in the shard's index after that (None when there is none), and whether the
+    call's limit left due reservations for another call."""
+
+    moved: list[Moved]
+    now_ms: int
+    next_deadline_ms: int | None
+    more: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     reservation_id: str
     state: State
@@ -430,14 +442,34 @@ class ReservationEngine:
                                                      start=0, num=limit)
 
     async def reap(self, shard: int, limit: int = 500) -> list[Moved]:
-        """Expire every overdue reservation of one shard (the reaper's tick).
+        """Expire every overdue reservation of one shard (up to ``limit``); see
+        :meth:`reap_batch`."""
+        return (await self.reap_batch(shard, limit)).moved
 
-        The expiries are sent at once (the access layer pipelines them in batches): one
-        at a time, a round trip each, the reaper fell seconds behind its deadlines under
-        load (issue 14, benchmarks/RESULTS.md)."""
-        results = await asyncio.gather(*(self.expire(reservation_id)
-                                         for reservation_id in await self.due(shard, limit)))
-        return [result for result in results if result is not None]
+    async def reap_batch(self, shard: int, limit: int = 500) -> Reaped:
+        """The reaper's call: one script (lua/reap.lua) expires the shard's overdue
+        reservations at once, each with the writes of :meth:`expire`, and answers when the
+        next one is due. Atomic per call: reapers racing over a shard expire each once.
+
+        One call per reservation, even pipelined, kept the reaper seconds behind its
+        deadlines under load (issue 14, benchmarks/RESULTS.md)."""
+        s = self.settings
+        reply = await self.access.call(
+            "reap", [self.keys.unit_root(shard), self.keys.events(shard),
+                     self.keys.deadlines(shard)],
+            [limit, s.record_retention_ms, s.booked_marker_retention_ms])
+        if int(reply[0]) != Outcome.OK:
+            raise error_for(reply, op="reap", details={"shard": shard})
+        moved = [Moved(rid, State(state), int(version), int(deadline),
+                       handoffs=self._handed_off(flat))
+                 for rid, state, version, deadline, _, flat in reply[4:]]
+        # each expired reservation leaves its partner's cap (as expire() does, awaited)
+        await asyncio.gather(*(self._settle_cap(row[4], m.reservation_id, m.state,
+                                                m.deadline_ms, True)
+                               for row, m in zip(reply[4:], moved)))
+        following = reply[2]
+        return Reaped(moved, int(reply[1]), int(following) if following not in ("", b"")
+                      else None, int(reply[3]) == 1)
 
     async def _transition(self, reservation_id: str, op: str, actor: str,
                           expected_version: int | None, reason: str, metadata: str,

@@ -15,6 +15,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 LOG_FORMATS = ("plain", "json")
+WEBHOOK_DISPATCHERS = ("process", "task", "off")
 
 # Fields whose environment variable is not SLOTGUARD_<NAME>.
 _PLAIN_ENV = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
@@ -62,6 +63,7 @@ class Settings:
     drain_block_ms: int = 200
     reclaim_idle_ms: int = 30_000
     max_deliveries: int = 5
+    # the reaper wakes at each next deadline, and looks at every shard at least this often
     reaper_interval_ms: int = 1_000
     reconcile_interval_s: int = 300
     # A batch that fails because Postgres or Redis is unreachable is retried in memory
@@ -113,7 +115,14 @@ class Settings:
     webhook_allow_private: bool = False  # accept private/loopback endpoint URLs (tests)
     webhook_disable_after_s: int = 259_200  # an endpoint failing this long is disabled (3 d)
     webhook_secret_overlap_s: int = 86_400  # a rotated-out secret keeps signing this long
+    # settled deliveries and the outbox rows older than this are deleted (0: kept forever)
+    webhook_retention_days: int = 30
     webhook_poll_ms: int = 200  # the delivery loop looks for due deliveries this often
+    # where the worker runs its webhook dispatcher: 'process' (a child process, so deliveries
+    # never take the drain's and the reaper's CPU), 'task' (in the worker's event loop) or
+    # 'off' (this worker delivers nothing; another one does)
+    webhook_dispatcher: str = "process"
+    webhook_process_nice: int = 10  # the dispatcher process's niceness, added to the worker's
     webhook_concurrency: int = 32  # attempts in flight per worker process
     webhook_endpoint_concurrency: int = 16  # of those, at most this many to one endpoint
     events_stream_heartbeat_ms: int = 15_000  # SSE comment line when nothing else was sent
@@ -194,6 +203,10 @@ class Settings:
                     f"REDIS_URL names database {db}, but a Redis Cluster has only database 0:"
                     " with SLOTGUARD_REDIS_CLUSTER=true, REDIS_URL is a seed node "
                     "(redis://host:port)")
+        if self.webhook_dispatcher not in WEBHOOK_DISPATCHERS:
+            raise SettingsError("SLOTGUARD_WEBHOOK_DISPATCHER must be one of "
+                                f"{', '.join(WEBHOOK_DISPATCHERS)}, got "
+                                f"{self.webhook_dispatcher!r}")
         try:
             webhook_retry_schedule(self.webhook_retry_schedule_s)
         except ValueError as exc:

@@ -72,7 +72,7 @@ def types_of(from_state: str, to_state: str, actor: str, metadata: dict[str, Any
     if to_state.startswith("FAILED_"):
         return [("reservation.failed", "tenants")]
     if to_state == "CANCELLED":
-        if from_state == "COMMITTED":  # no transition does this yet (bookings are final)
+        if from_state == "COMMITTED":  # a booking's cancellation (lua/free_booked.lua)
             return [("booking.cancelled", "tenants")]
         out = [("reservation.cancelled", "tenants")]
         if actor in _OPS_ACTORS and not (metadata or {}).get("bulkReleaseId"):
@@ -150,6 +150,9 @@ def transition_rows(batch, written_rows: list[int]) -> list[tuple]:
             data["metadata"] = metadata
         for kind, audience in kinds:
             body = data
+            if kind == "booking.cancelled":
+                # the booking and its refunds (lua/free_booked.lua), at the top of data
+                body = {**data, **((metadata or {}).get("bookingCancellation") or {})}
             if kind == "hold.manually_released":
                 body = {**data, "releasedBy": {"actor": batch.triggered_by[row],
                                                "keyId": (metadata or {}).get("releasedBy")},

@@ -37,7 +37,7 @@ from engine.access import RedisAccess
 from engine.errors import NotFound, TerminalState
 from engine.keys import KeySpace
 from engine.rehydration import restore_booked_markers
-from engine.store.commit import apply_batch
+from engine.store.commit import AppliedBatch, apply_batch
 from engine.store.queries import bookings_of
 from engine.store.events import EventResult, fields_dict
 from engine.store.review import (
@@ -89,6 +89,7 @@ class CommitQueue:
         # shard for its blocking reads, one shared by the acknowledgements.
         self._readers: dict[int, ScriptConnection | None] = {}
         self._acks = self._connection("slotguard-drain-ack")
+        self._group = GroupCommit(self._apply_alone)
 
     def _connection(self, name: str) -> ScriptConnection | None:
         wire = ScriptConnection.like(self.redis)
@@ -102,7 +103,9 @@ class CommitQueue:
         return self._readers[shard]
 
     async def close(self) -> None:
-        """Close the raw connections (they reopen on the next call)."""
+        """Close the raw connections (they reopen on the next call), once the group
+        commits under way are through."""
+        await self._group.close()
         wires = [w for w in (*self._readers.values(), self._acks) if w is not None]
         await asyncio.gather(*(w.close() for w in wires), return_exceptions=True)
 
@@ -206,11 +209,7 @@ class CommitQueue:
         events = [fields for _, fields in entries]
         verdicts = await self._capture_payments(events) if self.payments is not None else {}
         unpaid = {rid for rid, verdict in verdicts.items() if not verdict.book}
-        async with self.pool.acquire() as conn:
-            applied = await apply_batch(conn, events, count_transitions=self.metrics is not None,
-                                        lookup=self._live_info,
-                                        before_commit=self._markers_before_commit,
-                                        unbookable=unpaid)
+        applied = await self._group.apply(events, unpaid)
         if self.metrics is not None:
             for (from_state, to_state, triggered_by), n in applied.transitions.items():
                 for _ in range(n):
@@ -255,6 +254,14 @@ class CommitQueue:
         if self.metrics is not None:
             self.metrics.observe_drain(shard, len(done), time.perf_counter() - started)
         return [entries[position] for position in deferred]
+
+    async def _apply_alone(self, events: list, unpaid: set[str]) -> AppliedBatch:
+        """One Postgres transaction for these entries (:func:`apply_batch`)."""
+        async with self.pool.acquire() as conn:
+            return await apply_batch(conn, events, count_transitions=self.metrics is not None,
+                                     lookup=self._live_info,
+                                     before_commit=self._markers_before_commit,
+                                     unbookable=unpaid)
 
     async def _live_info(self, reservation_ids: list[str]) -> dict[str, tuple]:
         """The unchanging fields of reservations from their live Redis records (for entries
@@ -578,6 +585,95 @@ class CommitQueue:
 
 class PaymentProviderUnreachable(ConnectionError):
     """Payments (issue 12): the provider failed past its retries mid-decision (an outage)."""
+
+
+class GroupCommit:
+    """Group commit: the batches the shard readers bring while a transaction is under way
+    are written together in the next one (at most ``MAX_GROUPS`` transactions at once).
+
+    Every batch writes its outbox rows under one per-schema advisory lock held until its
+    commit (engine/webhook_events.py: SSE positions become visible in order), so one
+    transaction per shard batch queued up behind that lock, each paying its own WAL flush
+    while holding it: with 16 shards, 6-7 backends waited on the lock at any moment of the
+    expiry benchmark and an expiry reached the outbox seconds after its transition (issue
+    14, benchmarks/RESULTS.md). Together they pay one flush and one wait. Entries of one
+    reservation are all on one shard, so a shard's batch keeps its order; results are
+    handed back per batch. If a group fails, each of its batches is written alone, so a
+    batch's own fault (content) stays its own (the caller isolates it as before)."""
+
+    MAX_GROUPS = 2
+
+    def __init__(self, apply_alone) -> None:
+        self._apply_alone = apply_alone
+        self._waiting: list[tuple[list, set[str], asyncio.Future]] = []
+        self._running = 0  # writers under way (counted in step with _waiting)
+        self._tasks: set[asyncio.Task] = set()
+        self.groups = 0  # transactions written (for tests and benchmarks)
+
+    async def apply(self, events: list, unpaid: set[str]) -> AppliedBatch:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((events, unpaid, future))
+        if self._running < self.MAX_GROUPS:
+            self._running += 1
+            task = asyncio.ensure_future(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                await self._write(group)
+        finally:
+            self._running -= 1  # no await since the last look at _waiting
+
+    async def close(self) -> None:
+        """Wait for the transactions under way (their callers may be gone: a cancelled
+        shard reader's entries are written and delivered again later, idempotently)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _write(self, group: list[tuple[list, set[str], asyncio.Future]]) -> None:
+        self.groups += 1
+        if len(group) == 1:
+            events, unpaid, future = group[0]
+            try:
+                _settle(future, result=await self._apply_alone(events, unpaid))
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+                _settle(future, error=exc)
+            return
+        merged = [entry for events, _, _ in group for entry in events]
+        unpaid_all = set().union(*(unpaid for _, unpaid, _ in group))
+        try:
+            applied = await self._apply_alone(merged, unpaid_all)
+        except BaseException as exc:  # noqa: BLE001
+            if is_outage(exc) or isinstance(exc, asyncio.CancelledError):
+                for _, _, future in group:
+                    _settle(future, error=exc)
+                return
+            for events, unpaid, future in group:  # each alone: a fault stays its own
+                try:
+                    _settle(future, result=await self._apply_alone(events, unpaid))
+                except BaseException as alone:  # noqa: BLE001
+                    _settle(future, error=alone)
+            return
+        offset = 0
+        for n, (events, _, future) in enumerate(group):
+            end = offset + len(events)
+            _settle(future, result=AppliedBatch(
+                applied.results[offset:end], applied.already_applied[offset:end],
+                {p - offset: d for p, d in applied.details.items() if offset <= p < end},
+                applied.transitions if n == 0 else Counter()))
+            offset = end
+
+
+def _settle(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def is_outage(exc: BaseException) -> bool:

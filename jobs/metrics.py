@@ -26,6 +26,10 @@ class WorkerMetrics:
     def observe_script(self, script: str, seconds: float, batch_size: int) -> None:
         m.LUA_CALL_SECONDS.labels(script=script).observe(seconds)
 
+    def expiry_lag(self, seconds: float) -> None:
+        """One expiry recorded by the reaper, ``seconds`` after its deadline."""
+        m.EXPIRY_LAG_SECONDS.observe(seconds)
+
     def observe_drain(self, shard: int, entries: int, seconds: float) -> None:
         m.DRAIN_BATCH_ENTRIES.observe(entries)
         m.DRAIN_SECONDS.observe(seconds)

@@ -2,13 +2,18 @@
 
 ``slotguard worker`` runs :func:`run`. arq owns the process (signals, cron scheduling,
 the job queue); at start-up the worker opens a :class:`engine.runtime.Runtime`,
-rehydrates booked markers if this Redis needs it, and starts the commit-queue drain as a
-background task (one blocking reader per shard). Cron jobs:
+rehydrates booked markers if this Redis needs it, and starts three background tasks: the
+commit-queue drain (one blocking reader per shard), the expiry reaper (jobs/reaper.py: it
+sleeps until the next deadline and expires each shard's due reservations in one script call,
+exactly once even with several workers racing) and the webhook dispatcher. Cron jobs:
 
-- ``reap`` (every ``SLOTGUARD_REAPER_INTERVAL_MS``, default every second): expires overdue
-  reservations and emits their events exactly once, even with several workers racing.
+- ``queues`` (every second): the commit-queue lengths for the metrics.
 - ``reconcile`` (every ``SLOTGUARD_RECONCILE_INTERVAL_S``, default 5 minutes).
-- webhook delivery (engine/webhook_delivery.py): a background task beside the drain.
+- ``webhook_retention`` (hourly): settled deliveries and outbox rows older than
+  ``SLOTGUARD_WEBHOOK_RETENTION_DAYS`` are deleted in bounded batches
+  (jobs/webhook_retention.py).
+- webhook delivery (engine/webhook_delivery.py): by default a child process
+  (jobs/webhook_process.py, ``SLOTGUARD_WEBHOOK_DISPATCHER``), else a task beside the drain.
 - ``watch_redis`` (every second): a changed Redis run id (a restart) triggers rehydration.
 - ``parity`` (every ``SLOTGUARD_PARITY_INTERVAL_S``, default 5 minutes; 0 = off): replays the
   recently changed reservations against their audit rows (jobs/parity.py, issue 17).
@@ -47,7 +52,10 @@ from engine.db import create_pool
 from engine.webhook_delivery import Dispatcher
 from jobs.commit_queue import CommitQueue
 from jobs.parity import parity_job
+from jobs.reaper import Reaper
 from jobs.reconcile import reconcile
+from jobs.webhook_process import DispatcherProcess
+from jobs.webhook_retention import prune as prune_webhooks
 from jobs.reputation import publish_reputation
 
 log = logging.getLogger("slotguard.worker")
@@ -79,17 +87,36 @@ async def startup(ctx: dict) -> None:
     ctx["queue"] = queue
     ctx["stop"] = asyncio.Event()
     ctx["drain"] = asyncio.create_task(queue.run(ctx["stop"]))
-    # Webhook delivery (issue 14): its own task and its own Postgres connections, so a slow
-    # receiver never holds the drain and a busy drain never starves the deliveries.
+    # The expiry reaper (issue 14): its own task, waking at the next deadline, so an expiry
+    # waits neither for a cron tick nor behind arq's job queue.
+    ctx["reaper"] = Reaper(rt.reservations, rt.keys.shards, settings.reaper_interval_ms,
+                           metrics=metrics)
+    ctx["reaping"] = asyncio.create_task(ctx["reaper"].run(ctx["stop"]))
+    # Webhook delivery (issue 14): its own Postgres connections, so a slow receiver never
+    # holds the drain; by default in a child process (jobs/webhook_process.py), so a backlog
+    # of deliveries never takes the CPU the drain and the reaper need.
     ctx["webhook_pool"] = await create_pool(settings, max_size=4)
-    ctx["webhooks"] = asyncio.create_task(
-        Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
+    mode = settings.webhook_dispatcher
+    if mode == "process" and metrics is not None \
+            and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        log.warning("SLOTGUARD_WEBHOOK_DISPATCHER=process needs PROMETHEUS_MULTIPROC_DIR for "
+                    "its metrics to reach this worker's /metrics: the dispatcher runs in the "
+                    "worker's event loop instead")
+        mode = "task"
+    if mode == "process":
+        ctx["webhooks"] = asyncio.create_task(DispatcherProcess().run(ctx["stop"]))
+    elif mode == "task":
+        ctx["webhooks"] = asyncio.create_task(
+            Dispatcher(ctx["webhook_pool"], settings).run(ctx["stop"]))
+    else:
+        ctx["webhooks"] = asyncio.create_task(ctx["stop"].wait())
 
 
 async def shutdown(ctx: dict) -> None:
     if "stop" in ctx:
         ctx["stop"].set()
-        await asyncio.gather(ctx["drain"], ctx["webhooks"], return_exceptions=True)
+        await asyncio.gather(ctx["drain"], ctx["reaping"], ctx["webhooks"],
+                             return_exceptions=True)
     if "webhook_pool" in ctx:
         await ctx["webhook_pool"].close()
     if ctx.get("payments") is not None:
@@ -98,16 +125,11 @@ async def shutdown(ctx: dict) -> None:
         await ctx["rt"].close()
 
 
-async def reap(ctx: dict) -> int:
-    """Expire overdue reservations on every shard. Idempotent: racing reapers emit once."""
-    rt: Runtime = ctx["rt"]
-    # every shard at once: their expiries share the access layer's pipelined batches
-    moved = sum(map(len, await asyncio.gather(*(rt.reservations.reap(shard)
-                                                  for shard in range(rt.keys.shards)))))
+async def observe_queues(ctx: dict) -> None:
+    """The commit-queue lengths for the metrics (when the worker serves metrics)."""
     metrics = ctx.get("metrics")
     if metrics is not None:
         await metrics.observe_queues(ctx["queue"])
-    return moved
 
 
 async def reconcile_job(ctx: dict) -> dict:
@@ -122,6 +144,11 @@ async def reconcile_job(ctx: dict) -> dict:
         out["payments"] = await ctx["payments"].release_orphans(
             reservation_state(ctx["rt"].reservations, ctx["rt"].pool))
     return out
+
+
+async def webhook_retention_job(ctx: dict) -> dict:
+    """Delete the settled deliveries and outbox rows past the retention. Idempotent."""
+    return await prune_webhooks(ctx["webhook_pool"], ctx["settings"])
 
 
 async def watch_redis(ctx: dict) -> bool:
@@ -173,13 +200,13 @@ def worker_settings(settings: Settings, metrics=None) -> type:
     class WorkerSettings:
         functions = []
         cron_jobs = [
-            cron(reap, name=f"{prefix}reap", run_at_startup=True,
-                 **_every(settings.reaper_interval_ms / 1000)),
+            cron(observe_queues, name=f"{prefix}queues", second=set(range(60))),
             cron(watch_redis, name=f"{prefix}watch_redis", second=set(range(60))),
             cron(reconcile_job, name=f"{prefix}reconcile",
                  **_every(settings.reconcile_interval_s)),
             cron(publish_reputation, name=f"{prefix}reputation", run_at_startup=True,
                  **_every(10)),
+            cron(webhook_retention_job, name=f"{prefix}webhook_retention", **_every(3600)),
             # Replay and parity (issue 17): drift counts for SlotguardParityDrift.
             *([cron(parity_job, name=f"{prefix}parity", **_every(settings.parity_interval_s))]
               if settings.parity_interval_s else []),

@@ -56,6 +56,7 @@
 --@include lib/walk_auto_steps.lua
 --@include lib/settle.lua
 --@include lib/serve_waitlist.lua
+--@include lib/expire_record.lua
 
 local unit_root, record_key, history_key = KEYS[1], KEYS[2], KEYS[3]
 local events_key, deadlines_key = KEYS[4], KEYS[5]
@@ -160,7 +161,10 @@ end
 if op == 'expire' then
   if state == 'COMMIT_IN_PROGRESS' then return {OUTCOME.INVALID_TRANSITION, state} end
   if rec.dl > now then return {OUTCOME.NOT_DUE, rec.dl} end
-  return apply({EXPIRES_AS[state]}, 'deadline passed')
+  -- The same writes as the reaper's batch (lua/reap.lua): lua/lib/expire_record.lua.
+  local final, v, handoffs = expire_record(unit_root, events_key, deadlines_key, record_key,
+    history_key, rec, now, retention, marker_retention)
+  return answer(final, v, rec.dl, rec.p, handoffs)
 end
 
 if op == 'extend' then

@@ -27,6 +27,7 @@ ALL_MIGRATIONS = ["0001_directory", "0002_reservations", "0003_bookings", "0004_
                   "0011_resource_shard_keys_and_groups",  # issue 16 (pool)
                   "0012_list_indexes",  # issue 17
                   "0014_reservation_items",  # issue 16 (pool2)
+                  "0015_webhook_retention",  # issue 14 (events)
                   "0016_webhook_notify",  # issue 14 (delivery)
                   ]
 OUR_TABLES = {"partners", "vendors", "resources", "api_keys", "reservations",

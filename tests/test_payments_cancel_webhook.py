@@ -71,6 +71,34 @@ async def test_cancel_booking_refunds_and_frees_the_slot(pay_client, pay_world, 
                                   headers=pay_world.auth(key))
     assert again.status_code == 200 and again.json() == body
     assert len(stripe_proxy.forwarded("POST", "/v1/refunds")) == refunds_made
+    # Events out (issue 14): one booking.cancelled in the outbox, through the commit queue,
+    # with the booking and its refunds; the reservation is CANCELLED in both stores.
+    await drain(queue_for(pay_app))
+    async with pay_app.state.services.pool.acquire() as conn:
+        events = await conn.fetch("SELECT payload FROM webhook_events WHERE reservation_id = $1"
+                                  " AND type = 'booking.cancelled'", rid)
+        assert await conn.fetchval("SELECT state FROM reservations WHERE id = $1",
+                                   rid) == "CANCELLED"
+    assert len(events) == 1
+    payload = events[0]["payload"]
+    data = (orjson.loads(payload) if isinstance(payload, str) else payload)["data"]
+    assert (data["bookingId"], data["state"], data["reason"]) == (
+        booking, "CANCELLED", "plans changed")
+    assert (data["requesterRefundAmount"], data["vendorRefundAmount"]) == refunds
+    assert (await state_of(pay_client, pay_world, rid))["state"] == "CANCELLED"
+    # Replay (issue 17) agrees: audit, history, snapshot, booking and Redis record.
+    from engine import parity
+    from engine.errors import NotFound
+
+    async def read(reservation_id):
+        try:
+            return await pay_app.state.services.reservations.engine.get(reservation_id)
+        except NotFound:
+            return None
+
+    report = await parity.replay(pay_app.state.services.pool, read, rid)
+    assert (report["summary"]["rebuiltState"], report["summary"]["drift"]) == (
+        "CANCELLED", 0), report
     # The slot can be held and booked again (the exclusion constraint allows it).
     second = await hold(pay_client, pay_world, vendor=vendor, partner="p2")
     r = await authorize(pay_client, pay_world, second, "vendor", key=vendor_key)
@@ -210,3 +238,33 @@ async def test_forged_webhook_refused_and_unknown_acknowledged(pay_client, pay_w
     r = await pay_client.post("/v1/stripe/webhook", content=payload,
                               headers={"Stripe-Signature": signature})
     assert r.status_code == 200 and r.json()["result"] == "ignored"
+
+
+async def test_cancel_after_the_record_is_gone_emits_once(pay_client, pay_world, pay_app):
+    """A booking cancelled after its reservation's Redis record expired (retention): the
+    cancellation is recorded at the version Postgres expects next, and a repeated script
+    call (a crash and retry) adds no second event."""
+    rid, booking = await committed(pay_client, pay_world, pay_app)
+    svc = pay_app.state.services
+    keys = svc.reservations.engine.keys
+    async with svc.pool.acquire() as conn:
+        committed_version = await conn.fetchval("SELECT version FROM reservations WHERE id = $1",
+                                                rid)
+    await svc.redis.delete(keys.reservation(rid), keys.history(rid))
+    r = await pay_client.post(f"/v1/bookings/{booking}/cancel", headers=pay_world.auth("p1"))
+    assert r.status_code == 200, r.text
+    await drain(queue_for(pay_app))
+    async with svc.pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT id, resource_id, block_start, block_end, "
+                                  "reservation_id FROM bookings WHERE id = $1", booking)
+        cancellation = await conn.fetchrow("SELECT * FROM booking_cancellations "
+                                           "WHERE booking_id = $1", booking)
+    await svc.extra["bookings"]._free_units(row, cancellation)  # the retry of a crash
+    await drain(queue_for(pay_app))
+    async with svc.pool.acquire() as conn:
+        versions = [r[0] for r in await conn.fetch(
+            "SELECT version FROM webhook_events WHERE reservation_id = $1 AND type = "
+            "'booking.cancelled'", rid)]
+        state = await conn.fetchrow("SELECT state, version FROM reservations WHERE id = $1", rid)
+    assert versions == [committed_version + 1]
+    assert (state["state"], state["version"]) == ("CANCELLED", committed_version + 1)

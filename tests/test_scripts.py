@@ -39,9 +39,12 @@ def sample_keys(ks: KeySpace) -> dict[str, list[str]]:
         "create_multi_reservation": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
                                      ks.fence_root(shard), ks.events(shard),
                                      ks.deadlines(shard), ks.ready(shard)],  # issue 16
+        "reap": [ks.unit_root(shard), ks.events(shard), ks.deadlines(shard)],  # issue 14
         "read_reservation": [ks.reservation(rid), ks.history(rid)],
         "restore_markers": [ks.unit_root(shard)],
-        "free_booked": [ks.unit_root(shard)],  # payments (issue 12): a cancelled booking
+        # payments (issue 12): a cancelled booking; its event (issue 14)
+        "free_booked": [ks.unit_root(shard), ks.reservation(rid), ks.history(rid),
+                        ks.events(shard)],
         "read_units": [ks.unit_root(shard), ks.availability_revision(RESOURCE)],
         "availability_publish": [ks.availability_revision(RESOURCE)],
         "availability_flag": [ks.reservation(rid)],

@@ -95,15 +95,29 @@ async def test_every_event_type_reaches_its_tenants_and_no_other(client, world, 
     r = await client.post("/v1/ops/releases", headers=world.auth("ops"),
                           json={"reason": "room closed", "reservationIds": [r4, r5]})
     assert len(r.json()["released"]) == 2
+    # r1's booking cancelled (issue 12's route): once its commit is drained, a cancel; a
+    # second cancel answers the same and records nothing more.
+    booking: list[str] = []
+
+    async def booked() -> bool:
+        body = (await client.get(f"/v1/reservations/{r1}", headers=world.auth("p1"))).json()
+        booking[:] = [body.get("bookingId")] if body["state"] == "COMMITTED" else []
+        return bool(booking)
+
+    await eventually(booked, timeout_s=60, what="r1 committed")
+    for _ in range(2):
+        r = await client.post(f"/v1/bookings/{booking[0]}/cancel", headers=world.auth("p1"),
+                              json={"reason": "plans changed"})
+        assert r.status_code == 200, r.text
 
     tenant_types = {
         "reservation.created", "reservation.awaiting_vendor_confirmation",
         "reservation.vendor_confirmed", "reservation.vendor_authorized",
         "reservation.authorized_both", "reservation.extended", "reservation.committed",
-        "reservation.cancelled"}
+        "reservation.cancelled", "booking.cancelled"}
     # created + awaiting for all five; r1's confirmed/authorized/both/extended/committed;
-    # four cancellations
-    tenant_count = 5 * 2 + 5 + 4
+    # four cancellations; r1's booking cancelled (once)
+    tenant_count = 5 * 2 + 5 + 4 + 1
     for name, key in (("p1", "p1"), ("vendor", "vendor")):
         found = await settled(client, world, key, ids[name], tenant_count)
         assert {d["type"] for d in found} == tenant_types
@@ -132,6 +146,20 @@ async def test_every_event_type_reaches_its_tenants_and_no_other(client, world, 
                                "reservation.committed", "reservation.cancelled"))), event
                 assert event["data"]["partnerId"] == "p1"
                 assert event["data"]["vendorId"] == "v-confirm"
+    [cancelled] = [g.event for g in receiver.of("p1") if g.event["type"] == "booking.cancelled"]
+    data = cancelled["data"]
+    assert all(data.get(f) is not None for f in TENANT_FIELDS if f != "expiresAt"), data
+    assert (data["reservationId"], data["state"], data["fromState"]) == (
+        r1, "CANCELLED", "COMMITTED")
+    assert (data["bookingId"], data["cancelledBy"], data["reason"]) == (
+        booking[0], "partner", "plans changed")
+    assert (data["requesterRefundAmount"], data["vendorRefundAmount"]) == (0, 0)
+    assert (data["partnerId"], data["vendorId"]) == ("p1", "v-confirm")
+    for name in ("vendor", "ops"):
+        assert [g.event["data"]["reservationId"] for g in receiver.of(name)
+                if g.event["type"] == "booking.cancelled"] == [r1]
+    r = await client.get(f"/v1/reservations/{r1}", headers=world.auth("p1"))
+    assert (r.json()["state"], r.json()["bookingId"]) == ("CANCELLED", booking[0])
     manual = [g.event for g in receiver.of("ops") if g.event["type"] == "hold.manually_released"]
     assert [m["data"]["reservationId"] for m in manual] == [r3]
     assert manual[0]["data"]["reason"] == "double entry"

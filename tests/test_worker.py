@@ -154,11 +154,20 @@ async def test_reservations_walk_to_committed_with_workers(stack, worker_setting
         assert await rt.limits.live_holds("p1") == 0
         assert await rt.limits.reputation("p1") == {"placed": 150, "committed": 150,
                                                     "ratio": 1.0}
+        # Both are up before they are stopped (on a loaded machine one may still be
+        # importing when the other has done all the work: a SIGTERM then finds no handler).
+        for i in range(2):
+            await wait_for(lambda i=i: _started(tmp_path / f"w{i}.log"), 120,
+                           f"worker {i} started")
     finally:
         for w in workers:
             stop_worker(w)
     for w in workers:
         assert w.returncode == 0, (tmp_path / "w0.log").read_text()[-3000:]
+
+
+async def _started(log: Path) -> bool:
+    return log.exists() and "Starting worker" in log.read_text(errors="replace")
 
 
 async def _all_committed(rt, ids) -> bool:
@@ -608,5 +617,51 @@ async def test_one_entry_per_call_and_a_commit_drained_before_its_creation(stack
             versions = [r[0] for r in await conn.fetch(
                 "SELECT version FROM reservation_history ORDER BY version")]
         assert versions == list(range(1, 10))
+    finally:
+        await queue.close()
+
+
+async def test_shard_batches_are_written_together_and_a_poisoned_one_stays_alone(
+        stack, worker_settings):
+    """Group commit (issue 14): batches of three shards that reach the queue at once are
+    written in one transaction; when one of them carries an entry Postgres refuses, the
+    group is written batch by batch, the other two commit, and the poisoned batch is
+    bisected alone (its good entry commits, the bad one is dead-lettered)."""
+    from tests.test_db_events import event
+
+    rt = stack
+    queue = CommitQueue(rt.access, rt.keys, rt.pool, rt.reservations, worker_settings, "t")
+    await queue.ensure_groups()
+    try:
+        for shard in (0, 1, 2):
+            await rt.redis.xadd(rt.keys.events(shard),
+                                event(f"rsv_{shard}_ok", 1, "INTENT_CREATED", resource="inst"))
+        async def at_once(shards) -> list[int]:
+            # read first; then the three batches reach the writer in one turn of the loop
+            read = {s: await queue.read_new(s) for s in shards}
+            await asyncio.gather(*(queue.process(s, read[s]) for s in shards))
+            return [len(read[s]) for s in shards]
+
+        assert await at_once((0, 1, 2)) == [1] * 3
+        assert queue._group.groups == 1
+        await rt.redis.xadd(rt.keys.events(1),
+                            event("rsv_1_fine", 1, "INTENT_CREATED", resource="inst"))
+        await rt.redis.xadd(rt.keys.events(2),
+                            event("rsv_2_fine", 1, "INTENT_CREATED", resource="inst"))
+        await rt.redis.xadd(rt.keys.events(2), event("rsv_2_poison", 1, "INTENT_CREATED",
+                                                     metadata='{"x": "\\u0000"}'))
+        await rt.redis.xadd(rt.keys.events(3),
+                            event("rsv_3_fine", 1, "INTENT_CREATED", resource="inst"))
+        assert await at_once((1, 2, 3)) == [1, 2, 1]
+        # tried together first (2), then the poisoned batch's two halves alone (3, 4)
+        assert queue._group.groups == 4
+        assert await streams_drained(rt)
+        async with rt.pool.acquire() as conn:
+            audited = sorted(r[0] for r in await conn.fetch("SELECT event_id FROM audit_log"))
+            dead = [r[0] for r in await conn.fetch(
+                "SELECT fields->>'eventId' FROM dead_letters")]
+        assert audited == sorted(f"rsv_{s}:1" for s in (
+            "0_ok", "1_ok", "2_ok", "1_fine", "2_fine", "3_fine"))
+        assert dead == ["rsv_2_poison:1"]
     finally:
         await queue.close()
