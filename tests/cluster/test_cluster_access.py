@@ -1,5 +1,5 @@
 """The access layer on a real Redis Cluster: routing per node, MOVED and ASK while a slot is
-resharded (mid-batch too), NOSCRIPT, a master killed and its replica promoted, and the
+resharded (mid-batch too, live keys moving under batches in flight), NOSCRIPT, a master killed and its replica promoted, and the
 refusals (a server that is not a cluster, a cluster without cluster mode, a node that
 refuses, a database number)."""
 
@@ -211,6 +211,61 @@ async def test_a_slot_map_changing_mid_batch(own_cluster, catalog, prefix):
             assert await holds.read(hold.hold_id) == hold
         with pytest.raises(HoldConflict):
             await holds.place("room-a", T0, T0 + UNIT)
+    finally:
+        await access.close()
+        await client.aclose()
+
+
+async def test_a_slot_resharded_with_live_keys_while_batches_are_in_flight(
+        own_cluster, catalog, prefix):
+    """A slot with hundreds of live keys moved (IMPORTING/MIGRATING, MIGRATE 100 keys at a
+    time, SETSLOT NODE: what ``redis-cli --cluster reshard`` does) while waves of
+    placements and reads on it keep the wire busy. Whatever interleaving happened: every
+    placement answered once, every hold is on the target and readable, and the resource's
+    fencing counter advanced exactly once per placement (a script that ran twice would
+    have advanced it twice)."""
+    cluster = own_cluster()
+    settings = Settings.from_env({}, redis_url=cluster.seed_url, redis_cluster=True,
+                                 key_prefix=prefix, shards=4)
+    keys = KeySpace(prefix, 4)
+    client, access = await cluster_access(cluster)
+    try:
+        holds = HoldEngine(access, keys, catalog, settings)
+        access.wire.retry_window_s = 120.0  # refusals (TRYAGAIN) are asked again until done
+        slot = key_slot(keys.unit("room-a", 0).encode())
+        source = cluster.node_of_slot(slot)
+        target = next(n for n in cluster.master_nodes() if n is not source)
+        counter = iter(range(10**6))
+
+        async def wave(n: int) -> list:
+            starts = [T0 + next(counter) * 2 * UNIT for _ in range(n)]
+            return await asyncio.gather(*(holds.place("room-a", s, s + UNIT) for s in starts),
+                                        return_exceptions=True)
+
+        results = [r for _ in range(10) for r in await wave(30)]  # 300 holds, ~600 keys
+        placed_before = [r for r in results if not isinstance(r, BaseException)]
+        moving = asyncio.create_task(asyncio.to_thread(cluster.move_slot, slot, target))
+        waves = 0
+        while not moving.done() or waves < 3:
+            results += await wave(20)
+            reread = await asyncio.gather(*(holds.read(h.hold_id) for h in placed_before[::15]))
+            assert reread == placed_before[::15]
+            waves += 1
+        assert await moving > 0
+        results += await wave(20)  # after the move: the stale map answers MOVED
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        assert access.wire.redirects >= 1
+        tokens = sorted(h.fence_token for h in results)
+        assert len(set(h.hold_id for h in results)) == len(results)
+        assert tokens == list(range(tokens[0], tokens[0] + len(results)))
+        assert int(await on_node(cluster, target, keys.fence("room-a"))) == tokens[-1]
+        with pytest.raises(aioredis.ResponseError, match="MOVED"):  # the slot left it
+            await on_node(cluster, source, keys.fence("room-a"))
+        for hold in results:
+            assert await on_node(cluster, target, keys.unit("room-a", hold.first_unit)) \
+                == hold.hold_id
+            assert await holds.read(hold.hold_id) == hold
     finally:
         await access.close()
         await client.aclose()
