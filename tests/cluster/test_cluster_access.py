@@ -20,6 +20,7 @@ from engine import runtime as runtime_module
 from engine.access import RedisAccess
 from engine.errors import HoldConflict, UnsafeRedis
 from engine.keys import KeySpace
+from engine.resources import Resource, ResourceCatalog
 from engine.resp_cluster import ClusterWire
 from engine.runtime import Runtime, preflight_or_message
 from engine.settings import Settings, SettingsError
@@ -266,6 +267,52 @@ async def test_a_slot_resharded_with_live_keys_while_batches_are_in_flight(
             assert await on_node(cluster, target, keys.unit("room-a", hold.first_unit)) \
                 == hold.hold_id
             assert await holds.read(hold.hold_id) == hold
+    finally:
+        await access.close()
+        await client.aclose()
+
+
+async def test_a_stalled_node_holds_back_only_its_own_batches(own_cluster, prefix):
+    """The in-flight cap is per node: with one master paused (CLIENT PAUSE WRITE, lifted
+    only at the end) and its two batches stuck on the wire, placements on another master are
+    answered; the paused node's calls all land once it is unpaused."""
+    cluster = own_cluster()
+    settings = Settings.from_env({}, redis_url=cluster.seed_url, redis_cluster=True,
+                                 key_prefix=prefix, shards=4)
+    keys = KeySpace(prefix, 4)
+    resources = [Resource(f"r{i}", unit_ms=UNIT) for i in range(24)]
+    client, access = await cluster_access(cluster)
+    try:
+        holds = HoldEngine(access, keys, ResourceCatalog(resources), settings)
+        await holds.place("r0", T0, T0 + UNIT)  # the wire learns the slot map
+        node_of = {r.id: cluster.node_of_slot(key_slot(keys.unit(r.id, 0).encode()))
+                   for r in resources}
+        stalled, other = "r0", next(r for r, n in node_of.items() if n is not node_of["r0"])
+        pause = aioredis.Redis(host="127.0.0.1", port=node_of[stalled].port)
+        # WRITE: scripts wait (they may replicate), CLIENT UNPAUSE itself does not.
+        await pause.execute_command("CLIENT", "PAUSE", 300_000, "WRITE")
+        try:
+            stuck = [asyncio.ensure_future(holds.place(stalled, T0 + i * 2 * UNIT,
+                                                       T0 + i * 2 * UNIT + UNIT))
+                     for i in range(1, 3 * access.batch_max)]
+            lane = access.wire.lane(keys.unit(stalled, 0))
+            async def stuck_on_the_wire() -> bool:
+                return access.inflight().get(lane) == access.max_inflight
+
+            await eventually(stuck_on_the_wire, what="the paused node's batches on the wire")
+            # Answered while the paused node's batches are still out (bounded generously;
+            # a global cap would hold it until the unpause below, which never comes first).
+            placed = await asyncio.wait_for(holds.place(other, T0, T0 + UNIT), 120)
+            assert await holds.read(placed.hold_id) == placed
+            assert not any(f.done() for f in stuck)
+            assert access.inflight().get(lane) == access.max_inflight
+        finally:
+            await pause.execute_command("CLIENT", "UNPAUSE")
+            await pause.aclose()
+        landed = await asyncio.gather(*stuck)
+        for hold in landed:
+            assert await holds.read(hold.hold_id) == hold
+        assert len({h.fence_token for h in landed}) == len(landed)
     finally:
         await access.close()
         await client.aclose()
