@@ -318,6 +318,29 @@ async def test_a_stalled_node_holds_back_only_its_own_batches(own_cluster, prefi
         await client.aclose()
 
 
+async def test_the_run_id_names_every_master_whatever_redis_py_flags(access):
+    """redis-py, on a MOVED naming the node already first for the slot (a command that
+    reached another node first), flags that master a replica until its next full refresh.
+    The run id (and every per-master call) goes by the slot map instead: it still names
+    all three masters, so the watch does not see a change that did not happen."""
+    from redis.exceptions import MovedError
+
+    from engine.rehydration import redis_run_id
+
+    redis = access.redis
+    await access.load_scripts()
+    before = await redis_run_id(access)
+    assert before.count("=") == 3
+    manager = redis.nodes_manager
+    master = manager.get_node_from_slot(0)
+    manager._moved_exception = MovedError(f"0 {master.host}:{master.port}")
+    manager._update_moved_slots()  # what redis-py runs on that MOVED
+    assert master not in redis.get_primaries()  # its flag is wrong now...
+    assert manager.get_node_from_slot(0) is master
+    assert await redis_run_id(access) == before  # ...the run id is not
+    assert await access.scripts_loaded()
+
+
 async def test_a_refusal_past_the_retry_window_wrote_nothing(own_cluster, catalog, prefix):
     """TRYAGAIN for longer than the window: the call fails with a retryable error, and
     nothing was written (the same placement succeeds once the move ends)."""
