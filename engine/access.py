@@ -8,6 +8,11 @@ one returns, so batches grow with load and the per-call client cost falls. A bat
 written in RESP with one write on a pipelined connection (:mod:`engine.resp`); redis-py
 pipelines serve where that is not possible (unix sockets).
 
+On a Redis Cluster the queue, the batches and the in-flight cap are per node (a *lane*: the
+node that serves the call's key slot, by the wire's slot map when the call is made): a node
+that stalls holds back its own calls only, never another node's. A call whose slot moved
+meanwhile is redirected by the wire (MOVED/ASK), as before.
+
 Each call keeps its own reply and its own error. A NOSCRIPT (script cache flushed, a
 restarted or failed-over Redis) is handled per call: the script is re-sent with EVAL, which
 also caches it again, and every script is registered again in the background. The raw
@@ -64,8 +69,11 @@ class RedisAccess:
                 self.wire.wait_timeout_ms = wait_timeout_ms
                 self.wire.retry_window_s = cluster_retry_s
         self._reloading: asyncio.Task | None = None
-        self._pending: list[tuple[Script, Sequence[Arg], Sequence[Arg], asyncio.Future]] = []
-        self._inflight = 0
+        # Per lane (a cluster node's address; None: the one Redis, or a slot not mapped yet).
+        self._lane_of = getattr(self.wire, "lane", None)
+        self._pending: dict[Any, list[tuple[Script, Sequence[Arg], Sequence[Arg],
+                                            asyncio.Future]]] = {}
+        self._inflight: dict[Any, int] = {}
         self._scheduled = False
         # observe(script_name, seconds, batch_size) -> None; metrics hook, optional.
         self._observe = observe
@@ -75,11 +83,16 @@ class RedisAccess:
         """Queue one script call; the future resolves to its reply or raises its error."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((self.scripts[name], keys, args, future))
-        if not self._scheduled and self._inflight < self.max_inflight:
+        lane = self._lane_of(keys[0]) if self._lane_of is not None and keys else None
+        self._pending.setdefault(lane, []).append((self.scripts[name], keys, args, future))
+        if not self._scheduled and self._inflight.get(lane, 0) < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._dispatch)
         return future
+
+    def inflight(self) -> dict[Any, int]:
+        """Batches on the wire now, per lane (cluster node address; None: the one Redis)."""
+        return {lane: n for lane, n in self._inflight.items() if n}
 
     async def call_once(self, name: str, keys: Sequence[Arg], args: Sequence[Arg]) -> Any:
         """One uncoalesced EVALSHA (the naive client path; benchmarks compare against it)."""
@@ -130,13 +143,17 @@ class RedisAccess:
     def _dispatch(self) -> None:
         self._scheduled = False
         loop = asyncio.get_running_loop()
-        while self._pending and self._inflight < self.max_inflight:
-            batch = self._pending[: self.batch_max]
-            del self._pending[: self.batch_max]
-            self._inflight += 1
-            loop.create_task(self._send(batch))
+        for lane in list(self._pending):
+            queue = self._pending[lane]
+            while queue and self._inflight.get(lane, 0) < self.max_inflight:
+                batch = queue[: self.batch_max]
+                del queue[: self.batch_max]
+                self._inflight[lane] = self._inflight.get(lane, 0) + 1
+                loop.create_task(self._send(batch, lane))
+            if not queue:
+                del self._pending[lane]
 
-    async def _send(self, batch) -> None:
+    async def _send(self, batch, lane=None) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -167,8 +184,8 @@ class RedisAccess:
                 elapsed = loop.time() - started
                 for script, *_ in batch:
                     self._observe(script.name, elapsed, len(batch))
-            self._inflight -= 1
-            if self._pending and not self._scheduled:
+            self._inflight[lane] -= 1
+            if self._pending.get(lane) and not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._dispatch)
 

@@ -144,6 +144,14 @@ class ClusterWire:
         node = self.cluster.nodes_manager.get_node_from_slot(slot)
         return node.host, int(node.port)
 
+    def lane(self, key: Arg) -> tuple[str, int] | None:
+        """The node a call on ``key`` goes to now (the access layer queues and caps its
+        batches per node); None while the slot map is not known yet."""
+        try:
+            return self.address(slot_of(key))
+        except Exception:
+            return None
+
     def _any_address(self) -> tuple[str, int]:
         node = self.cluster.nodes_manager.default_node or \
             self.cluster.get_primaries()[0]

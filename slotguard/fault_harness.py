@@ -152,11 +152,12 @@ class FaultStack:
         self.env: dict[str, str] = {}
         self.settings = None
         # Issue 15: a local Redis Cluster of ``cluster`` masters (with a replica each) for
-        # the hot path, the embedded single Redis then keeping arq's cron queue; or, on a
-        # single Redis, the API reaching it through a proxy that can stall.
+        # the hot path, the embedded single Redis then keeping arq's cron queue. With
+        # ``stall_proxy``, on a single Redis the API reaches it through a proxy that can
+        # stall; on a cluster every node sits behind one, announced to every client.
         self.cluster_masters = cluster
         self.cluster = None  # slotguard.local_cluster.LocalCluster
-        self.want_proxy = stall_proxy and not cluster
+        self.want_proxy = stall_proxy
         self.proxy = None  # slotguard.stall_proxy.StallProxy
         self.api_env: dict[str, str] = {}
 
@@ -187,7 +188,8 @@ class FaultStack:
             from slotguard.local_cluster import LocalCluster
 
             self.cluster = LocalCluster(masters=self.cluster_masters, replicas=1,
-                                        base_dir=self.data_dir / "cluster")
+                                        base_dir=self.data_dir / "cluster",
+                                        stall_proxies=self.want_proxy)
             await asyncio.to_thread(self.cluster.start)
             self.env.update(REDIS_URL=self.cluster.seed_url, SLOTGUARD_REDIS_CLUSTER="true",
                             SLOTGUARD_ARQ_REDIS_URL=redis_url)
@@ -208,6 +210,13 @@ class FaultStack:
         if await self.wait_ready() is None:
             raise RuntimeError(f"the stack was not ready within {WAIT_BOUND_S:.0f}s; "
                                f"API log:\n{self.log_tail('api')}")
+
+    def stall(self) -> None:
+        """Stop forwarding between the clients and Redis (``stall_proxy=True``)."""
+        (self.cluster if self.cluster is not None else self.proxy).stall()
+
+    def resume_network(self) -> None:
+        (self.cluster if self.cluster is not None else self.proxy).resume()
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -7,6 +7,13 @@ cluster is formed by ``redis-cli --cluster create ... --cluster-replicas R --clu
 and :meth:`LocalCluster.start` returns once every node reports ``cluster_state:ok``, knows
 every node and every slot, and every replica's link to its master is up.
 :meth:`LocalCluster.stop` kills every node and removes the directory.
+
+With ``stall_proxies=True`` every node sits behind a loopback proxy of ours
+(:class:`slotguard.stall_proxy.StallProxy`) and announces the proxy's port
+(``cluster-announce-port``; its cluster bus stays direct, ``cluster-announce-bus-port``):
+CLUSTER SLOTS, MOVED and ASK name the proxies, so every client connection (API, workers,
+a replica's link to its master) goes through them and :meth:`LocalCluster.stall` stops
+them all at once, while the nodes still see each other (no failover).
 """
 
 from __future__ import annotations
@@ -76,6 +83,12 @@ class Node:
     port: int
     dir: Path
     process: subprocess.Popen | None = None
+    proxy: object | None = None  # slotguard.stall_proxy.StallProxy, with stall_proxies
+
+    @property
+    def announced_port(self) -> int:
+        """The port the cluster tells clients (the proxy's, with stall_proxies)."""
+        return self.proxy.port if self.proxy is not None else self.port
 
     @property
     def address(self) -> str:
@@ -92,6 +105,7 @@ class LocalCluster:
     replicas: int = 1
     node_timeout_ms: int = 3_000
     base_dir: Path | None = None
+    stall_proxies: bool = False
     nodes: list[Node] = field(default_factory=list)
     _own_dir: bool = False
 
@@ -104,6 +118,11 @@ class LocalCluster:
         self.nodes = [Node(port, self.base_dir / str(port))
                       for port in free_cluster_ports(total)]
         try:
+            if self.stall_proxies:
+                from slotguard.stall_proxy import StallProxy
+
+                for node in self.nodes:
+                    node.proxy = StallProxy(HOST, node.port).start()
             for node in self.nodes:
                 self._spawn(node)
             deadline = time.monotonic() + timeout_s
@@ -132,6 +151,10 @@ class LocalCluster:
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
              "--cluster-node-timeout", str(self.node_timeout_ms),
              "--cluster-replica-validity-factor", "0",
+             *(("--cluster-announce-ip", HOST,
+                "--cluster-announce-port", str(node.proxy.port),
+                "--cluster-announce-bus-port", str(node.port + 10_000))
+               if node.proxy is not None else ()),
              "--dir", str(node.dir), "--save", "", "--appendonly", "no",
              "--pidfile", str(node.dir / "redis.pid"),
              "--maxmemory-policy", "noeviction", "--protected-mode", "no",
@@ -205,13 +228,31 @@ class LocalCluster:
                     node.process.wait(10)
                 except subprocess.TimeoutExpired:
                     pass
+        for node in self.nodes:
+            if node.proxy is not None:
+                node.proxy.stop()
         if self._own_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    # ---- the proxies (stall_proxies=True) ---------------------------------------------
+    def stall(self) -> None:
+        """Every node's proxy stops forwarding (bytes wait; nothing is closed)."""
+        for node in self.nodes:
+            node.proxy.stall()
+
+    def resume(self) -> None:
+        for node in self.nodes:
+            node.proxy.resume()
 
     # ---- facts ------------------------------------------------------------------------
     @property
     def seed_url(self) -> str:
-        return f"redis://{HOST}:{self.nodes[0].port}"
+        """The first node as clients reach it (through its proxy, with stall_proxies)."""
+        return f"redis://{HOST}:{self.nodes[0].announced_port}"
+
+    def node_at(self, port: int) -> Node:
+        """The node of a port as CLUSTER NODES names it (its own or its proxy's)."""
+        return next(n for n in self.nodes if port in (n.port, n.announced_port))
 
     def url_of(self, node: Node) -> str:
         return f"redis://{HOST}:{node.port}"
@@ -237,7 +278,7 @@ class LocalCluster:
                     first, _, last = spec.partition("-")
                     if int(first) <= slot <= int(last or first):
                         port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
-                        return next(n for n in self.nodes if n.port == port)
+                        return self.node_at(port)
             break
         raise ClusterStartError(f"no node serves slot {slot}")
 
@@ -247,6 +288,31 @@ class LocalCluster:
         if node.process is not None and node.process.poll() is None:
             node.process.send_signal(signal.SIGKILL)
             node.process.wait(10)
+
+    def shutdown_nosave(self, node: Node, timeout_s: float = 60.0) -> None:
+        """``SHUTDOWN NOSAVE``: the node keeps nothing (no persistence here). Redis 7 first
+        waits (``shutdown-timeout``, 10 s) for its replicas to catch up, then exits."""
+        try:
+            _command(node.port, "SHUTDOWN", "NOSAVE", timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+        if node.process is not None:
+            try:
+                node.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                raise ClusterStartError(f"redis-server on {node.port} did not shut down") \
+                    from None
+
+    def replica_of(self, master: Node) -> Node | None:
+        """A live replica of ``master`` now (as that replica's INFO says)."""
+        for node in self.nodes:
+            if node is master or not node.alive:
+                continue
+            info = _info(node.port, "INFO", "replication")
+            if info.get("role") == "slave" and \
+                    int(info.get("master_port", 0) or 0) in (master.port, master.announced_port):
+                return node
+        return None
 
     def restart(self, node: Node, timeout_s: float = 60.0) -> None:
         """Start a killed node again with its nodes.conf: it rejoins (as a replica of the

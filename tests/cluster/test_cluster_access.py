@@ -1,5 +1,5 @@
 """The access layer on a real Redis Cluster: routing per node, MOVED and ASK while a slot is
-resharded (mid-batch too), NOSCRIPT, a master killed and its replica promoted, and the
+resharded (mid-batch too, live keys moving under batches in flight), NOSCRIPT, a master killed and its replica promoted, and the
 refusals (a server that is not a cluster, a cluster without cluster mode, a node that
 refuses, a database number)."""
 
@@ -20,6 +20,7 @@ from engine import runtime as runtime_module
 from engine.access import RedisAccess
 from engine.errors import HoldConflict, UnsafeRedis
 from engine.keys import KeySpace
+from engine.resources import Resource, ResourceCatalog
 from engine.resp_cluster import ClusterWire
 from engine.runtime import Runtime, preflight_or_message
 from engine.settings import Settings, SettingsError
@@ -214,6 +215,130 @@ async def test_a_slot_map_changing_mid_batch(own_cluster, catalog, prefix):
     finally:
         await access.close()
         await client.aclose()
+
+
+async def test_a_slot_resharded_with_live_keys_while_batches_are_in_flight(
+        own_cluster, catalog, prefix):
+    """A slot with hundreds of live keys moved (IMPORTING/MIGRATING, MIGRATE 100 keys at a
+    time, SETSLOT NODE: what ``redis-cli --cluster reshard`` does) while waves of
+    placements and reads on it keep the wire busy. Whatever interleaving happened: every
+    placement answered once, every hold is on the target and readable, and the resource's
+    fencing counter advanced exactly once per placement (a script that ran twice would
+    have advanced it twice)."""
+    cluster = own_cluster()
+    settings = Settings.from_env({}, redis_url=cluster.seed_url, redis_cluster=True,
+                                 key_prefix=prefix, shards=4)
+    keys = KeySpace(prefix, 4)
+    client, access = await cluster_access(cluster)
+    try:
+        holds = HoldEngine(access, keys, catalog, settings)
+        access.wire.retry_window_s = 120.0  # refusals (TRYAGAIN) are asked again until done
+        slot = key_slot(keys.unit("room-a", 0).encode())
+        source = cluster.node_of_slot(slot)
+        target = next(n for n in cluster.master_nodes() if n is not source)
+        counter = iter(range(10**6))
+
+        async def wave(n: int) -> list:
+            starts = [T0 + next(counter) * 2 * UNIT for _ in range(n)]
+            return await asyncio.gather(*(holds.place("room-a", s, s + UNIT) for s in starts),
+                                        return_exceptions=True)
+
+        results = [r for _ in range(10) for r in await wave(30)]  # 300 holds, ~600 keys
+        placed_before = [r for r in results if not isinstance(r, BaseException)]
+        moving = asyncio.create_task(asyncio.to_thread(cluster.move_slot, slot, target))
+        waves = 0
+        while not moving.done() or waves < 3:
+            results += await wave(20)
+            reread = await asyncio.gather(*(holds.read(h.hold_id) for h in placed_before[::15]))
+            assert reread == placed_before[::15]
+            waves += 1
+        assert await moving > 0
+        results += await wave(20)  # after the move: the stale map answers MOVED
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors[:3]
+        assert access.wire.redirects >= 1
+        tokens = sorted(h.fence_token for h in results)
+        assert len(set(h.hold_id for h in results)) == len(results)
+        assert tokens == list(range(tokens[0], tokens[0] + len(results)))
+        assert int(await on_node(cluster, target, keys.fence("room-a"))) == tokens[-1]
+        with pytest.raises(aioredis.ResponseError, match="MOVED"):  # the slot left it
+            await on_node(cluster, source, keys.fence("room-a"))
+        for hold in results:
+            assert await on_node(cluster, target, keys.unit("room-a", hold.first_unit)) \
+                == hold.hold_id
+            assert await holds.read(hold.hold_id) == hold
+    finally:
+        await access.close()
+        await client.aclose()
+
+
+async def test_a_stalled_node_holds_back_only_its_own_batches(own_cluster, prefix):
+    """The in-flight cap is per node: with one master paused (CLIENT PAUSE WRITE, lifted
+    only at the end) and its two batches stuck on the wire, placements on another master are
+    answered; the paused node's calls all land once it is unpaused."""
+    cluster = own_cluster()
+    settings = Settings.from_env({}, redis_url=cluster.seed_url, redis_cluster=True,
+                                 key_prefix=prefix, shards=4)
+    keys = KeySpace(prefix, 4)
+    resources = [Resource(f"r{i}", unit_ms=UNIT) for i in range(24)]
+    client, access = await cluster_access(cluster)
+    try:
+        holds = HoldEngine(access, keys, ResourceCatalog(resources), settings)
+        await holds.place("r0", T0, T0 + UNIT)  # the wire learns the slot map
+        node_of = {r.id: cluster.node_of_slot(key_slot(keys.unit(r.id, 0).encode()))
+                   for r in resources}
+        stalled, other = "r0", next(r for r, n in node_of.items() if n is not node_of["r0"])
+        pause = aioredis.Redis(host="127.0.0.1", port=node_of[stalled].port)
+        # WRITE: scripts wait (they may replicate), CLIENT UNPAUSE itself does not.
+        await pause.execute_command("CLIENT", "PAUSE", 300_000, "WRITE")
+        try:
+            stuck = [asyncio.ensure_future(holds.place(stalled, T0 + i * 2 * UNIT,
+                                                       T0 + i * 2 * UNIT + UNIT))
+                     for i in range(1, 3 * access.batch_max)]
+            lane = access.wire.lane(keys.unit(stalled, 0))
+            async def stuck_on_the_wire() -> bool:
+                return access.inflight().get(lane) == access.max_inflight
+
+            await eventually(stuck_on_the_wire, what="the paused node's batches on the wire")
+            # Answered while the paused node's batches are still out (bounded generously;
+            # a global cap would hold it until the unpause below, which never comes first).
+            placed = await asyncio.wait_for(holds.place(other, T0, T0 + UNIT), 120)
+            assert await holds.read(placed.hold_id) == placed
+            assert not any(f.done() for f in stuck)
+            assert access.inflight().get(lane) == access.max_inflight
+        finally:
+            await pause.execute_command("CLIENT", "UNPAUSE")
+            await pause.aclose()
+        landed = await asyncio.gather(*stuck)
+        for hold in landed:
+            assert await holds.read(hold.hold_id) == hold
+        assert len({h.fence_token for h in landed}) == len(landed)
+    finally:
+        await access.close()
+        await client.aclose()
+
+
+async def test_the_run_id_names_every_master_whatever_redis_py_flags(access):
+    """redis-py, on a MOVED naming the node already first for the slot (a command that
+    reached another node first), flags that master a replica until its next full refresh.
+    The run id (and every per-master call) goes by the slot map instead: it still names
+    all three masters, so the watch does not see a change that did not happen."""
+    from redis.exceptions import MovedError
+
+    from engine.rehydration import redis_run_id
+
+    redis = access.redis
+    await access.load_scripts()
+    before = await redis_run_id(access)
+    assert before.count("=") == 3
+    manager = redis.nodes_manager
+    master = manager.get_node_from_slot(0)
+    manager._moved_exception = MovedError(f"0 {master.host}:{master.port}")
+    manager._update_moved_slots()  # what redis-py runs on that MOVED
+    assert master not in redis.get_primaries()  # its flag is wrong now...
+    assert manager.get_node_from_slot(0) is master
+    assert await redis_run_id(access) == before  # ...the run id is not
+    assert await access.scripts_loaded()
 
 
 async def test_a_refusal_past_the_retry_window_wrote_nothing(own_cluster, catalog, prefix):

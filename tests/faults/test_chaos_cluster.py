@@ -1,7 +1,9 @@
 """``slotguard chaos``, issue 15's faults in their short CI form (bounded, generous timeouts,
 no speed asserted): CLIENT PAUSE, a network stall through our proxy and a worker SIGSTOPped
-past the reclaim on a single Redis; a cluster master killed with its replica promoted, and
-CLIENT PAUSE, on a local 3-master cluster. Each line: kind, recovery, 0 violations."""
+past the reclaim on a single Redis; on a local 3-master cluster with replicas, a master
+killed with its replica promoted, CLIENT PAUSE, a master ``SHUTDOWN NOSAVE`` and started
+again (it must rejoin as a replica) and a stall of every node's proxy. Each line: kind,
+recovery, 0 violations."""
 
 from __future__ import annotations
 
@@ -46,9 +48,20 @@ def test_master_failover_and_pause_on_a_cluster(tmp_path):
     check_lines(done, results, faults)
 
 
+def test_master_shutdown_nosave_and_network_stall_on_a_cluster(tmp_path):
+    faults = ["redis-restart", "network-stall"]
+    done, results = chaos(tmp_path, "--cluster", "3", "--faults", ",".join(faults))
+    check_lines(done, results, faults)
+    restart, stall = results["faults"]
+    # The node came back empty and rejoined as a replica of the promoted one.
+    assert restart["notes"]["rejoined_as"] == "slave"
+    assert restart["notes"]["promoted_after_s"] >= restart["notes"]["shutdown_s"]
+    # The API, workers and replicas reached the nodes through the proxies that stalled.
+    assert stall["notes"]["proxied_connections"] >= 6
+
+
 def test_faults_that_do_not_fit_the_topology_are_refused():
-    for args, says in ((["--cluster", "3", "--faults", "redis-restart"], "a single Redis"),
-                       (["--faults", "cluster-failover"], "--cluster N"),
+    for args, says in ((["--faults", "cluster-failover"], "--cluster N"),
                        (["--rounds", "0"], "--rounds >= 1")):
         done = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and says in done.stderr, done.stderr
