@@ -368,7 +368,7 @@ class AvailabilityService:
             check_vendor_resource(vendor, resources[0])
         else:
             default = await self.catalog.resource(vendor.default_resource_id)
-            others = sorted((r for r in self.catalog.catalog.resources_of(vendor.id)
+            others = sorted((r for r in await self.catalog.resources_of(vendor.id)
                              if r.id != default.id), key=lambda r: r.id)
             resources = [default, *others]
         for name in ("startTime", "endTime"):

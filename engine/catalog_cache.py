@@ -4,7 +4,10 @@ Vendors and resources are created by other processes (the CLI, another API worke
 process cannot trust its own memory: it loads everything at start, and on a miss asks
 Postgres again. A miss is remembered briefly (a negative cache) so a flood of requests for
 an unknown vendor costs one query per interval, but never for longer: a vendor created
-elsewhere becomes visible within ``negative_ttl_s``.
+elsewhere becomes visible within ``negative_ttl_s``. A vendor's list of resources is read
+from Postgres again when it is older than that too: another process may add a resource to a
+vendor this process already knows, and a list never refreshed would leave it out for good
+(the union availability of a vendor read it that way, issue 13).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class CatalogCache:
         self.catalog = catalog if catalog is not None else ResourceCatalog()
         self.negative_ttl_s = negative_ttl_s
         self._missing: dict[tuple[str, str], float] = {}
+        self._listed: dict[str, float] = {}  # vendor id -> when its resources were listed
 
     async def load(self) -> None:
         """Everything Postgres knows (at start)."""
@@ -67,6 +71,20 @@ class CatalogCache:
                     raise
             self.catalog.add(stored.to_engine())
         return self.catalog.get(resource_id)
+
+    async def resources_of(self, vendor_id: str) -> list[Resource]:
+        """Every resource of a vendor the caller resolved, as Postgres listed them at most
+        ``negative_ttl_s`` ago (a resource another process added to it is not missed)."""
+        listed = self._listed.get(vendor_id)
+        if listed is None or clock.monotonic() - listed >= self.negative_ttl_s:
+            async with self.pool.acquire() as conn:
+                stored = await directory.list_resources(conn, vendor_id)
+            for resource in stored:
+                self.catalog.add(resource.to_engine())
+            if len(self._listed) >= MAX_MISSES:
+                self._listed.clear()
+            self._listed[vendor_id] = clock.monotonic()
+        return self.catalog.resources_of(vendor_id)
 
     def forget_miss(self, kind: str, item_id: str) -> None:
         """Called after this process created the item itself."""

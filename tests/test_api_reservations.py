@@ -187,6 +187,7 @@ async def test_availability_reports_held_and_buffers(client, world):
     r = await client.get("/v1/vendors/v-confirm/availability",
                          params={"startTime": T0, "endTime": at(180), "slotDuration": "30"},
                          headers=world.auth("p2"))
+    assert r.status_code == 200, r.text
     union = {s["startTime"]: s for s in r.json()["slots"]}
     assert r.json()["resourceIds"] == ["v-confirm", "v-confirm-room2"]
     assert union[at(60)]["isAvailable"] and union[at(60)]["resourceIds"] == ["v-confirm-room2"]
@@ -215,3 +216,29 @@ async def test_request_id_reaches_the_logs_and_503s(app, client, world, caplog):
     # A generated id when the client sends none (or an unusable one).
     r = await client.get("/health/live", headers={"X-Request-Id": "bad id with spaces"})
     assert len(r.headers["x-request-id"]) == 32
+
+
+async def test_union_availability_sees_a_resource_another_process_adds(app, client, world):
+    """A vendor this process already knows gains a resource in Postgres (the CLI, another
+    API worker): the union answer lists it once the vendor's list is older than the catalog's
+    freshness bound, never only after a restart."""
+    from engine import clock, directory
+    from engine.catalog_cache import NEGATIVE_TTL_S
+    from engine.clock import ManualClock
+    from tests.test_api_fixtures import T0_MS
+
+    params = {"startTime": T0, "endTime": at(60), "slotDuration": "30"}
+    with clock.use(ManualClock(T0_MS - 86_400_000)) as fake:
+        r = await client.get("/v1/vendors/v-confirm/availability", params=params,
+                             headers=world.auth("p2"))
+        assert r.status_code == 200, r.text
+        assert r.json()["resourceIds"] == ["v-confirm", "v-confirm-room2"]
+        async with app.state.services.pool.acquire() as conn:
+            await directory.create_resource(conn, "v-confirm-room3", "v-confirm")
+        fake.advance(NEGATIVE_TTL_S)
+        r = await client.get("/v1/vendors/v-confirm/availability", params=params,
+                             headers=world.auth("p2"))
+        assert r.status_code == 200, r.text
+        assert r.json()["resourceIds"] == ["v-confirm", "v-confirm-room2", "v-confirm-room3"]
+        assert r.json()["slots"][0]["resourceIds"] == [
+            "v-confirm", "v-confirm-room2", "v-confirm-room3"]

@@ -28,9 +28,9 @@ def batches(app):
     sent: list[tuple[str, ...]] = []
     send = access._send  # noqa: SLF001  (instrumented, not replaced: the real batch goes out)
 
-    async def counting(batch):
+    async def counting(batch, *lane):  # the lane: the cluster node (None on one Redis)
         sent.append(tuple(sorted(script.name for script, *_ in batch)))
-        return await send(batch)
+        return await send(batch, *lane)
 
     access._send = counting  # noqa: SLF001
     yield sent
