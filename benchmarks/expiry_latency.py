@@ -114,6 +114,17 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process, then wait up to 20 s each (SIGKILL after)."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
 async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
               workdir: Path, workers: int = 1, webhooks: bool = True) -> dict:
     await asyncio.to_thread(db.migrate, settings)
@@ -205,13 +216,7 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
                 "WHERE delivered_at IS NOT NULL")]
     finally:
         await rt.close()
-        for proc in (*worker_procs, receiver):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (*worker_procs, receiver):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes([*worker_procs, receiver])
         worker_log.close()
     # the transition's time (the reaper's script, Redis TIME) as the outbox row records it
     to_transition = [(occurred[r] - d) / 1000 for r, d in deadlines.items() if r in occurred]
@@ -339,13 +344,7 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
                 "IS NOT NULL")]
     finally:
         await rt.close()
-        for proc in (*worker_procs, receiver):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (*worker_procs, receiver):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes([*worker_procs, receiver])
         worker_log.close()
     latency = [(got[r] - emitted[r]) / 1000 for r in ids if r in got and r in emitted]
     span = (last - first).total_seconds() if first and last else float("nan")
