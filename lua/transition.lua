@@ -143,13 +143,7 @@ local function apply(path, why, code)
   if TERMINAL[final] and final ~= 'COMMITTED' then
     -- The units are free: the resource's waitlist is served before anyone else can take them.
     -- Every item of a multi-resource reservation frees its units: each serves its waitlist.
-    handoffs = {}
-    for _, item in ipairs(items_of(rec)) do
-      for _, h in ipairs(serve_waitlist(unit_root, events_key, deadlines_key, item.rs, item.f,
-          item.l, now)) do
-        handoffs[#handoffs + 1] = h
-      end
-    end
+    handoffs = serve_waitlists(unit_root, events_key, deadlines_key, items_of(rec), now)
   end
   if code then
     if handoffs and #handoffs > 0 then return {code, final, v, rec.p, '', handoffs} end

@@ -22,12 +22,6 @@ local function expire_record(unit_root, events_key, deadlines_key, record_key, h
   redis.call('HSET', record_key, unpack(fields))
   settle(unit_root, record_key, history_key, deadlines_key, rec, final, rec.dl, retention,
     marker_retention, now)
-  local handoffs = {}
-  for _, item in ipairs(items_of(rec)) do
-    for _, h in ipairs(serve_waitlist(unit_root, events_key, deadlines_key, item.rs, item.f,
-        item.l, now)) do
-      handoffs[#handoffs + 1] = h
-    end
-  end
-  return final, v, handoffs
+  -- every item's units are free: each serves its waitlist first (lib/serve_waitlist.lua)
+  return final, v, serve_waitlists(unit_root, events_key, deadlines_key, items_of(rec), now)
 end
