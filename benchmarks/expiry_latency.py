@@ -115,6 +115,25 @@ def worker_env(settings: Settings) -> dict[str, str]:
 
 
 
+async def add_endpoint(conn: asyncpg.Connection, port: int) -> None:
+    """One ops endpoint for ``reservation.expired`` at the benchmark's receiver."""
+    await conn.execute(
+        "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
+        "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
+        f"http://127.0.0.1:{port}/hook", new_secret())
+
+
+def start_processes(settings: Settings, workdir: Path, port: int, workers: int):
+    """The receiver (its own process, writing what it gets to ``received.txt``) and the
+    worker processes: (received path, receiver, worker log, workers)."""
+    received_path = workdir / "received.txt"
+    receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.expiry_latency",
+                                 "receiver", "--port", str(port), "--out",
+                                 str(received_path)])
+    worker_log = open(workdir / "worker.log", "ab")
+    return received_path, receiver, worker_log, start_workers(settings, worker_log, workers)
+
+
 def stop_processes(procs: list[subprocess.Popen]) -> None:
     """SIGTERM every process, then wait up to 20 s each (SIGKILL after)."""
     for proc in procs:
@@ -136,19 +155,12 @@ async def run(holds: int, spread_s: float, ttl_ms: int, settings: Settings,
             await directory.create_vendor(conn, f"bench-v{v}", unit_minutes=60,
                                           confirmation_required=False)
         if webhooks:
-            await conn.execute(
-                "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
-                "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
-                f"http://127.0.0.1:{port}/hook", new_secret())
+            await add_endpoint(conn, port)
     finally:
         await conn.close()
 
-    received_path = workdir / "received.txt"
-    receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.expiry_latency",
-                                 "receiver", "--port", str(port), "--out",
-                                 str(received_path)])
-    worker_log = open(workdir / "worker.log", "ab")
-    worker_procs = start_workers(settings, worker_log, workers)
+    received_path, receiver, worker_log, worker_procs = start_processes(settings, workdir,
+                                                                        port, workers)
     rt = await Runtime.open(settings)
     deadlines: dict[str, int] = {}
     try:
@@ -276,18 +288,11 @@ async def run_outbox(deliveries: int, rate: float, settings: Settings, workdir: 
     conn = await asyncpg.connect(settings.database_url,
                                  server_settings={"search_path": settings.db_schema})
     try:
-        await conn.execute(
-            "INSERT INTO webhook_endpoints (id, owner_kind, owner_id, url, events, secret) "
-            "VALUES ('whe_bench', 'ops', '', $1, ARRAY['reservation.expired'], $2)",
-            f"http://127.0.0.1:{port}/hook", new_secret())
+        await add_endpoint(conn, port)
     finally:
         await conn.close()
-    received_path = workdir / "received.txt"
-    receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.expiry_latency",
-                                 "receiver", "--port", str(port), "--out",
-                                 str(received_path)])
-    worker_log = open(workdir / "worker.log", "ab")
-    worker_procs = start_workers(settings, worker_log, workers)
+    received_path, receiver, worker_log, worker_procs = start_processes(settings, workdir,
+                                                                        port, workers)
     print(f"receiver pid {receiver.pid}", file=sys.stderr, flush=True)
     rt = await Runtime.open(settings)
     ids: list[str] = []
