@@ -318,11 +318,7 @@ async def _cluster_master_restart(stack, traffic, args, problems, notes) -> floa
         recovered = time.monotonic() - began
     # Started again empty, with its nodes.conf: it must rejoin as a replica (the newer
     # config epoch of the promoted node wins), never serve its old slots empty.
-    await asyncio.to_thread(cluster.restart, master)
-    try:
-        await asyncio.to_thread(cluster.wait_healthy, 120)
-    except Exception as exc:
-        problems.append(f"cluster not healthy after the node came back: {exc}")
+    await _restart_node(cluster, master, problems, "the node came back")
     role = await asyncio.to_thread(cluster.role, master)
     if role != "slave":
         problems.append(f"the node started again empty is a {role}, not a replica")
@@ -330,6 +326,15 @@ async def _cluster_master_restart(stack, traffic, args, problems, notes) -> floa
     if await stack.wait_ready() is None:
         problems.append("not ready after the node came back")
     return recovered
+
+
+async def _restart_node(cluster, master, problems, what: str) -> None:
+    """Start a stopped node again (its nodes.conf kept) and wait for a healthy cluster."""
+    await asyncio.to_thread(cluster.restart, master)
+    try:
+        await asyncio.to_thread(cluster.wait_healthy, 120)
+    except Exception as exc:
+        problems.append(f"cluster not healthy after {what}: {exc}")
 
 
 async def _cluster_failover(stack, traffic, args, problems, notes) -> float | None:
@@ -346,11 +351,7 @@ async def _cluster_failover(stack, traffic, args, problems, notes) -> float | No
     if await traffic.wait_commits(1, timeout_s=120):
         recovered = time.monotonic() - killed_at
     # The old master comes back as a replica of the new one: the next round has a replica.
-    await asyncio.to_thread(cluster.restart, master)
-    try:
-        await asyncio.to_thread(cluster.wait_healthy, 120)
-    except Exception as exc:
-        problems.append(f"cluster not healthy after the old master rejoined: {exc}")
+    await _restart_node(cluster, master, problems, "the old master rejoined")
     return recovered
 
 
