@@ -4,6 +4,7 @@ that cannot move the deadline later is a 409 that spends nothing."""
 
 from __future__ import annotations
 
+from engine.times import parse_time
 from tests.conftest import snapshot
 from tests.test_api_fixtures import (  # noqa: F401  (fixtures)
     api_settings,
@@ -89,7 +90,9 @@ async def test_an_extension_that_moves_nothing_is_409_and_spends_nothing(app, cl
         error = r.json()["error"]
         assert error["code"] == "EXTEND_NOT_LATER"
         assert error["details"]["expiresAt"] == before_read["expiresAt"]
-        assert error["details"]["requestedExpiresAt"] < before_read["expiresAt"]
+        # as instants: a whole second renders without a fraction and sorts wrong as text
+        assert (parse_time(error["details"]["requestedExpiresAt"], "requested")
+                < parse_time(before_read["expiresAt"], "expiresAt"))
     after = await snapshot(redis, settings.key_prefix)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert all(k.endswith(":rate") for k in changed), changed  # only the rate limiter
@@ -101,7 +104,7 @@ async def test_an_extension_that_moves_nothing_is_409_and_spends_nothing(app, cl
         r = await client.post(f"/v1/reservations/{rid}/extend",
                               json={"ttlMs": 120_000 + 10_000 * i}, headers=world.auth("p1"))
         assert r.status_code == 200, (i, r.text)
-        assert r.json()["expiresAt"] > deadline
+        assert parse_time(r.json()["expiresAt"], "expiresAt") > parse_time(deadline, "deadline")
         deadline = r.json()["expiresAt"]
     r = await client.post(f"/v1/reservations/{rid}/extend", json={"ttlMs": 600_000},
                           headers=world.auth("p1"))
